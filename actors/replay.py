@@ -1,0 +1,103 @@
+"""Prioritized replay: per prompt, the top-k trajectories by log R, near-duplicates rejected."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import asdict
+
+from .trajectory import Trajectory
+
+
+def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Levenshtein distance between two token sequences."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+class Replay:
+    """Keeps untempered per-prefix log R; the current reward temperature is applied on read."""
+
+    def __init__(self, capacity_per_prompt: int = 50, dedup_fraction: float = 0.25, sampling: str = "softmax", seed: int = 0):
+        self.capacity = capacity_per_prompt
+        self.dedup_fraction = dedup_fraction
+        self.sampling = sampling
+        self.rng = random.Random(seed)
+        self.buffers: dict[int, list[Trajectory]] = {}
+        self.added = 0
+        self.rejected = 0
+
+    def _near(self, a: Trajectory, b: Trajectory) -> bool:
+        if a.tokens == b.tokens:
+            return True
+        limit = self.dedup_fraction * (a.length + b.length)
+        return limit > 0 and edit_distance(a.key(), b.key()) < limit
+
+    def add(self, trajectories: list[Trajectory]) -> int:
+        """Offer scored trajectories; returns how many were kept."""
+        kept = 0
+        for t in trajectories:
+            if t.log_r is None:
+                raise ValueError("replay.add: trajectory has no log_r; score it first")
+            buf = self.buffers.setdefault(t.prompt_id, [])
+            near = [u for u in buf if self._near(t, u)]
+            if any(u.final_log_r >= t.final_log_r for u in near):
+                self.rejected += 1
+                continue
+            if len(buf) - len(near) >= self.capacity and buf[-1].final_log_r >= t.final_log_r:
+                self.rejected += 1
+                continue
+            entry = copy.copy(t)
+            entry.tokens, entry.log_r = list(t.tokens), list(t.log_r)
+            buf[:] = [u for u in buf if u not in near]
+            buf.append(entry)
+            buf.sort(key=lambda u: -u.final_log_r)
+            del buf[self.capacity :]
+            kept += 1
+        self.added += kept
+        return kept
+
+    def size(self, prompt_id: int | None = None) -> int:
+        if prompt_id is None:
+            return sum(len(b) for b in self.buffers.values())
+        return len(self.buffers.get(prompt_id, []))
+
+    def sample(self, prompt_id: int, n: int, reward_temperature: float = 1.0) -> list[Trajectory]:
+        """n trajectories (with replacement), uniformly or by softmax(log R / T)."""
+        buf = self.buffers.get(prompt_id, [])
+        if not buf or n <= 0:
+            return []
+        if self.sampling == "uniform":
+            picks = [self.rng.randrange(len(buf)) for _ in range(n)]
+        else:
+            logits = [u.final_log_r / reward_temperature for u in buf]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            picks = self.rng.choices(range(len(buf)), weights=weights, k=n)
+        out = []
+        for i in picks:
+            t = copy.copy(buf[i])
+            t.source = "replay"
+            out.append(t)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "buffers": {k: [asdict(t) for t in v] for k, v in self.buffers.items()},
+            "rng": self.rng.getstate(),
+            "added": self.added,
+            "rejected": self.rejected,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {int(k): [Trajectory(**t) for t in v] for k, v in state["buffers"].items()}
+        self.rng.setstate(state["rng"])
+        self.added, self.rejected = state["added"], state["rejected"]

@@ -1,0 +1,114 @@
+"""Samplers: n continuations of one prompt with per-token behaviour log-probs.
+
+`SamplerEngine` is the interface every engine implements (the transformers engine here; the
+vLLM engine joins later). The transformers engine runs the prompt once, repeats its KV cache over
+the n samples, and drops finished samples from the batch as they end.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from .trajectory import Trajectory
+
+
+class SamplerEngine(Protocol):
+    version: int
+
+    def generate(
+        self,
+        prompt_id: int,
+        prompt_ids: list[int],
+        n: int,
+        temperatures: float | Sequence[float],
+        min_new_tokens: int,
+        max_new_tokens: int,
+        end_ids: list[int],
+        source: str = "on_policy",
+    ) -> list[Trajectory]: ...
+
+    def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
+
+
+class TransformersSampler:
+    """Generation with a transformers (optionally peft) model.
+
+    In one process it can share the learner's model object: then `load_weights(None, v)` only
+    records the version. Otherwise it loads the published adapter state.
+    """
+
+    def __init__(self, model, device: str = "cpu", seed: int = 0):
+        self.model = model
+        self.device = device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.version = 0
+
+    def load_weights(self, state, version: int) -> None:
+        if state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state)
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+        temps = torch.as_tensor(
+            [float(temperatures)] * n if isinstance(temperatures, (int, float)) else list(temperatures), dtype=torch.float32
+        )
+        assert temps.shape == (n,), "one temperature per sample"
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(prompt_id, prompt_ids, n, temps, min_new_tokens, max_new_tokens, end_ids, source)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompt_id, prompt_ids, n, temps, min_new, max_new, end_ids, source):
+        end = torch.tensor(end_ids, dtype=torch.long)
+        out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1, :].float().cpu().expand(n, -1)
+
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        end_lp: list[float | None] = [None] * n
+        alive = torch.arange(n)
+        for step in range(max_new):
+            scaled = logits / temps[alive, None]
+            if step < min_new:
+                scaled[:, end] = -float("inf")
+            logp = torch.log_softmax(scaled, dim=-1)
+            tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
+            lp = logp.gather(1, tok[:, None]).squeeze(1)
+            is_end = torch.isin(tok, end)
+            for row, t, l, e in zip(alive.tolist(), tok.tolist(), lp.tolist(), is_end.tolist()):
+                if e:
+                    end_lp[row] = l
+                else:
+                    tokens[row].append(t)
+                    lps[row].append(l)
+            keep = ~is_end
+            if not keep.any() or step == max_new - 1:
+                break
+            alive = alive[keep]
+            if not keep.all():
+                cache.batch_select_indices(keep.nonzero().squeeze(1).to(self.device))
+            logits = self.model(
+                input_ids=tok[keep][:, None].to(self.device), past_key_values=cache, use_cache=True
+            ).logits[:, -1, :].float().cpu()
+        return [
+            Trajectory(
+                prompt_id=prompt_id,
+                tokens=tokens[i],
+                terminated=end_lp[i] is not None,
+                logprobs=lps[i],
+                end_logprob=end_lp[i],
+                temperature=float(temps[i]),
+                version=self.version,
+                source=source,
+            )
+            for i in range(n)
+        ]

@@ -1,0 +1,105 @@
+"""Reading a config: YAML preset, dotted command-line overrides, one-line errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from .schema import Config
+
+PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'learner.lr=1e-4' -> ('learner.lr', 0.0001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. learner.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.problem})") from None
+    return key.strip(), value
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "union_tag_not_found":
+        tags = _TARGET_TAGS if loc.endswith("target") else "'random_number'"
+        loc, msg = f"{loc}.type", f"missing; expected one of {tags}"
+    elif err["type"] == "union_tag_invalid":
+        loc, msg = f"{loc}.type", f"unknown type {err['ctx']['tag']}; expected one of {err['ctx']['expected_tags']}"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    quiet = ("extra_forbidden", "missing", "union_tag_not_found", "union_tag_invalid")
+    tail = "" if err["type"] in quiet or isinstance(got, dict) or "got" in msg else f" (got {got!r})"
+    return f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}"
+
+
+_UNION_TAGS = {"uniform", "poisson", "binomial", "geometric", "table", "random_number"}
+_TARGET_TAGS = "'uniform', 'poisson', 'binomial', 'geometric', 'table'"
+
+
+def validate(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        errs = e.errors()
+        first = _describe(errs[0])
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        alt = os.path.join(PRESET_DIR, path)
+        if os.path.isfile(alt):
+            path = alt
+        else:
+            raise ConfigError(f"{path}: no such config file (presets live in {PRESET_DIR})")
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Preset file (or defaults) + dotted overrides, validated as one tree."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return validate(tree, source=path or "config")
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

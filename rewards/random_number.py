@@ -1,0 +1,149 @@
+"""Random numbers from any target distribution over integers (Hu et al. 2024, section 4.1).
+
+Z is the text of a number after the prompt, ended by ⊤ (one of the configured end tokens).
+log R(Z ⊤) = log target(v) when Z is the canonical decimal form of an integer v of the support
+("7", never "07" or " 7"), and a configured floor for anything else. Every prefix of a trajectory
+is scored: the prefix "2" of "25" is itself the number 2.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from actors.trajectory import Trajectory
+from configs.schema import (
+    BinomialTarget,
+    GeometricTarget,
+    PoissonTarget,
+    RandomNumberTask as RandomNumberConfig,
+    TableTarget,
+    UniformTarget,
+)
+
+_CANONICAL = re.compile(r"0|[1-9][0-9]*")
+
+
+def log_target(target) -> dict[int, float]:
+    """Normalised log-probabilities of the target over its (finite) support."""
+    if isinstance(target, UniformTarget):
+        weights = {v: 0.0 for v in range(target.low, target.high + 1)}
+    elif isinstance(target, PoissonTarget):
+        weights = {v: v * math.log(target.rate) - math.lgamma(v + 1) for v in range(target.max_value + 1)}
+    elif isinstance(target, BinomialTarget):
+        n, p = target.n, target.p
+        weights = {
+            v: math.lgamma(n + 1) - math.lgamma(v + 1) - math.lgamma(n - v + 1) + v * math.log(p) + (n - v) * math.log1p(-p)
+            for v in range(n + 1)
+        }
+    elif isinstance(target, GeometricTarget):
+        q = 1.0 - target.p
+        weights = {v: (v * math.log(q) if q > 0 else (0.0 if v == 0 else -math.inf)) for v in range(target.max_value + 1)}
+        weights = {v: w for v, w in weights.items() if w > -math.inf}
+    elif isinstance(target, TableTarget):
+        weights = {v: math.log(w) for v, w in target.weights.items()}
+    else:  # pragma: no cover - the config union lists every type
+        raise TypeError(f"unknown target {target!r}")
+    log_norm = math.log(sum(math.exp(w) for w in weights.values()))
+    return {v: w - log_norm for v, w in sorted(weights.items())}
+
+
+def parse_number(text: str) -> int | None:
+    """The integer a string denotes in canonical decimal form, else None."""
+    return int(text) if _CANONICAL.fullmatch(text) else None
+
+
+class RandomNumberTask:
+    """Prompts, per-prefix rewards, seeds for the replay, and evaluation of sampled numbers."""
+
+    name = "random_number"
+
+    def __init__(self, cfg: RandomNumberConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.prompts = list(cfg.prompts)
+        self.prompt_ids = [list(tokenizer(p).input_ids) for p in self.prompts]
+        self.end_ids = [self._single_token(t) for t in cfg.end_tokens]
+        self.log_p = log_target(cfg.target)
+        self.min_len, self.max_len = cfg.min_len, cfg.max_len
+        self.floor = cfg.log_reward_floor
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
+        return ids[0]
+
+    # -- reward ------------------------------------------------------------------------------
+
+    def value(self, tokens: list[int]) -> int | None:
+        """The support member a token sequence spells, or None."""
+        v = parse_number(self.tokenizer.decode(tokens))
+        return v if v in self.log_p else None
+
+    def log_reward(self, tokens: list[int]) -> float:
+        if len(tokens) < self.min_len:
+            return self.floor
+        v = self.value(tokens)
+        return self.log_p[v] if v is not None else self.floor
+
+    def score(self, trajectories: list[Trajectory]) -> None:
+        """Fill each trajectory's untempered log R for every prefix, in place."""
+        for t in trajectories:
+            t.log_r = [self.log_reward(t.tokens[:k]) for k in range(len(t.tokens) + 1)]
+
+    # -- known-good trajectories ---------------------------------------------------------------
+
+    def support_trajectories(self, prompt_id: int) -> list[Trajectory]:
+        """One trajectory per member of the support (that fits in max_len tokens)."""
+        out = []
+        for v in self.log_p:
+            tokens = list(self.tokenizer(str(v), add_special_tokens=False).input_ids)
+            if self.min_len <= len(tokens) <= self.max_len and self.value(tokens) == v:
+                out.append(Trajectory(prompt_id, tokens, terminated=True, temperature=float("nan"), version=-1, source="seed"))
+        self.score(out)
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def sample_value(self, t: Trajectory) -> int | None:
+        """A sample counts as valid only if the policy itself ended it with ⊤."""
+        return self.value(t.tokens) if t.terminated and len(t.tokens) >= self.min_len else None
+
+
+def number_metrics(values: list[int | None], log_p: dict[int, float], smoothing: float = 0.5) -> dict:
+    """Figures of a list of sampled values (None = invalid) against the target.
+
+    KL(target ‖ empirical) is over the support, on the valid samples, with add-`smoothing`
+    counts so that a value never drawn does not make it infinite; `kl_unsmoothed` is the plain
+    estimate (inf when a support value was never drawn). TV is 0.5 Σ |target − empirical|.
+    """
+    n = len(values)
+    valid = [v for v in values if v is not None]
+    counts: dict[int, int] = {}
+    for v in valid:
+        counts[v] = counts.get(v, 0) + 1
+    k = len(log_p)
+    figures = {
+        "samples": n,
+        "valid": len(valid),
+        "valid_fraction": len(valid) / n if n else 0.0,
+        "distinct": len(counts),
+        "support_size": k,
+        "never_drawn": sum(1 for v in log_p if v not in counts),
+        "smoothing": smoothing,
+    }
+    if not valid:
+        figures.update(kl=math.inf, kl_unsmoothed=math.inf, tv=1.0)
+        return figures
+    m = len(valid)
+    kl = kl_raw = tv = 0.0
+    for v, lp in log_p.items():
+        p = math.exp(lp)
+        c = counts.get(v, 0)
+        q = (c + smoothing) / (m + smoothing * k)
+        kl += p * (lp - math.log(q))
+        kl_raw = kl_raw + (p * (lp - math.log(c / m)) if c else math.inf)
+        tv += abs(p - c / m)
+    figures.update(kl=kl, kl_unsmoothed=kl_raw, tv=0.5 * tv)
+    return figures

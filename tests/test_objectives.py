@@ -1,0 +1,169 @@
+"""The loss is pure math: hand-computed cases, a brute-force reference, and its properties."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from learner.objectives import subtb_loss, tb_loss
+
+
+def brute_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, tool_mask=None):
+    """Double loop in float64, straight from the definition."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = 0.0
+    for b in range(log_pf.shape[0]):
+        n = int(lengths[b])
+        tool = [bool(tool_mask[b, k]) if tool_mask is not None else False for k in range(n)]
+        terminable = [not (k < n and tool[k]) for k in range(n + 1)]
+        for i in range(n + 1):
+            for j in range(i + 1, n + 1):
+                if not (terminable[i] and terminable[j]):
+                    continue
+                f_i = log_r[b, i].double() - log_pterm[b, i].double()
+                f_j = log_r[b, j].double() - log_pterm[b, j].double()
+                path = sum((log_pf[b, k].double() for k in range(i, j) if not tool[k]), torch.zeros((), dtype=torch.float64))
+                w = lam ** (j - i - 1)
+                num = num + w * (f_i - f_j + path) ** 2
+                den += w
+    return num / den if den else num * 0
+
+
+def random_batch(B=5, T=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    log_pf = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    log_pterm = -torch.rand(B, T + 1, generator=g, dtype=dtype) * 3
+    log_r = torch.randn(B, T + 1, generator=g, dtype=dtype) * 4
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[0] = T  # one full-length trajectory
+    return log_pf, log_pterm, log_r, lengths
+
+
+def test_hand_computed_case():
+    # One trajectory of n = 2 tokens, λ = 1.
+    #   log_pf    = [-1, -2]          log_pterm = [-3, -1, 0]      log_r = [-10, -4, -2]
+    #   F_k = log_r - log_pterm       = [-7, -3, -2]
+    #   pair (0,1): F0 - F1 + pf0        = -7 + 3 - 1      = -5  -> 25
+    #   pair (1,2): F1 - F2 + pf1        = -3 + 2 - 2      = -3  ->  9
+    #   pair (0,2): F0 - F2 + pf0 + pf1  = -7 + 2 - 3      = -8  -> 64
+    #   loss = (25 + 9 + 64) / 3 = 98 / 3
+    log_pf = torch.tensor([[-1.0, -2.0]])
+    log_pterm = torch.tensor([[-3.0, -1.0, 0.0]])
+    log_r = torch.tensor([[-10.0, -4.0, -2.0]])
+    loss = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]))
+    assert_close(loss, torch.tensor(98 / 3))
+    # With λ = 0.5 the long pair weighs 0.5: (25 + 9 + 0.5 * 64) / 2.5 = 66 / 2.5
+    loss = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]), lam=0.5)
+    assert_close(loss, torch.tensor(66 / 2.5))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.9, 0.3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force(lam, seed):
+    batch = random_batch(seed=seed, dtype=torch.float64)
+    assert_close(subtb_loss(*batch, lam=lam), brute_subtb(*batch, lam=lam))
+
+
+def test_matches_brute_force_with_tool_mask():
+    log_pf, log_pterm, log_r, lengths = random_batch(B=4, T=7, seed=3, dtype=torch.float64)
+    lengths[:] = torch.tensor([7, 5, 3, 0])
+    tool = torch.zeros(4, 7, dtype=torch.bool)
+    tool[0, 2:4] = True  # two inserted tokens in the middle
+    tool[1, 4] = True    # the last token inserted
+    tool[2, 0] = True    # the first token inserted
+    assert_close(subtb_loss(log_pf, log_pterm, log_r, lengths, tool_mask=tool),
+                 brute_subtb(log_pf, log_pterm, log_r, lengths, tool_mask=tool))
+    # a tool token's log_pf and the termination of the state before it do not matter
+    log_pf2, log_pterm2 = log_pf.clone(), log_pterm.clone()
+    log_pf2[0, 2:4] = 123.0
+    log_pterm2[0, 2:4] = -77.0
+    assert_close(subtb_loss(log_pf2, log_pterm2, log_r, lengths, tool_mask=tool),
+                 subtb_loss(log_pf, log_pterm, log_r, lengths, tool_mask=tool))
+
+
+def test_zero_when_balanced():
+    # Build a policy that satisfies every pair's balance: pick arbitrary flows F_k and set
+    # log_pf[k] = F_{k+1} - F_k, so F_i - F_j + sum pf = 0 for every i < j; TB then needs
+    # log Z = F_0.
+    B, T = 3, 5
+    g = torch.Generator().manual_seed(7)
+    flows = torch.randn(B, T + 1, generator=g)
+    log_pterm = -torch.rand(B, T + 1, generator=g)
+    log_r = flows + log_pterm
+    log_pf = flows[:, 1:] - flows[:, :-1]
+    loss = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([5, 3, 1]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    assert tb_loss(log_pf, log_pterm, log_r, torch.tensor([5, 3, 1]), log_z=flows[:, 0]).item() == pytest.approx(0, abs=1e-10)
+
+
+def test_padding_never_changes_value_or_gradients():
+    log_pf, log_pterm, log_r, lengths = random_batch(B=4, T=5, seed=4)
+    lengths[:] = torch.tensor([5, 2, 0, 3])
+
+    def run(pf, pt, r):
+        pf, pt = pf.clone().requires_grad_(), pt.clone().requires_grad_()
+        loss = subtb_loss(pf, pt, r, lengths)
+        loss.backward()
+        return loss, pf.grad, pt.grad
+
+    ref = run(log_pf, log_pterm, log_r)
+    # Garbage (including inf) past each end, and extra padding columns.
+    pad = 3
+    pf = torch.cat([log_pf, torch.full((4, pad), float("nan"))], 1)
+    pt = torch.cat([log_pterm, torch.full((4, pad), -float("inf"))], 1)
+    r = torch.cat([log_r, torch.full((4, pad), float("inf"))], 1)
+    for b, n in enumerate(lengths.tolist()):
+        pf[b, n:] = float("inf")
+        pt[b, n + 1 :] = -float("inf")
+        r[b, n + 1 :] = float("nan")
+    out = run(pf, pt, r)
+    assert_close(out[0], ref[0])
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(out[1][b, :n], ref[1][b, :n])
+        assert_close(out[2][b, : n + 1], ref[2][b, : n + 1])
+        assert torch.all(out[1][b, n:] == 0) and torch.all(out[2][b, n + 1 :] == 0)
+
+
+def test_no_pairs_gives_zero_not_nan():
+    log_pf, log_pterm, log_r, _ = random_batch(B=3, T=4)
+    pt = log_pterm.clone().requires_grad_()
+    loss = subtb_loss(log_pf, pt, log_r, torch.zeros(3, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(pt.grad == 0)
+
+
+def test_lambda_zero_is_detailed_balance():
+    log_pf, log_pterm, log_r, lengths = random_batch(B=4, T=6, seed=5, dtype=torch.float64)
+    F = log_r - log_pterm
+    terms, count = [], 0
+    for b, n in enumerate(lengths.tolist()):
+        for k in range(n):
+            terms.append((F[b, k] + log_pf[b, k] - F[b, k + 1]) ** 2)
+    expected = torch.stack(terms).sum() / len(terms)
+    assert_close(subtb_loss(log_pf, log_pterm, log_r, lengths, lam=0.0), expected)
+    assert_close(subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1e-9), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_tb_loss_uses_only_the_final_state():
+    log_pf, log_pterm, log_r, lengths = random_batch(B=3, T=4, seed=6, dtype=torch.float64)
+    lengths[:] = torch.tensor([4, 2, 0])
+    log_z = torch.tensor(1.5, dtype=torch.float64)
+    expected = torch.stack([
+        (log_z + log_pf[b, :n].sum() + log_pterm[b, n] - log_r[b, n]) ** 2
+        for b, n in enumerate(lengths.tolist())
+    ]).mean()
+    assert_close(tb_loss(log_pf, log_pterm, log_r, lengths, log_z), expected)
+
+
+def test_importable_without_ray_vllm_transformers():
+    code = (
+        "import sys\n"
+        "for m in ('ray', 'vllm', 'transformers', 'peft'): sys.modules[m] = None\n"
+        "import learner.objectives as o\n"
+        "import torch\n"
+        "print(o.subtb_loss(torch.zeros(1, 1), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1])).item())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0.0"
