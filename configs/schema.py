@@ -69,6 +69,7 @@ class LoraConfig(Section):
 
 class UniformTarget(Section):
     type: Literal["uniform"] = "uniform"
+    """Discriminator: 'uniform'."""
     low: int = Field(0, ge=0)
     """Smallest integer of the support."""
     high: int = Field(100, ge=0)
@@ -83,6 +84,7 @@ class UniformTarget(Section):
 
 class PoissonTarget(Section):
     type: Literal["poisson"] = "poisson"
+    """Discriminator: 'poisson'."""
     rate: float = Field(gt=0)
     """Mean of the Poisson distribution."""
     max_value: int = Field(100, ge=0)
@@ -91,6 +93,7 @@ class PoissonTarget(Section):
 
 class BinomialTarget(Section):
     type: Literal["binomial"] = "binomial"
+    """Discriminator: 'binomial'."""
     n: int = Field(ge=1)
     """Number of trials; the support is 0..n."""
     p: float = Field(gt=0, lt=1)
@@ -99,6 +102,7 @@ class BinomialTarget(Section):
 
 class GeometricTarget(Section):
     type: Literal["geometric"] = "geometric"
+    """Discriminator: 'geometric'."""
     p: float = Field(gt=0, le=1)
     """P(v) ∝ (1 - p)^v for v = 0, 1, ..."""
     max_value: int = Field(100, ge=0)
@@ -107,6 +111,7 @@ class GeometricTarget(Section):
 
 class TableTarget(Section):
     type: Literal["table"] = "table"
+    """Discriminator: 'table'."""
     weights: dict[int, float] = Field(min_length=1)
     """Explicit unnormalised weights, value -> weight (weights > 0; values >= 0)."""
 
@@ -127,6 +132,7 @@ Target = Annotated[
 
 class RandomNumberTask(Section):
     type: Literal["random_number"] = "random_number"
+    """Discriminator: 'random_number'."""
 
     prompts: list[str] = Field(default_factory=lambda: [DEFAULT_PROMPT], min_length=1)
     """Prompts X; each one is a separate query q(Z | X). Must not be empty."""

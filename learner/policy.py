@@ -60,6 +60,11 @@ class Policy:
         base, self.tokenizer = load_model(model_cfg.path, self.device, model_cfg.dtype)
         for p in base.parameters():
             p.requires_grad_(False)
+        # log q must be the policy that samples: no dropout in the base model (GPT-2 ships 0.1).
+        # Only the adapter's own dropout (lora.dropout) stays.
+        for module in base.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         peft_cfg = PeftLoraConfig(
             r=lora_cfg.r,
             lora_alpha=lora_cfg.alpha,

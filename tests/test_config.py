@@ -1,0 +1,95 @@
+"""The config tree: presets load, overrides apply, bad input is one line naming the key."""
+
+import glob
+import os
+
+import pytest
+from pydantic import BaseModel
+
+from configs import Config, ConfigError, dump_config, load_config
+from configs.load import PRESET_DIR
+
+
+def test_presets_validate():
+    presets = glob.glob(os.path.join(PRESET_DIR, "*.yaml"))
+    assert presets
+    for p in presets:
+        assert isinstance(load_config(p), Config)
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    cfg = load_config("random_number.yaml", ["learner.lr=3e-4", "lora.target_modules=[q_proj,v_proj]",
+                                              "task.target={type: poisson, rate: 5}", "run.progress=false"])
+    assert cfg.learner.lr == 3e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.task.target.type == "poisson" and cfg.task.target.rate == 5
+    assert cfg.run.progress is False
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("random_number.yaml", ["learner.steps=7"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def every_field(model_cls, prefix=""):
+    for name, field in model_cls.model_fields.items():
+        yield f"{prefix}{name}", field
+        ann = field.annotation
+        for sub in getattr(ann, "__args__", ()) or (ann,):
+            inner = getattr(sub, "__origin__", None) and getattr(sub, "__args__", ())
+            for cls in [sub, *(inner or ())]:
+                if isinstance(cls, type) and issubclass(cls, BaseModel):
+                    yield from every_field(cls, f"{prefix}{name}.")
+
+
+def test_every_field_has_a_docstring():
+    from configs.schema import (BinomialTarget, GeometricTarget, PoissonTarget, RandomNumberTask,
+                                TableTarget, UniformTarget)
+
+    missing = [n for n, f in every_field(Config) if not f.description]
+    for cls in (RandomNumberTask, UniformTarget, PoissonTarget, BinomialTarget, GeometricTarget, TableTarget):
+        missing += [f"{cls.__name__}.{n}" for n, f in cls.model_fields.items() if not f.description and n != "type"]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("learner.lr=-1", "learner.lr"),
+        ("learner.lrr=1", "learner.lrr: unknown key"),
+        ("task.min_len=5", "min_len (5) must not exceed max_len (3)"),
+        ("lora.r=0", "lora.r"),
+        ("task.prompts=[]", "task.prompts"),
+        ("task.prompts=['']", "task.prompts"),
+        ("batch.replay=0.9", "on_policy + tempered + replay must be 1"),
+        ("model.path=/no/such/model", "model.path: no such directory"),
+        ("task.target={type: uniform, low: 9, high: 2}", "task.target: low (9) must not exceed high (2)"),
+        ("task.target={type: gauss}", "task.target.type: unknown type gauss"),
+        ("task.target={low: 3}", "task.target.type: missing"),
+        ("learner.steps=many", "learner.steps"),
+        ("replay.capacity_per_prompt=10", "replay.capacity_per_prompt (10)"),
+        ("learner=3", "learner"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("random_number.yaml", [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_model_folder_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_config(None, [f"model.path={tmp_path}"])
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["learner.lr"])

@@ -1,0 +1,142 @@
+"""The teacher-forced pass, the sampler and the reward model agree with plain forward passes."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from actors.reward_model import RewardModel
+from actors.sampler import TransformersSampler
+from actors.trajectory import Trajectory
+from configs.schema import LoraConfig, ModelConfig
+from learner.policy import Policy, sequence_logprobs
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS
+
+PROMPT = "Pick a number: "
+
+
+def make_policy(model_dir, kind):
+    policy = Policy(ModelConfig(path=model_dir), LoraConfig(r=4, target_modules=LLAMA_TARGETS if kind == "llama" else GPT2_TARGETS))
+    # Give the adapter non-zero weights so that it changes the output (B starts at 0).
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.normal_(0, 0.3)
+    return policy
+
+
+def naive_logprobs(model, prompt_ids, seqs, end_ids):
+    """Each sequence run on its own, prompt included: the definition."""
+    pf, pt = [], []
+    for seq in seqs:
+        ids = torch.tensor([prompt_ids + seq])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(prompt_ids) - 1 :]
+        pf.append(torch.stack([logp[k, tok] for k, tok in enumerate(seq)]) if seq else torch.zeros(0))
+        pt.append(torch.logsumexp(logp[:, end_ids], -1))
+    return pf, pt
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def policy(request, tiny_llama, tiny_gpt2):
+    return make_policy(tiny_llama if request.param == "llama" else tiny_gpt2, request.param)
+
+
+def trajs(seqs):
+    return [Trajectory(0, s) for s in seqs]
+
+
+def test_shared_prompt_pass_equals_separate_passes(policy):
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    end = tok(".", add_special_tokens=False).input_ids
+    seqs = [tok(s, add_special_tokens=False).input_ids for s in ["42", "7", "", "100"]]
+    log_pf, log_pterm, lengths, _ = policy.logprobs(prompt, trajs(seqs), end)
+    ref_pf, ref_pt = naive_logprobs(policy.model, prompt, seqs, end)
+    for b, s in enumerate(seqs):
+        assert_close(log_pf[b, : len(s)], ref_pf[b], atol=1e-5, rtol=1e-5)
+        assert_close(log_pterm[b, : len(s) + 1], ref_pt[b], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_the_shared_prompt(policy):
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    end = tok(".", add_special_tokens=False).input_ids
+    seqs = [tok(s, add_special_tokens=False).input_ids for s in ["42", "7", "13"]]
+    params = policy.trainable_parameters()
+
+    log_pf, log_pterm, lengths, _ = policy.logprobs(prompt, trajs(seqs), end)
+    total = sum(log_pf[b, :n].sum() + log_pterm[b, : n + 1].sum() for b, n in enumerate(lengths.tolist()))
+    shared = torch.autograd.grad(total, params)
+    ref_pf, ref_pt = naive_logprobs(policy.model, prompt, seqs, end)
+    naive = torch.autograd.grad(sum(x.sum() for x in ref_pf) + sum(x.sum() for x in ref_pt), params)
+    for a, b in zip(shared, naive):
+        assert_close(a, b, atol=1e-4, rtol=1e-3)
+    # gradients reach only the adapter: the base weights do not even require them
+    assert all(not p.requires_grad for n, p in policy.model.named_parameters() if "lora_" not in n)
+
+
+def test_sampler_logprobs_match_teacher_forcing_at_t1(policy):
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    end = tok(".", add_special_tokens=False).input_ids
+    sampler = TransformersSampler(policy.model, seed=3)
+    # min_new_tokens=0: nothing is masked, so the sampling distribution is q itself
+    out = sampler.generate(0, prompt, 12, 1.0, min_new_tokens=0, max_new_tokens=4, end_ids=end)
+    assert len(out) == 12 and all(t.length <= 4 for t in out)
+    log_pf, log_pterm, _, _ = policy.logprobs(prompt, out, end)
+    for b, t in enumerate(out):
+        assert_close(torch.tensor(t.logprobs), log_pf[b, : t.length].detach(), atol=1e-4, rtol=1e-4)
+        if t.terminated:
+            # a single end token here, so log q(⊤) is its log-prob
+            assert t.end_logprob == pytest.approx(log_pterm[b, t.length].item(), abs=1e-4)
+        else:
+            assert t.length == 4 and t.end_logprob is None
+
+
+def test_sampler_respects_min_len_temperature_and_version(policy):
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    # make the end token overwhelmingly likely: min_new_tokens must still hold it back
+    end = [tok.convert_tokens_to_ids("a")]
+    sampler = TransformersSampler(policy.model, seed=0)
+    sampler.load_weights(None, version=7)
+    out = sampler.generate(0, prompt, 16, [0.5] * 8 + [2.0] * 8, min_new_tokens=2, max_new_tokens=5, end_ids=end)
+    assert all(t.length >= 2 for t in out)
+    assert all(end[0] not in t.tokens for t in out)
+    assert [t.temperature for t in out] == [0.5] * 8 + [2.0] * 8
+    assert {t.version for t in out} == {7}
+    # behaviour log-probs are those of the sampling distribution: tempered, ⊤ masked before min_len
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+    for t in (out[0], out[8]):
+        scaled = logits / t.temperature
+        scaled[end] = -float("inf")
+        assert t.logprobs[0] == pytest.approx(torch.log_softmax(scaled, -1)[t.tokens[0]].item(), abs=1e-4)
+
+
+
+def test_reward_model_scores_every_prefix_with_frozen_weights(policy):
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    end = tok(".", add_special_tokens=False).input_ids
+    seqs = [tok(s, add_special_tokens=False).input_ids for s in ["42", "", "9"]]
+    rm = RewardModel(policy.model, tok.pad_token_id)
+    got = rm.prefix_log_likelihoods(prompt, trajs(seqs), end)
+    with torch.no_grad(), policy.model.disable_adapter():
+        ref_pf, ref_pt = naive_logprobs(policy.model, prompt, seqs, end)
+    for b, s in enumerate(seqs):
+        expected = [sum(ref_pf[b][:i].tolist()) + ref_pt[b][i].item() for i in range(len(s) + 1)]
+        assert got[b] == pytest.approx(expected, abs=1e-4)
+    # the adapter (non-zero here) is not what scores: the policy's own log-probs differ
+    with torch.no_grad():
+        own_pf, own_pt = naive_logprobs(policy.model, prompt, seqs[:1], end)
+    assert not math.isclose(own_pt[0][0].item(), ref_pt[0][0].item(), abs_tol=1e-3)
+
+
+def test_sampler_is_seeded(tiny_llama):
+    policy = make_policy(tiny_llama, "llama")
+    prompt = policy.tokenizer(PROMPT).input_ids
+    runs = [TransformersSampler(policy.model, seed=5).generate(0, prompt, 8, 1.0, 1, 3, [18]) for _ in range(2)]
+    assert [t.tokens for t in runs[0]] == [t.tokens for t in runs[1]]

@@ -1,0 +1,94 @@
+"""Training on a tiny random model: what changes, what must not, checkpoints, the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from configs import load_config
+from learner.cli import main
+from learner.loop import build, collect, train
+
+from conftest import GPT2_TARGETS, tiny_overrides
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_training_moves_lora_only_and_lowers_the_loss(kind, tiny_llama, tiny_gpt2, tmp_path):
+    model_dir, targets = (tiny_llama, None) if kind == "llama" else (tiny_gpt2, GPT2_TARGETS)
+    ov = tiny_overrides(model_dir, tmp_path / "run", **({"lora.target_modules": "[" + ",".join(targets) + "]"} if targets else {}))
+    cfg = load_config("random_number.yaml", ov + ["learner.steps=15"])
+    c = build(cfg)
+    named = dict(c.policy.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    _, fixed = collect(c, 0, 1.0)
+    with torch.no_grad():
+        loss0 = c.learner.loss(fixed, c.task.prompt_ids, c.task.end_ids, 1.0).item()
+
+    c = train(cfg, str(tmp_path / "run"))
+    named = dict(c.policy.model.named_parameters())
+    lora = [n for n in named if "lora_" in n]
+    assert lora and len(lora) < len(named)
+    assert all(not torch.equal(named[n], before[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(named[n], before[n]) for n in named if "lora_" not in n)
+    with torch.no_grad():
+        loss1 = c.learner.loss(fixed, c.task.prompt_ids, c.task.end_ids, 1.0).item()
+    assert loss1 < loss0
+
+
+def test_resume_continues_exactly(tiny_llama, tmp_path):
+    ov = tiny_overrides(tiny_llama, tmp_path / "a", **{"batch.tempered": 0.25, "batch.on_policy": 0.25})
+    train(load_config("random_number.yaml", ov + ["learner.steps=4"]), str(tmp_path / "a"))
+    ov_b = tiny_overrides(tiny_llama, tmp_path / "b", **{"batch.tempered": 0.25, "batch.on_policy": 0.25})
+    train(load_config("random_number.yaml", ov_b + ["learner.steps=2"]), str(tmp_path / "b"))
+    train(load_config("random_number.yaml", ov_b + ["learner.steps=4"]), str(tmp_path / "b"), resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+
+
+def test_cli_train_then_eval(tiny_llama, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "random_number.yaml"]
+    for o in tiny_overrides(tiny_llama, run):
+        args += ["-o", o]
+    assert main(args) == 0
+    for f in ["config.yaml", "metrics.jsonl", "eval.json", "eval.png", "checkpoints/latest"]:
+        assert (run / f).exists(), f
+    figures = json.loads((run / "eval.json").read_text())
+    assert set(figures) == {"base", "trained"} and figures["trained"]["samples"] == 20
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    # the adapter is a plain peft folder
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(ckpt / "adapter"))
+
+    # eval of that adapter on its own, into another folder
+    out = tmp_path / "eval"
+    assert main(["eval", str(run / "config.yaml"), "--run", str(run), "--out", str(out), "-o", "eval.include_base=false"]) == 0
+    assert set(json.loads((out / "eval.json").read_text())) == {"trained"}
+
+    # running again into the same folder is refused, and nothing there is touched
+    stamp = (run / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    assert (run / "metrics.jsonl").read_text() == stamp
+    # resume of a finished run with more steps continues it
+    assert main(["train", "--resume", str(run), "-o", "learner.steps=4", "-o", "run.evaluate_at_end=false"]) == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
+    assert main(["train", "random_number.yaml", "-o", "learner.lr=-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "learner.lr" in err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["eval", "random_number.yaml", "--adapter", str(tmp_path)]) == 2
+    assert "adapter_model.safetensors" in capsys.readouterr().err
