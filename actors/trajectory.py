@@ -50,3 +50,28 @@ class Trajectory:
 
     def key(self) -> tuple[int, ...]:
         return tuple(self.tokens)
+
+
+@dataclass
+class SampleRequest:
+    """What the learner asks one sampler for."""
+
+    prompt_id: int
+    n_on_policy: int
+    temperatures: list[float] = field(default_factory=list)
+    """One sampling temperature per tempered sample."""
+
+
+@dataclass
+class SampledBatch:
+    """Fresh trajectories of one prompt, the policy version that made them, and timings."""
+
+    trajectories: list[Trajectory]
+    version: int
+    worker: str
+    sample_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    @property
+    def prompt_id(self) -> int:
+        return self.trajectories[0].prompt_id if self.trajectories else -1

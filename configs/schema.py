@@ -236,6 +236,65 @@ class BatchConfig(Section):
         return self
 
 
+class SamplersConfig(Section):
+    num_actors: int = Field(1, ge=1)
+    """Sampler actors (runtime.mode 'ray'); each holds its own copy of the policy."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each sampler actor."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each sampler actor (fractions share a GPU)."""
+
+    memory_mb: int | None = Field(None, ge=1)
+    """Memory Ray reserves for each sampler actor; unset reserves none."""
+
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts a sampler actor that died; its batches in flight are dropped."""
+
+    in_flight: int = Field(1, ge=1)
+    """Sample requests queued per sampler actor, so it never idles while the learner updates."""
+
+
+class RewardActorConfig(Section):
+    colocate: bool = True
+    """Score inside each sampler actor (sharing its weights); False runs one reward actor."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for the stand-alone reward actor."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for the stand-alone reward actor."""
+
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts the stand-alone reward actor."""
+
+
+class RuntimeConfig(Section):
+    mode: Literal["local", "ray"] = "local"
+    """'local': every piece in this process (tests, debugging); 'ray': sampler, reward and replay
+    actors with sampling and learning overlapped."""
+
+    address: str | None = None
+    """Ray cluster to join ('auto', 'ray://host:10001', 'host:6379'); unset joins RAY_ADDRESS if
+    set, else starts a private local Ray on 127.0.0.1 and stops it at the end."""
+
+    max_staleness: int = Field(2, ge=0)
+    """Largest learner version − sampling version a batch may have; older batches are dropped."""
+
+    publish_every: int = Field(1, ge=1)
+    """Optimizer steps between weight broadcasts to the samplers."""
+
+    sampler_timeout: float = Field(600.0, gt=0)
+    """Seconds without any usable batch from any sampler before the run stops with an error."""
+
+    temp_dir: str | None = None
+    """Temp folder of a private local Ray (default: a fresh folder under the system temp dir)."""
+
+    dashboard: bool = False
+    """Start the Ray dashboard with a private local Ray (on 127.0.0.1)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # learner, evaluation, run
 
@@ -328,6 +387,12 @@ class Config(Section):
     """Evaluation after training and in `gfnlm eval`."""
     run: RunConfig = Field(default_factory=RunConfig)
     """Outputs, checkpoints, logging."""
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    """One process or Ray actors."""
+    samplers: SamplersConfig = Field(default_factory=SamplersConfig)
+    """Sampler actors (Ray runtime)."""
+    reward: RewardActorConfig = Field(default_factory=RewardActorConfig)
+    """Where rewards are computed (Ray runtime)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -85,3 +85,61 @@ def main(args) -> int:
           f"{seq_tokens / naive:.0f} tokens/s (~{achieved_naive / 1e9:.1f} GFLOP/s = {100 * achieved_naive / flops:.0f}%)")
     print(f"prompt sharing speed-up: x{naive / shared:.2f}")
     return 0
+
+
+def orchestration(args) -> int:
+    """Throughput of the Ray driver with simulated samplers (fixed latency per batch, no model),
+    against the ideal linear line; the learner-side cost per batch; broadcast time per MB."""
+    import tempfile
+
+    import numpy as np
+    import ray
+
+    from actors.simulated import SimulatedSampler
+    from learner.distributed import RayDriver
+    from learner.ray_session import ray_session
+    from learner.tiny import build_model
+
+    model = build_model(tempfile.mkdtemp(prefix="gfnlm-bench-"), "llama")
+    print(f"simulated sampler: {args.latency:.2f} s per batch of {args.batch} trajectories; learner: tiny model")
+    print(f"{'samplers':>8} {'traj/s':>9} {'ideal':>9} {'of ideal':>9} {'learner-side µs/batch':>22} {'update ms':>10} {'dropped':>8}")
+    for n in args.samplers:
+        cfg = load_config("random_number.yaml", [
+            f"model.path={model}", "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"batch.size={2 * args.batch}",
+            "batch.on_policy=0.5", "batch.replay=0.5", "task.target={type: uniform, low: 0, high: 20}", "task.max_len=2",
+            "replay.capacity_per_prompt=64", "runtime.mode=ray", f"samplers.num_actors={n}", "samplers.num_cpus=0.01",
+            f"runtime.max_staleness={10 * n}", "run.progress=false",
+        ])
+        sim = type("Sim", (SimulatedSampler,), {"latency": args.latency})
+        with ray_session(cfg, log=lambda m: None):
+            driver = RayDriver(cfg, log=lambda m: None, worker_cls=sim)
+            driver.start()
+            for _ in range(n):  # warm-up: every actor has answered once
+                driver.step(0, 1.0)
+            steps = max(args.steps, 4 * n)
+            t0 = time.perf_counter()
+            update, fresh = 0.0, 0
+            for _ in range(steps):
+                trajs, out = driver.step(0, 1.0)
+                update += out["update_seconds"]
+                fresh += len(trajs)
+            wall = time.perf_counter() - t0
+            driver.close()
+        ideal = n * args.batch / args.latency
+        per_batch = (wall - update) / steps
+        print(f"{n:>8} {fresh / wall:>9.1f} {ideal:>9.1f} {100 * fresh / wall / ideal:>8.0f}% {1e6 * per_batch:>22.0f} "
+              f"{1e3 * update / steps:>10.1f} {driver.counters['batches_dropped_stale_total']:>8}")
+
+    # broadcast: one ray.put, N actors get the same reference
+    cfg = load_config("random_number.yaml", ["runtime.mode=ray", f"samplers.num_actors={max(args.samplers)}"])
+    with ray_session(cfg, log=lambda m: None):
+        actors = [ray.remote(SimulatedSampler).options(num_cpus=0.01).remote() for _ in range(4)]
+        ray.get([a.set_weights.remote(None, 0) for a in actors])
+        for mb in (1, 8, 32):
+            state = {"w": np.random.rand(mb * 2**20 // 8)}
+            t0 = time.perf_counter()
+            ref = ray.put(state)
+            ray.get([a.set_weights.remote(ref, 1) for a in actors])
+            dt = time.perf_counter() - t0
+            print(f"broadcast {mb:>3} MB to {len(actors)} actors: {1e3 * dt:.1f} ms ({1e3 * dt / mb:.2f} ms per MB)")
+    return 0

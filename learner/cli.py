@@ -32,6 +32,8 @@ def _run_dir(cfg, resume: str | None) -> str:
 
 
 def cmd_train(args) -> int:
+    if args.address:
+        args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     cfg = _config(args)
     run_dir = _run_dir(cfg, args.resume)
     from learner.evaluate import evaluate
@@ -74,9 +76,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from learner.bench import main as bench_main
+    from learner import bench
 
-    return bench_main(args)
+    return bench.orchestration(args) if args.bench_command == "orchestration" else bench.main(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a policy")
     add_config(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    t.add_argument("--address", help="Ray cluster to run on (sets runtime.mode=ray and runtime.address)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter against the task's target")
@@ -112,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     add_config(bl)
     bl.add_argument("--steps", type=int, default=5, help="timed updates")
     bl.set_defaults(func=cmd_bench)
+    bo = bsub.add_parser("orchestration", help="Ray driver throughput with simulated samplers (no model)")
+    bo.add_argument("--samplers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="sampler counts to try")
+    bo.add_argument("--latency", type=float, default=0.5, help="seconds per simulated batch")
+    bo.add_argument("--batch", type=int, default=16, help="trajectories per simulated batch")
+    bo.add_argument("--steps", type=int, default=40, help="timed learner steps per sampler count (at least 4 × samplers)")
+    bo.set_defaults(func=cmd_bench)
     return p
 
 
@@ -124,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, FileNotFoundError) as e:
         print(f"gfnlm: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "ActorFailed":  # a Ray actor raised: its name and error, no Ray trace
+            raise
+        print(f"gfnlm: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

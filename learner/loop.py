@@ -1,7 +1,12 @@
-"""The training loop in one process: sample -> score -> replay -> update -> publish.
+"""The training loop: sample -> score -> replay -> update -> publish.
 
-The same plain classes become Ray actors in the distributed runtime; here they are called directly,
-and the sampler shares the learner's model object, so publishing a version is free.
+`train` runs it with one of two drivers that take a step the same way:
+- LocalDriver: every piece in this process; the sampler shares the learner's model object, so
+  publishing a version is free (tests, debugging, one laptop).
+- RayDriver (learner/distributed.py): sampler, reward and replay actors, sampling overlapped with
+  learning.
+Both use the same plain classes; this file also holds what they share (progress, metrics,
+checkpoints).
 """
 
 from __future__ import annotations
@@ -46,47 +51,88 @@ def setup_torch(cfg: Config) -> None:
     torch.manual_seed(cfg.learner.seed)
 
 
+def seed_replay(replay, cfg: Config, task) -> None:
+    """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`)."""
+    if cfg.replay.seed_with_support and cfg.batch.replay > 0:
+        for pid in range(len(task.prompts)):
+            replay.add(task.support_trajectories(pid))
+
+
+def new_replay(cfg: Config) -> Replay:
+    return Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
+
+
 def build(cfg: Config) -> Components:
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)
     task = make_task(cfg.task, policy.tokenizer)
     sampler = TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed)
-    replay = Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
-    if cfg.replay.seed_with_support and cfg.batch.replay > 0:
-        for pid in range(len(task.prompts)):
-            replay.add(task.support_trajectories(pid))
+    replay = new_replay(cfg)
+    seed_replay(replay, cfg, task)
     return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner))
 
 
+def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
+    u = torch.rand(n, generator=generator)
+    return (cfg.batch.temper_low + (cfg.batch.temper_high - cfg.batch.temper_low) * u).tolist()
+
+
 def collect(c: Components, prompt_id: int, temperature: float) -> tuple[list[Trajectory], list[Trajectory]]:
-    """One micro-batch: (fresh samples, the whole mixed batch)."""
-    cfg, task = c.cfg.batch, c.task
-    n_on, n_temp, n_rep = batch_counts(cfg, c.replay.size(prompt_id))
+    """One micro-batch in this process: (fresh samples, the whole mixed batch)."""
+    task = c.task
+    n_on, n_temp, n_rep = batch_counts(c.cfg.batch, c.replay.size(prompt_id))
     prompt = task.prompt_ids[prompt_id]
     fresh = c.sampler.generate(prompt_id, prompt, n_on, 1.0, task.min_len, task.max_len, task.end_ids)
     if n_temp:
-        u = torch.rand(n_temp, generator=c.sampler.generator)
-        temps = (cfg.temper_low + (cfg.temper_high - cfg.temper_low) * u).tolist()
+        temps = tempered_temperatures(c.cfg, n_temp, c.sampler.generator)
         fresh += c.sampler.generate(prompt_id, prompt, n_temp, temps, task.min_len, task.max_len, task.end_ids, source="tempered")
     task.score(fresh)
     c.replay.add(fresh)
     return fresh, fresh + c.replay.sample(prompt_id, n_rep, temperature)
 
 
-def checkpoint(c: Components, run_dir: str) -> str:
-    extra = {
-        "learner": c.learner.state_dict(),
-        "replay": c.replay.state_dict(),
-        "rng": rng_state(c.sampler.generator),
-    }
+class LocalDriver:
+    """Every piece in this process."""
+
+    def __init__(self, cfg: Config, log=print):
+        self.c = build(cfg)
+        self.counters: dict[str, float] = {}
+
+    def start(self) -> None:
+        pass
+
+    def step(self, prompt_id: int, temperature: float) -> tuple[list[Trajectory], dict]:
+        c = self.c
+        rounds = [collect(c, prompt_id, temperature) for _ in range(c.cfg.learner.grad_accum)]
+        out = c.learner.update([b for _, b in rounds], c.task.prompt_ids, c.task.end_ids, temperature)
+        c.sampler.load_weights(None, c.learner.step)  # shares the model: nothing to send
+        return [t for f, _ in rounds for t in f], out
+
+    def replay_state(self) -> dict:
+        return self.c.replay.state_dict()
+
+    def load_replay_state(self, state: dict) -> None:
+        self.c.replay.load_state_dict(state)
+
+    def replay_size(self) -> int:
+        return self.c.replay.size()
+
+    def close(self) -> None:
+        pass
+
+
+def checkpoint(driver, run_dir: str) -> str:
+    c = driver.c
+    extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "rng": rng_state(c.sampler.generator)}
     return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
 
 
-def restore(c: Components, ckpt_dir: str) -> None:
+def restore(driver, ckpt_dir: str) -> None:
+    c = driver.c
     load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
     extra = torch.load(os.path.join(ckpt_dir, "trainer.pt"), weights_only=False)
     c.learner.load_state_dict(extra["learner"])
-    c.replay.load_state_dict(extra["replay"])
+    driver.load_replay_state(extra["replay"])
     set_rng_state(extra["rng"], c.sampler.generator)
     c.sampler.load_weights(None, c.learner.step)
 
@@ -111,62 +157,63 @@ class RunningStats:
         return sum(b[2] for b in self.batches) / secs if secs else 0.0
 
 
-def train(cfg: Config, run_dir: str, resume: bool = False, log=print) -> Components:
+def train(cfg: Config, run_dir: str, resume: bool = False, log=print, **driver_kw) -> Components:
     """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir."""
-    c = build(cfg)
+    if cfg.runtime.mode == "ray":
+        from .distributed import RayDriver
+        from .ray_session import ray_session
+
+        with ray_session(cfg, log):
+            driver = RayDriver(cfg, log, **driver_kw)
+            try:
+                return run(driver, cfg, run_dir, resume, log)
+            finally:
+                driver.close()
+    return run(LocalDriver(cfg, log), cfg, run_dir, resume, log)
+
+
+def run(driver, cfg: Config, run_dir: str, resume: bool, log) -> Components:
+    c = driver.c
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
-        restore(c, ckpt)
+        restore(driver, ckpt)
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    stats = RunningStats()
-    bar = None
+    driver.start()
+    stats, bar = RunningStats(), None
     if cfg.run.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.learner.steps, initial=c.learner.step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    try:
-        while c.learner.step < cfg.learner.steps:
-            step = c.learner.step
-            temp = reward_temperature(step, cfg.reward_temperature)
-            prompt_id = step % len(c.task.prompts)
-
-            t0 = time.perf_counter()
-            rounds = [collect(c, prompt_id, temp) for _ in range(cfg.learner.grad_accum)]
-            sample_seconds = time.perf_counter() - t0
-            fresh = [t for f, _ in rounds for t in f]
-            out = c.learner.update([b for _, b in rounds], c.task.prompt_ids, c.task.end_ids, temp)
-            c.sampler.load_weights(None, c.learner.step)  # one process: the sampler shares the weights
-
-            on_policy = [t for t in fresh if t.source == "on_policy"]
-            stats.push(sum(c.task.value(t.tokens) is not None for t in on_policy), len(on_policy), len(fresh),
-                       sample_seconds + out["update_seconds"])
-            record = {
-                "step": c.learner.step,
-                **out,
-                "reward_temperature": temp,
-                "mean_log_r": float(np.mean([t.final_log_r for t in fresh])) if fresh else float("nan"),
-                "valid_fraction": stats.valid_fraction,
-                "samples_per_second": stats.samples_per_second,
-                "sample_seconds": sample_seconds,
-                "replay_size": c.replay.size(),
-            }
-            if c.learner.step % cfg.run.log_every == 0:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics_file:
+        try:
+            while c.learner.step < cfg.learner.steps:
+                t0 = time.perf_counter()
+                temp = reward_temperature(c.learner.step, cfg.reward_temperature)
+                fresh, out = driver.step(c.learner.step % len(c.task.prompts), temp)
+                on_policy = [t for t in fresh if t.source == "on_policy"]
+                stats.push(sum(c.task.value(t.tokens) is not None for t in on_policy), len(on_policy), len(fresh),
+                           time.perf_counter() - t0)
+                record = {
+                    "step": c.learner.step, **out, "reward_temperature": temp,
+                    "mean_log_r": float(np.mean([t.final_log_r for t in fresh])) if fresh else float("nan"),
+                    "valid_fraction": stats.valid_fraction, "samples_per_second": stats.samples_per_second,
+                    "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
+                }
+                if c.learner.step % cfg.run.log_every == 0:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", logR=f"{record['mean_log_r']:.2f}",
+                                    valid=f"{100 * stats.valid_fraction:.0f}%", sps=f"{stats.samples_per_second:.1f}")
+                if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
+                    checkpoint(driver, run_dir)
+            checkpoint(driver, run_dir)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", logR=f"{record['mean_log_r']:.2f}",
-                                valid=f"{100 * stats.valid_fraction:.0f}%", sps=f"{stats.samples_per_second:.1f}")
-            if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
-                checkpoint(c, run_dir)
-        checkpoint(c, run_dir)
-    finally:
-        metrics_file.close()
-        if bar is not None:
-            bar.close()
+                bar.close()
     return c

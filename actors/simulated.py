@@ -1,0 +1,37 @@
+"""A simulated sampler for orchestration benchmarks: fixed latency per batch, no model, no torch."""
+
+from __future__ import annotations
+
+import time
+
+from . import max_rss_bytes
+
+from .trajectory import SampledBatch, SampleRequest, Trajectory
+
+
+class SimulatedSampler:
+    """Answers `sample` after `latency` seconds with synthetic, already-scored trajectories."""
+
+    latency = 0.5
+    """Seconds per batch (set on a subclass by the benchmark)."""
+    length = 3
+    """Tokens per synthetic trajectory."""
+
+    def __init__(self, cfg=None, name: str = "sim", seed: int = 0, score: bool = True, threads: int = 1):
+        # same signature as SamplerWorker, so the Ray driver can start either
+        self.name = name
+        self.version = 0
+
+    def set_weights(self, state, version: int) -> float:
+        self.version = version
+        return 0.0
+
+    def sample(self, req: SampleRequest) -> SampledBatch:
+        time.sleep(self.latency)
+        n = req.n_on_policy + len(req.temperatures)
+        trajs = [Trajectory(req.prompt_id, [1] * self.length, log_r=[-1.0] * (self.length + 1), version=self.version)
+                 for _ in range(n)]
+        return SampledBatch(trajs, self.version, self.name, sample_seconds=self.latency)
+
+    def memory(self) -> int:
+        return max_rss_bytes()

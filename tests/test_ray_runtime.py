@@ -1,0 +1,176 @@
+"""The Ray runtime: actors, asynchrony, faults, and `ray job submit` against a real head."""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import shutil
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from actors.workers import SamplerWorker
+from configs import load_config
+from learner.loop import train
+
+from conftest import tiny_overrides
+
+# the sampler subclasses below travel to the actors by value (tests/ is not on their path)
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ray_cfg(model, run, *extra):
+    return load_config("random_number.yaml", tiny_overrides(model, run) + ["runtime.mode=ray", *extra])
+
+
+def records(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_ray_run_with_two_samplers_takes_every_step(tiny_llama, tmp_path):
+    run = str(tmp_path / "run")
+    c = train(ray_cfg(tiny_llama, run, "samplers.num_actors=2", "learner.steps=6", "runtime.max_staleness=1"), run)
+    assert c.learner.step == 6
+    rs = records(run)
+    assert [r["step"] for r in rs] == [1, 2, 3, 4, 5, 6]
+    assert all(r["staleness"] <= 1 for r in rs)
+    assert rs[-1]["broadcast_bytes"] > 0 and rs[-1]["replay_size"] > 0
+    assert os.path.isfile(os.path.join(run, "checkpoints", "latest"))
+
+
+class SlowSampler(SamplerWorker):
+    """Slow enough that a kill lands while a batch is being made."""
+
+    def sample(self, req):
+        time.sleep(0.3)
+        return super().sample(req)
+
+
+def test_a_killed_sampler_is_restarted_and_the_run_finishes(tiny_llama, tmp_path):
+    import ray
+
+    run = str(tmp_path / "run")
+    killed, errors = threading.Event(), []
+
+    def killer():
+        path = os.path.join(run, "metrics.jsonl")
+        deadline = time.time() + 300
+        try:
+            while time.time() < deadline:
+                if os.path.exists(path) and len(open(path).readlines()) >= 2:
+                    ray.kill(ray.get_actor("sampler-0"), no_restart=False)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(repr(e))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    cfg = ray_cfg(tiny_llama, run, "samplers.num_actors=2", "learner.steps=12", "runtime.max_staleness=100")
+    c = train(cfg, run, worker_cls=SlowSampler)
+    thread.join()
+    assert killed.is_set(), errors
+    assert c.learner.step == 12
+    rs = records(run)
+    assert [r["step"] for r in rs] == list(range(1, 13))
+    assert rs[-1]["actor_failures_total"] >= 1 and rs[-1]["batches_dropped_failed_total"] >= 1
+
+
+class BrokenSampler(SamplerWorker):
+    def sample(self, req):
+        raise ValueError("engine exploded")
+
+
+class UnbuildableSampler(SamplerWorker):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("no such device")
+
+
+def test_an_actor_error_names_the_actor(tiny_llama, tmp_path):
+    from learner.distributed import ActorFailed
+
+    run = str(tmp_path / "run")
+    with pytest.raises(ActorFailed, match=r"^sampler-0 failed: ValueError: engine exploded$"):
+        train(ray_cfg(tiny_llama, run), run, worker_cls=BrokenSampler)
+    with pytest.raises(ActorFailed, match=r"^sampler-0 could not start: .*RuntimeError: no such device"):
+        train(ray_cfg(tiny_llama, run + "2"), run + "2", worker_cls=UnbuildableSampler)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` on 127.0.0.1 in its own temp dir; stopped by its PID only."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ["PATH"])
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="gfr-")  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or head.poll() is not None:
+                    pytest.fail("the Ray head did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
+                time.sleep(1)
+        yield url, env
+    finally:
+        # this head's own process group (its GCS, raylet, dashboard, workers), nothing else
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_entry_point(ray_head, tiny_llama, tmp_path):
+    url, env = ray_head
+    run = tmp_path / "job-run"
+    ov = tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=3"]
+    entry = ["gfnlm", "train", "configs/random_number.yaml"] + [x for o in ov for x in ("-o", o)]
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    out = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", REPO, "--no-wait", "--", *entry],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    deadline = time.time() + 300
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "the job did not finish in 300 s"
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert (run / "checkpoints" / "latest").exists()
+    assert "joined the Ray cluster" in logs
