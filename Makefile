@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	OMP_NUM_THREADS=2 $(VENV)/bin/gfnlm train configs/random_number.yaml
+	$(VENV)/bin/gfnlm train configs/random_number.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -42,6 +42,10 @@ def cmd_train(args) -> int:
     c = train(cfg, run_dir, resume=bool(args.resume))
     print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
     if cfg.run.evaluate_at_end:
+        if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
         evaluate(c.policy, c.task, c.sampler, cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr))
         print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
     return 0

@@ -45,6 +45,7 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
         "task.target": "{type: uniform, low: 0, high: 20}",
         "task.max_len": 2,
         "replay.capacity_per_prompt": 32,
+        "runtime.mode": "local",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -39,12 +39,15 @@ def records(run):
         return [json.loads(line) for line in f]
 
 
-def test_ray_run_with_two_samplers_takes_every_step(tiny_llama, tmp_path):
+def test_ray_run_with_two_samplers_takes_every_step_and_resumes(tiny_llama, tmp_path):
     run = str(tmp_path / "run")
-    c = train(ray_cfg(tiny_llama, run, "samplers.num_actors=2", "learner.steps=6", "runtime.max_staleness=1"), run)
+    train(ray_cfg(tiny_llama, run, "samplers.num_actors=2", "learner.steps=3", "runtime.max_staleness=1"), run)
+    # resume: the learner state and the replay actor's snapshot come back, the run goes on at step 4
+    c = train(ray_cfg(tiny_llama, run, "samplers.num_actors=2", "learner.steps=6", "runtime.max_staleness=1"), run, resume=True)
     assert c.learner.step == 6
     rs = records(run)
     assert [r["step"] for r in rs] == [1, 2, 3, 4, 5, 6]
+    assert rs[3]["replay_size"] >= rs[2]["replay_size"]
     assert all(r["staleness"] <= 1 for r in rs)
     assert rs[-1]["broadcast_bytes"] > 0 and rs[-1]["replay_size"] > 0
     assert os.path.isfile(os.path.join(run, "checkpoints", "latest"))
@@ -156,7 +159,8 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_entry_point(ray_head, tiny_llama, tmp_path):
     url, env = ray_head
     run = tmp_path / "job-run"
-    ov = tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=3"]
+    # with a stand-alone reward actor this time
+    ov = tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=3", "reward.colocate=false"]
     entry = ["gfnlm", "train", "configs/random_number.yaml"] + [x for o in ov for x in ("-o", o)]
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     out = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", REPO, "--no-wait", "--", *entry],
