@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -39,7 +40,7 @@ def ray_session(cfg, log=print):
     # A private Ray, on loopback, in its own temp dir. Token auth would be switched on by the first
     # ray.init and then break `ray job submit`; a private loopback Ray needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    temp = rt.temp_dir or tempfile.mkdtemp(prefix="gfnlm-ray-")
+    temp = rt.temp_dir or tempfile.mkdtemp(prefix="gfnlm-ray-")  # short: socket paths must fit 107 bytes
     cpus = max(float(os.cpu_count() or 1), required_cpus(cfg) + 1)
     ray.init(
         address="local",  # never attach to some other Ray running on this machine
@@ -56,6 +57,8 @@ def ray_session(cfg, log=print):
         yield
     finally:
         ray.shutdown()  # stops the Ray this process started, nothing else
+        if not rt.temp_dir:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def resource_shortfall(cfg, available: dict) -> str | None:
