@@ -70,12 +70,10 @@ class SamplerWorker:
         return time.perf_counter() - t0
 
     def sample(self, req: SampleRequest) -> SampledBatch:
-        task, t0 = self.task, time.perf_counter()
-        prompt = task.prompt_ids[req.prompt_id]
-        trajs = self.engine.generate(req.prompt_id, prompt, req.n_on_policy, 1.0, task.min_len, task.max_len, task.end_ids)
-        if req.temperatures:
-            trajs += self.engine.generate(req.prompt_id, prompt, len(req.temperatures), req.temperatures,
-                                          task.min_len, task.max_len, task.end_ids, source="tempered")
+        from learner.loop import sample_fresh
+
+        t0 = time.perf_counter()
+        trajs = sample_fresh(self.engine, self.task, req.prompt_id, req.n_on_policy, req.temperatures)
         batch = SampledBatch(trajs, self.engine.version, self.name, sample_seconds=time.perf_counter() - t0)
         return self.scorer.score(batch) if self.score_here else batch
 

@@ -62,14 +62,27 @@ def new_replay(cfg: Config) -> Replay:
     return Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
 
 
-def build(cfg: Config) -> Components:
+def build(cfg: Config, with_replay: bool = True) -> Components:
+    """The learner's pieces; the Ray driver keeps its buffer in an actor instead (with_replay=False)."""
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)
     task = make_task(cfg.task, policy.tokenizer)
     sampler = TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed)
-    replay = new_replay(cfg)
-    seed_replay(replay, cfg, task)
+    replay = None
+    if with_replay:
+        replay = new_replay(cfg)
+        seed_replay(replay, cfg, task)
     return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner))
+
+
+def sample_fresh(engine, task, prompt_id: int, n_on_policy: int, temperatures: list[float]) -> list[Trajectory]:
+    """n_on_policy samples at T = 1, then one sample per tempered temperature."""
+    prompt = task.prompt_ids[prompt_id]
+    fresh = engine.generate(prompt_id, prompt, n_on_policy, 1.0, task.min_len, task.max_len, task.end_ids)
+    if temperatures:
+        fresh += engine.generate(prompt_id, prompt, len(temperatures), temperatures, task.min_len, task.max_len,
+                                 task.end_ids, source="tempered")
+    return fresh
 
 
 def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
@@ -79,14 +92,10 @@ def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> li
 
 def collect(c: Components, prompt_id: int, temperature: float) -> tuple[list[Trajectory], list[Trajectory]]:
     """One micro-batch in this process: (fresh samples, the whole mixed batch)."""
-    task = c.task
     n_on, n_temp, n_rep = batch_counts(c.cfg.batch, c.replay.size(prompt_id))
-    prompt = task.prompt_ids[prompt_id]
-    fresh = c.sampler.generate(prompt_id, prompt, n_on, 1.0, task.min_len, task.max_len, task.end_ids)
-    if n_temp:
-        temps = tempered_temperatures(c.cfg, n_temp, c.sampler.generator)
-        fresh += c.sampler.generate(prompt_id, prompt, n_temp, temps, task.min_len, task.max_len, task.end_ids, source="tempered")
-    task.score(fresh)
+    temps = tempered_temperatures(c.cfg, n_temp, c.sampler.generator) if n_temp else []
+    fresh = sample_fresh(c.sampler, c.task, prompt_id, n_on, temps)
+    c.task.score(fresh)
     c.replay.add(fresh)
     return fresh, fresh + c.replay.sample(prompt_id, n_rep, temperature)
 

@@ -129,7 +129,11 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats",
+         # free ports for the head's agents too: another Ray on the machine may hold the defaults
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
@@ -163,8 +167,13 @@ def test_ray_job_submit_runs_the_entry_point(ray_head, tiny_llama, tmp_path):
     ov = tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=3", "reward.colocate=false"]
     entry = ["gfnlm", "train", "configs/random_number.yaml"] + [x for o in ov for x in ("-o", o)]
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    out = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", REPO, "--no-wait", "--", *entry],
-                         env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 120
+    while True:  # the head's job agent registers a little after its dashboard answers
+        out = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", REPO, "--no-wait", "--", *entry],
+                             env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)
     from ray.job_submission import JobStatus, JobSubmissionClient
