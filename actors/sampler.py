@@ -112,3 +112,13 @@ class TransformersSampler:
             )
             for i in range(n)
         ]
+
+
+def sample_fresh(engine, task, prompt_id: int, n_on_policy: int, temperatures: list[float]) -> list[Trajectory]:
+    """n_on_policy samples at T = 1, then one sample per tempered temperature."""
+    prompt = task.prompt_ids[prompt_id]
+    fresh = engine.generate(prompt_id, prompt, n_on_policy, 1.0, task.min_len, task.max_len, task.end_ids)
+    if temperatures:
+        fresh += engine.generate(prompt_id, prompt, len(temperatures), temperatures, task.min_len, task.max_len,
+                                 task.end_ids, source="tempered")
+    return fresh

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import max_rss_bytes
+from .sampler import sample_fresh
 
 from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (re-exported)
 
@@ -70,8 +71,6 @@ class SamplerWorker:
         return time.perf_counter() - t0
 
     def sample(self, req: SampleRequest) -> SampledBatch:
-        from learner.loop import sample_fresh
-
         t0 = time.perf_counter()
         trajs = sample_fresh(self.engine, self.task, req.prompt_id, req.n_on_policy, req.temperatures)
         batch = SampledBatch(trajs, self.engine.version, self.name, sample_seconds=time.perf_counter() - t0)

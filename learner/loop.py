@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from actors.replay import Replay
-from actors.sampler import TransformersSampler
+from actors.sampler import TransformersSampler, sample_fresh
 from actors.trajectory import Trajectory
 from configs import Config, dump_config
 from rewards import make_task
@@ -73,16 +73,6 @@ def build(cfg: Config, with_replay: bool = True) -> Components:
         replay = new_replay(cfg)
         seed_replay(replay, cfg, task)
     return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner))
-
-
-def sample_fresh(engine, task, prompt_id: int, n_on_policy: int, temperatures: list[float]) -> list[Trajectory]:
-    """n_on_policy samples at T = 1, then one sample per tempered temperature."""
-    prompt = task.prompt_ids[prompt_id]
-    fresh = engine.generate(prompt_id, prompt, n_on_policy, 1.0, task.min_len, task.max_len, task.end_ids)
-    if temperatures:
-        fresh += engine.generate(prompt_id, prompt, len(temperatures), temperatures, task.min_len, task.max_len,
-                                 task.end_ids, source="tempered")
-    return fresh
 
 
 def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:

@@ -137,7 +137,7 @@ def test_no_pairs_gives_zero_not_nan():
 def test_lambda_zero_is_detailed_balance():
     log_pf, log_pterm, log_r, lengths = random_batch(B=4, T=6, seed=5, dtype=torch.float64)
     F = log_r - log_pterm
-    terms, count = [], 0
+    terms = []
     for b, n in enumerate(lengths.tolist()):
         for k in range(n):
             terms.append((F[b, k] + log_pf[b, k] - F[b, k + 1]) ** 2)

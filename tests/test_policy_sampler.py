@@ -10,7 +10,7 @@ from actors.reward_model import RewardModel
 from actors.sampler import TransformersSampler
 from actors.trajectory import Trajectory
 from configs.schema import LoraConfig, ModelConfig
-from learner.policy import Policy, sequence_logprobs
+from learner.policy import Policy
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS
 
