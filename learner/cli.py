@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     run_dir = _run_dir(cfg, args.resume)
     from learner.evaluate import evaluate
-    from learner.loop import train
+    from learner.loop import eval_sampler, train
 
     c = train(cfg, run_dir, resume=bool(args.resume))
     print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
             import torch
 
             torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
-        evaluate(c.policy, c.task, c.sampler, cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr))
+        evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr))
         print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
     return 0
 
@@ -65,7 +65,7 @@ def cmd_eval(args) -> int:
         adapter = os.path.join(ckpt, "adapter")
     if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
         raise ConfigError(f"--adapter: {adapter} holds no adapter_model.safetensors (a peft adapter folder)")
-    c = build(cfg)
+    c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
     evaluate(c.policy, c.task, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))

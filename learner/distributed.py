@@ -40,7 +40,7 @@ def _cause(e: RayTaskError) -> str:
 class RayDriver:
     def __init__(self, cfg, log=print, worker_cls=SamplerWorker):
         self.cfg, self.log = cfg, log
-        self.c = build(cfg, with_replay=False)  # the learner's policy, task and optimizer; the buffer is an actor
+        self.c = build(cfg, with_replay=False, engine=False)  # the learner's policy, task and optimizer; the buffer is an actor
         s, r = cfg.samplers, cfg.reward
         self.replay = ray.remote(Replay).options(name="replay", num_cpus=0).remote(
             cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, cfg.learner.seed)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from actors.replay import Replay
+from actors.engines import make_sampler
 from actors.sampler import TransformersSampler, sample_fresh
 from actors.trajectory import Trajectory
 from configs import Config, dump_config
@@ -38,7 +39,8 @@ class Components:
     cfg: Config
     policy: Policy
     task: object
-    sampler: TransformersSampler
+    sampler: object
+    """The engine (`actors.sampler.SamplerEngine`)."""
     replay: Replay
     learner: Learner
 
@@ -62,12 +64,17 @@ def new_replay(cfg: Config) -> Replay:
     return Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
 
 
-def build(cfg: Config, with_replay: bool = True) -> Components:
-    """The learner's pieces; the Ray driver keeps its buffer in an actor instead (with_replay=False)."""
+def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Components:
+    """The learner's pieces; the Ray driver keeps its buffer in an actor instead (with_replay=False).
+    With engine=False (the Ray driver, `gfnlm eval`) the sampler is the transformers engine on the
+    learner's own model, whatever `sampler.engine` says: it only serves evaluation."""
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)
     task = make_task(cfg.task, policy.tokenizer)
-    sampler = TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed)
+    if engine:
+        sampler = make_sampler(cfg, task, policy.tokenizer, seed=cfg.learner.seed, policy=policy)
+    else:
+        sampler = TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed)
     replay = None
     if with_replay:
         replay = new_replay(cfg)
@@ -104,7 +111,7 @@ class LocalDriver:
         c = self.c
         rounds = [collect(c, prompt_id, temperature) for _ in range(c.cfg.learner.grad_accum)]
         out = c.learner.update([b for _, b in rounds], c.task.prompt_ids, c.task.end_ids, temperature)
-        c.sampler.load_weights(None, c.learner.step)  # shares the model: nothing to send
+        publish(c)
         return [t for f, _ in rounds for t in f], out
 
     def replay_state(self) -> dict:
@@ -133,7 +140,22 @@ def restore(driver, ckpt_dir: str) -> None:
     c.learner.load_state_dict(extra["learner"])
     driver.load_replay_state(extra["replay"])
     set_rng_state(extra["rng"], c.sampler.generator)
-    c.sampler.load_weights(None, c.learner.step)
+    publish(c)
+
+
+def eval_sampler(c: Components):
+    """Evaluation samples with the transformers engine on the learner's model (it can switch the
+    adapter off for the base model's figures)."""
+    if getattr(c.sampler, "model", None) is c.policy.model:
+        return c.sampler
+    return TransformersSampler(c.policy.model, c.policy.device, seed=c.cfg.learner.seed)
+
+
+def publish(c: Components) -> None:
+    """Hand the learner's current weights to the in-process engine (the transformers engine
+    samples from the learner's own model, so it only takes the version number)."""
+    shares = getattr(c.sampler, "model", None) is c.policy.model
+    c.sampler.load_weights(None if shares else c.policy.adapter_state(), c.learner.step)
 
 
 class RunningStats:

@@ -20,15 +20,16 @@ def build_tokenizer(folder: str):
     return tok
 
 
-def build_model(folder: str, kind: str, seed: int = 0):
+def build_model(folder: str, kind: str, seed: int = 0, hidden: int = 32, heads: int = 4):
+    """A tiny random model. vLLM's CPU attention needs head_dim = hidden / heads >= 32."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(folder)
     torch.manual_seed(seed)
     vocab = len(tok)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(cfg)
     else:

@@ -1,0 +1,49 @@
+"""Which engine samples: `sampler.engine` = transformers | vllm | auto, and building it."""
+
+from __future__ import annotations
+
+from .tools import ToolRunner, make_tools
+
+
+def resolve_engine(name: str) -> str:
+    """'auto' takes vLLM where a GPU is visible and vLLM imports; else transformers, which is the
+    faster engine on CPU (see README, "Sampler engines")."""
+    if name != "auto":
+        return name
+    import torch
+
+    from .vllm_engine import vllm_available
+
+    return "vllm" if torch.cuda.is_available() and vllm_available() is None else "transformers"
+
+
+def max_model_len(cfg, task) -> int:
+    longest_prompt = max(len(p) for p in task.prompt_ids)
+    return cfg.sampler.vllm.max_model_len or longest_prompt + task.max_len + 16
+
+
+def make_sampler(cfg, task, tokenizer, seed: int, policy=None):
+    """The configured engine. With `policy` the transformers engine samples from that very model
+    (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
+    engine = resolve_engine(cfg.sampler.engine)
+    tools = ToolRunner.for_tokenizer(make_tools(cfg.sampler.tools), tokenizer) if cfg.sampler.tools else None
+    if engine == "transformers":
+        from .sampler import TransformersSampler
+
+        if policy is None:
+            from learner.policy import Policy
+
+            policy = Policy(cfg.model, cfg.lora)
+        sampler = TransformersSampler(policy.model, policy.device, seed=seed, tools=tools)
+        return sampler
+    from learner.models import resolve_model_path
+
+    from .vllm_engine import VLLMSampler, build_llm, peft_config_dict, vllm_available
+
+    why = vllm_available()
+    if why:
+        raise RuntimeError(f"sampler.engine=vllm: {why}")
+    path = resolve_model_path(cfg.model.path)
+    llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len(cfg, task), seed,
+                    max_lora_rank=cfg.vllm_lora_rank())
+    return VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=seed, tools=tools)

