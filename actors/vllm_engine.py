@@ -4,16 +4,17 @@
 version is written as a peft adapter folder and served under a NEW `lora_int_id` (vLLM keys its
 adapter cache by id, so a reused id would keep serving the old weights); the previous version is
 removed once the call that used it has returned. Log-probs are vLLM's *processed* log-probs: those
-of the distribution actually sampled (after temperature and the min-tokens mask), like the
-transformers engine's.
+of the distribution actually sampled (after temperature and the end-token mask before
+min_new_tokens), like the transformers engine's.
 
 `VLLMRewardModel` scores every prefix of given trajectories with `prompt_logprobs` in one
-`generate` call (the frozen base model: no LoRA request).
+`generate` call, on an engine of its own built with enable_lora=False (the reward is the frozen
+base model; and vLLM 0.32's CPU LoRA logits path breaks on prompt_logprobs).
 
 Tools: a sample stops at a trigger (a stop string); the tool's tokens are appended and the sample
-resumes as a new request whose prompt holds everything so far. vLLM does not check stop strings
-during `min_tokens`, so each output is also scanned for the first trigger and cut there: a prefix
-of an autoregressive sample is a sample of that prefix, so the cut is exact.
+resumes as a new request whose prompt holds everything so far. Each output is also scanned for
+the first trigger and cut there (a stop string can end inside a token): a prefix of an
+autoregressive sample is a sample of that prefix, so the cut is exact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import itertools
 
 from .tools import ToolRunner
 from .trajectory import Trajectory
@@ -125,6 +128,11 @@ class _Row:
     done: bool = False
 
 
+_LORA_IDS = itertools.count(1)
+"""lora_int_id of every adapter this process hands to vLLM: one counter for the process, so that
+two samplers on one engine never reuse an id either (vLLM would silently serve the old weights)."""
+
+
 class VLLMSampler:
     """The sampler interface on vLLM, with LoRA versions."""
 
@@ -138,9 +146,9 @@ class VLLMSampler:
         self.tools = tools
         self.version = 0
         self.lora = None
-        self._next_lora_id = 1
         self._dir = tempfile.mkdtemp(prefix="gfnlm-lora-")
         self.last_swap_seconds = 0.0
+        self._allowed, self._allowed_key = [], None
 
     # ---- LoRA versions
     def load_weights(self, state, version: int) -> None:
@@ -149,9 +157,9 @@ class VLLMSampler:
         from vllm.lora.request import LoRARequest
 
         t0 = time.perf_counter()
-        folder = write_adapter(state, self.peft_config, os.path.join(self._dir, f"v{version}-{self._next_lora_id}"))
-        new = LoRARequest(f"gfnlm-v{version}", self._next_lora_id, folder)
-        self._next_lora_id += 1
+        lora_id = next(_LORA_IDS)
+        folder = write_adapter(state, self.peft_config, os.path.join(self._dir, f"v{version}-{lora_id}"))
+        new = LoRARequest(f"gfnlm-v{version}-{lora_id}", lora_id, folder)
         self.llm.llm_engine.add_lora(new)
         old, self.lora, self.version = self.lora, new, version
         if old is not None:  # no request holds it: generate() is synchronous
@@ -171,25 +179,37 @@ class VLLMSampler:
 
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
 
-    def _params(self, n: int, temperature: float, min_tokens: int, max_tokens: int, end_ids: list[int]):
+    def _not_end(self, end_ids: list[int]) -> list[int]:
+        key = tuple(end_ids)
+        if self._allowed_key != key:
+            vocab = self.llm.llm_engine.model_config.get_vocab_size()
+            self._allowed, self._allowed_key = [i for i in range(vocab) if i not in set(end_ids)], key
+        return self._allowed
+
+    def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int]):
+        """Parameters of the next request for samples that hold `done` tokens. Before min_new the
+        end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
+        shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
+        (tool triggers) are checked from the first token."""
         from vllm import SamplingParams
 
         stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
-        return SamplingParams(
-            n=n, temperature=temperature, min_tokens=min_tokens, max_tokens=max_tokens,
-            stop_token_ids=list(end_ids), ignore_eos=True, logprobs=0, seed=self._seed(),
-            stop=stop, include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False,
-        )
+        common = dict(n=n, temperature=temperature, ignore_eos=True, logprobs=0, seed=self._seed(), stop=stop,
+                      include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False)
+        if done < min_new:
+            return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._not_end(end_ids), **common)
+        return SamplingParams(max_tokens=max_new - done, stop_token_ids=list(end_ids), **common)
 
     def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
         rows = [_Row(t) for t in temps]
-        # first round: one request per distinct temperature, n samples each (the prompt is shared)
+        # first round: one request per distinct temperature, n samples each (the prompt is shared);
+        # a sample that pauses (min-tokens boundary, tool call) resumes as a request of its own
         groups: dict[float, list[int]] = {}
         for i, t in enumerate(temps):
             groups.setdefault(t, []).append(i)
-        requests = [(list(prompt_ids), self._params(len(idx), t, min_new_tokens, max_new_tokens, end_ids), idx)
+        requests = [(list(prompt_ids), self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids), idx)
                     for t, idx in groups.items()]
         end = set(end_ids)
         while requests:
@@ -198,12 +218,11 @@ class VLLMSampler:
             follow = []
             for out, (_, _, idx) in zip(outs, requests):
                 for completion, i in zip(out.outputs, idx):
-                    self._absorb(rows[i], completion, end, max_new_tokens)
-                    if not rows[i].done:
-                        r = rows[i]
-                        follow.append((list(prompt_ids) + r.tokens,
-                                       self._params(1, r.temperature, max(0, min_new_tokens - len(r.tokens)),
-                                                    max_new_tokens - len(r.tokens), end_ids), [i]))
+                    r = rows[i]
+                    self._absorb(r, completion, end, max_new_tokens)
+                    if not r.done:
+                        follow.append((list(prompt_ids) + r.tokens, self._params(
+                            1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids), [i]))
             requests = follow
         return [Trajectory(prompt_id=prompt_id, tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,
@@ -234,8 +253,8 @@ class VLLMSampler:
         row.tokens += toks
         row.logprobs += lps
         row.tool += [False] * len(toks)
-        # stopped on a trigger string that did not end a token: nothing fired, carry on sampling
-        row.done = terminated or completion.finish_reason != "stop" or len(row.tokens) >= max_new
+        # otherwise: the min-tokens boundary, or a trigger string that did not end a token: carry on
+        row.done = terminated or len(row.tokens) >= max_new
 
 
 class VLLMRewardModel:

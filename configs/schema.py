@@ -191,7 +191,7 @@ class VLLMConfig(Section):
     in_process: bool = True
     """Run the engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
 
-    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    cpu_kv_cache_gb: int = Field(1, ge=1)
     """CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)."""
 
     cpu_threads: int = Field(1, ge=1)

@@ -49,3 +49,9 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_vllm(tmp_path_factory) -> str:
+    """A tiny Llama whose head_dim (32) vLLM's CPU attention supports."""
+    return build_model(str(tmp_path_factory.mktemp("tiny-llama-vllm")), "llama", hidden=64, heads=2)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 from pydantic import BaseModel
@@ -93,3 +94,21 @@ def test_bad_files_and_override_syntax(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["learner.lr"])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["sampler.engine=vllm", "sampler.vllm.max_lora_rank=8"], "max_lora_rank (8) is smaller than lora.r (16)"),
+    (["sampler.vllm.max_lora_rank=12"], "must be one of 1, 8, 16"),
+    (["sampler.vllm.max_loras=0"], "sampler.vllm.max_loras"),
+    (["sampler.engine=tensorrt"], "sampler.engine"),
+    (["sampler.tools=[{kind: calculator, format: 'no slot'}]"], "must contain '{}'"),
+])
+def test_engine_settings_are_checked_before_anything_starts(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("random_number.yaml", override)
+
+
+def test_vllm_rank_defaults_to_the_smallest_that_holds_the_adapter():
+    assert load_config("random_number.yaml", ["lora.r=4"]).vllm_lora_rank() == 8
+    assert load_config("random_number.yaml", ["lora.r=16"]).vllm_lora_rank() == 16
+    assert load_config("random_number.yaml", ["lora.r=16", "sampler.vllm.max_lora_rank=64"]).vllm_lora_rank() == 64

@@ -1,0 +1,271 @@
+"""The sampler contract, run against both engines (the vLLM ones skip where vLLM is absent).
+
+Each engine's behaviour log-probs must be the learner's teacher-forced log-probs of the same model
+and adapter; a LoRA swap must serve the new weights under a new id; tool insertions appear in the
+text, carry no log-prob and are masked in the loss; prefix scoring on vLLM equals the
+transformers forward pass.
+"""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from actors.reward_model import RewardModel
+from actors.sampler import TransformersSampler
+from actors.tools import ToolRunner
+from actors.trajectory import Trajectory
+from actors.vllm_engine import vllm_available
+from configs.schema import LoraConfig, ModelConfig
+from learner.objectives import subtb_loss
+from learner.policy import Policy
+from conftest import LLAMA_TARGETS, tiny_overrides
+
+VLLM_MISSING = vllm_available()
+ENGINES = ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm,
+                                                        pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))])]
+PROMPT = "The number is "
+
+
+def make_policy(model_dir: str, seed: int) -> Policy:
+    policy = Policy(ModelConfig(path=model_dir), LoraConfig(r=8, alpha=16, target_modules=LLAMA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in policy.model.named_parameters():
+        if "lora_" in name:  # a visible adapter: B = 0 would make it the base model
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    return policy
+
+
+class Echo:
+    """A test tool that fires often on a random model: any lower-case vowel inserts '[v]'."""
+
+    def __init__(self, trigger: str):
+        self.trigger = trigger
+
+    def __call__(self, text: str) -> str:
+        return "[v]"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_vllm):
+    if VLLM_MISSING:
+        pytest.skip(VLLM_MISSING)
+    from actors.vllm_engine import build_llm
+    from configs.schema import VLLMConfig
+
+    llm = build_llm(tiny_llama_vllm, VLLMConfig(), "float32", max_model_len=128, seed=0, max_lora_rank=8)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def reward_llm(tiny_llama_vllm):
+    """The frozen reward model's engine: no LoRA (vLLM 0.32 fails prompt_logprobs with LoRA on)."""
+    if VLLM_MISSING:
+        pytest.skip(VLLM_MISSING)
+    from actors.vllm_engine import build_llm
+    from configs.schema import VLLMConfig
+
+    yield build_llm(tiny_llama_vllm, VLLMConfig(), "float32", max_model_len=128, seed=0, enable_lora=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_vllm):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_vllm)
+    return tok, tok.encode(PROMPT, add_special_tokens=False), [tok.convert_tokens_to_ids(".")]
+
+
+def engine_for(kind, policy, request, tools=None, seed=0):
+    if kind == "transformers":
+        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools)
+    from actors.vllm_engine import VLLMSampler, peft_config_dict
+
+    engine = VLLMSampler(request.getfixturevalue("llm"), peft_config_dict("tiny", LoraConfig(r=8, alpha=16, target_modules=LLAMA_TARGETS)),
+                         seed=seed, tools=tools)
+    engine.load_weights(policy.adapter_state(), 1)
+    request.addfinalizer(engine.close)
+    return engine
+
+
+def teacher_forced(policy, prompt, trajs, end_ids):
+    with torch.no_grad():
+        log_pf, log_pterm, lengths, tool = policy.logprobs(prompt, trajs, end_ids)
+    return log_pf, log_pterm
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_logprobs_are_the_teacher_forced_logprobs(kind, tiny_llama_vllm, setup, request):
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=1)
+    engine = engine_for(kind, policy, request)
+    trajs = engine.generate(0, prompt, 12, 1.0, 0, 8, end)
+    assert len(trajs) == 12 and all(t.version == engine.version for t in trajs)
+    assert all(len(t.logprobs) == t.length <= 8 for t in trajs)
+    log_pf, log_pterm = teacher_forced(policy, prompt, trajs, end)
+    for b, t in enumerate(trajs):
+        ref = log_pf[b, : t.length]
+        assert torch.allclose(torch.tensor(t.logprobs), ref, atol=1e-3), (t.logprobs, ref)
+        # the sequence log-prob is the sum of the per-token ones (and ⊤'s, when sampled)
+        seq = sum(t.logprobs) + (t.end_logprob or 0.0)
+        ref_seq = float(ref.sum() + (log_pterm[b, t.length] if t.terminated else 0.0))
+        assert seq == pytest.approx(ref_seq, abs=1e-3 * (t.length + 1))
+        assert t.terminated == (t.end_logprob is not None)
+    assert any(t.terminated for t in trajs) or all(t.length == 8 for t in trajs)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_temperature_min_and_max_tokens(kind, tiny_llama_vllm, setup, request):
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=2)
+    engine = engine_for(kind, policy, request)
+    temps = [0.5, 2.0, 2.0, 0.5]
+    trajs = engine.generate(0, prompt, 4, temps, 3, 6, end, source="tempered")
+    assert [t.temperature for t in trajs] == temps and {t.source for t in trajs} == {"tempered"}
+    assert all(3 <= t.length <= 6 and (t.terminated or t.length == 6) for t in trajs)
+    # behaviour log-probs are those of the tempered distribution actually sampled
+    with torch.no_grad():
+        for t in trajs:
+            ids = torch.tensor([prompt + t.tokens])
+            logits = policy.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            logits[:3, end] = -float("inf")  # the min-tokens mask
+            lp = torch.log_softmax(logits / t.temperature, -1).gather(1, torch.tensor(t.tokens)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(t.logprobs), lp, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_seeded_engines_repeat_themselves(kind, tiny_llama_vllm, setup, request):
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=3)
+    a = engine_for(kind, policy, request, seed=7).generate(0, prompt, 6, 1.0, 0, 6, end)
+    b = engine_for(kind, policy, request, seed=7).generate(0, prompt, 6, 1.0, 0, 6, end)
+    assert [t.tokens for t in a] == [t.tokens for t in b]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
+def test_lora_swap_serves_the_new_adapter_under_a_new_id(tiny_llama_vllm, setup, request):
+    tok, prompt, end = setup
+    first, second = make_policy(tiny_llama_vllm, seed=4), make_policy(tiny_llama_vllm, seed=5)
+    engine = engine_for("vllm", first, request)
+    old_id = engine.lora.lora_int_id
+    engine.load_weights(second.adapter_state(), 2)
+    assert engine.version == 2 and engine.lora.lora_int_id != old_id
+    assert engine.loaded_lora_ids() == {engine.lora.lora_int_id}, "the old version is removed"
+    assert not os.path.exists(os.path.join(engine._dir, f"v1-{old_id}"))
+    trajs = engine.generate(0, prompt, 8, 1.0, 0, 6, end)
+    assert {t.version for t in trajs} == {2}
+    new_pf, _ = teacher_forced(second, prompt, trajs, end)
+    old_pf, _ = teacher_forced(first, prompt, trajs, end)
+    got = torch.cat([torch.tensor(t.logprobs) for t in trajs])
+    want_new = torch.cat([new_pf[b, : t.length] for b, t in enumerate(trajs)])
+    want_old = torch.cat([old_pf[b, : t.length] for b, t in enumerate(trajs)])
+    assert torch.allclose(got, want_new, atol=1e-3)
+    assert not torch.allclose(got, want_old, atol=1e-2), "the old weights must not be served"
+    # and back to the first adapter as version 3: a third id, the first adapter's log-probs
+    engine.load_weights(first.adapter_state(), 3)
+    trajs = engine.generate(0, prompt, 8, 1.0, 0, 6, end)
+    pf, _ = teacher_forced(first, prompt, trajs, end)
+    assert torch.allclose(torch.cat([torch.tensor(t.logprobs) for t in trajs]),
+                          torch.cat([pf[b, : t.length] for b, t in enumerate(trajs)]), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_tool_insertions_are_environment_tokens(kind, tiny_llama_vllm, setup, request):
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=6)
+    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"], tok)
+    insert = tok.encode("[v]", add_special_tokens=False)
+    engine = engine_for(kind, policy, request, tools=runner)
+    trajs = engine.generate(0, prompt, 16, 1.0, 2, 14, end)
+    with_tool = [t for t in trajs if t.tool_mask]
+    assert len(with_tool) >= 8, "letters are a third of the vocabulary: most samples call the tool"
+    for t in with_tool:
+        assert len(t.tool_mask) == t.length == len(t.logprobs)
+        for k, (m, lp) in enumerate(zip(t.tool_mask, t.logprobs)):
+            if m:
+                assert lp == 0.0
+        # every sampled letter is followed by the insertion (cut only by max length)
+        for k, tk in enumerate(t.tokens):
+            if not t.tool_mask[k] and tok.decode([tk]).isalpha() and tok.decode([tk]).isascii():
+                follow = t.tokens[k + 1 : k + 1 + len(insert)]
+                assert follow == insert[: len(follow)] and all(t.tool_mask[k + 1 : k + 1 + len(follow)])
+        assert "[v]" in tok.decode(t.tokens)
+    # sampled tokens still follow the policy, conditioned on the inserted text (past the first
+    # two, where the end token is masked by min_new_tokens)
+    log_pf, log_pterm = teacher_forced(policy, prompt, trajs, end)
+    for b, t in enumerate(trajs):
+        assert t.length >= 2
+        sampled = [k for k in range(2, t.length) if not (t.tool_mask and t.tool_mask[k])]
+        assert torch.allclose(torch.tensor([t.logprobs[k] for k in sampled]), log_pf[b, sampled], atol=1e-3)
+    # the loss ignores tool tokens: changing their log q changes neither value nor gradient
+    _, _, lengths, tool = policy.logprobs(prompt, trajs, end)
+    log_r = torch.zeros(log_pterm.shape)
+    pf = log_pf.clone().requires_grad_(True)
+    loss = subtb_loss(pf, log_pterm, log_r, lengths, tool_mask=tool)
+    loss.backward()
+    assert tool.any() and torch.all(pf.grad[tool] == 0)
+    noisy = torch.where(tool, log_pf + 5.0, log_pf)
+    assert subtb_loss(noisy, log_pterm, log_r, lengths, tool_mask=tool) == pytest.approx(float(loss.detach()))
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
+def test_vllm_prefix_scores_equal_the_transformers_forward(tiny_llama_vllm, setup, reward_llm):
+    from actors.vllm_engine import VLLMRewardModel
+
+    tok, prompt, end = setup
+    end2 = end + [tok.convert_tokens_to_ids("!")]
+    policy = make_policy(tiny_llama_vllm, seed=8)  # the reward is the frozen base: the adapter is off
+    trajs = [Trajectory(0, tok.encode(s, add_special_tokens=False)) for s in ["42", "7", "", "hello there"]]
+    trajs[3].tool_mask = [False, False, True, True, False, False, False, False, False, False, False]
+    ref = RewardModel(policy.model, tok.pad_token_id, temperature=2.0).prefix_log_likelihoods(prompt, trajs, end2)
+    got = VLLMRewardModel(reward_llm, temperature=2.0).prefix_log_likelihoods(prompt, trajs, end2)
+    for r, g, t in zip(ref, got, trajs):
+        assert len(g) == t.length + 1
+        assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-3)
+
+
+def vllm_overrides(model_dir, run_dir, **extra):
+    return tiny_overrides(model_dir, run_dir, **{"sampler.engine": "vllm", "lora.r": 8, "task.max_len": 3, **extra})
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
+def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_path):
+    from actors.vllm_engine import VLLMSampler
+    from configs import load_config
+    from learner.loop import train
+
+    cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run", **{"learner.steps": 4}))
+    c = train(cfg, str(tmp_path / "run"))
+    assert isinstance(c.sampler, VLLMSampler)
+    assert c.sampler.version == c.learner.step == 4
+    assert c.sampler.loaded_lora_ids() == {c.sampler.lora.lora_int_id}, "one adapter version loaded at a time"
+    import json
+
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in records)
+    # what the engine serves now is the learner's adapter: its log-probs are the learner's
+    prompt = c.task.prompt_ids[0]
+    trajs = c.sampler.generate(0, prompt, 6, 1.0, 0, 3, c.task.end_ids)
+    log_pf, _ = teacher_forced(c.policy, prompt, trajs, c.task.end_ids)
+    assert torch.allclose(torch.cat([torch.tensor(t.logprobs) for t in trajs]),
+                          torch.cat([log_pf[b, : t.length] for b, t in enumerate(trajs)]), atol=1e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
+def test_sampler_worker_on_vllm_tags_batches_with_the_version(tiny_llama_vllm, tmp_path):
+    from actors.workers import SampleRequest, SamplerWorker
+    from configs import load_config
+
+    cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run"))
+    worker = SamplerWorker(cfg, "sampler-0", seed=3)
+    policy = make_policy(tiny_llama_vllm, seed=9)
+    assert worker.set_weights(policy.adapter_state(), 5) >= 0 and worker.version == 5
+    batch = worker.sample(SampleRequest(prompt_id=0, n_on_policy=4, temperatures=[1.5, 2.0]))
+    assert batch.version == 5 and len(batch.trajectories) == 6
+    assert [t.source for t in batch.trajectories] == ["on_policy"] * 4 + ["tempered"] * 2
+    assert all(t.log_r is not None and len(t.log_r) == t.length + 1 for t in batch.trajectories)
