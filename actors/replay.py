@@ -26,7 +26,10 @@ def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 class Replay:
     """Keeps untempered per-prefix log R; the current reward temperature is applied on read."""
 
-    def __init__(self, capacity_per_prompt: int = 50, dedup_fraction: float = 0.25, sampling: str = "softmax", seed: int = 0):
+    def __init__(self, capacity_per_prompt: int = 50, dedup_fraction: float = 0.25, sampling: str = "softmax", seed: int = 0,
+                 metrics=None):
+        self.metrics = metrics
+        """Optional `cluster.metrics.Metrics`; the replay's figures go out labelled actor=replay."""
         self.capacity = capacity_per_prompt
         self.dedup_fraction = dedup_fraction
         self.sampling = sampling
@@ -63,6 +66,10 @@ class Replay:
             del buf[self.capacity :]
             kept += 1
         self.added += kept
+        if self.metrics is not None:
+            self.metrics.get("gfnlm_replay_offered_total", actor="replay").inc(len(trajectories))
+            self.metrics.get("gfnlm_replay_admitted_total", actor="replay").inc(kept)
+            self.metrics.get("gfnlm_replay_size", actor="replay").set(self.size())
         return kept
 
     def size(self, prompt_id: int | None = None) -> int:
@@ -72,6 +79,14 @@ class Replay:
 
     def sample(self, prompt_id: int, n: int, reward_temperature: float = 1.0) -> list[Trajectory]:
         """n trajectories (with replacement), uniformly or by softmax(log R / T)."""
+        out = self._sample(prompt_id, n, reward_temperature)
+        if self.metrics is not None and n > 0:
+            self.metrics.get("gfnlm_replay_requested_total", actor="replay").inc(n)
+            self.metrics.get("gfnlm_replay_served_total", actor="replay").inc(len(out))
+            self.metrics.get("gfnlm_replay_hit_rate", actor="replay").set(len(out) / n)
+        return out
+
+    def _sample(self, prompt_id: int, n: int, reward_temperature: float) -> list[Trajectory]:
         buf = self.buffers.get(prompt_id, [])
         if not buf or n <= 0:
             return []

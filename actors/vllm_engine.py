@@ -196,9 +196,10 @@ class VLLMSampler:
         stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
         common = dict(n=n, temperature=temperature, ignore_eos=True, logprobs=0, seed=self._seed(), stop=stop,
                       include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False)
-        if done < min_new:
+        if done < min_new and end_ids:
             return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._not_end(end_ids), **common)
-        return SamplingParams(max_tokens=max_new - done, stop_token_ids=list(end_ids), **common)
+        return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
+                              stop_token_ids=list(end_ids), **common)
 
     def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]

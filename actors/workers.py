@@ -14,14 +14,22 @@ import time
 import torch
 
 from . import max_rss_bytes
+from .replay import Replay
 from .sampler import sample_fresh
 from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (re-exported)
 
 
-class ScorerWorker:
-    """Rewards of every prefix for the configured task."""
+def _metrics(cfg, actor):
+    from cluster.metrics import for_process
 
-    def __init__(self, cfg, tokenizer=None):
+    return for_process(cfg, actor)
+
+
+class ScorerWorker:
+    """Rewards of every prefix for the configured task. As an actor of its own it serves its
+    metrics (actor=reward); inside a sampler it records into the sampler's."""
+
+    def __init__(self, cfg, tokenizer=None, metrics="reward"):
         from learner.models import resolve_model_path
         from rewards import make_task
 
@@ -30,12 +38,19 @@ class ScorerWorker:
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
         self.task = make_task(cfg.task, tokenizer)
+        self.metrics = _metrics(cfg, metrics) if isinstance(metrics, str) else metrics
 
     def score(self, batch: SampledBatch) -> SampledBatch:
         t0 = time.perf_counter()
         self.task.score(batch.trajectories)
-        batch.score_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        batch.score_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.get("gfnlm_score_seconds").observe(seconds)
         return batch
+
+    def metrics_endpoint(self) -> str | None:
+        return self.metrics.endpoint if self.metrics is not None else None
 
     def memory(self) -> int:
         return max_rss_bytes()
@@ -53,7 +68,8 @@ class SamplerWorker:
         torch.set_num_threads(max(1, threads))
         self.name = name
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        self.scorer = ScorerWorker(cfg, tokenizer)
+        self.metrics = _metrics(cfg, name)
+        self.scorer = ScorerWorker(cfg, tokenizer, metrics=self.metrics)
         self.task = self.scorer.task
         self.score_here = score
         self.engine = make_sampler(cfg, self.task, tokenizer, seed=seed)
@@ -68,13 +84,43 @@ class SamplerWorker:
         t0 = time.perf_counter()
         if version != self.engine.version:
             self.engine.load_weights(state, version)
+            if self.metrics is not None:
+                self.metrics.get("gfnlm_lora_swap_seconds").observe(time.perf_counter() - t0)
+                self.metrics.get("gfnlm_policy_version").set(version)
         return time.perf_counter() - t0
 
     def sample(self, req: SampleRequest) -> SampledBatch:
         t0 = time.perf_counter()
         trajs = sample_fresh(self.engine, self.task, req.prompt_id, req.n_on_policy, req.temperatures)
         batch = SampledBatch(trajs, self.engine.version, self.name, sample_seconds=time.perf_counter() - t0)
+        record_sampling(self.metrics, batch)
         return self.scorer.score(batch) if self.score_here else batch
+
+    def metrics_endpoint(self) -> str | None:
+        return self.metrics.endpoint if self.metrics is not None else None
 
     def memory(self) -> int:
         return max_rss_bytes()
+
+
+def record_sampling(metrics, batch: SampledBatch, actor: str | None = None) -> None:
+    """Sampler figures of one batch: trajectories by source, tokens, seconds, version."""
+    if metrics is None:
+        return
+    for source in {t.source for t in batch.trajectories}:
+        metrics.get("gfnlm_trajectories_sampled_total", actor=actor, source=source).inc(
+            sum(t.source == source for t in batch.trajectories))
+    metrics.get("gfnlm_tokens_sampled_total", actor=actor).inc(sum(t.length + t.terminated for t in batch.trajectories))
+    metrics.get("gfnlm_sample_seconds", actor=actor).observe(batch.sample_seconds)
+    metrics.get("gfnlm_policy_version", actor=actor).set(batch.version)
+
+
+class ReplayWorker(Replay):
+    """The replay buffer as an actor: serves its metrics (actor=replay)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling,
+                         cfg.learner.seed, metrics=_metrics(cfg, "replay"))
+
+    def metrics_endpoint(self) -> str | None:
+        return self.metrics.endpoint if self.metrics is not None else None

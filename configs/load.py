@@ -88,7 +88,21 @@ def read_yaml(path: str) -> dict:
             raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = tree.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected the file name of another preset")
+        here = os.path.join(os.path.dirname(path), base)
+        tree = _merge(read_yaml(here if os.path.isfile(here) else base), tree)
     return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a preset may name another as its `base`)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and "type" not in v else v
+    return out
 
 
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:

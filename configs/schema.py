@@ -325,6 +325,10 @@ class SamplersConfig(Section):
     in_flight: int = Field(1, ge=1)
     """Sample requests queued per sampler actor, so it never idles while the learner updates."""
 
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each sampler actor asks for, e.g. {gfnlm_sampler: 1} to place samplers
+    on the sampler worker group of cluster/k8s/raycluster.yaml."""
+
 
 class RewardActorConfig(Section):
     colocate: bool = True
@@ -338,6 +342,29 @@ class RewardActorConfig(Section):
 
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts the stand-alone reward actor."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources the stand-alone reward actor asks for, e.g. {gfnlm_reward: 1}."""
+
+
+class SubmitConfig(Section):
+    entrypoint_num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved for the job's driver (the learner) by `gfnlm submit`."""
+
+    entrypoint_num_gpus: float = Field(0.0, ge=0)
+    """GPUs reserved for the job's driver (the learner); Ray places the driver on a node that has them."""
+
+    entrypoint_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom resources of the driver, e.g. {gfnlm_learner: 1} for the learner worker group."""
+
+    pip: list[str] = Field(default_factory=list)
+    """Extra pip requirements installed into the job's runtime environment (empty: the image has them)."""
+
+    env_vars: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    """Environment variables of the job and its actors."""
+
+    excludes: list[str] = Field(default_factory=lambda: [".venv", "runs", ".git", "*.gguf", "__pycache__"])
+    """Paths of the working directory not uploaded with the job."""
 
 
 class RuntimeConfig(Section):
@@ -436,6 +463,25 @@ class RunConfig(Section):
     """Run the evaluation (see `eval`) when training ends."""
 
 
+class MetricsConfig(Section):
+    enabled: bool = True
+    """Serve Prometheus metrics (and /health) from the learner and every actor."""
+
+    host: str = "127.0.0.1"
+    """Address the endpoints bind: 127.0.0.1 keeps them on this machine; use 0.0.0.0 in a
+    cluster so Prometheus can scrape the pods."""
+
+    port: int = Field(9400, ge=0, le=65535)
+    """First port tried by each process (the next free one is taken when it is busy); 0 takes any
+    free port. The endpoints of a run are listed in its prometheus_targets.json."""
+
+    port_range: int = Field(64, ge=1)
+    """How many ports above `port` a process may try."""
+
+    job: str | None = None
+    """Value of the `job` label; unset takes the run folder's name."""
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     """The base language model."""
@@ -463,6 +509,10 @@ class Config(Section):
     """Sampler actors (Ray runtime)."""
     reward: RewardActorConfig = Field(default_factory=RewardActorConfig)
     """Where rewards are computed (Ray runtime)."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Prometheus endpoints of the learner and the actors."""
+    submit: SubmitConfig = Field(default_factory=SubmitConfig)
+    """How `gfnlm submit` hands the job to a Ray cluster."""
 
     @model_validator(mode="before")
     @classmethod

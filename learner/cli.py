@@ -82,7 +82,27 @@ def cmd_models(args) -> int:
 def cmd_bench(args) -> int:
     from learner import bench
 
+    if args.bench_command == "engines":
+        from learner import bench_engines
+
+        return bench_engines.main(args)
     return bench.orchestration(args) if args.bench_command == "orchestration" else bench.main(args)
+
+
+def cmd_submit(args) -> int:
+    from cluster.submit import SubmitError, submit, wait
+
+    try:
+        job_id = submit(args.config, args.address, args.override, args.working_dir, not args.no_resource_check,
+                        args.submission_id, log=print)
+    except SubmitError as e:
+        print(f"gfnlm: error: {e}", file=sys.stderr)
+        return 2
+    if args.wait:
+        status = wait(args.address, job_id)
+        print(f"gfnlm: {job_id} {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,6 +127,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where eval.json and eval.png go (default: beside the adapter)")
     e.set_defaults(func=cmd_eval)
 
+    sb = sub.add_parser("submit", help="validate a config, then submit it as a job to a Ray cluster")
+    add_config(sb, required=True)
+    sb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    sb.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: here); holds CONFIG")
+    sb.add_argument("--no-resource-check", action="store_true", help="submit even if the cluster is short now (autoscaling)")
+    sb.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    sb.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
+    sb.set_defaults(func=cmd_submit)
+
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into $GFNLM_HOME once")
@@ -125,6 +154,15 @@ def parser() -> argparse.ArgumentParser:
     bo.add_argument("--batch", type=int, default=16, help="trajectories per simulated batch")
     bo.add_argument("--steps", type=int, default=40, help="timed learner steps per sampler count (at least 4 × samplers)")
     bo.set_defaults(func=cmd_bench)
+    be = bsub.add_parser("engines", help="sampling tokens/s of hf generate, the transformers engine and vLLM, with LoRA")
+    add_config(be)
+    be.add_argument("--engines", nargs="+", default=["hf-generate", "transformers", "vllm"],
+                    choices=["hf-generate", "transformers", "vllm"], help="engines to measure")
+    be.add_argument("--tokens", type=int, default=5, help="new tokens per sample")
+    be.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of the transformers engines")
+    be.add_argument("--repeats", type=int, default=3, help="timed repeats per workload (best is kept)")
+    be.add_argument("--base-too", action="store_true", help="also time vLLM without a LoRA adapter")
+    be.set_defaults(func=cmd_bench)
     return p
 
 

@@ -15,9 +15,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors import max_rss_bytes
-from actors.replay import Replay
 from actors.trajectory import Trajectory
-from actors.workers import SampledBatch, SampleRequest, SamplerWorker, ScorerWorker
+from actors.workers import ReplayWorker, SampledBatch, SampleRequest, SamplerWorker, ScorerWorker
 
 from .loop import build, seed_replay, tempered_temperatures
 from .schedule import batch_counts
@@ -38,15 +37,16 @@ def _cause(e: RayTaskError) -> str:
 
 
 class RayDriver:
-    def __init__(self, cfg, log=print, worker_cls=SamplerWorker):
+    def __init__(self, cfg, log=print, worker_cls=SamplerWorker, metrics=None):
         self.cfg, self.log = cfg, log
+        self.metrics = metrics
         self.c = build(cfg, with_replay=False, engine=False)  # the learner's policy, task and optimizer; the buffer is an actor
         s, r = cfg.samplers, cfg.reward
-        self.replay = ray.remote(Replay).options(name="replay", num_cpus=0).remote(
-            cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, cfg.learner.seed)
+        self.replay = ray.remote(ReplayWorker).options(name="replay", num_cpus=0).remote(cfg)
         seed_replay(_Sync(self.replay), cfg, self.c.task)
         self.names = [f"sampler-{i}" for i in range(s.num_actors)]
-        options = dict(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=s.max_restarts, max_task_retries=0)
+        options = dict(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=s.max_restarts, max_task_retries=0,
+                       resources=dict(s.resources))
         if s.memory_mb:
             options["memory"] = s.memory_mb * 2**20
         self.samplers = [
@@ -57,8 +57,14 @@ class RayDriver:
         self.scorer = None
         if not r.colocate:
             self.scorer = ray.remote(ScorerWorker).options(
-                name="reward", num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0
-            ).remote(cfg)
+                name="reward", num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0,
+                resources=dict(r.resources)).remote(cfg)
+        if metrics is not None:  # every series the dashboard shows exists from the start, at 0
+            for name in self.names + ([] if r.colocate else ["reward"]):
+                metrics.get("gfnlm_actor_restarts_total", target=name)
+            for reason in ("stale", "actor_failed"):
+                metrics.get("gfnlm_batches_dropped_total", reason=reason)
+            metrics.get("gfnlm_errors_total", kind="ActorFailed")
         self.pending: dict = {}  # ObjectRef -> sampler index
         self.recovering: dict[int, tuple[float, float]] = {}  # sampler -> (retry time, back-off)
         self.retry_at: dict[int, float] = {}  # back-off of samplers retried but not yet healthy
@@ -78,6 +84,27 @@ class RayDriver:
             actor.set_weights.remote(*self.weights)
         self.counters["broadcast_bytes"] = sum(v.numel() * v.element_size() for v in state.values())
         self.counters["broadcast_seconds"] = time.perf_counter() - t0
+        self._metric("gfnlm_weight_broadcast_bytes_total", "inc", self.counters["broadcast_bytes"])
+        self._metric("gfnlm_weight_broadcast_seconds", "observe", self.counters["broadcast_seconds"])
+
+    def _metric(self, name: str, how: str, value: float = 1.0, **labels) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics.get(name, **labels), how)(value)
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """name -> host:port of every process's metrics endpoint (learner and actors)."""
+        if self.metrics is None:
+            return {}
+        actors = dict(zip(self.names, self.samplers), replay=self.replay)
+        if self.scorer is not None:
+            actors["reward"] = self.scorer
+        out = {"learner": self.metrics.endpoint}
+        for name, a in actors.items():
+            try:
+                out[name] = ray.get(a.metrics_endpoint.remote(), timeout=60)
+            except (RayActorError, RayTaskError):
+                self.log(f"gfnlm: {name} did not report its metrics endpoint")
+        return out
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -108,11 +135,13 @@ class RayDriver:
     def _failed(self, i: int) -> None:
         """Sampler i lost a batch (it died; Ray restarts it): drop and count, retry later."""
         self.counters["batches_dropped_failed_total"] += 1
+        self._metric("gfnlm_batches_dropped_total", "inc", reason="actor_failed")
         if i in self.recovering:
             return
         delay = min(2 * self.retry_at.pop(i, 0.25), 10.0)
         if delay <= 0.5:
             self.counters["actor_failures_total"] += 1
+            self._metric("gfnlm_actor_restarts_total", "inc", target=self.names[i])
             self.log(f"gfnlm: {self.names[i]} died; its batches in flight are dropped, Ray restarts it")
         # cancel what is still queued for it, then wait before sending more
         for ref, j in list(self.pending.items()):
@@ -150,14 +179,18 @@ class RayDriver:
             staleness = self.c.learner.step - batch.version
             if staleness > self.cfg.runtime.max_staleness:
                 self.counters["batches_dropped_stale_total"] += 1
+                self._metric("gfnlm_batches_dropped_total", "inc", reason="stale")
                 continue
             self.counters["staleness"] = staleness
+            self._metric("gfnlm_staleness_versions", "observe", staleness)
             if self.scorer is not None:
                 try:
                     batch = ray.get(self.scorer.score.remote(batch))
                 except RayActorError:
                     self.counters["actor_failures_total"] += 1
                     self.counters["batches_dropped_failed_total"] += 1
+                    self._metric("gfnlm_actor_restarts_total", "inc", target="reward")
+                    self._metric("gfnlm_batches_dropped_total", "inc", reason="actor_failed")
                     continue
                 except RayTaskError as e:
                     raise ActorFailed(f"reward failed: {_cause(e)}") from None
@@ -176,6 +209,7 @@ class RayDriver:
             fresh += b.trajectories
             mixed.append(b.trajectories + replayed)
         out = c.learner.update(mixed, c.task.prompt_ids, c.task.end_ids, temperature)
+        out["trained"] = sum(len(m) for m in mixed)
         if c.learner.step % cfg.runtime.publish_every == 0:
             self.publish()
         return fresh, out

@@ -24,6 +24,8 @@ import torch
 
 from actors.replay import Replay
 from actors.engines import make_sampler
+from actors.trajectory import SampledBatch
+from actors.workers import record_sampling
 from actors.sampler import TransformersSampler, sample_fresh
 from actors.trajectory import Trajectory
 from configs import Config, dump_config
@@ -100,18 +102,29 @@ def collect(c: Components, prompt_id: int, temperature: float) -> tuple[list[Tra
 class LocalDriver:
     """Every piece in this process."""
 
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, metrics=None):
         self.c = build(cfg)
         self.counters: dict[str, float] = {}
+        self.metrics = metrics
+        self.c.replay.metrics = metrics
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        return {"learner": self.metrics.endpoint} if self.metrics is not None else {}
 
     def start(self) -> None:
         pass
 
     def step(self, prompt_id: int, temperature: float) -> tuple[list[Trajectory], dict]:
         c = self.c
-        rounds = [collect(c, prompt_id, temperature) for _ in range(c.cfg.learner.grad_accum)]
+        rounds = []
+        for _ in range(c.cfg.learner.grad_accum):
+            t0 = time.perf_counter()
+            rounds.append(collect(c, prompt_id, temperature))
+            record_sampling(self.metrics, SampledBatch(rounds[-1][0], c.sampler.version, "learner",
+                                                       sample_seconds=time.perf_counter() - t0))
         out = c.learner.update([b for _, b in rounds], c.task.prompt_ids, c.task.end_ids, temperature)
         publish(c)
+        out["trained"] = sum(len(b) for _, b in rounds)
         return [t for f, _ in rounds for t in f], out
 
     def replay_state(self) -> dict:
@@ -178,22 +191,59 @@ class RunningStats:
         return sum(b[2] for b in self.batches) / secs if secs else 0.0
 
 
-def train(cfg: Config, run_dir: str, resume: bool = False, log=print, **driver_kw) -> Components:
+def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=None, **driver_kw) -> Components:
     """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir."""
-    if cfg.runtime.mode == "ray":
-        from .distributed import RayDriver
-        from .ray_session import ray_session
+    from cluster.metrics import for_process
 
-        with ray_session(cfg, log):
-            driver = RayDriver(cfg, log, **driver_kw)
-            try:
-                return run(driver, cfg, run_dir, resume, log)
-            finally:
-                driver.close()
-    return run(LocalDriver(cfg, log), cfg, run_dir, resume, log)
+    if cfg.metrics.job is None:
+        cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
+    metrics = for_process(cfg, "learner")
+    try:
+        if cfg.runtime.mode == "ray":
+            from .distributed import RayDriver
+            from .ray_session import ray_session
+
+            with ray_session(cfg, log):
+                driver = RayDriver(cfg, log, metrics=metrics, **driver_kw)
+                try:
+                    return run(driver, cfg, run_dir, resume, log, on_step)
+                finally:
+                    driver.close()
+        return run(LocalDriver(cfg, log, metrics=metrics), cfg, run_dir, resume, log, on_step)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
-def run(driver, cfg: Config, run_dir: str, resume: bool, log) -> Components:
+def write_targets(driver, run_dir: str, log) -> None:
+    """The run's metrics endpoints, for Prometheus (file_sd format) and for people."""
+    endpoints = driver.metrics_endpoints()
+    if not endpoints:
+        return
+    targets = [{"targets": [ep], "labels": {"gfnlm_process": name}} for name, ep in endpoints.items() if ep]
+    with open(os.path.join(run_dir, "prometheus_targets.json"), "w") as f:
+        json.dump(targets, f, indent=1)
+    log("gfnlm: metrics at " + ", ".join(f"{name} http://{ep}/metrics" for name, ep in endpoints.items() if ep))
+
+
+def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature: float, valid: float, seconds: float) -> None:
+    if m is None:
+        return
+    m.get("gfnlm_learner_steps_total").inc()
+    m.get("gfnlm_trained_trajectories_total").inc(trained)
+    m.get("gfnlm_learner_step_seconds").observe(seconds)
+    m.get("gfnlm_learner_update_seconds").observe(out["update_seconds"])
+    m.get("gfnlm_loss").set(out["loss"])
+    m.get("gfnlm_learning_rate").set(out["lr"])
+    m.get("gfnlm_reward_temperature").set(temperature)
+    m.get("gfnlm_valid_fraction").set(valid)
+    if fresh:
+        log_r = [t.final_log_r for t in fresh]
+        m.get("gfnlm_log_reward_mean").set(float(np.mean(log_r)))
+        m.get("gfnlm_log_reward_max").set(float(np.max(log_r)))
+
+
+def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
     c = driver.c
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -204,6 +254,8 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log) -> Components:
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     driver.start()
+    write_targets(driver, run_dir, log)
+    metrics = getattr(driver, "metrics", None)
     stats, bar = RunningStats(), None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -214,7 +266,12 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log) -> Components:
             while c.learner.step < cfg.learner.steps:
                 t0 = time.perf_counter()
                 temp = reward_temperature(c.learner.step, cfg.reward_temperature)
-                fresh, out = driver.step(c.learner.step % len(c.task.prompts), temp)
+                try:
+                    fresh, out = driver.step(c.learner.step % len(c.task.prompts), temp)
+                except Exception as e:
+                    if metrics is not None:
+                        metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
+                    raise
                 on_policy = [t for t in fresh if t.source == "on_policy"]
                 stats.push(sum(c.task.value(t.tokens) is not None for t in on_policy), len(on_policy), len(fresh),
                            time.perf_counter() - t0)
@@ -224,6 +281,10 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log) -> Components:
                     "valid_fraction": stats.valid_fraction, "samples_per_second": stats.samples_per_second,
                     "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
                 }
+                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, stats.valid_fraction,
+                            record["step_seconds"])
+                if on_step is not None:
+                    on_step(c.learner.step, driver)
                 if c.learner.step % cfg.run.log_every == 0:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()

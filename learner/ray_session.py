@@ -61,13 +61,34 @@ def ray_session(cfg, log=print):
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def resource_shortfall(cfg, available: dict) -> str | None:
+def required_resources(cfg, with_driver: bool = False) -> dict[str, float]:
+    """Ray resources the run's actors reserve (and its driver's, for a submitted job)."""
+    s, r = cfg.samplers, cfg.reward
+    need: dict[str, float] = {"CPU": s.num_actors * s.num_cpus, "GPU": s.num_actors * s.num_gpus}
+    if s.memory_mb:
+        need["memory"] = s.num_actors * s.memory_mb * 2**20
+    for k, v in s.resources.items():
+        need[k] = need.get(k, 0) + s.num_actors * v
+    if not r.colocate:
+        need["CPU"] += r.num_cpus
+        need["GPU"] += r.num_gpus
+        for k, v in r.resources.items():
+            need[k] = need.get(k, 0) + v
+    if with_driver:
+        d = cfg.submit
+        need["CPU"] += d.entrypoint_num_cpus
+        need["GPU"] += d.entrypoint_num_gpus
+        for k, v in d.entrypoint_resources.items():
+            need[k] = need.get(k, 0) + v
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def resource_shortfall(cfg, available: dict, with_driver: bool = False) -> str | None:
     """What the cluster lacks to hold the requested actors, or None."""
-    need_cpu = required_cpus(cfg)
-    need_gpu = cfg.samplers.num_actors * cfg.samplers.num_gpus + (0 if cfg.reward.colocate else cfg.reward.num_gpus)
-    if available.get("CPU", 0) < need_cpu:
-        return (f"samplers.num_actors: {cfg.samplers.num_actors} samplers × {cfg.samplers.num_cpus:g} CPU need "
-                f"{need_cpu:g} CPUs; the cluster has {available.get('CPU', 0):g}")
-    if available.get("GPU", 0) < need_gpu:
-        return f"samplers.num_gpus: the actors need {need_gpu:g} GPUs; the cluster has {available.get('GPU', 0):g}"
-    return None
+    lacking = [f"{k} {v:g} (the cluster has {available.get(k, 0):g})"
+               for k, v in required_resources(cfg, with_driver).items() if available.get(k, 0) < v]
+    if not lacking:
+        return None
+    return (f"samplers/reward/submit: {cfg.samplers.num_actors} samplers"
+            f"{'' if cfg.reward.colocate else ' + a reward actor'}{' + the driver' if with_driver else ''} need "
+            + ", ".join(lacking))

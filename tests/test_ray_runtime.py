@@ -1,18 +1,12 @@
 """The Ray runtime: actors, asynchrony, faults, and `ray job submit` against a real head."""
 
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
-import shutil
 import subprocess
-import tempfile
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -110,54 +104,6 @@ def test_an_actor_error_names_the_actor(tiny_llama, tmp_path):
         train(ray_cfg(tiny_llama, run), run, worker_cls=BrokenSampler)
     with pytest.raises(ActorFailed, match=r"^sampler-0 could not start: .*RuntimeError: no such device"):
         train(ray_cfg(tiny_llama, run + "2"), run + "2", worker_cls=UnbuildableSampler)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """`ray start --head --block` on 127.0.0.1 in its own temp dir; stopped by its PID only."""
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ["PATH"])
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="gfr-")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats",
-         # free ports for the head's agents too: another Ray on the machine may hold the defaults
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the Ray head did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
-                time.sleep(1)
-        yield url, env
-    finally:
-        # this head's own process group (its GCS, raylet, dashboard, workers), nothing else
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_entry_point(ray_head, tiny_llama, tmp_path):
