@@ -23,14 +23,20 @@ class SubmitError(RuntimeError):
     """A one-line reason the job was not submitted."""
 
 
-def cluster_resources(address: str) -> dict[str, float] | None:
-    """Total resources of the cluster's live nodes, or None when it does not say."""
-    try:
-        from ray.util.state import list_nodes
+def cluster_resources(address: str, wait: float = 20.0) -> dict[str, float] | None:
+    """Total resources of the cluster's live nodes, or None when it does not say (a head that
+    just came up lists no node for a few seconds: ask again until `wait` has passed)."""
+    from ray.util.state import list_nodes
 
-        nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False, timeout=30)
-    except Exception:
-        return None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False, timeout=30)
+        except Exception:
+            return None
+        if nodes or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     total: dict[str, float] = {}
     for n in nodes:
         if getattr(n, "state", "ALIVE") != "ALIVE":

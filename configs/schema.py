@@ -360,7 +360,7 @@ class SubmitConfig(Section):
     pip: list[str] = Field(default_factory=list)
     """Extra pip requirements installed into the job's runtime environment (empty: the image has them)."""
 
-    env_vars: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1"})
+    env_vars: dict[str, str] = Field(default_factory=lambda: {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     """Environment variables of the job and its actors."""
 
     excludes: list[str] = Field(default_factory=lambda: [".venv", "runs", ".git", "*.gguf", "__pycache__"])

@@ -27,7 +27,12 @@ def ray_session(cfg, log=print):
         if os.environ.get(var):
             env[var] = os.environ[var]
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+        # inside a submitted job the job's runtime env applies (Ray refuses a second one that
+        # names the same variables); run from a laptop, ours goes to the actors
+        inside_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+        ray.init(address=address, runtime_env=None if inside_job else {"env_vars": env}, log_to_driver=True)
         log(f"gfnlm: joined the Ray cluster at {address}")
         short = resource_shortfall(cfg, ray.cluster_resources())
         if short:

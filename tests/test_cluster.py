@@ -162,3 +162,179 @@ def test_live_endpoints_of_a_short_ray_run(tiny_llama, tmp_path):
     assert total(6, "gfnlm_policy_version", actor="sampler-0") >= 1
     assert total(6, "gfnlm_staleness_versions_count") == 6
     assert total(6, "gfnlm_actor_restarts_total") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests, checked offline against the CRDs
+
+
+def strict(schema):
+    """The CRD's openAPIV3Schema as JSON Schema that rejects unknown fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crds():
+    if not os.path.isdir(KUBERAY):
+        pytest.skip(f"the KubeRay CRDs are not at {KUBERAY} (../shared/kuberay beside the checkout)")
+    out = {}
+    for name, kind in [("ray.io_rayclusters.yaml", "RayCluster"), ("ray.io_rayjobs.yaml", "RayJob")]:
+        with open(os.path.join(KUBERAY, name)) as f:
+            crd = yaml.safe_load(f)
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        out[kind] = strict(version["schema"]["openAPIV3Schema"])
+    return out
+
+
+def manifests():
+    with open(os.path.join(CLUSTER, "k8s", "raycluster.yaml")) as f:
+        cluster = yaml.safe_load(f)
+    with open(os.path.join(CLUSTER, "k8s", "rayjob.yaml")) as f:
+        job = yaml.safe_load(f)
+    return cluster, job
+
+
+def errors(schema, doc):
+    import jsonschema
+
+    return [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+
+
+def test_manifests_validate_against_the_kuberay_crds(crds):
+    cluster, job = manifests()
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert errors(crds["RayCluster"], cluster) == []
+    assert errors(crds["RayJob"], job) == []
+
+
+def test_the_offline_check_rejects_unknown_fields_and_wrong_types(crds):
+    cluster, _ = manifests()
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["workerGroupSpecs"][0]["replicaz"] = 3
+    assert any("replicaz" in e for e in errors(crds["RayCluster"], bad))
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    assert errors(crds["RayCluster"], bad)
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "Always"
+    assert errors(crds["RayCluster"], bad)
+
+
+def group_capacity(group) -> tuple[dict, dict]:
+    """(Ray resources per pod, container limits) of a head or worker group."""
+    params = group["rayStartParams"]
+    ray_res = {"CPU": float(params.get("num-cpus", 0)), "GPU": float(params.get("num-gpus", 0))}
+    if "resources" in params:
+        ray_res.update(json.loads(json.loads(params["resources"])))
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return ray_res, limits
+
+
+def mebibytes(q: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024**2}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti)", q)
+    assert m, q
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def test_the_cluster_preset_fits_the_worker_groups():
+    cfg = load_config("cluster.yaml")
+    cluster, job = manifests()
+    spec = cluster["spec"]
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", "the dashboard stays inside the cluster"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"sampler", "learner", "reward"}
+
+    def holds(group_name, cpus, gpus, custom, memory_mb, count):
+        g = groups[group_name]
+        res, limits = group_capacity(g)
+        assert res["GPU"] == float(limits.get("nvidia.com/gpu", 0)), f"{group_name}: num-gpus matches the pod's GPUs"
+        assert res["CPU"] <= float(limits["cpu"]), f"{group_name}: num-cpus within the CPU limit"
+        per_pod = min([math.floor(res["CPU"] / cpus) if cpus else math.inf,
+                       math.floor(res["GPU"] / gpus) if gpus else math.inf]
+                      + [math.floor(res.get(k, 0) / v) for k, v in custom.items()])
+        if memory_mb:
+            per_pod = min(per_pod, math.floor(mebibytes(limits["memory"]) / memory_mb))
+        assert per_pod >= 1, f"{group_name}: one actor does not fit a pod ({res}, {limits})"
+        assert per_pod * g["replicas"] >= count, f"{group_name}: {count} actors, room for {per_pod * g['replicas']}"
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+    s, r, d = cfg.samplers, cfg.reward, cfg.submit
+    assert s.num_gpus >= 1 and s.resources == {"gfnlm_sampler": 1}
+    holds("sampler", s.num_cpus, s.num_gpus, s.resources, s.memory_mb, s.num_actors)
+    assert not r.colocate
+    holds("reward", r.num_cpus, r.num_gpus, r.resources, None, 1)
+    holds("learner", d.entrypoint_num_cpus, d.entrypoint_num_gpus, d.entrypoint_resources, None, 1)
+    assert groups["sampler"]["maxReplicas"] > groups["sampler"]["replicas"], "samplers can scale out"
+    # the RayJob places its driver where `gfnlm submit` does
+    assert json.loads(job["spec"]["entrypointResources"]) == d.entrypoint_resources
+    assert job["spec"]["entrypointNumGpus"] == d.entrypoint_num_gpus
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert "configs/cluster.yaml" in job["spec"]["entrypoint"]
+
+
+def test_every_pod_exposes_the_ports_prometheus_scrapes():
+    cluster, _ = manifests()
+    with open(os.path.join(CLUSTER, "prometheus", "podmonitor.yaml")) as f:
+        monitor = yaml.safe_load(f)
+    scraped = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    cfg = load_config("cluster.yaml")
+    assert cfg.metrics.host == "0.0.0.0"
+    for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        pod = g["template"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert scraped <= set(ports)
+        assert sorted(ports[p] for p in scraped) == list(range(cfg.metrics.port, cfg.metrics.port + len(scraped)))
+    with open(os.path.join(CLUSTER, "prometheus", "prometheus.yml")) as f:
+        local = yaml.safe_load(f)
+    assert local["scrape_configs"][0]["honor_labels"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# gfnlm submit
+
+
+def test_submit_checks_the_config_before_contacting_the_cluster(capsys):
+    from learner.cli import main
+
+    # port 9 (discard) on loopback: nothing answers, but the config error comes first
+    assert main(["submit", "configs/random_number.yaml", "--address", "http://127.0.0.1:9", "-o", "learner.lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "learner.lr" in err and len(err.splitlines()) == 1
+    assert main(["submit", "configs/random_number.yaml", "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--address" in err and "http://127.0.0.1:9" in err and len(err.splitlines()) == 1
+
+
+def test_gfnlm_submit_to_a_local_head(ray_head, tiny_llama, tmp_path, monkeypatch):
+    from cluster.submit import SubmitError, submit, wait
+
+    url, env = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run = tmp_path / "submitted"
+    ov = tiny_overrides(tiny_llama, run) + ["learner.steps=3", "submit.entrypoint_num_cpus=0"]
+    # the head has 4 CPUs: 8 samplers of 1 CPU do not fit, and submit says so before uploading
+    with pytest.raises(SubmitError, match=r"CPU 8 \(the cluster has 4\)"):
+        submit("configs/random_number.yaml", url, ov + ["samplers.num_actors=8"], working_dir=REPO)
+    lines = []
+    job_id = submit("configs/random_number.yaml", url, ov, working_dir=REPO, log=lines.append)
+    assert job_id in lines[0] and any(f"ray job logs --address {url} --follow {job_id}" in ln for ln in lines)
+    assert "runtime.mode=ray" in lines[0], "a local-mode config runs on the cluster's Ray"
+    status = wait(url, job_id, timeout=300)
+    from ray.job_submission import JobSubmissionClient
+
+    logs = JobSubmissionClient(url).get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (run / "checkpoints" / "latest").exists() and "joined the Ray cluster" in logs
