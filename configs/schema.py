@@ -201,8 +201,10 @@ class VLLMConfig(Section):
     """CPU only: VLLM_CPU_OMP_THREADS_BIND; 'nobind' leaves thread placement to the OS, 'auto'
     pins threads to cores (good on a dedicated node, bad when actors share cores)."""
 
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    """GPU only: fraction of the GPU's memory vLLM may take (weights + KV cache)."""
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    """GPU only: fraction of the GPU's memory vLLM may take (weights + KV cache). The default
+    leaves room for the learner on the same GPU (one process); a sampler with a GPU of its own
+    (configs/cluster.yaml) can take 0.85."""
 
     enforce_eager: bool = True
     """Skip CUDA graphs / torch.compile: faster start-up, slower decoding on GPU."""
