@@ -1,12 +1,13 @@
 """The training loop: sample -> score -> replay -> update -> publish.
 
 `train` runs it with one of two drivers that take a step the same way:
-- LocalDriver: every piece in this process; the sampler shares the learner's model object, so
-  publishing a version is free (tests, debugging, one laptop).
+- LocalDriver: every piece in this process; the transformers engine shares the learner's model
+  object, so publishing a version is free (tests, debugging, one laptop); a vLLM engine gets the
+  adapter after every step.
 - RayDriver (learner/distributed.py): sampler, reward and replay actors, sampling overlapped with
   learning.
-Both use the same plain classes; this file also holds what they share (progress, metrics,
-checkpoints).
+Both use the same plain classes; this file also holds what they share (progress, metrics.jsonl and
+the Prometheus figures of the learner, checkpoints).
 """
 
 from __future__ import annotations
