@@ -25,7 +25,15 @@ def _metrics(cfg, actor):
     return for_process(cfg, actor)
 
 
-class ScorerWorker:
+class _ServesMetrics:
+    metrics = None
+
+    def metrics_endpoint(self) -> str | None:
+        """host:port of this actor's Prometheus endpoint (None when metrics are off)."""
+        return self.metrics.endpoint if self.metrics is not None else None
+
+
+class ScorerWorker(_ServesMetrics):
     """Rewards of every prefix for the configured task. As an actor of its own it serves its
     metrics (actor=reward); inside a sampler it records into the sampler's."""
 
@@ -49,14 +57,11 @@ class ScorerWorker:
             self.metrics.get("gfnlm_score_seconds").observe(seconds)
         return batch
 
-    def metrics_endpoint(self) -> str | None:
-        return self.metrics.endpoint if self.metrics is not None else None
-
     def memory(self) -> int:
         return max_rss_bytes()
 
 
-class SamplerWorker:
+class SamplerWorker(_ServesMetrics):
     """One sampler: an engine with its own copy of the policy (+ colocated scorer)."""
 
     def __init__(self, cfg, name: str, seed: int, score: bool = True, threads: int = 1):
@@ -96,9 +101,6 @@ class SamplerWorker:
         record_sampling(self.metrics, batch)
         return self.scorer.score(batch) if self.score_here else batch
 
-    def metrics_endpoint(self) -> str | None:
-        return self.metrics.endpoint if self.metrics is not None else None
-
     def memory(self) -> int:
         return max_rss_bytes()
 
@@ -115,12 +117,9 @@ def record_sampling(metrics, batch: SampledBatch, actor: str | None = None) -> N
     metrics.get("gfnlm_policy_version", actor=actor).set(batch.version)
 
 
-class ReplayWorker(Replay):
+class ReplayWorker(Replay, _ServesMetrics):
     """The replay buffer as an actor: serves its metrics (actor=replay)."""
 
     def __init__(self, cfg):
         super().__init__(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling,
                          cfg.learner.seed, metrics=_metrics(cfg, "replay"))
-
-    def metrics_endpoint(self) -> str | None:
-        return self.metrics.endpoint if self.metrics is not None else None

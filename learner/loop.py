@@ -25,10 +25,9 @@ import torch
 
 from actors.replay import Replay
 from actors.engines import make_sampler
-from actors.trajectory import SampledBatch
-from actors.workers import record_sampling
 from actors.sampler import TransformersSampler, sample_fresh
-from actors.trajectory import Trajectory
+from actors.trajectory import SampledBatch, Trajectory
+from actors.workers import record_sampling
 from configs import Config, dump_config
 from rewards import make_task
 
@@ -157,10 +156,15 @@ def restore(driver, ckpt_dir: str) -> None:
     publish(c)
 
 
+def _shares_model(c: Components) -> bool:
+    """True when the engine samples from the learner's own model object."""
+    return getattr(c.sampler, "model", None) is c.policy.model
+
+
 def eval_sampler(c: Components):
     """Evaluation samples with the transformers engine on the learner's model (it can switch the
     adapter off for the base model's figures)."""
-    if getattr(c.sampler, "model", None) is c.policy.model:
+    if _shares_model(c):
         return c.sampler
     return TransformersSampler(c.policy.model, c.policy.device, seed=c.cfg.learner.seed)
 
@@ -168,8 +172,7 @@ def eval_sampler(c: Components):
 def publish(c: Components) -> None:
     """Hand the learner's current weights to the in-process engine (the transformers engine
     samples from the learner's own model, so it only takes the version number)."""
-    shares = getattr(c.sampler, "model", None) is c.policy.model
-    c.sampler.load_weights(None if shares else c.policy.adapter_state(), c.learner.step)
+    c.sampler.load_weights(None if _shares_model(c) else c.policy.adapter_state(), c.learner.step)
 
 
 class RunningStats:
