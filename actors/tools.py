@@ -117,7 +117,8 @@ class ToolRunner:
     def __bool__(self) -> bool:
         return bool(self.tools)
 
-    def _may_trigger(self, token: int) -> bool:
+    def may_fire(self, token: int) -> bool:
+        """Whether a text ending in `token` can end with a trigger (cached per token)."""
         hit = self._piece.get(token)
         if hit is None:
             piece = self.decode([token])
@@ -127,7 +128,7 @@ class ToolRunner:
     def insertion(self, tokens: list[int]) -> list[int] | None:
         """Tokens to insert after `tokens` (the generated tokens so far, the last one sampled),
         or None when no tool fires. A tool that fires but has nothing to say gives []."""
-        if not self.tools or not tokens or not self._may_trigger(tokens[-1]):
+        if not self.tools or not tokens or not self.may_fire(tokens[-1]):
             return None
         text = self.decode(tokens)
         for tool in self.tools:

@@ -239,6 +239,8 @@ class VLLMSampler:
             toks, lps = toks[:-1], lps[:-1]
         if self.tools:
             for k in range(len(toks)):
+                if not self.tools.may_fire(toks[k]):
+                    continue
                 insert = self.tools.insertion(row.tokens + toks[: k + 1])
                 if insert is not None:  # cut at the first trigger; the rest is re-sampled after the insertion
                     row.end_logprob = None

@@ -17,6 +17,7 @@ import shlex
 import time
 
 from configs import ConfigError, load_config
+from configs.load import resolve_path
 
 
 class SubmitError(RuntimeError):
@@ -59,8 +60,7 @@ def submit(config: str, address: str, overrides: list[str] = (), working_dir: st
     wd = os.path.abspath(working_dir)
     if not os.path.isdir(wd):
         raise SubmitError(f"--working-dir: no such directory {working_dir!r}")
-    path = config if os.path.isfile(config) else os.path.join(wd, "configs", config)
-    rel = os.path.relpath(os.path.abspath(path), wd)
+    rel = os.path.relpath(os.path.abspath(resolve_path(config)), wd)
     if rel.startswith(".."):
         raise SubmitError(f"{config}: the config must lie inside the working directory {wd} (it is uploaded with the job)")
 

@@ -74,13 +74,18 @@ def validate(tree: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {first}{more}") from None
 
 
+def resolve_path(path: str) -> str:
+    """The config file a name stands for: a path, or the name of a preset in configs/."""
+    if os.path.isfile(path):
+        return path
+    alt = os.path.join(PRESET_DIR, path)
+    if os.path.isfile(alt):
+        return alt
+    raise ConfigError(f"{path}: no such config file (presets live in {PRESET_DIR})")
+
+
 def read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        alt = os.path.join(PRESET_DIR, path)
-        if os.path.isfile(alt):
-            path = alt
-        else:
-            raise ConfigError(f"{path}: no such config file (presets live in {PRESET_DIR})")
+    path = resolve_path(path)
     with open(path) as f:
         try:
             tree = yaml.safe_load(f) or {}
