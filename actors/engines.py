@@ -17,12 +17,13 @@ def resolve_engine(name: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() is None else "transformers"
 
 
-def max_model_len(cfg, task) -> int:
-    longest_prompt = max(len(p) for p in task.prompt_ids)
-    return cfg.sampler.vllm.max_model_len or longest_prompt + task.max_len + 16
+def context_length(cfg, longest_prompt: int, max_len: int) -> int:
+    """Context length the vLLM engine plans for: sampler.vllm.max_model_len, else the longest
+    prompt + the longest Z + slack."""
+    return cfg.sampler.vllm.max_model_len or longest_prompt + max_len + 16
 
 
-def make_sampler(cfg, task, tokenizer, seed: int, policy=None):
+def make_sampler(cfg, tokenizer, seed: int, policy=None, max_model_len: int | None = None):
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     engine = resolve_engine(cfg.sampler.engine)
@@ -31,12 +32,11 @@ def make_sampler(cfg, task, tokenizer, seed: int, policy=None):
         from .sampler import TransformersSampler
 
         if policy is None:
-            from learner.policy import Policy
+            from .policy import Policy
 
             policy = Policy(cfg.model, cfg.lora)
-        sampler = TransformersSampler(policy.model, policy.device, seed=seed, tools=tools)
-        return sampler
-    from learner.models import resolve_model_path
+        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools, pad_id=tokenizer.pad_token_id or 0)
+    from .models import resolve_model_path
 
     from .vllm_engine import VLLMSampler, build_llm, peft_config_dict, vllm_available
 
@@ -44,6 +44,6 @@ def make_sampler(cfg, task, tokenizer, seed: int, policy=None):
     if why:
         raise RuntimeError(f"sampler.engine=vllm: {why}")
     path = resolve_model_path(cfg.model.path)
-    llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len(cfg, task), seed,
+    llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len, seed,
                     max_lora_rank=cfg.vllm_lora_rank())
     return VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=seed, tools=tools)

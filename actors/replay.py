@@ -10,17 +10,28 @@ from dataclasses import asdict
 from .trajectory import Trajectory
 
 
-def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Levenshtein distance between two token sequences."""
+def edit_distance(a: tuple[int, ...], b: tuple[int, ...], limit: int | None = None) -> int:
+    """Levenshtein distance between two token sequences. With `limit`, the answer is exact when it
+    is below the limit, and some value >= limit otherwise: only a band of width `limit` around the
+    diagonal is computed, and rows stop as soon as the whole band is at the limit (Ukkonen's cut-off),
+    so near-duplicate checks cost O(L · limit) instead of O(L²)."""
     if len(a) < len(b):
         a, b = b, a
+    if limit is not None and len(a) - len(b) >= limit:
+        return limit
+    big = len(a) + len(b) + 1
+    band = big if limit is None else limit
     prev = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        lo, hi = max(1, i - band), min(len(b), i + band)
+        cur = [big] * (len(b) + 1)
+        cur[0] = i
+        for j in range(lo, hi + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != b[j - 1]))
+        if limit is not None and min(cur[max(0, lo - 1): hi + 1]) >= limit:
+            return limit
         prev = cur
-    return prev[-1]
+    return prev[-1] if limit is None else min(prev[-1], limit)
 
 
 class Replay:
@@ -42,7 +53,9 @@ class Replay:
         if a.tokens == b.tokens:
             return True
         limit = self.dedup_fraction * (a.length + b.length)
-        return limit > 0 and edit_distance(a.key(), b.key()) < limit
+        if limit <= 0 or abs(a.length - b.length) >= limit:
+            return False
+        return edit_distance(a.key(), b.key(), limit=math.ceil(limit)) < limit
 
     def add(self, trajectories: list[Trajectory]) -> int:
         """Offer scored trajectories; returns how many were kept."""
@@ -50,7 +63,7 @@ class Replay:
         for t in trajectories:
             if t.log_r is None:
                 raise ValueError("replay.add: trajectory has no log_r; score it first")
-            buf = self.buffers.setdefault(t.prompt_id, [])
+            buf = self.buffers.setdefault(t.record_id, [])
             near = [u for u in buf if self._near(t, u)]
             if any(u.final_log_r >= t.final_log_r for u in near):
                 self.rejected += 1
@@ -72,25 +85,39 @@ class Replay:
             self.metrics.get("gfnlm_replay_size", actor="replay").set(self.size())
         return kept
 
-    def size(self, prompt_id: int | None = None) -> int:
-        if prompt_id is None:
+    def size(self, record_id: int | None = None) -> int:
+        if record_id is None:
             return sum(len(b) for b in self.buffers.values())
-        return len(self.buffers.get(prompt_id, []))
+        return len(self.buffers.get(record_id, []))
 
-    def sample(self, prompt_id: int, n: int, reward_temperature: float = 1.0) -> list[Trajectory]:
-        """n trajectories (with replacement), uniformly or by softmax(log R / T)."""
-        out = self._sample(prompt_id, n, reward_temperature)
+    def sizes(self, record_ids: list[int]) -> list[int]:
+        """How many trajectories each record's buffer holds (the Ray driver plans batches with it)."""
+        return [self.size(r) for r in record_ids]
+
+    def sample(self, record_id: int, n: int, reward_temperature: float = 1.0) -> list[Trajectory]:
+        """n trajectories, uniformly or by softmax(log R / T), with replacement; a buffer holding
+        n or fewer gives each of its trajectories once."""
+        out = self._sample(record_id, n, reward_temperature)
         if self.metrics is not None and n > 0:
             self.metrics.get("gfnlm_replay_requested_total", actor="replay").inc(n)
             self.metrics.get("gfnlm_replay_served_total", actor="replay").inc(len(out))
             self.metrics.get("gfnlm_replay_hit_rate", actor="replay").set(len(out) / n)
         return out
 
-    def _sample(self, prompt_id: int, n: int, reward_temperature: float) -> list[Trajectory]:
-        buf = self.buffers.get(prompt_id, [])
+    def sample_many(self, wanted: list[tuple[int, int]], reward_temperature: float = 1.0) -> list[Trajectory]:
+        """`sample` for several (record, n) pairs in one call (one round trip to a replay actor)."""
+        out = []
+        for rid, n in wanted:
+            out += self.sample(rid, n, reward_temperature)
+        return out
+
+    def _sample(self, record_id: int, n: int, reward_temperature: float) -> list[Trajectory]:
+        buf = self.buffers.get(record_id, [])
         if not buf or n <= 0:
             return []
-        if self.sampling == "uniform":
+        if n >= len(buf):
+            picks = list(range(len(buf)))
+        elif self.sampling == "uniform":
             picks = [self.rng.randrange(len(buf)) for _ in range(n)]
         else:
             logits = [u.final_log_r / reward_temperature for u in buf]

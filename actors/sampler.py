@@ -1,9 +1,9 @@
-"""Samplers: n continuations of one prompt with per-token behaviour log-probs.
+"""Samplers: continuations of several prompts with per-token behaviour log-probs.
 
 `SamplerEngine` is the interface every engine implements: the transformers engine here, the vLLM
-engine in `vllm_engine.py`; `engines.make_sampler` picks one. The transformers engine runs the
-prompt once, repeats its KV cache over the n samples, and drops finished samples from the batch as
-they end. Both engines run tools (`tools.py`): when a sample's text ends with a trigger, the
+engine in `vllm_engine.py`; `engines.make_sampler` picks one. The transformers engine runs all
+distinct prompts of a call in one left-padded pass, repeats each prompt's KV cache over its
+samples, and drops finished samples from the batch as they end. Both engines run tools (`tools.py`): when a sample's text ends with a trigger, the
 tool's text follows as forced environment tokens (log-prob 0, tool mask set, no termination).
 """
 
@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .tools import ToolRunner
-from .trajectory import Trajectory
+from .trajectory import PromptRequest, SampleRequest, Trajectory
 
 
 class SamplerEngine(Protocol):
@@ -22,7 +22,7 @@ class SamplerEngine(Protocol):
 
     def generate(
         self,
-        prompt_id: int,
+        record_id: int,
         prompt_ids: list[int],
         n: int,
         temperatures: float | Sequence[float],
@@ -32,20 +32,38 @@ class SamplerEngine(Protocol):
         source: str = "on_policy",
     ) -> list[Trajectory]: ...
 
+    def generate_batch(self, prompts: Sequence[PromptRequest], min_new_tokens: int, max_new_tokens: int,
+                       end_ids: list[int]) -> list[Trajectory]: ...
+
     def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """(ids [P, L], attention mask [P, L] or None when no row is padded, position ids [P, L])."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, (None if bool(mask.all()) else mask), positions
 
 
 class TransformersSampler:
     """Generation with a transformers (optionally peft) model.
 
-    In one process it can share the learner's model object: then `load_weights(None, v)` only
-    records the version. Otherwise it loads the published adapter state.
+    Distinct prompts run in one left-padded pass; each prompt's KV cache is then repeated over its
+    samples, so a prompt shared by n samples is computed once. In one process it can share the
+    learner's model object: then `load_weights(None, v)` only records the version. Otherwise it
+    loads the published adapter state.
     """
 
-    def __init__(self, model, device: str = "cpu", seed: int = 0, tools: ToolRunner | None = None):
+    def __init__(self, model, device: str = "cpu", seed: int = 0, tools: ToolRunner | None = None, pad_id: int = 0):
         self.model = model
         self.device = device
         self.tools = tools
+        self.pad_id = pad_id
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
 
@@ -56,25 +74,49 @@ class TransformersSampler:
             set_peft_model_state_dict(self.model, state)
         self.version = version
 
+    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+        """n samples of one prompt, at one temperature or one per sample."""
+        temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
+        assert len(temps) == n, "one temperature per sample"
+        return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
+                            max_new_tokens, end_ids)
+
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids):
+        """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
+        rows = []
+        for i, p in enumerate(prompts):
+            rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
+            rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
+        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids)
+
     @torch.no_grad()
-    def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
-        temps = torch.as_tensor(
-            [float(temperatures)] * n if isinstance(temperatures, (int, float)) else list(temperatures), dtype=torch.float32
-        )
-        assert temps.shape == (n,), "one temperature per sample"
+    def _sample(self, prompts, rows, min_new, max_new, end_ids):
+        if not rows:
+            return []
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompt_id, prompt_ids, n, temps, min_new_tokens, max_new_tokens, end_ids, source)
+            return self._generate(prompts, rows, min_new, max_new, end_ids)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompt_id, prompt_ids, n, temps, min_new, max_new, end_ids, source):
+    def _generate(self, prompts, rows, min_new, max_new, end_ids):
+        n = len(rows)
+        temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         end = torch.tensor(end_ids, dtype=torch.long)
-        out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True)
+        ids, mask, positions = left_pad(prompts, self.pad_id)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=None if mask is None else mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True)
+        owner = torch.tensor([r[0] for r in rows], dtype=torch.long)  # row -> prompt
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1, :].float().cpu().expand(n, -1)
+        if len(prompts) == 1:
+            cache.batch_repeat_interleave(n)
+        else:
+            cache.batch_select_indices(owner.to(self.device))
+        logits = out.logits[:, -1, :].float().cpu()[owner]
+        if mask is not None:
+            mask = mask[owner]
+        next_pos = positions[owner, -1] + 1
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
@@ -110,31 +152,60 @@ class TransformersSampler:
                 break
             alive = alive[keep]
             if not keep.all():
-                cache.batch_select_indices(keep.nonzero().squeeze(1).to(self.device))
+                kept = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(kept.to(self.device))
+                next_pos = next_pos[kept]
+                if mask is not None:
+                    mask = mask[kept]
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
             logits = self.model(
-                input_ids=tok[keep][:, None].to(self.device), past_key_values=cache, use_cache=True
+                input_ids=tok[keep][:, None].to(self.device), past_key_values=cache, use_cache=True,
+                attention_mask=None if mask is None else mask.to(self.device),
+                position_ids=next_pos[:, None].to(self.device),
             ).logits[:, -1, :].float().cpu()
+            next_pos = next_pos + 1
         return [
             Trajectory(
-                prompt_id=prompt_id,
+                record_id=rows[i][1],
                 tokens=tokens[i],
                 terminated=end_lp[i] is not None,
                 logprobs=lps[i],
                 end_logprob=end_lp[i],
                 tool_mask=tool[i] if any(tool[i]) else [],
-                temperature=float(temps[i]),
+                temperature=rows[i][2],
                 version=self.version,
-                source=source,
+                source=rows[i][3],
             )
             for i in range(n)
         ]
 
 
-def sample_fresh(engine, task, prompt_id: int, n_on_policy: int, temperatures: list[float]) -> list[Trajectory]:
-    """n_on_policy samples at T = 1, then one sample per tempered temperature."""
-    prompt = task.prompt_ids[prompt_id]
-    fresh = engine.generate(prompt_id, prompt, n_on_policy, 1.0, task.min_len, task.max_len, task.end_ids)
-    if temperatures:
-        fresh += engine.generate(prompt_id, prompt, len(temperatures), temperatures, task.min_len, task.max_len,
-                                 task.end_ids, source="tempered")
-    return fresh
+class RequestServer:
+    """Runs `SampleRequest`s on an engine: reseeds it per request, sets the request's tools, and
+    samples every prompt of the request in one engine call. Used by the sampler actor and by the
+    one-process driver alike."""
+
+    def __init__(self, engine, tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._tools: dict[str, ToolRunner | None] = {}
+
+    def tools_for(self, specs: list[dict]) -> ToolRunner | None:
+        import json
+
+        key = json.dumps(specs, sort_keys=True)
+        if key not in self._tools:
+            from configs.schema import CalculatorTool
+
+            from .tools import make_tools
+
+            tools = make_tools([CalculatorTool.model_validate(s) for s in specs])
+            self._tools[key] = ToolRunner.for_tokenizer(tools, self.tokenizer) if tools else None
+        return self._tools[key]
+
+    def __call__(self, req: SampleRequest) -> list[Trajectory]:
+        if req.seed is not None:
+            self.engine.generator.manual_seed(req.seed)
+        self.engine.tools = self.tools_for(req.tools)
+        return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids)

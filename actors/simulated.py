@@ -17,7 +17,7 @@ class SimulatedSampler:
     length = 3
     """Tokens per synthetic trajectory."""
 
-    def __init__(self, cfg=None, name: str = "sim", seed: int = 0, score: bool = True, threads: int = 1):
+    def __init__(self, cfg=None, name: str = "sim", seed: int = 0, scorer_factory=None, threads: int = 1, max_model_len: int = 0):
         # same signature as SamplerWorker, so the Ray driver can start either
         self.name = name
         self.version = 0
@@ -28,10 +28,9 @@ class SimulatedSampler:
 
     def sample(self, req: SampleRequest) -> SampledBatch:
         time.sleep(self.latency)
-        n = req.n_on_policy + len(req.temperatures)
-        trajs = [Trajectory(req.prompt_id, [1] * self.length, log_r=[-1.0] * (self.length + 1), version=self.version)
-                 for _ in range(n)]
-        return SampledBatch(trajs, self.version, self.name, sample_seconds=self.latency)
+        trajs = [Trajectory(p.record_id, [1] * self.length, log_r=[-1.0] * (self.length + 1), version=self.version)
+                 for p in req.prompts for _ in range(p.size)]
+        return SampledBatch(trajs, self.version, self.name, sample_seconds=self.latency, tag=req.tag)
 
     def memory(self) -> int:
         return max_rss_bytes()

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 class Trajectory:
     """One sampled Z for one prompt. State s_k is the prompt plus tokens[:k]."""
 
-    prompt_id: int
-    """Index of the prompt in the task's prompt list."""
+    record_id: int
+    """The record (of the task's data) whose prompt Z continues."""
 
     tokens: list[int]
     """Generated tokens of Z, without the terminating token."""
@@ -53,25 +53,50 @@ class Trajectory:
 
 
 @dataclass
-class SampleRequest:
-    """What the learner asks one sampler for."""
+class PromptRequest:
+    """Samples wanted for one prompt: n at temperature 1, and one per tempered temperature."""
 
-    prompt_id: int
+    record_id: int
+    prompt_ids: list[int]
     n_on_policy: int
     temperatures: list[float] = field(default_factory=list)
     """One sampling temperature per tempered sample."""
 
+    @property
+    def size(self) -> int:
+        return self.n_on_policy + len(self.temperatures)
+
+
+@dataclass
+class SampleRequest:
+    """What the learner asks one sampler for: several prompts and how to sample them. A sampler
+    needs nothing else (it knows no task)."""
+
+    prompts: list[PromptRequest]
+    min_len: int
+    max_len: int
+    end_ids: list[int]
+    tools: list[dict] = field(default_factory=list)
+    """Tool settings (`sampler.tools` entries as dicts); tools fire during generation."""
+    seed: int | None = None
+    """Reseeds the engine's generator for this request, so that a request and a policy version
+    determine its samples (exact resume)."""
+    tag: int = 0
+    """The driver's number for the request (step and micro-batch), echoed in the batch."""
+
 
 @dataclass
 class SampledBatch:
-    """Fresh trajectories of one prompt, the policy version that made them, and timings."""
+    """Fresh trajectories of a request's prompts, the policy version that made them, and timings."""
 
     trajectories: list[Trajectory]
     version: int
     worker: str
     sample_seconds: float = 0.0
     score_seconds: float = 0.0
+    tag: int = 0
+    """The request's tag."""
 
     @property
-    def prompt_id(self) -> int:
-        return self.trajectories[0].prompt_id if self.trajectories else -1
+    def record_ids(self) -> list[int]:
+        return list(dict.fromkeys(t.record_id for t in self.trajectories))

@@ -201,17 +201,29 @@ class VLLMSampler:
         return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
                               stop_token_ids=list(end_ids), **common)
 
-    def generate(self, prompt_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
-        rows = [_Row(t) for t in temps]
-        # first round: one request per distinct temperature, n samples each (the prompt is shared);
-        # a sample that pauses (min-tokens boundary, tool call) resumes as a request of its own
-        groups: dict[float, list[int]] = {}
-        for i, t in enumerate(temps):
-            groups.setdefault(t, []).append(i)
-        requests = [(list(prompt_ids), self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids), idx)
-                    for t, idx in groups.items()]
+        return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
+                            max_new_tokens, end_ids)
+
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids):
+        """Every prompt's samples in one `generate` call: on-policy ones at T = 1, then the tempered ones."""
+        rows = []
+        for i, p in enumerate(prompts):
+            rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
+            rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
+        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids)
+
+    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids):
+        rows = [_Row(t) for _, _, t, _ in rows_spec]
+        # first round: one request per (prompt, distinct temperature), n samples each (the prompt is
+        # shared); a sample that pauses (min-tokens boundary, tool call) resumes as a request of its own
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i, (p, _, t, _) in enumerate(rows_spec):
+            groups.setdefault((p, t), []).append(i)
+        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids), idx)
+                    for (p, t), idx in groups.items()]
         end = set(end_ids)
         while requests:
             outs = self.llm.generate([{"prompt_token_ids": p} for p, _, _ in requests], [sp for _, sp, _ in requests],
@@ -222,13 +234,13 @@ class VLLMSampler:
                     r = rows[i]
                     self._absorb(r, completion, end, max_new_tokens)
                     if not r.done:
-                        follow.append((list(prompt_ids) + r.tokens, self._params(
+                        follow.append((prompts[rows_spec[i][0]] + r.tokens, self._params(
                             1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids), [i]))
             requests = follow
-        return [Trajectory(prompt_id=prompt_id, tokens=r.tokens, terminated=r.end_logprob is not None,
+        return [Trajectory(record_id=spec[1], tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,
                            tool_mask=r.tool if any(r.tool) else [], temperature=r.temperature,
-                           version=self.version, source=source) for r in rows]
+                           version=self.version, source=spec[3]) for spec, r in zip(rows_spec, rows)]
 
     def _absorb(self, row: _Row, completion, end: set[int], max_new: int) -> None:
         toks = list(completion.token_ids)
@@ -261,49 +273,53 @@ class VLLMSampler:
 
 
 class VLLMRewardModel:
-    """log R of every prefix from the frozen base model, in one `generate` call with
-    `prompt_logprobs`: for each trajectory the prompts X z_1:i e (i = 0..n, e an end token)
-    give log p(z_k | s_k-1) along the longest one and log p(e | s_i) at each one's last position."""
+    """The `PrefixScorer` interface on vLLM: log p(z_1:i ⊤ | C) or log p(z_1:i Y | C) for every
+    prefix, in one `generate` call with `prompt_logprobs`. For each trajectory the prompts
+    C z_1:i e (each end token e) or C z_1:i Y give log p(z_k | ·) along the longest one and the
+    termination or suffix log-likelihood at each prefix."""
 
-    def __init__(self, llm, temperature: float = 1.0):
+    def __init__(self, llm):
         self.llm = llm
-        self.temperature = temperature
 
-    def prefix_log_likelihoods(self, prompt_ids: list[int], trajectories: Sequence[Trajectory], end_ids: list[int]) -> list[list[float]]:
+    def score(self, context_ids: list[int], trajectories: Sequence[Trajectory], end_ids: list[int] | None = None,
+              suffix_ids: list[int] | None = None, prefixes: str = "every") -> list[list[float]]:
         import math
 
         from vllm import SamplingParams
 
+        if (end_ids is None) == (suffix_ids is None):
+            raise ValueError("VLLMRewardModel.score: give either end_ids or suffix_ids")
+        tails = [[e] for e in end_ids] if end_ids is not None else [list(suffix_ids)]
         prompts, where = [], []
         for b, t in enumerate(trajectories):
             for i in range(t.length + 1):
-                for e in end_ids:
+                if prefixes == "final" and i < t.length:
+                    continue
+                for tail in tails:
                     where.append((b, i))
-                    prompts.append({"prompt_token_ids": list(prompt_ids) + t.tokens[:i] + [e]})
+                    prompts.append({"prompt_token_ids": list(context_ids) + t.tokens[:i] + tail})
         sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate(prompts, sp, use_tqdm=False)
-        P = len(prompt_ids)
-        term: list[list[list[float]]] = [[[] for _ in range(t.length + 1)] for t in trajectories]
+        C = len(context_ids)
+        tail_lp: list[list[list[float]]] = [[[] for _ in range(t.length + 1)] for t in trajectories]
         step: list[list[float]] = [[0.0] * t.length for t in trajectories]
         for (b, i), p, out in zip(where, prompts, outs):
-            plp = out.prompt_logprobs
-            ids = p["prompt_token_ids"]
-            term[b][i].append(plp[-1][ids[-1]].logprob)
+            plp, ids = out.prompt_logprobs, p["prompt_token_ids"]
+            tail_lp[b][i].append(sum(plp[k][ids[k]].logprob for k in range(C + i, len(ids))))
             if i == trajectories[b].length:
                 mask = trajectories[b].tool_mask or [False] * i
-                step[b] = [0.0 if mask[k] else plp[P + k][ids[P + k]].logprob for k in range(i)]
+                step[b] = [0.0 if mask[k] else plp[C + k][ids[C + k]].logprob for k in range(i)]
         result = []
         for b, t in enumerate(trajectories):
             cum, row = 0.0, []
             for i in range(t.length + 1):
-                m = max(term[b][i])
-                lse = m + math.log(sum(math.exp(x - m) for x in term[b][i]))
-                row.append((cum + lse) / self.temperature)
+                xs = tail_lp[b][i]
+                if xs:
+                    m = max(xs)
+                    row.append(cum + m + math.log(sum(math.exp(x - m) for x in xs)))
+                else:
+                    row.append(math.nan)
                 if i < t.length:
                     cum += step[b][i]
             result.append(row)
         return result
-
-    def score(self, prompt_ids, trajectories, end_ids) -> None:
-        for t, lr in zip(trajectories, self.prefix_log_likelihoods(prompt_ids, trajectories, end_ids)):
-            t.log_r = lr

@@ -1,9 +1,10 @@
 """Plain worker classes that the Ray runtime wraps as actors (and tests call directly).
 
 A SamplerWorker owns a copy of the policy (base model + LoRA) and a generation engine; it swaps in
-published LoRA weights between generation calls and tags every batch with the version that made
-it. A ScorerWorker computes log R of every prefix; with `reward.colocate` the sampler scores its
-own batches instead, sharing its weights.
+published LoRA weights between generation calls, serves `SampleRequest`s (which carry everything
+it needs: it knows no task), and tags every batch with the version that made it. Given a
+`scorer_factory` it also scores its own batches (reward.colocate), with its base model and the
+adapter switched off; without one it loads no reward model at all.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import torch
 
 from . import max_rss_bytes
 from .replay import Replay
-from .sampler import sample_fresh
+from .sampler import RequestServer
 from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (re-exported)
 
 
-def _metrics(cfg, actor):
+def actor_metrics(cfg, actor):
     from cluster.metrics import for_process
 
     return for_process(cfg, actor)
 
 
-class _ServesMetrics:
+class ServesMetrics:
     metrics = None
 
     def metrics_endpoint(self) -> str | None:
@@ -33,51 +34,25 @@ class _ServesMetrics:
         return self.metrics.endpoint if self.metrics is not None else None
 
 
-class ScorerWorker(_ServesMetrics):
-    """Rewards of every prefix for the configured task. As an actor of its own it serves its
-    metrics (actor=reward); inside a sampler it records into the sampler's."""
+class SamplerWorker(ServesMetrics):
+    """One sampler: an engine with its own copy of the policy (+ a colocated scorer)."""
 
-    def __init__(self, cfg, tokenizer=None, metrics="reward"):
-        from learner.models import resolve_model_path
-        from rewards import make_task
-
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        self.task = make_task(cfg.task, tokenizer)
-        self.metrics = _metrics(cfg, metrics) if isinstance(metrics, str) else metrics
-
-    def score(self, batch: SampledBatch) -> SampledBatch:
-        t0 = time.perf_counter()
-        self.task.score(batch.trajectories)
-        seconds = time.perf_counter() - t0
-        batch.score_seconds += seconds
-        if self.metrics is not None:
-            self.metrics.get("gfnlm_score_seconds").observe(seconds)
-        return batch
-
-    def memory(self) -> int:
-        return max_rss_bytes()
-
-
-class SamplerWorker(_ServesMetrics):
-    """One sampler: an engine with its own copy of the policy (+ colocated scorer)."""
-
-    def __init__(self, cfg, name: str, seed: int, score: bool = True, threads: int = 1):
+    def __init__(self, cfg, name: str, seed: int, scorer_factory=None, threads: int = 1, max_model_len: int | None = None):
         from transformers import AutoTokenizer
 
-        from actors.engines import make_sampler
-        from learner.models import resolve_model_path
+        from .engines import make_sampler
+        from .models import pick_device, resolve_model_path
 
         torch.set_num_threads(max(1, threads))
         self.name = name
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        self.metrics = _metrics(cfg, name)
-        self.scorer = ScorerWorker(cfg, tokenizer, metrics=self.metrics)
-        self.task = self.scorer.task
-        self.score_here = score
-        self.engine = make_sampler(cfg, self.task, tokenizer, seed=seed)
+        self.metrics = actor_metrics(cfg, name)
+        self.engine = make_sampler(cfg, tokenizer, seed=seed, max_model_len=max_model_len)
+        self.serve = RequestServer(self.engine, tokenizer)
+        self.scorer = None
+        if scorer_factory is not None:
+            model = getattr(self.engine, "model", None)  # the transformers engine's peft model; vLLM has none here
+            self.scorer = scorer_factory(cfg, tokenizer, model, pick_device(cfg.model.device), self.metrics)
         self.pid = os.getpid()
 
     @property
@@ -96,10 +71,10 @@ class SamplerWorker(_ServesMetrics):
 
     def sample(self, req: SampleRequest) -> SampledBatch:
         t0 = time.perf_counter()
-        trajs = sample_fresh(self.engine, self.task, req.prompt_id, req.n_on_policy, req.temperatures)
-        batch = SampledBatch(trajs, self.engine.version, self.name, sample_seconds=time.perf_counter() - t0)
+        trajs = self.serve(req)
+        batch = SampledBatch(trajs, self.engine.version, self.name, sample_seconds=time.perf_counter() - t0, tag=req.tag)
         record_sampling(self.metrics, batch)
-        return self.scorer.score(batch) if self.score_here else batch
+        return self.scorer.score(batch) if self.scorer is not None else batch
 
     def memory(self) -> int:
         return max_rss_bytes()
@@ -117,9 +92,9 @@ def record_sampling(metrics, batch: SampledBatch, actor: str | None = None) -> N
     metrics.get("gfnlm_policy_version", actor=actor).set(batch.version)
 
 
-class ReplayWorker(Replay, _ServesMetrics):
+class ReplayWorker(Replay, ServesMetrics):
     """The replay buffer as an actor: serves its metrics (actor=replay)."""
 
     def __init__(self, cfg):
         super().__init__(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling,
-                         cfg.learner.seed, metrics=_metrics(cfg, "replay"))
+                         cfg.learner.seed, metrics=actor_metrics(cfg, "replay"))

@@ -72,7 +72,7 @@ def submit(config: str, address: str, overrides: list[str] = (), working_dir: st
         raise SubmitError(f"--address: no Ray dashboard answers at {address} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); expected e.g. http://127.0.0.1:8265") from None
     if resource_check:
-        from learner.ray_session import resource_shortfall
+        from cluster.ray_session import resource_shortfall
 
         available = cluster_resources(address)
         if available is None:

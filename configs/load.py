@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from .schema import Config
+from .tasks import TASK_TYPES
 
 PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,7 +49,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "union_tag_not_found":
-        tags = _TARGET_TAGS if loc.endswith("target") else "'random_number'"
+        tags = _TARGET_TAGS if loc.endswith("target") else _OBJECTIVE_TAGS if loc.endswith("objective") else _TASK_TAGS
         loc, msg = f"{loc}.type", f"missing; expected one of {tags}"
     elif err["type"] == "union_tag_invalid":
         loc, msg = f"{loc}.type", f"unknown type {err['ctx']['tag']}; expected one of {err['ctx']['expected_tags']}"
@@ -60,8 +61,10 @@ def _describe(err: dict) -> str:
     return f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}"
 
 
-_UNION_TAGS = {"uniform", "poisson", "binomial", "geometric", "table", "random_number"}
+_UNION_TAGS = {"uniform", "poisson", "binomial", "geometric", "table", "subtb", "tb", "sft", *TASK_TYPES}
 _TARGET_TAGS = "'uniform', 'poisson', 'binomial', 'geometric', 'table'"
+_OBJECTIVE_TAGS = "'subtb', 'tb', 'sft'"
+_TASK_TAGS = ", ".join(repr(t) for t in TASK_TYPES)
 
 
 def validate(tree: dict, source: str = "config") -> Config:

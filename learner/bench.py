@@ -28,7 +28,7 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
 def naive_update_seconds(c, batch, repeats: int) -> float:
     """Forward + backward with the prompt repeated per sample: one padded pass over prompt + Z."""
     tok = c.policy.tokenizer
-    prompt = c.task.prompt_ids[0]
+    prompt = c.task.prompt_ids(c.task.train_ids[0])
     T = max(t.length for t in batch)
     ids = torch.full((len(batch), len(prompt) + T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -57,13 +57,13 @@ def main(args) -> int:
     c = build(cfg)
     n_params = sum(p.numel() for p in c.policy.model.parameters())
     t0 = time.perf_counter()
-    _, batch = collect(c, 0, 1.0)
+    _, batch = collect(c, c.task.train_ids[:1], 1.0)
     sample_s = time.perf_counter() - t0
     fresh = [t for t in batch if t.source != "replay"]
     print(f"sampler: {len(fresh)} samples, {sum(t.length + t.terminated for t in fresh)} tokens in {sample_s:.2f} s "
           f"({sum(t.length + t.terminated for t in fresh) / sample_s:.1f} tokens/s, prompt computed once)")
 
-    P = len(c.task.prompt_ids[0])
+    P = len(c.task.prompt_ids(c.task.train_ids[0]))
     z_tokens = sum(t.length for t in batch)
     seq_tokens = len(batch) * P + z_tokens  # what each trajectory means: prompt + Z
     computed = P + z_tokens  # what the shared-prompt pass actually runs
@@ -97,15 +97,15 @@ def orchestration(args) -> int:
 
     from actors.simulated import SimulatedSampler
     from learner.distributed import RayDriver
-    from learner.ray_session import ray_session
-    from learner.tiny import build_model
+    from cluster.ray_session import ray_session
+    from actors.tiny import build_model
 
     model = build_model(tempfile.mkdtemp(prefix="gfnlm-bench-"), "llama")
     print(f"simulated sampler: {args.latency:.2f} s per batch of {args.batch} trajectories; learner: tiny model")
     print(f"{'samplers':>8} {'traj/s':>9} {'ideal':>9} {'of ideal':>9} {'learner-side µs/batch':>22} {'update ms':>10} {'dropped':>8}")
     for n in args.samplers:
         cfg = load_config("random_number.yaml", [
-            f"model.path={model}", "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"batch.size={2 * args.batch}",
+            f"model.path={model}", "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"batch.samples_per_prompt={2 * args.batch}",
             "batch.on_policy=0.5", "batch.replay=0.5", "task.target={type: uniform, low: 0, high: 20}", "task.max_len=2",
             "replay.capacity_per_prompt=64", "runtime.mode=ray", f"samplers.num_actors={n}", "samplers.num_cpus=0.01",
             f"runtime.max_staleness={10 * n}", "run.progress=false",
@@ -115,12 +115,12 @@ def orchestration(args) -> int:
             driver = RayDriver(cfg, log=lambda m: None, worker_cls=sim)
             driver.start()
             for _ in range(n):  # warm-up: every actor has answered once
-                driver.step(0, 1.0)
+                driver.step(1.0)
             steps = max(args.steps, 4 * n)
             t0 = time.perf_counter()
             update, fresh = 0.0, 0
             for _ in range(steps):
-                trajs, out = driver.step(0, 1.0)
+                trajs, out = driver.step(1.0)
                 update += out["update_seconds"]
                 fresh += len(trajs)
             wall = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def _random_adapter(policy, seed: int = 0) -> dict:
 
 
 def _prompts(task, tokenizer, k: int) -> list[list[int]]:
-    base = task.prompts[0]
+    base = task.prompt_text(task.train_ids[0])
     return [tokenizer.encode(base.replace("100", str(100 + i)) if i else base, add_special_tokens=False) for i in range(k)]
 
 
@@ -44,8 +44,9 @@ def _time(fn, repeats: int) -> float:
 
 def main(args) -> int:
     from actors.sampler import TransformersSampler
-    from learner.models import resolve_model_path
-    from learner.policy import Policy
+    from actors.trajectory import PromptRequest
+    from actors.models import resolve_model_path
+    from actors.policy import Policy
     from rewards import make_task
 
     cfg = load_config(args.config, args.override)
@@ -54,7 +55,7 @@ def main(args) -> int:
     policy = Policy(cfg.model, cfg.lora)
     hf_start = time.perf_counter() - t0
     tok = policy.tokenizer
-    task = make_task(cfg.task, tok)
+    task = make_task(cfg, tok)
     state = _random_adapter(policy)
     prompts = _prompts(task, tok, 16)
     L = args.tokens
@@ -78,23 +79,25 @@ def main(args) -> int:
         record("hf-generate", "distinct-16", _time(lambda: [hf(p, 1) for p in prompts], args.repeats), 16)
 
     if "transformers" in args.engines:
-        eng = TransformersSampler(policy.model, policy.device, seed=0)
+        eng = TransformersSampler(policy.model, policy.device, seed=0, pad_id=tok.pad_token_id)
         t0 = time.perf_counter()
         eng.load_weights(state, 1)
         extra["transformers LoRA swap s"] = time.perf_counter() - t0
         for n in (16, 64):
             record("transformers", f"shared-{n}", _time(lambda: eng.generate(0, prompts[0], n, 1.0, L, L, []), args.repeats), n)
-        record("transformers", "distinct-16",
+        batch = [PromptRequest(i, p, 1) for i, p in enumerate(prompts)]
+        record("transformers", "distinct-16", _time(lambda: eng.generate_batch(batch, L, L, []), args.repeats), 16)
+        record("transformers", "distinct-16 loop",
                _time(lambda: [eng.generate(0, p, 1, 1.0, L, L, []) for p in prompts], args.repeats), 16)
 
     if "vllm" in args.engines:
-        from actors.engines import max_model_len
+        from actors.engines import context_length
         from actors.vllm_engine import VLLMSampler, build_llm, peft_config_dict
         from vllm import SamplingParams
 
         path = resolve_model_path(cfg.model.path)
         t0 = time.perf_counter()
-        llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len(cfg, task) + 32, 0,
+        llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, context_length(cfg, task.max_prompt_len(), task.max_len) + 32, 0,
                         max_lora_rank=cfg.vllm_lora_rank())
         extra["vllm start-up s"] = time.perf_counter() - t0
         eng = VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=0)
@@ -119,7 +122,7 @@ def main(args) -> int:
             record("vllm (no LoRA)", "shared-64", _time(base, args.repeats), 64)
         eng.close()
 
-    workloads = ["shared-16", "shared-64", "distinct-16"]
+    workloads = ["shared-16", "shared-64", "distinct-16", "distinct-16 loop"]
     print(f"model {cfg.model.path}, LoRA r={cfg.lora.r} on {len(cfg.lora.target_modules)} module kinds, "
           f"{L} tokens per sample, {args.threads} torch thread(s), best of {args.repeats}")
     print(f"{'engine':<16}" + "".join(f"{w:>14}" for w in workloads) + "   (tokens/s)")
@@ -130,6 +133,10 @@ def main(args) -> int:
             if engine != "transformers":
                 ratios = [row[w] / results["transformers"][w] if w in row else float("nan") for w in workloads]
                 print(f"{engine + ' / transformers':<30}" + "".join(f"{r:>10.2f}" for r in ratios))
+    if "transformers" in results:
+        row = results["transformers"]
+        print(f"transformers engine, 16 distinct prompts in one call / one call per prompt: "
+              f"{row['distinct-16'] / row['distinct-16 loop']:.2f}x")
     for k, v in extra.items():
         print(f"{k:<30}{v:>10.3f}")
     return 0

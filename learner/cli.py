@@ -74,7 +74,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from learner.models import main_prepare
+    from actors.models import main_prepare
 
     return main_prepare(force=args.force)
 
@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from learner.models import ModelError
+    from actors.models import ModelError
 
     try:
         return args.func(args)

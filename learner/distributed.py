@@ -1,25 +1,35 @@
 """The Ray driver: sampler, reward and replay actors around the learner, overlapped.
 
 Samplers always have `samplers.in_flight` requests queued, so they keep generating while the
-learner updates. The learner takes whichever batch is ready first (`ray.wait`), never the slowest
-sampler's; batches older than `runtime.max_staleness` versions, and batches of an actor that died,
-are dropped and counted, never half-used. Weights go out once per version: one `ray.put`, and
-every sampler gets the same object reference, swapped in between two generation calls.
+learner updates. With `reward.colocate` a sampler scores its own batches; otherwise every sample
+call is chained to a reward actor of the pool (`scorer.score.remote(sampler.sample.remote(req))`),
+so sampling, scoring and learning overlap and the driver only ever waits for scored batches. The
+learner takes whichever batch is ready first (`ray.wait`); batches older than
+`runtime.max_staleness` versions, and batches of an actor that died, are dropped and counted.
+Weights go out once per version: one `ray.put`, every sampler gets the same object reference.
+
+Requests are planned by the learner (`loop.plan_request`): the record scheduler picks the records,
+the replay's sizes decide the fresh/replayed split, the driver's generator gives the tempered
+temperatures and the request's seed. Requests in flight are checkpointed and sent again on
+resume; what a resumed Ray run does not restore is timing, i.e. which policy version serves a
+request, so its losses match an uninterrupted run only where the versions happen to match.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors import max_rss_bytes
-from actors.trajectory import Trajectory
-from actors.workers import ReplayWorker, SampledBatch, SampleRequest, SamplerWorker, ScorerWorker
+from actors.engines import context_length
+from actors.trajectory import PromptRequest, SampleRequest, Trajectory
+from actors.workers import ReplayWorker, SampledBatch, SamplerWorker
+from rewards.scorer import ScorerWorker, colocated_scorer
 
-from .loop import build, seed_replay, tempered_temperatures
-from .schedule import batch_counts
+from .loop import build, plan_request, replay_wanted, seed_replay
 
 
 class ActorFailed(RuntimeError):
@@ -36,6 +46,10 @@ def _cause(e: RayTaskError) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else _last_line(str(e))
 
 
+def _actor_id(handle) -> str:
+    return handle._actor_id.hex()
+
+
 class RayDriver:
     def __init__(self, cfg, log=print, worker_cls=SamplerWorker, metrics=None):
         self.cfg, self.log = cfg, log
@@ -49,26 +63,35 @@ class RayDriver:
                        resources=dict(s.resources))
         if s.memory_mb:
             options["memory"] = s.memory_mb * 2**20
+        ctx = context_length(cfg, self.c.task.max_prompt_len(), self.c.task.max_len)
         self.samplers = [
             ray.remote(worker_cls).options(name=name, **options).remote(
-                cfg, name, cfg.learner.seed + 1 + i, score=r.colocate, threads=int(s.num_cpus))
+                cfg, name, cfg.learner.seed + 1 + i, scorer_factory=colocated_scorer if r.colocate else None,
+                threads=int(s.num_cpus), max_model_len=ctx)
             for i, name in enumerate(self.names)
         ]
-        self.scorer = None
-        if not r.colocate:
-            self.scorer = ray.remote(ScorerWorker).options(
-                name="reward", num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0,
-                resources=dict(r.resources)).remote(cfg)
+        self.scorer_names = [] if r.colocate else (["reward"] if r.num_actors == 1 else [f"reward-{k}" for k in range(r.num_actors)])
+        self.scorers = [
+            ray.remote(ScorerWorker).options(
+                name=name, num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0,
+                resources=dict(r.resources)).remote(cfg, name, threads=int(r.num_cpus))
+            for name in self.scorer_names
+        ]
+        self._scorer_ids = {_actor_id(a): k for k, a in enumerate(self.scorers)}
         if metrics is not None:  # every series the dashboard shows exists from the start, at 0
-            for name in self.names + ([] if r.colocate else ["reward"]):
+            for name in self.names + self.scorer_names:
                 metrics.get("gfnlm_actor_restarts_total", target=name)
             for reason in ("stale", "actor_failed"):
                 metrics.get("gfnlm_batches_dropped_total", reason=reason)
             metrics.get("gfnlm_errors_total", kind="ActorFailed")
-        self.pending: dict = {}  # ObjectRef -> sampler index
+        self.pending: dict = {}  # ObjectRef -> (sampler index, tag)
+        self.plans: dict[int, tuple] = {}  # tag -> (request, replay counts)
+        self.deferred: list[int] = []  # samplers to send work to once the step's weights are out
         self.recovering: dict[int, tuple[float, float]] = {}  # sampler -> (retry time, back-off)
         self.retry_at: dict[int, float] = {}  # back-off of samplers retried but not yet healthy
-        self.next_prompt = 0
+        self.next_tag = 0
+        self.next_scorer = 0
+        self.resend: list = []  # plans restored from a checkpoint, sent before new ones
         self.weights = None
         self.counters = {"batches_dropped_stale_total": 0, "batches_dropped_failed_total": 0,
                          "actor_failures_total": 0, "broadcast_bytes": 0, "broadcast_seconds": 0.0,
@@ -95,9 +118,7 @@ class RayDriver:
         """name -> host:port of every process's metrics endpoint (learner and actors)."""
         if self.metrics is None:
             return {}
-        actors = dict(zip(self.names, self.samplers), replay=self.replay)
-        if self.scorer is not None:
-            actors["reward"] = self.scorer
+        actors = dict(zip(self.names, self.samplers), replay=self.replay, **dict(zip(self.scorer_names, self.scorers)))
         out = {"learner": self.metrics.endpoint}
         for name, a in actors.items():
             try:
@@ -108,13 +129,26 @@ class RayDriver:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def _plan(self):
+        """The next request: a restored one first, else new records from the scheduler."""
+        if self.resend:
+            return self.resend.pop(0)
+        c = self.c
+        rids = c.scheduler.next()
+        sizes = ray.get(self.replay.sizes.remote(rids))
+        req, counts = plan_request(self.cfg, c.task, rids, sizes, c.generator, tag=self.next_tag)
+        self.next_tag += 1
+        return req, counts
+
     def _submit(self, i: int) -> None:
-        cfg = self.cfg
-        n_on, n_temp, _ = batch_counts(cfg.batch, replay_available=1 if cfg.batch.replay > 0 else 0)
-        temps = tempered_temperatures(cfg, n_temp, self.c.sampler.generator) if n_temp else []
-        req = SampleRequest(self.next_prompt % len(self.c.task.prompts), n_on, temps)
-        self.next_prompt += 1
-        self.pending[self.samplers[i].sample.remote(req)] = i
+        req, counts = self._plan()
+        self.plans[req.tag] = (req, counts)
+        ref = self.samplers[i].sample.remote(req)
+        if self.scorers:  # chained: the reward actor takes the sampler's output when it is ready
+            k = self.next_scorer % len(self.scorers)
+            self.next_scorer += 1
+            ref = self.scorers[k].score.remote(ref)
+        self.pending[ref] = (i, req.tag)
 
     def start(self) -> None:
         self.publish()
@@ -132,10 +166,17 @@ class RayDriver:
                     self._submit(i)
                 self.retry_at[i] = self.recovering.pop(i)[1]
 
-    def _failed(self, i: int) -> None:
+    def _requeue(self, tag: int) -> None:
+        """A lost request's plan goes out again (same records, same seed)."""
+        plan = self.plans.pop(tag, None)
+        if plan is not None:
+            self.resend.append(plan)
+
+    def _failed(self, i: int, tag: int) -> None:
         """Sampler i lost a batch (it died; Ray restarts it): drop and count, retry later."""
         self.counters["batches_dropped_failed_total"] += 1
         self._metric("gfnlm_batches_dropped_total", "inc", reason="actor_failed")
+        self._requeue(tag)
         if i in self.recovering:
             return
         delay = min(2 * self.retry_at.pop(i, 0.25), 10.0)
@@ -144,10 +185,20 @@ class RayDriver:
             self._metric("gfnlm_actor_restarts_total", "inc", target=self.names[i])
             self.log(f"gfnlm: {self.names[i]} died; its batches in flight are dropped, Ray restarts it")
         # cancel what is still queued for it, then wait before sending more
-        for ref, j in list(self.pending.items()):
+        for ref, (j, t) in list(self.pending.items()):
             if j == i:
                 del self.pending[ref]
+                self._requeue(t)
         self.recovering[i] = (time.monotonic() + delay, delay)
+
+    def _scorer_failed(self, k: int, i: int, tag: int) -> None:
+        self.counters["actor_failures_total"] += 1
+        self.counters["batches_dropped_failed_total"] += 1
+        self._metric("gfnlm_actor_restarts_total", "inc", target=self.scorer_names[k])
+        self._metric("gfnlm_batches_dropped_total", "inc", reason="actor_failed")
+        self.log(f"gfnlm: {self.scorer_names[k]} died; its batch is dropped, Ray restarts it")
+        self._requeue(tag)
+        self._submit(i)
 
     def _next_batch(self) -> SampledBatch:
         """The first ready batch that is usable; keeps every healthy sampler busy."""
@@ -164,18 +215,28 @@ class RayDriver:
             if not ready:
                 continue
             ref = ready[0]
-            i = self.pending.pop(ref)
+            i, tag = self.pending.pop(ref)
             try:
                 batch = ray.get(ref)
             except RayActorError as e:
+                k = self._scorer_ids.get(getattr(e, "actor_id", None) or "")
                 if getattr(e, "actor_init_failed", False):
-                    raise ActorFailed(f"{self.names[i]} could not start: {_last_line(str(e))}") from None
-                self._failed(i)
+                    who = self.scorer_names[k] if k is not None else self.names[i]
+                    raise ActorFailed(f"{who} could not start: {_last_line(str(e))}") from None
+                if k is not None:
+                    self._scorer_failed(k, i, tag)
+                else:
+                    self._failed(i, tag)
                 continue
             except RayTaskError as e:
-                raise ActorFailed(f"{self.names[i]} failed: {_cause(e)}") from None
+                who = "reward" if self.scorers and "ScorerWorker" in str(e).splitlines()[0] else self.names[i]
+                raise ActorFailed(f"{who} failed: {_cause(e)}") from None
+            plan = self.plans.pop(tag, None)
             self.retry_at.pop(i, None)
-            self._submit(i)
+            if self.cfg.runtime.max_staleness == 0:
+                self.deferred.append(i)  # on-policy: its next request must see this step's weights
+            else:
+                self._submit(i)
             staleness = self.c.learner.step - batch.version
             if staleness > self.cfg.runtime.max_staleness:
                 self.counters["batches_dropped_stale_total"] += 1
@@ -183,38 +244,43 @@ class RayDriver:
                 continue
             self.counters["staleness"] = staleness
             self._metric("gfnlm_staleness_versions", "observe", staleness)
-            if self.scorer is not None:
-                try:
-                    batch = ray.get(self.scorer.score.remote(batch))
-                except RayActorError:
-                    self.counters["actor_failures_total"] += 1
-                    self.counters["batches_dropped_failed_total"] += 1
-                    self._metric("gfnlm_actor_restarts_total", "inc", target="reward")
-                    self._metric("gfnlm_batches_dropped_total", "inc", reason="actor_failed")
-                    continue
-                except RayTaskError as e:
-                    raise ActorFailed(f"reward failed: {_cause(e)}") from None
+            batch.plan = plan
             return batch
 
     # -- the step ------------------------------------------------------------------------------
 
-    def step(self, prompt_id: int, temperature: float) -> tuple[list[Trajectory], dict]:
+    def step(self, temperature: float) -> tuple[list[Trajectory], dict]:
         c, cfg = self.c, self.cfg
         batches = [self._next_batch() for _ in range(cfg.learner.grad_accum)]
-        _, _, n_rep = batch_counts(cfg.batch, replay_available=1)
         mixed, fresh = [], []
         for b in batches:
             self.replay.add.remote(b.trajectories)
-            replayed = ray.get(self.replay.sample.remote(b.prompt_id, n_rep, temperature))
+            req, counts = b.plan
+            replayed = ray.get(self.replay.sample_many.remote(replay_wanted(req, counts), temperature))
             fresh += b.trajectories
             mixed.append(b.trajectories + replayed)
         out = c.learner.update(mixed, c.task.prompt_ids, c.task.end_ids, temperature)
         out["trained"] = sum(len(m) for m in mixed)
         if c.learner.step % cfg.runtime.publish_every == 0:
             self.publish()
+        while self.deferred:
+            self._submit(self.deferred.pop(0))
         return fresh, out
 
-    # -- replay, memory, shutdown ----------------------------------------------------------------
+    # -- checkpoints, replay, memory, shutdown ----------------------------------------------------
+
+    def in_flight_plans(self) -> list[dict]:
+        """Plans of the requests not yet trained on, as plain data (checkpointed; sent again on resume)."""
+        plans = [self.plans[t] for _, t in self.pending.values() if t in self.plans] + list(self.resend)
+        return [{"request": asdict(req), "replay_counts": list(counts)} for req, counts in plans]
+
+    def restore_plans(self, plans: list[dict]) -> None:
+        self.resend = []
+        for p in plans:
+            req = dict(p["request"])
+            req["prompts"] = [PromptRequest(**q) for q in req["prompts"]]
+            self.resend.append((SampleRequest(**req), list(p["replay_counts"])))
+        self.next_tag = max([req.tag + 1 for req, _ in self.resend] + [self.next_tag])
 
     def replay_state(self) -> dict:
         return ray.get(self.replay.state_dict.remote())
@@ -227,9 +293,7 @@ class RayDriver:
 
     def memory(self) -> dict[str, int]:
         """Peak resident memory of every actor, by name."""
-        actors = dict(zip(self.names, self.samplers))
-        if self.scorer is not None:
-            actors["reward"] = self.scorer
+        actors = dict(zip(self.names, self.samplers), **dict(zip(self.scorer_names, self.scorers)))
         return {name: ray.get(a.memory.remote(), timeout=30) for name, a in actors.items()}
 
     def close(self) -> None:
@@ -241,7 +305,7 @@ class RayDriver:
             pass
         for ref in list(self.pending):
             ray.cancel(ref, force=False)
-        for a in self.samplers + [self.replay] + ([self.scorer] if self.scorer else []):
+        for a in self.samplers + [self.replay] + self.scorers:
             ray.kill(a)
 
 

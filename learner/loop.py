@@ -1,4 +1,4 @@
-"""The training loop: sample -> score -> replay -> update -> publish.
+"""The training loop: schedule records -> sample -> score -> replay -> update -> publish.
 
 `train` runs it with one of two drivers that take a step the same way:
 - LocalDriver: every piece in this process; the transformers engine shares the learner's model
@@ -6,8 +6,9 @@
   adapter after every step.
 - RayDriver (learner/distributed.py): sampler, reward and replay actors, sampling overlapped with
   learning.
-Both use the same plain classes; this file also holds what they share (progress, metrics.jsonl and
-the Prometheus figures of the learner, checkpoints).
+Both plan their sample requests with `plan_request` (the one batch mix) from the learner's record
+scheduler. This file also holds what they share: progress, metrics.jsonl and the Prometheus
+figures of the learner, checkpoints.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.engines import context_length, make_sampler
+from actors.policy import Policy
 from actors.replay import Replay
-from actors.engines import make_sampler
-from actors.sampler import TransformersSampler, sample_fresh
-from actors.trajectory import SampledBatch, Trajectory
+from actors.sampler import RequestServer, TransformersSampler
+from actors.trajectory import PromptRequest, SampledBatch, SampleRequest, Trajectory
 from actors.workers import record_sampling
 from configs import Config, dump_config
 from rewards import make_task
+from rewards.scorer import attach_scorer
 
-from .policy import Policy
-from .schedule import batch_counts, reward_temperature
+from .schedule import RecordScheduler, batch_mix, reward_temperature
 from .trainer import Learner, latest_checkpoint, load_adapter_weights, rng_state, save_checkpoint, set_rng_state
 
 
@@ -43,8 +45,12 @@ class Components:
     task: object
     sampler: object
     """The engine (`actors.sampler.SamplerEngine`)."""
-    replay: Replay
+    replay: Replay | None
     learner: Learner
+    scheduler: RecordScheduler
+    """Which records each micro-batch trains on (seeded, checkpointed)."""
+    generator: torch.Generator
+    """The driver's generator: tempered temperatures and per-request seeds (checkpointed)."""
 
 
 def setup_torch(cfg: Config) -> None:
@@ -58,8 +64,10 @@ def setup_torch(cfg: Config) -> None:
 def seed_replay(replay, cfg: Config, task) -> None:
     """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`)."""
     if cfg.replay.seed_with_support and cfg.batch.replay > 0:
-        for pid in range(len(task.prompts)):
-            replay.add(task.support_trajectories(pid))
+        for rid in task.train_ids:
+            seeds = task.seed_trajectories(rid)
+            if seeds:
+                replay.add(seeds)
 
 
 def new_replay(cfg: Config) -> Replay:
@@ -72,16 +80,29 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     learner's own model, whatever `sampler.engine` says: it only serves evaluation."""
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)
-    task = make_task(cfg.task, policy.tokenizer)
+    task = make_task(cfg, policy.tokenizer)
+    attach_scorer(task, cfg, policy.model, policy.device)
     if engine:
-        sampler = make_sampler(cfg, task, policy.tokenizer, seed=cfg.learner.seed, policy=policy)
+        sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
+                               max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     else:
-        sampler = TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed)
+        sampler = eval_engine(policy, cfg)
     replay = None
     if with_replay:
         replay = new_replay(cfg)
         seed_replay(replay, cfg, task)
-    return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner))
+    scheduler = RecordScheduler(task.train_ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
+    generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
+    return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner), scheduler, generator)
+
+
+def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
+    """The transformers engine on the learner's model, with the configured tools."""
+    from actors.tools import ToolRunner, make_tools
+
+    tools = ToolRunner.for_tokenizer(make_tools(cfg.sampler.tools), policy.tokenizer) if cfg.sampler.tools else None
+    return TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed, tools=tools,
+                               pad_id=policy.tokenizer.pad_token_id)
 
 
 def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
@@ -89,14 +110,39 @@ def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> li
     return (cfg.batch.temper_low + (cfg.batch.temper_high - cfg.batch.temper_low) * u).tolist()
 
 
-def collect(c: Components, prompt_id: int, temperature: float) -> tuple[list[Trajectory], list[Trajectory]]:
+def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[int], generator: torch.Generator,
+                 tag: int = 0) -> tuple[SampleRequest, list[int]]:
+    """The sample request for one micro-batch, and how many replayed trajectories each record adds."""
+    prompts, replayed = [], []
+    for rid, available in zip(record_ids, replay_sizes):
+        n_on, n_temp, n_rep = batch_mix(cfg.batch, available)
+        temps = tempered_temperatures(cfg, n_temp, generator) if n_temp else []
+        prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps))
+        replayed.append(n_rep)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
+                        tools=[t.model_dump() for t in cfg.sampler.tools], seed=seed, tag=tag)
+    return req, replayed
+
+
+def replay_wanted(plan: SampleRequest, counts: list[int]) -> list[tuple[int, int]]:
+    """(record, how many replayed) of a planned request, for `Replay.sample_many`."""
+    return [(p.record_id, n) for p, n in zip(plan.prompts, counts) if n]
+
+
+def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], list[Trajectory]]:
     """One micro-batch in this process: (fresh samples, the whole mixed batch)."""
-    n_on, n_temp, n_rep = batch_counts(c.cfg.batch, c.replay.size(prompt_id))
-    temps = tempered_temperatures(c.cfg, n_temp, c.sampler.generator) if n_temp else []
-    fresh = sample_fresh(c.sampler, c.task, prompt_id, n_on, temps)
+    req, counts = plan_request(c.cfg, c.task, record_ids, [c.replay.size(r) for r in record_ids], c.generator)
+    fresh = (serve or RequestServer(c.sampler, c.policy.tokenizer))(req)
     c.task.score(fresh)
     c.replay.add(fresh)
-    return fresh, fresh + c.replay.sample(prompt_id, n_rep, temperature)
+    return fresh, fresh + c.replay.sample_many(replay_wanted(req, counts), temperature)
+
+
+def references(c: Components, record_ids: list[int]) -> list[Trajectory]:
+    """SFT's micro-batch: the records' reference Z."""
+    refs = [c.task.reference(r) for r in record_ids]
+    return [t for t in refs if t is not None]
 
 
 class LocalDriver:
@@ -107,6 +153,7 @@ class LocalDriver:
         self.counters: dict[str, float] = {}
         self.metrics = metrics
         self.c.replay.metrics = metrics
+        self.serve = RequestServer(self.c.sampler, self.c.policy.tokenizer)
 
     def metrics_endpoints(self) -> dict[str, str]:
         return {"learner": self.metrics.endpoint} if self.metrics is not None else {}
@@ -114,18 +161,24 @@ class LocalDriver:
     def start(self) -> None:
         pass
 
-    def step(self, prompt_id: int, temperature: float) -> tuple[list[Trajectory], dict]:
+    def step(self, temperature: float) -> tuple[list[Trajectory], dict]:
         c = self.c
-        rounds = []
+        fresh, batches = [], []
         for _ in range(c.cfg.learner.grad_accum):
+            rids = c.scheduler.next()
+            if not c.learner.objective.samples:
+                batches.append(references(c, rids))
+                continue
             t0 = time.perf_counter()
-            rounds.append(collect(c, prompt_id, temperature))
-            record_sampling(self.metrics, SampledBatch(rounds[-1][0], c.sampler.version, "learner",
+            new, mixed = collect(c, rids, temperature, self.serve)
+            record_sampling(self.metrics, SampledBatch(new, c.sampler.version, "learner",
                                                        sample_seconds=time.perf_counter() - t0))
-        out = c.learner.update([b for _, b in rounds], c.task.prompt_ids, c.task.end_ids, temperature)
+            fresh += new
+            batches.append(mixed)
+        out = c.learner.update(batches, c.task.prompt_ids, c.task.end_ids, temperature)
         publish(c)
-        out["trained"] = sum(len(b) for _, b in rounds)
-        return [t for f, _ in rounds for t in f], out
+        out["trained"] = sum(len(b) for b in batches)
+        return fresh, out
 
     def replay_state(self) -> dict:
         return self.c.replay.state_dict()
@@ -142,7 +195,10 @@ class LocalDriver:
 
 def checkpoint(driver, run_dir: str) -> str:
     c = driver.c
-    extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "rng": rng_state(c.sampler.generator)}
+    extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "scheduler": c.scheduler.state_dict(),
+             "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state()}
+    if hasattr(driver, "in_flight_plans"):
+        extra["plans"] = driver.in_flight_plans()
     return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
 
 
@@ -153,6 +209,10 @@ def restore(driver, ckpt_dir: str) -> None:
     c.learner.load_state_dict(extra["learner"])
     driver.load_replay_state(extra["replay"])
     set_rng_state(extra["rng"], c.sampler.generator)
+    c.scheduler.load_state_dict(extra["scheduler"])
+    c.generator.set_state(extra["driver_rng"])
+    if hasattr(driver, "restore_plans"):
+        driver.restore_plans(extra.get("plans", []))
     publish(c)
 
 
@@ -163,10 +223,10 @@ def _shares_model(c: Components) -> bool:
 
 def eval_sampler(c: Components):
     """Evaluation samples with the transformers engine on the learner's model (it can switch the
-    adapter off for the base model's figures)."""
+    adapter off for the base model's figures), with the configured tools."""
     if _shares_model(c):
         return c.sampler
-    return TransformersSampler(c.policy.model, c.policy.device, seed=c.cfg.learner.seed)
+    return eval_engine(c.policy, c.cfg)
 
 
 def publish(c: Components) -> None:
@@ -203,9 +263,12 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
         cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
     metrics = for_process(cfg, "learner")
     try:
-        if cfg.runtime.mode == "ray":
+        if cfg.runtime.mode == "ray" and cfg.learner.objective.type == "sft":
+            log("gfnlm: objective sft trains on the records' references: no samplers needed, running in this process")
+        elif cfg.runtime.mode == "ray":
+            from cluster.ray_session import ray_session
+
             from .distributed import RayDriver
-            from .ray_session import ray_session
 
             with ray_session(cfg, log):
                 driver = RayDriver(cfg, log, metrics=metrics, **driver_kw)
@@ -230,7 +293,8 @@ def write_targets(driver, run_dir: str, log) -> None:
     log("gfnlm: metrics at " + ", ".join(f"{name} http://{ep}/metrics" for name, ep in endpoints.items() if ep))
 
 
-def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature: float, valid: float, seconds: float) -> None:
+def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature: float, valid: float | None,
+                seconds: float) -> None:
     if m is None:
         return
     m.get("gfnlm_learner_steps_total").inc()
@@ -240,11 +304,21 @@ def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature
     m.get("gfnlm_loss").set(out["loss"])
     m.get("gfnlm_learning_rate").set(out["lr"])
     m.get("gfnlm_reward_temperature").set(temperature)
-    m.get("gfnlm_valid_fraction").set(valid)
+    if valid is not None:
+        m.get("gfnlm_valid_fraction").set(valid)
     if fresh:
         log_r = [t.final_log_r for t in fresh]
         m.get("gfnlm_log_reward_mean").set(float(np.mean(log_r)))
         m.get("gfnlm_log_reward_max").set(float(np.max(log_r)))
+
+
+def valid_counts(task, fresh: list[Trajectory]) -> tuple[int, int] | None:
+    """(valid, total) of this step's on-policy samples, by the task's one definition of valid."""
+    on_policy = [t for t in fresh if t.source == "on_policy"]
+    verdicts = [task.is_valid(t) for t in on_policy]
+    if not on_policy or verdicts[0] is None:
+        return None
+    return sum(verdicts), len(verdicts)
 
 
 def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
@@ -271,22 +345,22 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                 t0 = time.perf_counter()
                 temp = reward_temperature(c.learner.step, cfg.reward_temperature)
                 try:
-                    fresh, out = driver.step(c.learner.step % len(c.task.prompts), temp)
+                    fresh, out = driver.step(temp)
                 except Exception as e:
                     if metrics is not None:
                         metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
                     raise
-                on_policy = [t for t in fresh if t.source == "on_policy"]
-                stats.push(sum(c.task.value(t.tokens) is not None for t in on_policy), len(on_policy), len(fresh),
-                           time.perf_counter() - t0)
+                counts = valid_counts(c.task, fresh)
+                valid = counts[0] / counts[1] if counts else None
+                stats.push(*(counts or (0, 0)), len(fresh), time.perf_counter() - t0)
                 record = {
                     "step": c.learner.step, **out, "reward_temperature": temp,
                     "mean_log_r": float(np.mean([t.final_log_r for t in fresh])) if fresh else float("nan"),
-                    "valid_fraction": stats.valid_fraction, "samples_per_second": stats.samples_per_second,
+                    "max_log_r": float(np.max([t.final_log_r for t in fresh])) if fresh else float("nan"),
+                    "valid_fraction": valid, "samples_per_second": stats.samples_per_second,
                     "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
                 }
-                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, stats.valid_fraction,
-                            record["step_seconds"])
+                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, valid, record["step_seconds"])
                 if on_step is not None:
                     on_step(c.learner.step, driver)
                 if c.learner.step % cfg.run.log_every == 0:
@@ -294,8 +368,10 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                     metrics_file.flush()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", logR=f"{record['mean_log_r']:.2f}",
-                                    valid=f"{100 * stats.valid_fraction:.0f}%", sps=f"{stats.samples_per_second:.1f}")
+                    shown = {"loss": f"{out['loss']:.3f}", "logR": f"{record['mean_log_r']:.2f}"}
+                    if counts is not None:
+                        shown["valid"] = f"{100 * stats.valid_fraction:.0f}%"
+                    bar.set_postfix(**shown, sps=f"{stats.samples_per_second:.1f}")
                 if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
                     checkpoint(driver, run_dir)
             checkpoint(driver, run_dir)

@@ -90,3 +90,23 @@ def tb_loss(
     resid = log_z + log_pt - log_r.gather(1, idx).squeeze(1)
     return resid.square().mean()
 
+
+
+def sft_loss(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    lengths: torch.Tensor,
+    tool_mask: torch.Tensor | None = None,
+    terminated: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Maximum likelihood of given (reference) trajectories: the mean negative log-likelihood per
+    policy action, counting every token of Z the policy chose and its final ⊤ (where `terminated`,
+    default all). Tool tokens are not the policy's and are left out."""
+    token, _ = _masks(log_pf, lengths, tool_mask)
+    idx = lengths.to(log_pf.device).long()[:, None]
+    ends = torch.ones_like(lengths, dtype=torch.bool) if terminated is None else terminated.to(torch.bool)
+    ends = ends.to(log_pf.device)
+    nll = -torch.where(token, log_pf, torch.zeros_like(log_pf)).sum()
+    nll = nll - torch.where(ends, log_pterm.gather(1, idx).squeeze(1), torch.zeros_like(ends, dtype=log_pf.dtype)).sum()
+    count = token.sum() + ends.sum()
+    return nll / count.clamp_min(1)

@@ -7,6 +7,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,33 +15,34 @@ import torch
 from actors.trajectory import Trajectory
 from configs.schema import LearnerConfig
 
-from .objectives import subtb_loss, tb_loss
-from .policy import Policy
+from actors.policy import Policy
+
+from .objective import PolicyTerms, make_objective
 
 
 class Learner:
-    """Owns the optimizer of the LoRA weights (and log Z for TB)."""
+    """Owns the optimizer of the LoRA weights and the objective's own parameters (TB's log Z)."""
 
     def __init__(self, policy: Policy, cfg: LearnerConfig):
         self.policy = policy
         self.cfg = cfg
-        self.log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+        self.objective = make_objective(cfg.objective, policy.device)
         groups = [{"params": policy.trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-        if cfg.objective == "tb":
-            groups.append({"params": [self.log_z], "lr": cfg.log_z_lr, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups)
+        self.optimizer = torch.optim.AdamW(groups + self.objective.param_groups())
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
         self.step = 0
 
-    def loss(self, trajectories: list[Trajectory], prompts: list[list[int]], end_ids: list[int], reward_temperature: float):
-        """Loss over a micro-batch; trajectories are grouped by prompt so each prompt runs once."""
+    def terms(self, trajectories: list[Trajectory], prompt_of: Callable[[int], list[int]], end_ids: list[int],
+              reward_temperature: float) -> PolicyTerms:
+        """The teacher-forced pass over a micro-batch; trajectories are grouped by record so each
+        prompt runs once."""
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
-            groups[t.prompt_id].append(t)
-        parts = [self.policy.logprobs(prompts[pid], ts, end_ids) for pid, ts in groups.items()]
+            groups[t.record_id].append(t)
+        parts = [self.policy.logprobs(prompt_of(rid), ts, end_ids) for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
 
@@ -48,29 +50,28 @@ class Learner:
             return torch.cat([torch.nn.functional.pad(p[i], (0, width - p[i].shape[1]), value=value) for p in parts])
 
         log_pf, log_pterm = cat(0, T, 0.0), cat(1, T + 1, 0.0)
-        lengths = torch.cat([p[2] for p in parts])
-        tool = cat(3, T, False)
         log_r = torch.zeros_like(log_pterm)
         for b, t in enumerate(ordered):
-            log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
-        log_r = log_r / reward_temperature
-        if self.cfg.objective == "subtb":
-            loss = subtb_loss(log_pf, log_pterm, log_r, lengths, lam=self.cfg.subtb_lambda, tool_mask=tool)
-        else:
-            loss = tb_loss(log_pf, log_pterm, log_r, lengths, self.log_z, tool_mask=tool)
-        return loss
+            if t.log_r is not None:
+                log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
+        terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
+        return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, torch.cat([p[2] for p in parts]),
+                           cat(3, T, False), terminated)
 
-    def update(self, micro_batches: list[list[Trajectory]], prompts, end_ids, reward_temperature: float) -> dict:
+    def loss(self, trajectories, prompt_of, end_ids, reward_temperature: float):
+        return self.objective.loss(self.terms(trajectories, prompt_of, end_ids, reward_temperature))
+
+    def update(self, micro_batches: list[list[Trajectory]], prompt_of, end_ids, reward_temperature: float) -> dict:
         """One optimizer step over `grad_accum` micro-batches."""
         t0 = time.perf_counter()
         self.policy.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total, extra = 0.0, {}
         for mb in micro_batches:
-            loss = self.loss(mb, prompts, end_ids, reward_temperature) / len(micro_batches)
-            loss.backward()
-            total += loss.item()
-        params = self.policy.trainable_parameters() + ([self.log_z] if self.cfg.objective == "tb" else [])
+            loss, extra = self.loss(mb, prompt_of, end_ids, reward_temperature)
+            (loss / len(micro_batches)).backward()
+            total += loss.item() / len(micro_batches)
+        params = self.policy.trainable_parameters() + self.objective.extra_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -80,7 +81,7 @@ class Learner:
             "loss": total,
             "grad_norm": float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
-            "log_z": self.log_z.item(),
+            **extra,
             "update_seconds": time.perf_counter() - t0,
         }
 
@@ -91,7 +92,7 @@ class Learner:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "log_z": self.log_z.detach().clone(),
+            "objective": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -99,8 +100,7 @@ class Learner:
         self.policy.version = self.step
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        with torch.no_grad():
-            self.log_z.copy_(state["log_z"])
+        self.objective.load_state_dict(state.get("objective", {}))
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -8,12 +8,16 @@ is scored: the prefix "2" of "25" is itself the number 2.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import re
+import time
 import warnings
 
 from actors.trajectory import Trajectory
-from configs.schema import (
+from configs.tasks import (
     BinomialTarget,
     GeometricTarget,
     PoissonTarget,
@@ -21,6 +25,9 @@ from configs.schema import (
     TableTarget,
     UniformTarget,
 )
+
+from .base import Task
+from .records import inline_records
 
 _CANONICAL = re.compile(r"0|[1-9][0-9]*")
 
@@ -54,20 +61,14 @@ def parse_number(text: str) -> int | None:
     return int(text) if _CANONICAL.fullmatch(text) else None
 
 
-class RandomNumberTask:
+class RandomNumberTask(Task):
     """Prompts, per-prefix rewards, seeds for the replay, and evaluation of sampled numbers."""
 
     name = "random_number"
 
     def __init__(self, cfg: RandomNumberConfig, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.prompts = list(cfg.prompts)
-        self.prompt_ids = [list(tokenizer(p).input_ids) for p in self.prompts]
-        self.end_ids = [self._single_token(t) for t in cfg.end_tokens]
+        super().__init__(cfg, tokenizer, inline_records(cfg.prompts))
         self.log_p = log_target(cfg.target)
-        self.min_len, self.max_len = cfg.min_len, cfg.max_len
-        self.floor = cfg.log_reward_floor
         share = self.invalid_mass_fraction(len(tokenizer))
         if share > 0.01:
             warnings.warn(
@@ -77,11 +78,8 @@ class RandomNumberTask:
                 stacklevel=2,
             )
 
-    def _single_token(self, text: str) -> int:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
-        return ids[0]
+    def prompt_text(self, record_id: int) -> str:
+        return self.records[record_id].fields["text"]
 
     def invalid_mass_fraction(self, vocab_size: int) -> float:
         """Share of the target's total reward held by invalid strings: each has R = e^floor, and
@@ -109,21 +107,28 @@ class RandomNumberTask:
 
     # -- known-good trajectories ---------------------------------------------------------------
 
-    def support_trajectories(self, prompt_id: int) -> list[Trajectory]:
+    def seed_trajectories(self, record_id: int) -> list[Trajectory]:
         """One trajectory per member of the support (that fits in max_len tokens)."""
         out = []
         for v in self.log_p:
             tokens = list(self.tokenizer(str(v), add_special_tokens=False).input_ids)
             if self.min_len <= len(tokens) <= self.max_len and self.value(tokens) == v:
-                out.append(Trajectory(prompt_id, tokens, terminated=True, temperature=float("nan"), version=-1, source="seed"))
+                out.append(Trajectory(record_id, tokens, terminated=True, temperature=float("nan"), version=-1, source="seed"))
         self.score(out)
         return out
 
     # -- evaluation ----------------------------------------------------------------------------
 
     def sample_value(self, t: Trajectory) -> int | None:
-        """A sample counts as valid only if the policy itself ended it with ⊤."""
+        """The number a sample spells; valid only if the policy itself ended it with ⊤ after at
+        least min_len tokens."""
         return self.value(t.tokens) if t.terminated and len(t.tokens) >= self.min_len else None
+
+    def is_valid(self, t: Trajectory) -> bool:
+        return self.sample_value(t) is not None
+
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print) -> dict:
+        return evaluate_numbers(policy, self, sampler, eval_cfg, out_dir, log)
 
 
 def number_metrics(values: list[int | None], log_p: dict[int, float], smoothing: float = 0.5) -> dict:
@@ -162,3 +167,75 @@ def number_metrics(values: list[int | None], log_p: dict[int, float], smoothing:
         tv += abs(p - c / m)
     figures.update(kl=kl, kl_unsmoothed=kl_raw, tv=0.5 * tv)
     return figures
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def sample_values(sampler, task, n: int, batch_size: int) -> list[int | None]:
+    """n samples per prompt at temperature 1; a sample is valid only if the policy ended it."""
+    values: list[int | None] = []
+    for pid in task.test_ids:
+        prompt = task.prompt_ids(pid)
+        left = n
+        while left > 0:
+            k = min(batch_size, left)
+            # one token past max_len: a number must be ended by ⊤ chosen by the policy itself
+            trajs = sampler.generate(pid, prompt, k, 1.0, task.min_len, task.max_len + 1, task.end_ids, source="eval")
+            values += [task.sample_value(t) for t in trajs]
+            left -= k
+    return values
+
+
+def evaluate_numbers(policy, task, sampler, eval_cfg, out_dir: str, log=print) -> dict:
+    """Samples of the base model and the trained policy against the target: figures, eval.json, eval.png."""
+    variants = {"trained": contextlib.nullcontext}
+    if eval_cfg.include_base:
+        variants = {"base": policy.model.disable_adapter, **variants}
+    results, histograms = {}, {}
+    for name, ctx in variants.items():
+        t0 = time.perf_counter()
+        with ctx():
+            values = sample_values(sampler, task, eval_cfg.num_samples, eval_cfg.batch_size)
+        figures = number_metrics(values, task.log_p)
+        figures["seconds"] = time.perf_counter() - t0
+        results[name] = figures
+        histograms[name] = values
+        log(
+            f"gfnlm eval {name:>7}: valid {100 * figures['valid_fraction']:.1f}%  KL(target‖empirical) {figures['kl']:.4f}  "
+            f"TV {figures['tv']:.3f}  distinct {figures['distinct']}/{figures['support_size']}  "
+            f"({figures['samples']} samples, {figures['seconds']:.0f} s)"
+        )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_histogram(histograms, task.log_p, os.path.join(out_dir, "eval.png"))
+    return results
+
+
+def plot_histogram(samples: dict[str, list], log_p: dict[int, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    support = sorted(log_p)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(samples), 1)
+    for i, (name, values) in enumerate(samples.items()):
+        n = len(values)
+        counts = {v: 0 for v in support}
+        for v in values:
+            if v is not None:
+                counts[v] += 1
+        invalid = sum(v is None for v in values)
+        xs = [x + (i - (len(samples) - 1) / 2) * width for x in support]
+        ax.bar(xs, [counts[v] / n for v in support], width=width, alpha=0.7,
+               label=f"{name} (invalid {100 * invalid / n:.1f}% of {n})")
+    ax.step(support, [math.exp(log_p[v]) for v in support], where="mid", color="black", label="target")
+    ax.set_xlabel("value")
+    ax.set_ylabel("fraction of all samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

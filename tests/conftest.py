@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from learner.tiny import build_model
+from actors.tiny import build_model
 
 torch.set_num_threads(1)
 
@@ -42,7 +42,7 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
         "model.path": model_dir,
         "lora.target_modules": "[" + ",".join(targets) + "]",
         "lora.r": 4,
-        "batch.size": 8,
+        "batch.samples_per_prompt": 8,
         "learner.steps": 3,
         "learner.warmup_steps": 0,
         "learner.lr": 1e-2,

@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.reward_model import RewardModel
+from actors.scoring import PrefixScorer
 from actors.sampler import TransformersSampler
 from actors.tools import ToolRunner
 from actors.trajectory import Trajectory
 from actors.vllm_engine import vllm_available
 from configs.schema import LoraConfig, ModelConfig
 from learner.objectives import subtb_loss
-from learner.policy import Policy
+from actors.policy import Policy
 from conftest import LLAMA_TARGETS, tiny_overrides
 
 VLLM_MISSING = vllm_available()
@@ -219,11 +219,14 @@ def test_vllm_prefix_scores_equal_the_transformers_forward(tiny_llama_vllm, setu
     policy = make_policy(tiny_llama_vllm, seed=8)  # the reward is the frozen base: the adapter is off
     trajs = [Trajectory(0, tok.encode(s, add_special_tokens=False)) for s in ["42", "7", "", "hello there"]]
     trajs[3].tool_mask = [False, False, True, True, False, False, False, False, False, False, False]
-    ref = RewardModel(policy.model, tok.pad_token_id, temperature=2.0).prefix_log_likelihoods(prompt, trajs, end2)
-    got = VLLMRewardModel(reward_llm, temperature=2.0).prefix_log_likelihoods(prompt, trajs, end2)
-    for r, g, t in zip(ref, got, trajs):
-        assert len(g) == t.length + 1
-        assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-3)
+    ref_scorer, vllm_scorer = PrefixScorer(policy.model, tok.pad_token_id), VLLMRewardModel(reward_llm)
+    suffix = tok.encode(" and so on.", add_special_tokens=False)
+    for kw in (dict(end_ids=end2), dict(suffix_ids=suffix), dict(suffix_ids=suffix[:1])):
+        ref = ref_scorer.score(prompt, trajs, **kw)
+        got = vllm_scorer.score(prompt, trajs, **kw)
+        for r, g, t in zip(ref, got, trajs):
+            assert len(g) == t.length + 1
+            assert torch.allclose(torch.tensor(g), torch.tensor(r), atol=1e-3), kw
 
 
 def vllm_overrides(model_dir, run_dir, **extra):
@@ -248,7 +251,7 @@ def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_pa
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in records)
     # what the engine serves now is the learner's adapter: its log-probs are the learner's
-    prompt = c.task.prompt_ids[0]
+    prompt = c.task.prompt_ids(0)
     trajs = c.sampler.generate(0, prompt, 6, 1.0, 0, 3, c.task.end_ids)
     log_pf, _ = teacher_forced(c.policy, prompt, trajs, c.task.end_ids)
     assert torch.allclose(torch.cat([torch.tensor(t.logprobs) for t in trajs]),
@@ -258,14 +261,19 @@ def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_pa
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_sampler_worker_on_vllm_tags_batches_with_the_version(tiny_llama_vllm, tmp_path):
+    from actors.trajectory import PromptRequest
     from actors.workers import SampleRequest, SamplerWorker
     from configs import load_config
+    from rewards.scorer import colocated_scorer
 
     cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run"))
-    worker = SamplerWorker(cfg, "sampler-0", seed=3)
+    worker = SamplerWorker(cfg, "sampler-0", seed=3, scorer_factory=colocated_scorer)
     policy = make_policy(tiny_llama_vllm, seed=9)
     assert worker.set_weights(policy.adapter_state(), 5) >= 0 and worker.version == 5
-    batch = worker.sample(SampleRequest(prompt_id=0, n_on_policy=4, temperatures=[1.5, 2.0]))
-    assert batch.version == 5 and len(batch.trajectories) == 6
-    assert [t.source for t in batch.trajectories] == ["on_policy"] * 4 + ["tempered"] * 2
+    prompts = [PromptRequest(0, policy.tokenizer.encode("7 + 5 ="), 4, [1.5, 2.0]),
+               PromptRequest(3, policy.tokenizer.encode("a b"), 2)]
+    batch = worker.sample(SampleRequest(prompts, 1, 3, [policy.tokenizer.convert_tokens_to_ids(".")]))
+    assert batch.version == 5 and len(batch.trajectories) == 8
+    assert [t.source for t in batch.trajectories] == ["on_policy"] * 4 + ["tempered"] * 2 + ["on_policy"] * 2
+    assert [t.record_id for t in batch.trajectories] == [0] * 6 + [3] * 2
     assert all(t.log_r is not None and len(t.log_r) == t.length + 1 for t in batch.trajectories)

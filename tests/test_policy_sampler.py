@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from actors.reward_model import RewardModel
+from actors.scoring import PrefixScorer
 from actors.sampler import TransformersSampler
 from actors.trajectory import Trajectory
 from configs.schema import LoraConfig, ModelConfig
-from learner.policy import Policy
+from actors.policy import Policy
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS
 
@@ -122,8 +122,8 @@ def test_reward_model_scores_every_prefix_with_frozen_weights(policy):
     prompt = tok(PROMPT).input_ids
     end = tok(".", add_special_tokens=False).input_ids
     seqs = [tok(s, add_special_tokens=False).input_ids for s in ["42", "", "9"]]
-    rm = RewardModel(policy.model, tok.pad_token_id)
-    got = rm.prefix_log_likelihoods(prompt, trajs(seqs), end)
+    rm = PrefixScorer(policy.model, tok.pad_token_id)
+    got = rm.score(prompt, trajs(seqs), end_ids=end)
     with torch.no_grad(), policy.model.disable_adapter():
         ref_pf, ref_pt = naive_logprobs(policy.model, prompt, seqs, end)
     for b, s in enumerate(seqs):

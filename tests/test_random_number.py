@@ -5,7 +5,7 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from configs.schema import RandomNumberTask as TaskCfg
+from configs.tasks import RandomNumberTask as TaskCfg
 from rewards import RandomNumberTask, log_target, number_metrics, parse_number
 
 
@@ -57,7 +57,7 @@ def test_every_prefix_is_scored(task):
 
 
 def test_support_seeds(task):
-    seeds = task.support_trajectories(0)
+    seeds = task.seed_trajectories(0)
     assert sorted(task.value(t.tokens) for t in seeds) == list(range(21))
     assert all(t.source == "seed" and t.final_log_r == pytest.approx(-math.log(21)) for t in seeds)
 

@@ -8,8 +8,8 @@ from actors.replay import Replay, edit_distance
 from actors.trajectory import Trajectory
 
 
-def traj(tokens, log_r, prompt_id=0):
-    return Trajectory(prompt_id, list(tokens), log_r=[0.0] * len(tokens) + [log_r])
+def traj(tokens, log_r, record_id=0):
+    return Trajectory(record_id, list(tokens), log_r=[0.0] * len(tokens) + [log_r])
 
 
 def test_edit_distance():
@@ -21,7 +21,7 @@ def test_edit_distance():
 
 def test_keeps_top_k_per_prompt():
     r = Replay(capacity_per_prompt=3, dedup_fraction=0.0)
-    r.add([traj([i], -i) for i in range(6)] + [traj([9], -1.0, prompt_id=1)])
+    r.add([traj([i], -i) for i in range(6)] + [traj([9], -1.0, record_id=1)])
     assert sorted(t.final_log_r for t in r.buffers[0]) == [-2, -1, 0]
     assert r.size(0) == 3 and r.size(1) == 1 and r.size() == 4
     # a worse one than all kept is refused when full; a better one evicts the worst
@@ -50,12 +50,12 @@ def test_near_duplicates_keep_the_better():
 def test_sampling_follows_softmax_of_tempered_log_r():
     r = Replay(capacity_per_prompt=10, dedup_fraction=0.0, sampling="softmax", seed=0)
     r.add([traj([1], 0.0), traj([2], -math.log(3))])  # weights 3 : 1
-    picks = r.sample(0, 4000, reward_temperature=1.0)
+    picks = [t for _ in range(4000) for t in r.sample(0, 1, reward_temperature=1.0)]
     frac = sum(t.tokens == [1] for t in picks) / len(picks)
     assert frac == pytest.approx(0.75, abs=0.03)
     assert all(t.source == "replay" for t in picks)
     # a high temperature flattens it
-    picks = r.sample(0, 4000, reward_temperature=100.0)
+    picks = [t for _ in range(4000) for t in r.sample(0, 1, reward_temperature=100.0)]
     assert sum(t.tokens == [1] for t in picks) / 4000 == pytest.approx(0.5, abs=0.03)
     assert r.sample(5, 3) == []
 
@@ -63,12 +63,48 @@ def test_sampling_follows_softmax_of_tempered_log_r():
 def test_uniform_sampling_and_state_round_trip():
     r = Replay(capacity_per_prompt=10, dedup_fraction=0.0, sampling="uniform", seed=1)
     r.add([traj([i], -10.0 * i) for i in range(4)])
-    picks = r.sample(0, 4000)
+    picks = [t for _ in range(4000) for t in r.sample(0, 1)]
     assert sum(t.tokens == [3] for t in picks) / 4000 == pytest.approx(0.25, abs=0.03)
     state = r.state_dict()
     r2 = Replay(capacity_per_prompt=10, dedup_fraction=0.0, sampling="uniform")
     r2.load_state_dict(state)
-    assert [t.tokens for t in r2.sample(0, 20)] == [t.tokens for t in r.sample(0, 20)]
+    assert [t.tokens for t in r2.sample(0, 3)] == [t.tokens for t in r.sample(0, 3)]
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "softmax"])
+def test_a_short_buffer_gives_each_trajectory_once(sampling):
+    r = Replay(capacity_per_prompt=10, dedup_fraction=0.0, sampling=sampling, seed=1)
+    r.add([traj([i], -1.0 * i) for i in range(3)])
+    for n in (3, 8):
+        assert sorted(t.tokens for t in r.sample(0, n)) == [[0], [1], [2]]
+    assert len(r.sample(0, 2)) == 2
+    assert r.sizes([0, 7]) == [3, 0]
+    assert [t.tokens for t in r.sample_many([(0, 5), (7, 4)])] and len(r.sample_many([(0, 5), (7, 4)])) == 3
+
+
+def test_bounded_edit_distance_is_exact_below_its_limit():
+    import random
+
+    from actors.replay import edit_distance
+
+    def plain(a, b):
+        prev = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            cur = [i]
+            for j, y in enumerate(b, 1):
+                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = tuple(rng.randrange(4) for _ in range(rng.randrange(12)))
+        b = tuple(rng.randrange(4) for _ in range(rng.randrange(12)))
+        d = plain(a, b)
+        assert edit_distance(a, b) == d
+        for limit in range(1, 10):
+            got = edit_distance(a, b, limit)
+            assert got == d if d < limit else got >= limit
 
 
 def test_unscored_trajectory_is_refused():

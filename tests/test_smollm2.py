@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import load_config
-from learner.evaluate import sample_values
+from rewards.random_number import sample_values
 from learner.loop import build, train
 from rewards import number_metrics
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from learner.models import ModelError, prepare_embedded
+    from actors.models import ModelError, prepare_embedded
 
     try:
         return prepare_embedded()
@@ -23,7 +23,7 @@ def smollm2_dir():
 
 
 def test_prepared_folder_loads_and_tokenizes_digits(smollm2_dir):
-    from learner.models import load_model, prepare_embedded
+    from actors.models import load_model, prepare_embedded
 
     assert prepare_embedded() == smollm2_dir  # second call reuses the folder
     model, tok = load_model(smollm2_dir)

@@ -1,0 +1,300 @@
+"""Task sections of the config: where records come from, how they become prompts, what the reward is.
+
+A task is data plus a reward (DESIGN §7). Records come from JSONL or CSV files with named columns;
+templates with `{column}` slots turn a record into the policy's prompt, the reward's context, the
+suffix Y the reward appends, and the reference Z (lm-evaluation-harness's `doc_to_text`, in
+spirit). The random-number task's records are its inline prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Section
+
+DEFAULT_PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
+"""The random-number task's default prompt."""
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rewards", "data")
+"""Data sets shipped with gfnlm; a data file name that is not a path is looked up here."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{column}` slots of a template, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _check_template(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        names = template_fields(v)
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); slots are {{column}}, literal braces are {{{{ }}}}") from None
+    for name in names:
+        if not name.isidentifier():
+            raise ValueError(f"slot {{{name}}} must name a column, like {{text}}")
+    return v
+
+
+
+
+class UniformTarget(Section):
+    type: Literal["uniform"] = "uniform"
+    """Discriminator: 'uniform'."""
+    low: int = Field(0, ge=0)
+    """Smallest integer of the support."""
+    high: int = Field(100, ge=0)
+    """Largest integer of the support (inclusive)."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class PoissonTarget(Section):
+    type: Literal["poisson"] = "poisson"
+    """Discriminator: 'poisson'."""
+    rate: float = Field(gt=0)
+    """Mean of the Poisson distribution."""
+    max_value: int = Field(100, ge=0)
+    """The support is truncated to 0..max_value and renormalised."""
+
+
+class BinomialTarget(Section):
+    type: Literal["binomial"] = "binomial"
+    """Discriminator: 'binomial'."""
+    n: int = Field(ge=1)
+    """Number of trials; the support is 0..n."""
+    p: float = Field(gt=0, lt=1)
+    """Success probability of one trial."""
+
+
+class GeometricTarget(Section):
+    type: Literal["geometric"] = "geometric"
+    """Discriminator: 'geometric'."""
+    p: float = Field(gt=0, le=1)
+    """P(v) ∝ (1 - p)^v for v = 0, 1, ..."""
+    max_value: int = Field(100, ge=0)
+    """The support is truncated to 0..max_value and renormalised."""
+
+
+class TableTarget(Section):
+    type: Literal["table"] = "table"
+    """Discriminator: 'table'."""
+    weights: dict[int, float] = Field(min_length=1)
+    """Explicit unnormalised weights, value -> weight (weights > 0; values >= 0)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, w: dict[int, float]) -> dict[int, float]:
+        for v, p in w.items():
+            if v < 0 or not p > 0:
+                raise ValueError(f"entry {v}: {p} needs a value >= 0 and a weight > 0")
+        return w
+
+
+Target = Annotated[
+    Union[UniformTarget, PoissonTarget, BinomialTarget, GeometricTarget, TableTarget],
+    Field(discriminator="type"),
+]
+
+
+class RandomNumberTask(Section):
+    type: Literal["random_number"] = "random_number"
+    """Discriminator: 'random_number'."""
+
+    prompts: list[str] = Field(default_factory=lambda: [DEFAULT_PROMPT], min_length=1)
+    """Prompts X; each one is a separate query q(Z | X). Must not be empty."""
+
+    target: Target = Field(default_factory=UniformTarget)
+    """The distribution over integers that the policy should sample from."""
+
+    end_tokens: list[str] = Field(default_factory=lambda: ["."], min_length=1)
+    """Text of the tokens that terminate Z (the ⊤ action); q(⊤ | s) is their total probability.
+    Each must be exactly one token of the model's tokenizer."""
+
+    min_len: int = Field(1, ge=0)
+    """Fewest tokens of Z before termination is allowed."""
+
+    max_len: int = Field(3, ge=1)
+    """Most tokens of Z; a trajectory that reaches it is terminated."""
+
+    log_reward_floor: float = -50.0
+    """log R of anything that is not a canonical integer of the support followed by ⊤. Keep
+    floor + max_len × ln(vocabulary size) well below 0: there are about V^max_len invalid strings,
+    and with a higher floor their total reward outweighs the valid numbers' (a warning says so)."""
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty_prompts(cls, v: list[str]) -> list[str]:
+        if any(not p for p in v):
+            raise ValueError("prompts must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
+        return self
+
+
+class DataConfig(Section):
+    train: str
+    """Records to train on: a JSONL file (one object per line) or a CSV file with a header row.
+    A bare file name is looked up in the working directory, then in gfnlm's shipped data
+    (rewards/data/)."""
+
+    test: str | None = None
+    """Held-out records for evaluation (same format); unset takes `test_fraction` of `train`."""
+
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """With no `test` file: the seeded fraction of `train` held out for evaluation."""
+
+    subset: int | None = Field(None, ge=1)
+    """Train on a seeded subset of this many records (all when unset)."""
+
+    seed: int = 0
+    """Seed of the split and the subset."""
+
+
+class ContinuationTask(Section):
+    """Sentence continuation (paper §4.2): R(Z) = p_LM(Z ⊤ | X)^(1/T), ⊤ an end token."""
+
+    type: Literal["continuation"] = "continuation"
+    """Discriminator: 'continuation'."""
+
+    data: DataConfig
+    """Where the records (prompts X) come from."""
+
+    prompt_template: str = "{text}"
+    """The policy's prompt X, from a record's columns."""
+
+    context_template: str | None = None
+    """The reward's context; unset uses the policy's prompt."""
+
+    end_tokens: list[str] = Field(default_factory=lambda: ["."], min_length=1)
+    """Text of the tokens that terminate Z (the ⊤ action); each must be one token."""
+
+    min_len: int = Field(1, ge=0)
+    """Fewest tokens of Z before ⊤ may be chosen; shorter prefixes get the floor."""
+
+    max_len: int = Field(30, ge=1)
+    """Most tokens of Z; a trajectory that reaches it is terminated."""
+
+    disallowed: list[str] = Field(default_factory=lambda: ["\n"])
+    """Tokens whose text contains any of these strings are disallowed: a prefix holding one gets
+    the floor."""
+
+    log_reward_floor: float = -99.0
+    """log R of prefixes that are too short or hold a disallowed token."""
+
+    @field_validator("prompt_template", "context_template")
+    @classmethod
+    def _templates(cls, v):
+        return _check_template(v)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
+        return self
+
+
+class InfillingTask(ContinuationTask):
+    """Infilling (paper §4.3): R(Z) = p_LM(X Z Y) with X the beginning, Y the ending."""
+
+    type: Literal["infilling"] = "infilling"
+    """Discriminator: 'infilling'."""
+
+    prompt_template: str = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
+    """The policy's prompt, from a record's columns."""
+
+    context_template: str | None = "{beginning}"
+    """The reward's context X (what comes before Z in the scored text)."""
+
+    suffix_template: str = ". {ending}"
+    """Y, scored after Z: log R(z_1:i) = log p(z_1:i Y | X). It starts with the end token's text,
+    since ⊤ ends the middle sentence."""
+
+    reference_template: str | None = " {middle}"
+    """The reference Z of a record (its trailing end-token text is dropped); seeds the replay and
+    is what SFT trains on and BLEU compares against."""
+
+    min_len: int = Field(3, ge=0)
+    """Fewest tokens of Z before ⊤ may be chosen; shorter prefixes get the floor."""
+
+    max_len: int = Field(25, ge=1)
+    """Most tokens of Z; a trajectory that reaches it is terminated."""
+
+    seed_replay_with_references: bool = True
+    """Put each training record's reference Z into the replay at the start."""
+
+    @field_validator("suffix_template", "reference_template")
+    @classmethod
+    def _more_templates(cls, v):
+        return _check_template(v)
+
+
+class ConstraintConfig(Section):
+    include: list[str] = Field(default_factory=list)
+    """Words Z must contain (whole words, case-insensitive)."""
+
+    exclude: list[str] = Field(default_factory=list)
+    """Words Z must not contain (whole words, case-insensitive)."""
+
+    min_words: int = Field(0, ge=0)
+    """Fewest words of Z."""
+
+    max_words: int | None = Field(None, ge=1)
+    """Most words of Z (unset: no limit)."""
+
+    include_column: str | None = None
+    """A record column holding more required words (space-separated), per record."""
+
+
+class ConstrainedTask(ContinuationTask):
+    """Constrained generation: R(Z) = p_LM(Z ⊤ | X) · c(Z). A finished Z with c = 0 gets the floor;
+    every prefix is judged as a finished Z of its own."""
+
+    type: Literal["constrained"] = "constrained"
+    """Discriminator: 'constrained'."""
+
+    constraint: ConstraintConfig = Field(default_factory=ConstraintConfig)
+    """c(Z): what a finished Z must satisfy."""
+
+    @model_validator(mode="after")
+    def _something_to_satisfy(self):
+        c = self.constraint
+        if not (c.include or c.exclude or c.min_words or c.max_words or c.include_column):
+            raise ValueError("constraint: give at least one of include, exclude, min_words, max_words, include_column")
+        return self
+
+
+Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask], Field(discriminator="type")]
+
+TASK_TYPES = ("random_number", "continuation", "infilling", "constrained")
+
+
+def support_size(target) -> int:
+    """Members of a random-number target's support."""
+    if isinstance(target, UniformTarget):
+        return target.high - target.low + 1
+    if isinstance(target, BinomialTarget):
+        return target.n + 1
+    if isinstance(target, TableTarget):
+        return len(target.weights)
+    return target.max_value + 1
+
+
+def seeds_per_record(task) -> int:
+    """Known-good trajectories a task puts into the replay per record at the start."""
+    if isinstance(task, RandomNumberTask):
+        return support_size(task.target)
+    return 1 if getattr(task, "seed_replay_with_references", False) else 0

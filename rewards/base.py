@@ -1,0 +1,99 @@
+"""What every task offers the learner and the drivers: record ids, prompt tokens, log R, seeds.
+
+The learner sees record ids, token ids and log R only; a task owns its records, how a record
+becomes the policy's prompt and the reward's context and suffix, how trajectories are scored,
+which trajectories are known to be good, and what "valid" means for it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from actors.trajectory import Trajectory
+from configs.tasks import template_fields
+
+from .records import RecordSet
+
+
+class Task:
+    name = "task"
+    needs_lm = False
+    """True when the reward is a language model (a `PrefixScorer` must be attached as `lm`)."""
+
+    def __init__(self, cfg, tokenizer, records: RecordSet):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.records = records
+        self.min_len, self.max_len = cfg.min_len, cfg.max_len
+        self.floor = cfg.log_reward_floor
+        self.end_ids = [self._single_token(t) for t in cfg.end_tokens]
+        self.lm = None
+        self._prompt_cache = lru_cache(maxsize=65536)(self._encode_prompt)
+
+    # -- records -----------------------------------------------------------------------------
+
+    @property
+    def train_ids(self) -> list[int]:
+        return self.records.train_ids
+
+    @property
+    def test_ids(self) -> list[int]:
+        return self.records.test_ids
+
+    def render(self, template: str, record_id: int) -> str:
+        return template.format(**self.records[record_id].fields)
+
+    def prompt_text(self, record_id: int) -> str:
+        return self.render(self.cfg.prompt_template, record_id)
+
+    def prompt_ids(self, record_id: int) -> list[int]:
+        """The policy's prompt tokens of a record (tokenized on first use, then cached)."""
+        return self._prompt_cache(record_id)
+
+    def _encode_prompt(self, record_id: int) -> list[int]:
+        return list(self.tokenizer(self.prompt_text(record_id)).input_ids)
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
+        return ids[0]
+
+    def max_prompt_len(self) -> int:
+        return max(len(self.prompt_ids(r)) for r in self.train_ids + self.test_ids)
+
+    # -- reward --------------------------------------------------------------------------------
+
+    def score(self, trajectories: list[Trajectory]) -> None:
+        """Fill each trajectory's untempered log R of every prefix, in place."""
+        raise NotImplementedError
+
+    def seed_trajectories(self, record_id: int) -> list[Trajectory]:
+        """Known-good trajectories of a record for the replay (scored); none by default."""
+        return []
+
+    def reference(self, record_id: int) -> Trajectory | None:
+        """The record's reference Z as a trajectory (what SFT trains on), if it has one."""
+        return None
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def is_valid(self, t: Trajectory) -> bool | None:
+        """Whether a sample is valid for this task (None: the task has no such notion). One
+        definition for training figures and evaluation."""
+        return None
+
+
+def columns_of(*templates: str | None) -> list[str]:
+    """The record columns a set of templates needs, each once, in order."""
+    out: list[str] = []
+    for t in templates:
+        for name in template_fields(t) if t else []:
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def finite_or_floor(x: float, floor: float) -> float:
+    return x if math.isfinite(x) else floor

@@ -1,0 +1,51 @@
+"""Constrained generation: R(Z) = p_LM(Z ⊤ | X) · c(Z), c from config.
+
+c(Z) = 1 when Z contains every required word, none of the excluded words, and has a word count in
+the window; else 0, which puts that finished Z at the floor. Every prefix is judged as a finished
+Z of its own, so a prefix that does not yet hold a required word sits at the floor while the
+prefixes that do keep their LM likelihood.
+"""
+
+from __future__ import annotations
+
+import re
+
+from actors.trajectory import Trajectory
+
+from .base import columns_of
+from .continuation import LMTask
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def satisfies(text: str, include: list[str], exclude: list[str], min_words: int = 0, max_words: int | None = None) -> bool:
+    """c(Z) of a text: required words present, excluded words absent, word count in the window."""
+    ws = words(text)
+    have = set(ws)
+    return (all(w.lower() in have for w in include) and not any(w.lower() in have for w in exclude)
+            and len(ws) >= min_words and (max_words is None or len(ws) <= max_words))
+
+
+class ConstrainedTask(LMTask):
+    name = "constrained"
+
+    @staticmethod
+    def columns(cfg) -> list[str]:
+        extra = [cfg.constraint.include_column] if cfg.constraint.include_column else []
+        return columns_of(cfg.prompt_template, cfg.context_template) + extra
+
+    def required(self, record_id: int) -> list[str]:
+        c = self.cfg.constraint
+        own = self.records[record_id].fields[c.include_column].split() if c.include_column else []
+        return list(c.include) + own
+
+    def constraint_ok(self, record_id: int, text: str) -> bool:
+        c = self.cfg.constraint
+        return satisfies(text, self.required(record_id), c.exclude, c.min_words, c.max_words)
+
+    def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
+        return super().prefix_ok(record_id, t, i) and self.constraint_ok(record_id, self.tokenizer.decode(t.tokens[:i]))

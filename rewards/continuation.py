@@ -1,0 +1,96 @@
+"""Sentence continuation (paper §4.2), and the base of every task whose reward is a language model.
+
+R(Z) = p_LM(Z ⊤ | C)^(1/T): the frozen LM's likelihood of Z followed by an end token, given the
+reward's context C (by default the policy's own prompt). Every prefix is scored in one pass
+(`actors.scoring.PrefixScorer`); closed-form terms come on top: prefixes shorter than `min_len`
+and prefixes holding a disallowed token (e.g. a newline) get the floor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import lru_cache
+
+from actors.trajectory import Trajectory
+
+from .base import Task, columns_of
+from .records import load_records
+
+
+def disallowed_token_ids(tokenizer, fragments: list[str]) -> frozenset[int]:
+    """Ids of every token whose text contains one of the fragments."""
+    if not fragments:
+        return frozenset()
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out = set()
+    for i, piece in enumerate(vocab):
+        text = tokenizer.convert_tokens_to_string([piece]) if piece is not None else ""
+        if any(f in text for f in fragments):
+            out.add(i)
+    return frozenset(out)
+
+
+class LMTask(Task):
+    """A task whose reward is the frozen LM's likelihood; subclasses add a suffix or a constraint."""
+
+    needs_lm = True
+
+    def __init__(self, cfg, tokenizer, prefixes: str = "every"):
+        super().__init__(cfg, tokenizer, load_records(cfg.data, self.columns(cfg)))
+        self.prefixes = prefixes
+        self.disallowed = disallowed_token_ids(tokenizer, list(cfg.disallowed))
+        self._context = lru_cache(maxsize=65536)(self._encode_context)
+
+    @staticmethod
+    def columns(cfg) -> list[str]:
+        return columns_of(cfg.prompt_template, cfg.context_template)
+
+    # -- text of a record ------------------------------------------------------------------------
+
+    def context_ids(self, record_id: int) -> list[int]:
+        """The reward's context C (tokenized on first use, then cached)."""
+        return self._context(record_id)
+
+    def _encode_context(self, record_id: int) -> list[int]:
+        if self.cfg.context_template is None:
+            return self.prompt_ids(record_id)
+        return list(self.tokenizer(self.render(self.cfg.context_template, record_id)).input_ids)
+
+    def text(self, t: Trajectory) -> str:
+        return self.tokenizer.decode(t.tokens)
+
+    # -- reward ------------------------------------------------------------------------------
+
+    def lm_scores(self, record_id: int, trajectories: list[Trajectory]) -> list[list[float]]:
+        return self.lm.score(self.context_ids(record_id), trajectories, end_ids=self.end_ids, prefixes=self.prefixes)
+
+    def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
+        """Closed-form terms: may a Z ending after i tokens have a reward at all?"""
+        return i >= self.min_len and not any(tok in self.disallowed for tok in t.tokens[:i])
+
+    def score(self, trajectories: list[Trajectory]) -> None:
+        if self.lm is None:
+            raise RuntimeError(f"task {self.name}: its reward is a language model, but no scorer is attached")
+        groups: dict[int, list[Trajectory]] = defaultdict(list)
+        for t in trajectories:
+            groups[t.record_id].append(t)
+        for rid, ts in groups.items():
+            for t, row in zip(ts, self.lm_scores(rid, ts)):
+                first = 0 if self.prefixes == "every" else t.length
+                t.log_r = [row[i] if i < first or self.prefix_ok(rid, t, i) else self.floor
+                           for i in range(t.length + 1)]
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def is_valid(self, t: Trajectory) -> bool:
+        """Ended by the policy itself, long enough, no disallowed token."""
+        return t.terminated and self.prefix_ok(t.record_id, t, t.length)
+
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print) -> dict:
+        from .lm_eval import evaluate_lm_task
+
+        return evaluate_lm_task(self, policy, sampler, eval_cfg, out_dir, log)
+
+
+class ContinuationTask(LMTask):
+    name = "continuation"

@@ -1,0 +1,141 @@
+"""Records: rows of a JSONL or CSV file, split into train and test, each with a stable id.
+
+A record is a row of named string columns plus where it came from. Tasks turn records into text
+with templates (`configs.tasks`); trajectories name their record by id. Files are read whole
+(records are small text), checked line by line, and every problem is reported as one line naming
+the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+from configs.tasks import DATA_DIR
+
+
+class RecordError(ValueError):
+    """A data file that cannot be used; the message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: int
+    """Position in the task's record list (train records first, then test)."""
+    fields: dict[str, str]
+    """Column name -> value (as text)."""
+    split: str
+    """'train' or 'test'."""
+    where: str
+    """file:line it came from."""
+
+
+@dataclass
+class RecordSet:
+    records: list[Record]
+    train_ids: list[int] = field(default_factory=list)
+    test_ids: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+
+def resolve_data_path(path: str) -> str:
+    """A data file: as given (relative to the working directory), else in gfnlm's shipped data."""
+    if os.path.isfile(path):
+        return path
+    shipped = os.path.join(DATA_DIR, path)
+    if not os.path.isabs(path) and os.path.isfile(shipped):
+        return shipped
+    if os.path.isdir(path):
+        raise RecordError(f"{path}: is a directory; expected a .jsonl or .csv file")
+    raise RecordError(f"{path}: no such data file (looked in the working directory and in {DATA_DIR})")
+
+
+def _cell(value, path: str, line: int, name: str) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise RecordError(f"{path}:{line}: field '{name}': expected text or a number, got {json.dumps(value)}")
+    return str(value)
+
+
+def read_rows(path: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: text}) for every row; each row must have every named column, non-empty."""
+    path = resolve_data_path(path)
+    rows: list[tuple[int, dict[str, str]]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.endswith(".csv"):
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None:
+                    raise RecordError(f"{path}:1: empty file; expected a header row naming the columns")
+                missing = [c for c in columns if c not in reader.fieldnames]
+                if missing:
+                    raise RecordError(f"{path}:1: no column '{missing[0]}' in the header "
+                                      f"({', '.join(reader.fieldnames)}); the task's templates need {', '.join(columns)}")
+                for row in reader:
+                    line = reader.line_num
+                    if None in row:
+                        raise RecordError(f"{path}:{line}: more cells than the header has columns")
+                    rows.append((line, {k: v for k, v in row.items()}))
+            elif path.endswith(".jsonl") or path.endswith(".json"):
+                for line, text in enumerate(f, 1):
+                    if not text.strip():
+                        continue
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise RecordError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    if not isinstance(obj, dict):
+                        raise RecordError(f"{path}:{line}: expected a JSON object of columns, got {type(obj).__name__}")
+                    rows.append((line, {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}))
+            else:
+                raise RecordError(f"{path}: unknown format; expected a .jsonl or .csv file")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for line, row in rows:
+        for c in columns:
+            if c not in row or row[c] is None:
+                raise RecordError(f"{path}:{line}: field '{c}' missing (the task's templates use {', '.join(columns)})")
+            if not str(row[c]).strip():
+                raise RecordError(f"{path}:{line}: field '{c}' is empty")
+    if not rows:
+        raise RecordError(f"{path}: holds no records")
+    return rows
+
+
+def load_records(data_cfg, columns: list[str]) -> RecordSet:
+    """Train and test records of a task's `data` section: files read, split and subset (seeded)."""
+    train_path = resolve_data_path(data_cfg.train)
+    train = [(f"{train_path}:{line}", row) for line, row in read_rows(train_path, columns)]
+    rng = random.Random(data_cfg.seed)
+    if data_cfg.test:
+        test_path = resolve_data_path(data_cfg.test)
+        test = [(f"{test_path}:{line}", row) for line, row in read_rows(test_path, columns)]
+    elif data_cfg.test_fraction > 0:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        k = max(1, round(len(train) * data_cfg.test_fraction))
+        held = set(order[:k])
+        test = [train[i] for i in sorted(held)]
+        train = [r for i, r in enumerate(train) if i not in held]
+    else:
+        test = []
+    if data_cfg.subset is not None and data_cfg.subset < len(train):
+        keep = sorted(rng.sample(range(len(train)), data_cfg.subset))
+        train = [train[i] for i in keep]
+    records = [Record(i, row, "train", where) for i, (where, row) in enumerate(train)]
+    records += [Record(len(train) + i, row, "test", where) for i, (where, row) in enumerate(test)]
+    return RecordSet(records, [r.id for r in records if r.split == "train"], [r.id for r in records if r.split == "test"])
+
+
+def inline_records(texts: list[str], column: str = "text") -> RecordSet:
+    """Records from a config's inline list (the random-number prompts): train and test alike."""
+    records = [Record(i, {column: t}, "train", f"config:{i}") for i, t in enumerate(texts)]
+    ids = [r.id for r in records]
+    return RecordSet(records, ids, list(ids))
