@@ -26,7 +26,7 @@ def pad_tokens(trajectories: list[Trajectory], pad_id: int, device) -> tuple[tor
     return tokens.to(device), lengths.to(device), tool.to(device)
 
 
-def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int]):
+def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=()):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
 
     The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
@@ -46,6 +46,8 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
+    if banned_ids:  # tokens the policy may not choose: its distribution is renormalised without them
+        logits = logits.index_fill(2, torch.as_tensor(list(banned_ids), device=logits.device), -float("inf"))
     logp = torch.log_softmax(logits, dim=-1)  # [B, T+1, V]
     log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     log_pterm = torch.logsumexp(logp[:, :, end_ids], dim=-1)
@@ -85,10 +87,10 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int]):
+    def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=()):
         """(log_pf, log_pterm, lengths, tool_mask) for trajectories that share one prompt."""
         tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
-        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids)
+        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids)
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

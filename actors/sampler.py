@@ -30,10 +30,11 @@ class SamplerEngine(Protocol):
         max_new_tokens: int,
         end_ids: list[int],
         source: str = "on_policy",
+        banned_ids: Sequence[int] = (),
     ) -> list[Trajectory]: ...
 
     def generate_batch(self, prompts: Sequence[PromptRequest], min_new_tokens: int, max_new_tokens: int,
-                       end_ids: list[int]) -> list[Trajectory]: ...
+                       end_ids: list[int], banned_ids: Sequence[int] = ()) -> list[Trajectory]: ...
 
     def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
 
@@ -74,33 +75,35 @@ class TransformersSampler:
             set_peft_model_state_dict(self.model, state)
         self.version = version
 
-    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
+                 banned_ids=()):
         """n samples of one prompt, at one temperature or one per sample."""
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
         return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids)
+                            max_new_tokens, end_ids, banned_ids)
 
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids):
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
         """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
         rows = []
         for i, p in enumerate(prompts):
             rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
             rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
-        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids)
+        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
+                            banned_ids)
 
     @torch.no_grad()
-    def _sample(self, prompts, rows, min_new, max_new, end_ids):
+    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=()):
         if not rows:
             return []
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, rows, min_new, max_new, end_ids)
+            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids))
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompts, rows, min_new, max_new, end_ids):
+    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         end = torch.tensor(end_ids, dtype=torch.long)
@@ -126,6 +129,8 @@ class TransformersSampler:
         alive = torch.arange(n)
         for step in range(max_new):
             scaled = logits / temps[alive, None]
+            if banned:
+                scaled[:, banned] = -float("inf")
             if step < min_new:
                 scaled[:, end] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
@@ -208,4 +213,4 @@ class RequestServer:
         if req.seed is not None:
             self.engine.generator.manual_seed(req.seed)
         self.engine.tools = self.tools_for(req.tools)
-        return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids)
+        return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids, req.banned_ids)

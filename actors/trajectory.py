@@ -78,6 +78,8 @@ class SampleRequest:
     end_ids: list[int]
     tools: list[dict] = field(default_factory=list)
     """Tool settings (`sampler.tools` entries as dicts); tools fire during generation."""
+    banned_ids: list[int] = field(default_factory=list)
+    """Tokens the policy may not choose (masked out of its distribution before sampling)."""
     seed: int | None = None
     """Reseeds the engine's generator for this request, so that a request and a policy version
     determine its samples (exact resume)."""

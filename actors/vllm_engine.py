@@ -179,14 +179,16 @@ class VLLMSampler:
 
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
 
-    def _not_end(self, end_ids: list[int]) -> list[int]:
-        key = tuple(end_ids)
+    def _allowed_ids(self, masked: list[int]) -> list[int]:
+        key = tuple(sorted(masked))
         if self._allowed_key != key:
             vocab = self.llm.llm_engine.model_config.get_vocab_size()
-            self._allowed, self._allowed_key = [i for i in range(vocab) if i not in set(end_ids)], key
+            drop = set(masked)
+            self._allowed, self._allowed_key = [i for i in range(vocab) if i not in drop], key
         return self._allowed
 
-    def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int]):
+    def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int],
+                banned: list[int] = ()):
         """Parameters of the next request for samples that hold `done` tokens. Before min_new the
         end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
         shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
@@ -197,32 +199,37 @@ class VLLMSampler:
         common = dict(n=n, temperature=temperature, ignore_eos=True, logprobs=0, seed=self._seed(), stop=stop,
                       include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False)
         if done < min_new and end_ids:
-            return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._not_end(end_ids), **common)
+            return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + list(banned)),
+                                  **common)
+        allowed = {"allowed_token_ids": self._allowed_ids(list(banned))} if banned else {}
         return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
-                              stop_token_ids=list(end_ids), **common)
+                              stop_token_ids=list(end_ids), **allowed, **common)
 
-    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy"):
+    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
+                 banned_ids=()):
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
         return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids)
+                            max_new_tokens, end_ids, banned_ids)
 
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids):
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
         """Every prompt's samples in one `generate` call: on-policy ones at T = 1, then the tempered ones."""
         rows = []
         for i, p in enumerate(prompts):
             rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
             rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
-        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids)
+        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
+                            banned_ids)
 
-    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids):
+    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
+        banned = list(banned_ids)
         rows = [_Row(t) for _, _, t, _ in rows_spec]
         # first round: one request per (prompt, distinct temperature), n samples each (the prompt is
         # shared); a sample that pauses (min-tokens boundary, tool call) resumes as a request of its own
         groups: dict[tuple[int, float], list[int]] = {}
         for i, (p, _, t, _) in enumerate(rows_spec):
             groups.setdefault((p, t), []).append(i)
-        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids), idx)
+        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids, banned), idx)
                     for (p, t), idx in groups.items()]
         end = set(end_ids)
         while requests:
@@ -235,7 +242,7 @@ class VLLMSampler:
                     self._absorb(r, completion, end, max_new_tokens)
                     if not r.done:
                         follow.append((prompts[rows_spec[i][0]] + r.tokens, self._params(
-                            1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids), [i]))
+                            1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids, banned), [i]))
             requests = follow
         return [Trajectory(record_id=spec[1], tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,

@@ -192,6 +192,14 @@ class ContinuationTask(Section):
     """Tokens whose text contains any of these strings are disallowed: a prefix holding one gets
     the floor."""
 
+    mask_disallowed: bool = True
+    """Also take disallowed tokens out of the policy: never sampled, and the policy's log-probs
+    renormalised without them, in sampling and in the learner's teacher-forced pass alike."""
+
+    disallow_special: bool = True
+    """Treat the tokenizer's special tokens (BOS, chat markers, ...) other than the end tokens as
+    disallowed."""
+
     log_reward_floor: float = -99.0
     """log R of prefixes that are too short or hold a disallowed token."""
 
@@ -268,6 +276,15 @@ class ConstrainedTask(ContinuationTask):
 
     constraint: ConstraintConfig = Field(default_factory=ConstraintConfig)
     """c(Z): what a finished Z must satisfy."""
+
+    prompting_template: str | None = None
+    """The prompt of the 'prompting' baselines in evaluation (the base model told the constraint
+    in words); unset uses the policy's prompt."""
+
+    @field_validator("prompting_template")
+    @classmethod
+    def _prompting(cls, v):
+        return _check_template(v)
 
     @model_validator(mode="after")
     def _something_to_satisfy(self):

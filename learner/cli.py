@@ -31,24 +31,60 @@ def _run_dir(cfg, resume: str | None) -> str:
     return run_dir
 
 
+def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) -> dict | None:
+    """What `gfnlm train` does after the checks: train, then evaluate (run.evaluate_at_end)."""
+    from learner.evaluate import evaluate
+    from learner.loop import eval_sampler, train
+
+    c = train(cfg, run_dir, resume=resume)
+    print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
+    if not cfg.run.evaluate_at_end:
+        return None
+    if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
+    results = evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr),
+                       methods=methods)
+    print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    return results
+
+
+def check(cfg, log=None) -> str:
+    """The config's data files read and checked (no model, no Ray); raises on the first problem."""
+    from rewards import check_data
+
+    return check_data(cfg)
+
+
 def cmd_train(args) -> int:
     if args.address:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     cfg = _config(args)
+    check(cfg)
     run_dir = _run_dir(cfg, args.resume)
-    from learner.evaluate import evaluate
-    from learner.loop import eval_sampler, train
-
-    c = train(cfg, run_dir, resume=bool(args.resume))
-    print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
-    if cfg.run.evaluate_at_end:
-        if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
-            import torch
-
-            torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
-        evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr))
-        print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    train_and_evaluate(cfg, run_dir, resume=bool(args.resume))
     return 0
+
+
+def cmd_check(args) -> int:
+    import time
+
+    import yaml
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.override)
+    data = check(cfg)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    print(f"gfnlm check: {args.config or 'defaults'} is valid; task {cfg.task.type}: {data} "
+          f"({time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from learner import experiment
+
+    return experiment.main(args)
 
 
 def cmd_eval(args) -> int:
@@ -92,6 +128,7 @@ def cmd_bench(args) -> int:
 def cmd_submit(args) -> int:
     from cluster.submit import SubmitError, submit, wait
 
+    check(load_config(args.config, args.override))  # the data too, before anything is uploaded
     try:
         job_id = submit(args.config, args.address, args.override, args.working_dir, not args.no_resource_check,
                         args.submission_id, log=print)
@@ -126,6 +163,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--run", help="run folder: use its latest checkpoint")
     e.add_argument("--out", help="where eval.json and eval.png go (default: beside the adapter)")
     e.set_defaults(func=cmd_eval)
+
+    ck = sub.add_parser("check", help="validate a config and its data files, print the resolved tree (no model, no Ray)")
+    add_config(ck, required=True)
+    ck.set_defaults(func=cmd_check)
+
+    ex = sub.add_parser("experiment", help="train and evaluate the runs of an experiment preset, write its table")
+    ex.add_argument("name", help="a preset in configs/experiments/ (e.g. continuation) or a YAML file")
+    ex.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override applied to every run, e.g. -o learner.steps=20")
+    ex.add_argument("--out", help="folder of the experiment (default: runs/experiments/NAME-TIME)")
+    ex.set_defaults(func=cmd_experiment)
 
     sb = sub.add_parser("submit", help="validate a config, then submit it as a job to a Ray cluster")
     add_config(sb, required=True)
@@ -169,10 +217,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from actors.models import ModelError
+    from rewards.records import RecordError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelError, FileNotFoundError) as e:
+    except (ConfigError, ModelError, FileNotFoundError, RecordError) as e:
         print(f"gfnlm: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -121,7 +121,8 @@ def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[in
         replayed.append(n_rep)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
-                        tools=[t.model_dump() for t in cfg.sampler.tools], seed=seed, tag=tag)
+                        tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
+                        seed=seed, tag=tag)
     return req, replayed
 
 
@@ -175,7 +176,7 @@ class LocalDriver:
                                                        sample_seconds=time.perf_counter() - t0))
             fresh += new
             batches.append(mixed)
-        out = c.learner.update(batches, c.task.prompt_ids, c.task.end_ids, temperature)
+        out = c.learner.update(batches, c.task.prompt_ids, c.task.end_ids, temperature, c.task.banned_ids)
         publish(c)
         out["trained"] = sum(len(b) for b in batches)
         return fresh, out

@@ -36,13 +36,13 @@ class Learner:
         self.step = 0
 
     def terms(self, trajectories: list[Trajectory], prompt_of: Callable[[int], list[int]], end_ids: list[int],
-              reward_temperature: float) -> PolicyTerms:
+              reward_temperature: float, banned_ids=()) -> PolicyTerms:
         """The teacher-forced pass over a micro-batch; trajectories are grouped by record so each
         prompt runs once."""
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.record_id].append(t)
-        parts = [self.policy.logprobs(prompt_of(rid), ts, end_ids) for rid, ts in groups.items()]
+        parts = [self.policy.logprobs(prompt_of(rid), ts, end_ids, banned_ids) for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
 
@@ -58,17 +58,18 @@ class Learner:
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, torch.cat([p[2] for p in parts]),
                            cat(3, T, False), terminated)
 
-    def loss(self, trajectories, prompt_of, end_ids, reward_temperature: float):
-        return self.objective.loss(self.terms(trajectories, prompt_of, end_ids, reward_temperature))
+    def loss(self, trajectories, prompt_of, end_ids, reward_temperature: float, banned_ids=()):
+        return self.objective.loss(self.terms(trajectories, prompt_of, end_ids, reward_temperature, banned_ids))
 
-    def update(self, micro_batches: list[list[Trajectory]], prompt_of, end_ids, reward_temperature: float) -> dict:
+    def update(self, micro_batches: list[list[Trajectory]], prompt_of, end_ids, reward_temperature: float,
+               banned_ids=()) -> dict:
         """One optimizer step over `grad_accum` micro-batches."""
         t0 = time.perf_counter()
         self.policy.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total, extra = 0.0, {}
         for mb in micro_batches:
-            loss, extra = self.loss(mb, prompt_of, end_ids, reward_temperature)
+            loss, extra = self.loss(mb, prompt_of, end_ids, reward_temperature, banned_ids)
             (loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
         params = self.policy.trainable_parameters() + self.objective.extra_parameters()

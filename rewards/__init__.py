@@ -18,4 +18,21 @@ def make_task(cfg, tokenizer) -> Task:
     return cls(t, tokenizer, prefixes=cfg.reward.prefixes)
 
 
-__all__ = ["RandomNumberTask", "RecordError", "Task", "log_target", "make_task", "number_metrics", "parse_number"]
+def check_data(cfg) -> str:
+    """Read and check a config's task data without a tokenizer or a model; one line of what is there.
+    Raises RecordError (file, line, field) on a bad file."""
+    t = cfg.task
+    if t.type == "random_number":
+        return f"{len(t.prompts)} inline prompt(s)"
+    from .constrained import ConstrainedTask
+    from .continuation import ContinuationTask
+    from .infilling import InfillingTask
+    from .records import load_records
+
+    cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask}[t.type]
+    records = load_records(t.data, cls.columns(t))
+    return (f"{len(records.train_ids)} train and {len(records.test_ids)} test records "
+            f"(columns {', '.join(cls.columns(t))})")
+
+
+__all__ = ["check_data", "RandomNumberTask", "RecordError", "Task", "log_target", "make_task", "number_metrics", "parse_number"]

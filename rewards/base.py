@@ -29,6 +29,8 @@ class Task:
         self.floor = cfg.log_reward_floor
         self.end_ids = [self._single_token(t) for t in cfg.end_tokens]
         self.lm = None
+        self.banned_ids: frozenset[int] = frozenset()
+        """Tokens taken out of the policy's distribution (sampling and teacher forcing)."""
         self._prompt_cache = lru_cache(maxsize=65536)(self._encode_prompt)
 
     # -- records -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class ConstrainedTask(LMTask):
     @staticmethod
     def columns(cfg) -> list[str]:
         extra = [cfg.constraint.include_column] if cfg.constraint.include_column else []
-        return columns_of(cfg.prompt_template, cfg.context_template) + extra
+        return columns_of(cfg.prompt_template, cfg.context_template, cfg.prompting_template) + extra
 
     def required(self, record_id: int) -> list[str]:
         c = self.cfg.constraint

@@ -38,7 +38,11 @@ class LMTask(Task):
     def __init__(self, cfg, tokenizer, prefixes: str = "every"):
         super().__init__(cfg, tokenizer, load_records(cfg.data, self.columns(cfg)))
         self.prefixes = prefixes
-        self.disallowed = disallowed_token_ids(tokenizer, list(cfg.disallowed))
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} \
+            if cfg.disallow_special else set()
+        self.disallowed = (disallowed_token_ids(tokenizer, list(cfg.disallowed)) | special) - set(self.end_ids)
+        if cfg.mask_disallowed:
+            self.banned_ids = frozenset(self.disallowed)
         self._context = lru_cache(maxsize=65536)(self._encode_context)
 
     @staticmethod
@@ -61,8 +65,21 @@ class LMTask(Task):
 
     # -- reward ------------------------------------------------------------------------------
 
-    def lm_scores(self, record_id: int, trajectories: list[Trajectory]) -> list[list[float]]:
-        return self.lm.score(self.context_ids(record_id), trajectories, end_ids=self.end_ids, prefixes=self.prefixes)
+    def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
+        return self.lm.score(self.context_ids(record_id), trajectories, end_ids=self.end_ids,
+                             prefixes=prefixes or self.prefixes)
+
+    def log_likelihood(self, record_id: int, trajectories: list[Trajectory]) -> list[float]:
+        """The reward LM's log-likelihood of each whole Z (without the closed-form terms)."""
+        return [row[-1] for row in self.lm_scores(record_id, trajectories, prefixes="final")] if trajectories else []
+
+    def baseline_prompt_ids(self, record_id: int) -> list[int]:
+        """What the base model is given in the evaluation baselines: `prompting_template` where the
+        task has one, else the policy's own prompt."""
+        template = getattr(self.cfg, "prompting_template", None)
+        if template is None:
+            return self.prompt_ids(record_id)
+        return list(self.tokenizer(self.render(template, record_id)).input_ids)
 
     def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
         """Closed-form terms: may a Z ending after i tokens have a reward at all?"""
@@ -86,10 +103,10 @@ class LMTask(Task):
         """Ended by the policy itself, long enough, no disallowed token."""
         return t.terminated and self.prefix_ok(t.record_id, t, t.length)
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print) -> dict:
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
         from .lm_eval import evaluate_lm_task
 
-        return evaluate_lm_task(self, policy, sampler, eval_cfg, out_dir, log)
+        return evaluate_lm_task(self, policy, sampler, eval_cfg, out_dir, log, methods=methods)
 
 
 class ContinuationTask(LMTask):

@@ -48,9 +48,9 @@ class InfillingTask(LMTask):
         ids = self._reference(record_id)
         return None if ids is None else self.tokenizer.decode(ids)
 
-    def lm_scores(self, record_id: int, trajectories: list[Trajectory]) -> list[list[float]]:
+    def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
         return self.lm.score(self.context_ids(record_id), trajectories, suffix_ids=self.suffix_ids(record_id),
-                             prefixes=self.prefixes)
+                             prefixes=prefixes or self.prefixes)
 
     def reference(self, record_id: int) -> Trajectory | None:
         ids = self._reference(record_id)

@@ -1,0 +1,111 @@
+"""`gfnlm experiment NAME`: regenerate one of the paper's tables on this machine.
+
+An experiment preset (configs/experiments/NAME.yaml) names a base config, the budget overrides,
+the seeds, and the runs to train (e.g. GFlowNet and SFT), each with the evaluation methods it
+contributes, and optional display labels of methods (e.g. sample: prompting). Every run trains into <out>/<run>-seed<k>/ and evaluates itself (eval.json); the rows
+are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json, the
+trained policy's row named after its run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import yaml
+
+from configs import ConfigError, load_config
+from configs.load import resolve_path
+
+
+def read_spec(name: str) -> dict:
+    path = name if os.path.isfile(name) else resolve_path(os.path.join("experiments", name if name.endswith(".yaml") else name + ".yaml"))
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    for key in ("config", "runs"):
+        if key not in spec:
+            raise ConfigError(f"{path}: {key}: missing; an experiment names a base config and its runs")
+    spec.setdefault("seeds", [0])
+    spec.setdefault("overrides", [])
+    spec.setdefault("labels", {})
+    spec["path"] = path
+    for i, run in enumerate(spec["runs"]):
+        if "name" not in run:
+            raise ConfigError(f"{path}: runs[{i}].name: missing")
+        run.setdefault("overrides", [])
+        run.setdefault("methods", ["trained"])
+    return spec
+
+
+def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, object, list[str]]]:
+    """(run name, seed, config, methods) of every run, validated before anything trains."""
+    plan = []
+    for seed in spec["seeds"]:
+        for run in spec["runs"]:
+            methods = list(run["methods"])
+            baselines = [m for m in methods if m != "trained"]
+            ov = [*spec["overrides"], *run["overrides"], f"learner.seed={seed}",
+                  "run.output_dir=" + os.path.join(out, f"{run['name']}-seed{seed}"),
+                  f"eval.baselines=[{', '.join(baselines)}]", f"eval.include_base={'true' if baselines else 'false'}", *extra]
+            plan.append((run["name"], seed, load_config(spec["config"], ov), methods))
+    return plan
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
+    table = {}
+    for method, runs in rows.items():
+        keys = sorted({k for r in runs for k in r})
+        cell = {}
+        for k in keys:
+            xs = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])]
+            if not xs:
+                continue
+            cell[k] = f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+        table[method] = cell
+    return table
+
+
+def main(args) -> int:
+    from rewards.lm_eval import TABLE_KEYS
+
+    from .cli import train_and_evaluate
+
+    spec = read_spec(args.name)
+    name = os.path.splitext(os.path.basename(spec["path"]))[0]
+    out = args.out or os.path.join("runs", "experiments", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    plan = configs_of(spec, out, list(args.override))
+    print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
+    rows: dict[str, list[dict]] = {}
+    walls = {}
+    t_all = time.perf_counter()
+    for run, seed, cfg, methods in plan:
+        t0 = time.perf_counter()
+        results = train_and_evaluate(cfg, cfg.run.output_dir, methods=methods)
+        walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
+        for method, figures in (results or {}).items():
+            label = run if method == "trained" else spec.get("labels", {}).get(method, method)
+            rows.setdefault(label, []).append(figures)
+    table = summarize(rows)
+    keys = [k for k in TABLE_KEYS if any(k in r for r in table.values())]
+    first = plan[0][2]
+    lines = [f"**{name}** ({spec.get('description', '').strip()})", "",
+             f"seeds {spec['seeds']}; {first.eval.samples_per_record} samples per record and method; "
+             f"{rows and next(iter(rows.values()))[0].get('records', '?')} evaluation records; "
+             f"{first.learner.steps} steps of {first.batch.prompts_per_step} × {first.batch.samples_per_prompt} trajectories; "
+             f"wall time {(time.perf_counter() - t_all) / 60:.1f} min on {os.cpu_count()} cores", "",
+             "| method | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for method, cell in table.items():
+        lines.append(f"| {method} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls}, f, indent=1)
+    print("\n".join(lines))
+    print(f"gfnlm: table in {os.path.join(out, 'table.md')}", file=sys.stderr)
+    return 0

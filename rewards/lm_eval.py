@@ -1,0 +1,271 @@
+"""Evaluation of tasks whose reward is a language model: the trained policy against decoding
+baselines on the base model, per test record, as JSON, a Markdown table and a PNG.
+
+Methods. `trained` is the policy (adapter on) sampled at T = 1. The baselines run on the base
+model (adapter off) from the task's baseline prompt (continuation: X itself; infilling: the same
+"Beginning/Ending/Middle" prompt, i.e. prompting; constrained: an instruction naming the words):
+sample (T = 1), tempered, nucleus (p = 0.95), greedy, beam / beam5 (n / 5n beams, best n kept),
+diverse_beam / diverse_beam5 (n / 5n beams in n groups), sample5 (5n samples: 5× the compute), and
+for constrained generation rejection5 (up to 5 samples of p_LM(Z | C) per output, the first that
+satisfies c; 5× the compute).
+
+Figures, averaged over records: valid (the task's own definition), log-likelihood under the reward
+LM (log p(Z ⊤ | C), or log p(Z Y | C) with a suffix) as the mean and the max over a record's
+samples, diversity = 1 − mean pairwise cosine similarity of sentence embeddings (mean-pooled last
+hidden states of the base LM, or `eval.embedding_model`), distinct-1/2 (unique word n-grams over
+all n-grams of a record's samples); infilling adds BLEU-4 (nltk, smoothing method 1) and GLEU-4
+against the reference middle, and BERTScore F1 when `eval.bertscore_model` names a model folder;
+constrained generation adds the satisfaction rate of c.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+
+from actors.decoding import group_beam_search, hf_generate
+from actors.trajectory import Trajectory
+
+BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "diverse_beam", "diverse_beam5", "sample5",
+             "rejection5")
+
+
+def eval_records(task, eval_cfg, seed: int = 0) -> list[int]:
+    """The records evaluated: the test split (the training records when there is none), at most
+    eval.max_records of them (a seeded choice)."""
+    ids = list(task.test_ids or task.train_ids)
+    if eval_cfg.max_records and eval_cfg.max_records < len(ids):
+        ids = sorted(random.Random(seed).sample(ids, eval_cfg.max_records))
+    return ids
+
+
+def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) -> list[tuple[list[int], bool]]:
+    """(Z tokens, ended by ⊤) of one method on one record."""
+    model, tok = policy.model, policy.tokenizer
+    lo, hi, end = task.min_len, task.max_len, task.end_ids
+    banned = sorted(task.banned_ids)  # the baselines get the policy's token mask too
+    hf = {"suppress_tokens": banned} if banned else {}
+    if method == "trained":
+        trajs = sampler.generate(rid, task.prompt_ids(rid), n, 1.0, lo, hi, end, source="eval", banned_ids=banned)
+        return [(t.tokens, t.terminated) for t in trajs]
+    prompt = task.baseline_prompt_ids(rid)
+    pad = tok.pad_token_id
+    with model.disable_adapter():
+        if method in ("sample", "tempered", "sample5"):
+            k = 5 * n if method == "sample5" else n
+            temp = eval_cfg.tempered_temperature if method == "tempered" else 1.0
+            trajs = sampler.generate(rid, prompt, k, temp, lo, hi, end, source="eval", banned_ids=banned)
+            return [(t.tokens, t.terminated) for t in trajs]
+        if method == "rejection5":
+            # proposals from the reward's own prior p_LM(Z | C): accepted ones are posterior samples
+            trajs = sampler.generate(rid, task.context_ids(rid), 5 * n, 1.0, lo, hi, end, source="eval", banned_ids=banned)
+            out = []
+            for i in range(n):
+                tries = trajs[5 * i: 5 * i + 5]
+                ok = [t for t in tries if task.is_valid(t)]
+                best = ok[0] if ok else tries[-1]
+                out.append((best.tokens, best.terminated))
+            return out
+        if method == "nucleus":
+            return hf_generate(model, prompt, n, hi, lo, end, pad, do_sample=True, top_p=0.95, top_k=0, **hf)
+        if method == "greedy":
+            return hf_generate(model, prompt, 1, hi, lo, end, pad, do_sample=False, **hf)
+        if method in ("beam", "beam5"):
+            beams = n * (5 if method == "beam5" else 1)
+            return hf_generate(model, prompt, beams, hi, lo, end, pad, do_sample=False, num_beams=beams, **hf)[:n]
+        if method in ("diverse_beam", "diverse_beam5"):
+            beams = n * (5 if method == "diverse_beam5" else 1)
+            return group_beam_search(model, prompt, beams, n, hi, lo, end, diversity_penalty=1.0,
+                                     banned_ids=banned)[:: beams // n][:n]
+    raise ValueError(f"eval.baselines: unknown method {method!r}; expected one of {', '.join(BASELINES)}")
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    grams = [tuple(ws[i: i + n]) for ws in (t.lower().split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pairwise_diversity(embeddings: torch.Tensor) -> float | None:
+    """1 − mean pairwise cosine similarity (None with fewer than two)."""
+    if embeddings.shape[0] < 2:
+        return None
+    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    sim = e @ e.T
+    k = e.shape[0]
+    return float(1.0 - (sim.sum() - sim.diagonal().sum()) / (k * (k - 1)))
+
+
+class Embedder:
+    """Sentence embeddings: mean-pooled last hidden states of a model (adapter off)."""
+
+    def __init__(self, model, tokenizer, device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        out = []
+        with ctx:
+            for text in texts:
+                ids = self.tokenizer(text or " ", add_special_tokens=False).input_ids or [self.tokenizer.eos_token_id]
+                h = self.model(input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True).hidden_states[-1]
+                out.append(h[0].mean(0).float().cpu())
+        return torch.stack(out)
+
+
+def bleu_gleu(hypothesis: str, reference: str) -> tuple[float, float]:
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from nltk.translate.gleu_score import sentence_gleu
+
+    h, r = hypothesis.lower().split(), reference.lower().split()
+    if not h:
+        return 0.0, 0.0
+    return (sentence_bleu([r], h, smoothing_function=SmoothingFunction().method1),
+            sentence_gleu([r], h, min_len=1, max_len=4))
+
+
+class BertScore:
+    """BERTScore F1 (greedy cosine matching of contextual token embeddings, no idf weighting)
+    with a local model folder."""
+
+    def __init__(self, folder: str, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def _emb(self, text: str) -> torch.Tensor:
+        ids = self.tok(text, return_tensors="pt", truncation=True).to(self.device)
+        return torch.nn.functional.normalize(self.model(**ids).last_hidden_state[0].float(), dim=-1)
+
+    def f1(self, hypothesis: str, reference: str) -> float:
+        if not hypothesis.strip():
+            return 0.0
+        h, r = self._emb(hypothesis), self._emb(reference)
+        sim = h @ r.T
+        p, rc = sim.max(1).values.mean(), sim.max(0).values.mean()
+        return float(2 * p * rc / (p + rc))
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def record_figures(task, rid: int, outputs: list[tuple[list[int], bool]], embed, bertscore=None) -> dict:
+    trajs = [Trajectory(rid, list(z), terminated=ended) for z, ended in outputs]
+    texts = [task.tokenizer.decode(t.tokens) for t in trajs]
+    ll = task.log_likelihood(rid, trajs)
+    fig = {
+        "samples": len(trajs),
+        "valid": _mean([float(task.is_valid(t)) for t in trajs]),
+        "loglik_mean": _mean(ll),
+        "loglik_max": max(ll) if ll else float("nan"),
+        "diversity": pairwise_diversity(embed(texts)) if len(texts) > 1 else None,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "length": _mean([float(t.length) for t in trajs]),
+    }
+    ref = task.reference_text(rid) if hasattr(task, "reference_text") else None
+    if ref is not None:
+        scores = [bleu_gleu(x, ref) for x in texts]
+        fig["bleu4"] = 100 * _mean([s[0] for s in scores])
+        fig["gleu4"] = 100 * _mean([s[1] for s in scores])
+        if bertscore is not None:
+            fig["bertscore_f1"] = 100 * _mean([bertscore.f1(x, ref) for x in texts])
+    if hasattr(task, "constraint_ok"):
+        fig["satisfied"] = _mean([float(task.constraint_ok(rid, x)) for x in texts])
+    return fig
+
+
+def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None, seed: int = 0) -> dict:
+    """Every method on the evaluation records; writes eval.json, eval.md, eval.png into out_dir."""
+    rids = eval_records(task, eval_cfg, seed)
+    n = eval_cfg.samples_per_record
+    if methods is None:
+        methods = ["trained"] + (list(eval_cfg.baselines) if eval_cfg.include_base else [])
+    if task.name != "constrained":
+        methods = [m for m in methods if m != "rejection5"]
+    if eval_cfg.embedding_model:
+        from actors.models import load_model
+
+        emb_model, emb_tok = load_model(eval_cfg.embedding_model, policy.device)
+        embed = Embedder(emb_model, emb_tok, policy.device)
+    else:
+        embed = Embedder(policy.model, policy.tokenizer, policy.device)
+    bertscore = BertScore(eval_cfg.bertscore_model, policy.device) if eval_cfg.bertscore_model and hasattr(task, "reference_text") else None
+    results, examples = {}, {}
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        for m in methods:
+            t0 = time.perf_counter()
+            per_record, shown = [], []
+            for rid in rids:
+                outputs = _generate(m, task, policy, sampler, rid, n, eval_cfg)
+                per_record.append(record_figures(task, rid, outputs, embed, bertscore))
+                if len(shown) < 3:
+                    shown.append({"record": rid, "prompt": task.prompt_text(rid),
+                                  "samples": [task.tokenizer.decode(z) for z, _ in outputs[:3]]})
+            keys = sorted({k for f in per_record for k in f})
+            figures = {k: _mean([f.get(k) for f in per_record]) for k in keys}
+            figures.update(records=len(rids), seconds=time.perf_counter() - t0)
+            results[m], examples[m] = figures, shown
+            log(f"gfnlm eval {m:>14}: " + "  ".join(f"{k} {figures[k]:.3f}" for k in TABLE_KEYS if k in figures)
+                + f"  ({len(rids)} records, {figures['seconds']:.0f} s)")
+    finally:
+        policy.model.train(was_training)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({"task": task.name, "records": rids, "samples_per_record": n, "methods": results, "examples": examples}, f, indent=2)
+    with open(os.path.join(out_dir, "eval.md"), "w") as f:
+        f.write(markdown_table(results, f"{task.name}: {len(rids)} records, {n} samples per record and method") + "\n")
+    plot_methods(results, os.path.join(out_dir, "eval.png"), task.name)
+    return results
+
+
+TABLE_KEYS = ("valid", "loglik_mean", "loglik_max", "diversity", "distinct_1", "distinct_2", "bleu4", "gleu4",
+              "bertscore_f1", "satisfied", "length")
+
+
+def markdown_table(results: dict, title: str) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r for r in results.values())]
+    lines = [f"**{title}**", "", "| method | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for m, r in results.items():
+        lines.append(f"| {m} | " + " | ".join("" if r.get(k) is None or math.isnan(r.get(k, float('nan'))) else f"{r[k]:.3f}"
+                                            for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot_methods(results: dict, path: str, title: str) -> None:
+    """Diversity against max log-likelihood, one point per method (the paper's trade-off plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m, r in results.items():
+        x, y = r.get("loglik_max"), r.get("diversity")
+        if x is None or y is None or math.isnan(x) or math.isnan(y):
+            continue
+        ax.scatter([x], [y], s=60, marker="*" if m == "trained" else "o")
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("max log-likelihood per record (reward LM)")
+    ax.set_ylabel("diversity (1 − mean pairwise cosine similarity)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
