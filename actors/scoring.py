@@ -6,10 +6,12 @@ or  log p(z_1:i Y | C) = Σ_{k<=i} log p(z_k | C z_<k) + log p(Y | C z_1:i)     
 Tokens inserted by a tool are environment steps: they add no log p.
 
 Cost. The end-token form is one teacher-forced pass. The suffix form runs C once, Z once with
-the cache of every prefix kept, then every (prefix i, Y) continuation in one batched pass that
-reuses that cache: row (b, i) attends to C z_1:i only (the rest of Z is masked out) and Y sits at
-positions |C| + i + k. That costs about |C| + n + (n + 1)·|Y| tokens instead of the naive
-Σ_i |C z_1:i Y| (`score_naive`, kept as the reference for tests and the benchmark).
+the cache of every prefix kept, then every (prefix i, Y) continuation of a trajectory as one
+sequence that reuses that cache under a tree attention mask: the copy of Y for prefix i attends
+to C z_1:i only (the rest of Z is masked out) and to its own earlier tokens, at positions
+|C| + i + k. That costs about |C| + n + (n + 1)·|Y| tokens instead of the naive Σ_i |C z_1:i Y|
+(`score_naive`, kept as the reference for tests and the benchmark), and the cache is never copied
+per prefix.
 `prefixes="final"` scores only the whole Z (what trajectory balance needs): one row per
 trajectory; the other prefixes are NaN.
 Frozen means: the base weights, any LoRA adapter disabled, never trained.
@@ -27,12 +29,12 @@ from .trajectory import Trajectory
 
 
 class PrefixScorer:
-    def __init__(self, model, pad_id: int, device: str = "cpu", max_rows: int = 128):
+    def __init__(self, model, pad_id: int, device: str = "cpu", max_rows: int = 1024):
         self.model = model
         self.pad_id = pad_id
         self.device = device
         self.max_rows = max_rows
-        """(prefix, suffix) rows per batched pass; bounds the memory of the expanded cache."""
+        """Suffix tokens (over all prefixes) per batched pass; bounds the memory of the logits."""
 
     def _frozen(self):
         disable = getattr(self.model, "disable_adapter", None)
@@ -80,11 +82,7 @@ class PrefixScorer:
         else:
             tail = logp[:, :, suffix_ids[0]].clone()
             if len(suffix_ids) > 1:
-                pairs = [(b, i) for b in range(B) for i in range(int(lengths[b]) + 1)
-                         if prefixes == "every" or i == int(lengths[b])]
-                rest_lp = self._suffix_rest(cache, len(ctx), T, pairs, suffix_ids)
-                for (b, i), v in zip(pairs, rest_lp):
-                    tail[b, i] += v
+                tail += self._suffix_rest(cache, len(ctx), lengths.tolist(), suffix_ids, prefixes == "final").to(tail.device)
         total = (cum + tail).cpu()
         result = []
         for b, n in enumerate(lengths.tolist()):
@@ -94,28 +92,49 @@ class PrefixScorer:
             result.append(row)
         return result
 
-    def _suffix_rest(self, cache, C: int, T: int, pairs: list[tuple[int, int]], suffix_ids: list[int]) -> list[float]:
-        """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for each (trajectory b, prefix i), reusing the cache of C Z."""
-        dev = self.device
-        y = torch.tensor(suffix_ids, device=dev)
-        m = len(suffix_ids)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        out: list[float] = []
-        for start in range(0, len(pairs), self.max_rows):
-            chunk = pairs[start: start + self.max_rows]
-            rows = torch.tensor([b for b, _ in chunk], device=dev)
-            prefix = torch.tensor([i for _, i in chunk], device=dev)
-            from transformers import DynamicCache
+    def _suffix_rest(self, cache, C: int, lengths: list[int], suffix_ids: list[int], final_only: bool) -> torch.Tensor:
+        """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for every trajectory b and prefix i (shape [B, T+1]; only
+        the final prefix with final_only), reusing the cache of C Z without copying it per prefix.
 
-            sub = DynamicCache([(k[rows], v[rows]) for k, v in layers])
-            past = torch.arange(C + T, device=dev)[None, :]
-            keep_past = (past < C + prefix[:, None]).long()  # C z_1:i, not the rest of Z (nor padding)
-            mask = torch.cat([keep_past, torch.ones((len(chunk), m - 1), dtype=torch.long, device=dev)], 1)
-            positions = C + prefix[:, None] + torch.arange(m - 1, device=dev)[None, :]
-            logits = self.model(input_ids=y[None, :-1].expand(len(chunk), -1), past_key_values=sub,
-                                attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
-            lp = torch.log_softmax(logits, -1).gather(2, y[None, 1:, None].expand(len(chunk), -1, 1)).squeeze(2)
-            out += lp.sum(1).tolist()
+        Each trajectory's (prefix, Y) continuations run as ONE sequence of (n+1)·(|Y|−1) tokens
+        against its cache, under a tree mask: the copy of Y for prefix i sees C z_1:i and its own
+        earlier tokens, at positions |C| + i + k."""
+        dev = self.device
+        B, T, k = len(lengths), max(lengths, default=0), len(suffix_ids) - 1
+        y_in = torch.tensor(suffix_ids[:-1], device=dev)
+        y_out = torch.tensor(suffix_ids[1:], device=dev)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        P = C + T
+        n_pref = 1 if final_only else T + 1
+        q = n_pref * k
+        step = max(1, self.max_rows // q)
+        own_block = torch.arange(q, device=dev)
+        own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
+        jj = torch.arange(k, device=dev).repeat(n_pref)
+        out = torch.zeros((B, T + 1))
+        lengths_t = torch.tensor(lengths, device=dev)
+        from transformers import DynamicCache
+
+        for start in range(0, B, step):
+            rows = torch.arange(start, min(B, start + step), device=dev)
+            if final_only:
+                pref = lengths_t[rows][:, None]
+            else:
+                pref = torch.arange(T + 1, device=dev)[None, :].expand(len(rows), -1)
+            pi = pref.repeat_interleave(k, dim=1)  # [b, q]: the prefix each query row continues
+            sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
+            allowed = torch.cat([sees_past, own[None].expand(len(rows), -1, -1)], dim=2)
+            dtype = layers[0][0].dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+            sub = DynamicCache([(key[rows], value[rows]) for key, value in layers])
+            logits = self.model(input_ids=y_in[jj][None, :].expand(len(rows), -1), past_key_values=sub,
+                                attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
+            lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(rows), -1, 1))
+            per_prefix = lp.squeeze(2).view(len(rows), n_pref, k).sum(-1).cpu()
+            if final_only:
+                out[rows.cpu(), lengths_t[rows].cpu()] = per_prefix[:, 0]
+            else:
+                out[rows.cpu()] = per_prefix
         return out
 
     def score_naive(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,

@@ -118,6 +118,10 @@ def cmd_models(args) -> int:
 def cmd_bench(args) -> int:
     from learner import bench
 
+    if args.bench_command == "scoring":
+        from learner import bench_scoring
+
+        return bench_scoring.main(args)
     if args.bench_command == "engines":
         from learner import bench_engines
 
@@ -202,6 +206,14 @@ def parser() -> argparse.ArgumentParser:
     bo.add_argument("--batch", type=int, default=16, help="trajectories per simulated batch")
     bo.add_argument("--steps", type=int, default=40, help="timed learner steps per sampler count (at least 4 × samplers)")
     bo.set_defaults(func=cmd_bench)
+    bs = bsub.add_parser("scoring", help="prefix rewards with a suffix: shared KV cache against one pass per prefix")
+    add_config(bs)
+    bs.add_argument("--trajectories", type=int, default=16, help="trajectories in the batch")
+    bs.add_argument("--length", type=int, default=20, help="tokens of each Z")
+    bs.add_argument("--threads", type=int, default=1, help="torch threads")
+    bs.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    bs.add_argument("--naive-fraction", type=int, default=4, help="time the naive way on 1/N of the batch, then scale")
+    bs.set_defaults(func=cmd_bench)
     be = bsub.add_parser("engines", help="sampling tokens/s of hf generate, the transformers engine and vLLM, with LoRA")
     add_config(be)
     be.add_argument("--engines", nargs="+", default=["hf-generate", "transformers", "vllm"],

@@ -1,0 +1,323 @@
+"""Tasks over records: data files, the scheduler, rewards against brute force, metrics, short runs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from actors.models import load_model
+from actors.scoring import PrefixScorer
+from actors.trajectory import Trajectory
+from configs import load_config
+from learner.cli import main
+from learner.schedule import RecordScheduler, batch_mix
+from rewards import make_task
+from rewards.records import RecordError, load_records, read_rows
+from rewards.scorer import attach_scorer
+
+from conftest import tiny_overrides
+
+STORIES = [
+    {"beginning": "Ann had a dog. It was old. It liked naps.", "middle": "One day it ran.", "ending": "Ann was glad."},
+    {"beginning": "Bo got a kite. The wind was weak. He waited.", "middle": "At noon it blew.", "ending": "The kite flew."},
+    {"beginning": "Cy baked bread. It was flat. He tried again.", "middle": "He used more yeast.", "ending": "It rose."},
+    {"beginning": "Di lost a key. She looked. It was gone.", "middle": "Her cat had it.", "ending": "She laughed."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def stories(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", STORIES[:3]), write_jsonl(tmp_path / "test.jsonl", STORIES[3:])
+
+
+def task_overrides(model_dir, run_dir, kind: str, data: str, **extra):
+    """A tiny run of an LM-reward task (character-level tokenizer: '.' is one token). The whole
+    task section is set first, then any `task.*` key of `extra` on top of it."""
+    ov = [o for o in tiny_overrides(model_dir, run_dir) if not o.startswith("task.")]
+    settings = {
+        "task": extra.pop("task", "{type: %s, data: {train: %s}, min_len: 1, max_len: 6}" % (kind, data)),
+        "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5,
+        "batch.tempered": 0.25, "batch.replay": 0.25, "replay.seed_with_support": "false",
+        "eval.max_records": 2, "eval.samples_per_record": 3, "eval.baselines": "[sample, greedy, beam, diverse_beam]",
+        **extra}
+    return ov + [f"{k}={v}" for k, v in settings.items()]
+
+
+# -- records ----------------------------------------------------------------------------------
+
+
+def test_jsonl_and_csv_records_with_splits_and_subsets(tmp_path, stories):
+    train, test = stories
+    cfg = load_config("infilling.yaml", [f"task.data={{train: {train}, test: {test}}}"])
+    rs = load_records(cfg.task.data, ["beginning", "middle", "ending"])
+    assert rs.train_ids == [0, 1, 2] and rs.test_ids == [3]
+    assert rs[3].fields["middle"] == "Her cat had it." and rs[3].where.endswith("test.jsonl:1")
+    csv = tmp_path / "p.csv"
+    csv.write_text("text,extra\n" + "".join(f"prompt {i},x\n" for i in range(10)))
+    cfg = load_config("continuation.yaml", [f"task.data={{train: {csv}, test_fraction: 0.3, subset: 4, seed: 1}}"])
+    rs = load_records(cfg.task.data, ["text"])
+    assert len(rs.train_ids) == 4 and len(rs.test_ids) == 3
+    assert not {rs[i].fields["text"] for i in rs.train_ids} & {rs[i].fields["text"] for i in rs.test_ids}
+    again = load_records(cfg.task.data, ["text"])
+    assert [r.fields for r in again.records] == [r.fields for r in rs.records], "seeded split and subset"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a"}\n{"text": "b"\n', "bad.jsonl:2: not valid JSON"),
+    ('{"text": "a"}\n{"txt": "b"}\n', "bad.jsonl:2: field 'text' missing"),
+    ('{"text": "a"}\n["b"]\n', "bad.jsonl:2: expected a JSON object"),
+    ('{"text": ""}\n', "bad.jsonl:1: field 'text' is empty"),
+    ('{"text": ["a"]}\n', "bad.jsonl:1: field 'text': expected text or a number"),
+    ('', "bad.jsonl: holds no records"),
+])
+def test_malformed_files_are_refused_with_file_line_and_field(tmp_path, content, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(RecordError, match=message.replace("[", r"\[")):
+        read_rows(str(p), ["text"])
+
+
+def test_csv_without_the_column_and_non_utf8(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text("prompt\nhello\n")
+    with pytest.raises(RecordError, match=r"p.csv:1: no column 'text' in the header \(prompt\)"):
+        read_rows(str(p), ["text"])
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match="q.jsonl: not UTF-8"):
+        read_rows(str(q), ["text"])
+
+
+def test_check_rejects_a_missing_column_before_anything_loads(tmp_path, stories, capsys):
+    train, _ = stories
+    code = main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}", "-o", "task.suffix_template=. {endng}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.jsonl:1: field 'endng' missing" in err
+    assert main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}"]) == 0
+    assert "3 train and 0 test records" in capsys.readouterr().err
+    # train refuses the same before writing a run folder
+    run = tmp_path / "run"
+    assert main(["train", "infilling.yaml", "-o", f"task.data={{train: {train}}}", "-o", "task.context_template={nope}",
+                 "-o", f"run.output_dir={run}"]) == 2
+    assert not run.exists()
+
+
+def test_shipped_presets_and_data_check():
+    for name in ("random_number.yaml", "continuation.yaml", "infilling.yaml", "constrained.yaml", "cluster.yaml"):
+        assert main(["check", name]) == 0
+
+
+# -- scheduler and batch mix -------------------------------------------------------------------
+
+
+def test_record_scheduler_is_seeded_covers_every_record_and_resumes_exactly():
+    s = RecordScheduler(list(range(10)), per_step=3, seed=4)
+    first = [s.next() for _ in range(10)]
+    epoch0 = [r for step in first for r in step][:10]
+    assert sorted(epoch0) == list(range(10)) and epoch0 != list(range(10))
+    same = RecordScheduler(list(range(10)), 3, seed=4)
+    assert [same.next() for _ in range(2)] == first[:2]
+    s2 = RecordScheduler(list(range(10)), per_step=3, seed=4)
+    for _ in range(4):
+        s2.next()
+    state = s2.state_dict()
+    s3 = RecordScheduler(list(range(10)), per_step=3, seed=4)
+    s3.load_state_dict(state)
+    assert [s3.next() for _ in range(6)] == first[4:]
+
+
+def test_batch_mix_caps_replay_by_what_the_buffer_holds():
+    cfg = load_config("random_number.yaml", ["batch.samples_per_prompt=8", "batch.on_policy=0.5", "batch.tempered=0.25",
+                                             "batch.replay=0.25"]).batch
+    assert batch_mix(cfg, 0) == (6, 2, 0)
+    assert batch_mix(cfg, 1) == (5, 2, 1)
+    assert batch_mix(cfg, 50) == (4, 2, 2)
+
+
+# -- rewards against brute force ------------------------------------------------------------------
+
+
+def brute_force(model, context, tokens, end_ids=None, suffix=None) -> list[float]:
+    """Each prefix's log R from an independent forward pass."""
+    out = []
+    for i in range(len(tokens) + 1):
+        seq = context + tokens[:i] + (suffix or [])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        C = len(context)
+        v = sum(float(logp[C + k - 1, tokens[k]]) for k in range(i))
+        if suffix:
+            v += sum(float(logp[C + i + k - 1, suffix[k]]) for k in range(len(suffix)))
+        else:
+            v += float(torch.logsumexp(logp[C + i - 1, end_ids], 0))
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_llama, tiny_gpt2):
+    model, tok = load_model(tiny_llama if kind == "llama" else tiny_gpt2)
+    scorer = PrefixScorer(model, tok.pad_token_id, max_rows=3)  # several chunks of (prefix, suffix) rows
+    ctx = tok("The cat").input_ids
+    trajs = [Trajectory(0, tok.encode(" sat on", add_special_tokens=False)), Trajectory(0, []),
+             Trajectory(0, tok.encode(" ran", add_special_tokens=False), tool_mask=[False, True, False, False])]
+    suffix = tok.encode(". It slept.", add_special_tokens=False)
+    end = [tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("!")]
+    for kw in (dict(end_ids=end), dict(suffix_ids=suffix), dict(suffix_ids=suffix[:1])):
+        got = scorer.score(ctx, trajs, **kw)
+        final = scorer.score(ctx, trajs, prefixes="final", **kw)
+        for t, g, f in zip(trajs, got, final):
+            ref = brute_force(model, ctx, t.tokens, kw.get("end_ids"), kw.get("suffix_ids"))
+            if t.tool_mask:  # a tool token adds no log p: compare with the naive scorer that skips it
+                ref = scorer.score_naive(ctx, [t], **kw)[0]
+            assert g == pytest.approx(ref, abs=1e-4)
+            assert f[-1] == pytest.approx(ref[-1], abs=1e-4) and all(math.isnan(x) for x in f[:-1])
+
+
+def lm_task(model_dir, tmp_path, task, data, **extra):
+    cfg = load_config(f"{task}.yaml", task_overrides(model_dir, tmp_path / "run", task, data, **extra))
+    model, tok = load_model(model_dir)
+    t = make_task(cfg, tok)
+    attach_scorer(t, cfg, model)
+    return t, model, tok
+
+
+def test_continuation_reward_is_the_lm_likelihood_with_floors(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": "The dog"}, {"text": "A cat"}])
+    task, model, tok = lm_task(tiny_llama, tmp_path, "continuation", data, **{"task.min_len": 2, "task.disallowed": '["\\n"]'})
+    nl = tok.convert_tokens_to_ids("\n")
+    assert nl in task.banned_ids and task.end_ids[0] not in task.banned_ids
+    good = Trajectory(1, tok.encode(" ran", add_special_tokens=False))
+    bad = Trajectory(0, tok.encode(" a", add_special_tokens=False) + [nl] + tok.encode("b", add_special_tokens=False))
+    task.score([good, bad])
+    ref = brute_force(model, task.context_ids(1), good.tokens, task.end_ids)
+    assert good.log_r[:2] == [task.floor] * 2, "shorter than min_len"
+    assert good.log_r[2:] == pytest.approx(ref[2:], abs=1e-4)
+    ref_bad = brute_force(model, task.context_ids(0), bad.tokens, task.end_ids)
+    assert bad.log_r[2] == pytest.approx(ref_bad[2], abs=1e-4) and bad.log_r[3:] == [task.floor] * 2
+    assert task.is_valid(good) and not task.is_valid(bad)
+
+
+def test_infilling_reward_scores_z_between_beginning_and_ending(tiny_llama, tmp_path, stories):
+    train, _ = stories
+    task, model, tok = lm_task(tiny_llama, tmp_path, "infilling", train, **{"task.max_len": 20})
+    t = Trajectory(2, tok.encode(" He ate", add_special_tokens=False))
+    task.score([t])
+    ctx = tok(STORIES[2]["beginning"]).input_ids
+    suffix = tok.encode(". " + STORIES[2]["ending"], add_special_tokens=False)
+    ref = brute_force(model, ctx, t.tokens, suffix=suffix)
+    assert t.log_r[1:] == pytest.approx(ref[1:], abs=1e-4) and t.log_r[0] == task.floor
+    assert task.prompt_text(2).startswith("Beginning: Cy baked bread.") and task.prompt_text(2).endswith("Middle:")
+    ref_z = task.reference(2)
+    assert tok.decode(ref_z.tokens) == " He used more yeast"  # the end token's "." is dropped
+    seeds = task.seed_trajectories(2)
+    assert seeds and seeds[0].log_r is not None and len(seeds[0].log_r) == seeds[0].length + 1
+
+
+def test_constrained_reward_puts_unsatisfied_prefixes_at_the_floor(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": "The dog", "words": "cat"}])
+    task, model, tok = lm_task(tiny_llama, tmp_path, "constrained", data,
+                               **{"task.constraint": "{include_column: words, exclude: [dog]}", "task.max_len": 12})
+    t = Trajectory(0, tok.encode(" a cat sat", add_special_tokens=False))
+    task.score([t])
+    ref = brute_force(model, task.context_ids(0), t.tokens, task.end_ids)
+    text_ok = [task.constraint_ok(0, tok.decode(t.tokens[:i])) for i in range(t.length + 1)]
+    assert text_ok.index(True) == len(" a cat")
+    for i, ok in enumerate(text_ok):
+        assert t.log_r[i] == (pytest.approx(ref[i], abs=1e-4) if ok else task.floor)
+    u = Trajectory(0, tok.encode(" a cat dog", add_special_tokens=False))
+    task.score([u])
+    assert u.log_r[-1] == task.floor, "an excluded word"
+
+
+# -- metrics on hand-made samples --------------------------------------------------------------
+
+
+def test_metrics_on_hand_made_samples():
+    from rewards.constrained import satisfies
+    from rewards.lm_eval import bleu_gleu, distinct_n, pairwise_diversity
+
+    # distinct-1: "a b a" + "a c" -> grams a,b,a,a,c: 3 unique of 5
+    assert distinct_n(["a b a", "a c"], 1) == pytest.approx(3 / 5)
+    assert distinct_n(["a b a", "a c"], 2) == pytest.approx(3 / 3)
+    # two identical and one orthogonal unit vectors: similarities 1, 0, 0 -> diversity 1 - 1/3
+    e = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert pairwise_diversity(e) == pytest.approx(2 / 3)
+    assert pairwise_diversity(e[:1]) is None
+    bleu, gleu = bleu_gleu("the cat sat on the mat", "the cat sat on the mat")
+    assert bleu == pytest.approx(1.0) and gleu == pytest.approx(1.0)
+    bleu, gleu = bleu_gleu("dogs bark", "the cat sat on the mat")
+    assert bleu < 0.05 and gleu == 0.0
+    assert satisfies("A Cat sat.", ["cat"], []) and not satisfies("A cat sat.", ["dog"], [])
+    assert not satisfies("A cat sat.", [], ["sat"]) and not satisfies("one two three", [], [], max_words=2)
+
+
+# -- short training runs, one per task ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["continuation", "infilling", "constrained", "sft"])
+def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
+    train, test = stories
+    if task in ("infilling", "sft"):
+        data, name = f"{train}, test: {test}", "infilling"
+        extra = {"task": "{type: infilling, data: {train: %s, test: %s}, min_len: 1, max_len: 20}" % (train, test),
+                 "replay.seed_with_support": "true"}
+    else:
+        data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}", "words": "a"} for i in range(5)])
+        name, extra = task, {}
+        if task == "constrained":
+            extra["task"] = "{type: constrained, data: {train: %s}, min_len: 1, max_len: 6, constraint: {include_column: words}}" % data
+    if task == "sft":
+        extra["learner.objective"] = "sft"
+    ov = task_overrides(tiny_llama, tmp_path / "run", name, data, **extra)
+    run = tmp_path / "run"
+    assert main(["train", f"{name}.yaml", *sum([["-o", o] for o in ov + ["learner.steps=4"]], [])]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in lines)
+    if task != "sft":
+        assert all(r["trained"] == 8 for r in lines), "2 records x 4 samples per step"
+    result = json.loads((run / "eval.json").read_text())
+    assert "trained" in result["methods"] and result["methods"]["trained"]["records"] >= 1
+    if name == "infilling":
+        assert "bleu4" in result["methods"]["trained"] and result["records"] == [3]
+    assert (run / "eval.md").read_text().startswith("**") and (run / "eval.png").stat().st_size > 1000
+
+
+def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
+    from learner.loop import build, references, train
+
+    train_file, test_file = stories
+    ov = task_overrides(tiny_llama, tmp_path / "run", "infilling", train_file, **{
+        "task": "{type: infilling, data: {train: %s, test: %s}, min_len: 1, max_len: 20}" % (train_file, test_file),
+        "learner.objective": "sft", "learner.steps": 30, "batch.prompts_per_step": 3, "run.evaluate_at_end": "false"})
+    cfg = load_config("infilling.yaml", ov)
+    c = build(cfg)
+    refs = references(c, c.task.train_ids)
+    with torch.no_grad():
+        before = c.learner.loss(refs, c.task.prompt_ids, c.task.end_ids, 1.0)[0].item()
+    c = train(cfg, str(tmp_path / "run"))
+    with torch.no_grad():
+        after = c.learner.loss(refs, c.task.prompt_ids, c.task.end_ids, 1.0)[0].item()
+    assert after < before - 0.3
+
+
+def test_resume_of_an_lm_task_continues_exactly(tiny_llama, tmp_path):
+    from learner.loop import train
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(5)])
+
+    def run(folder, steps, resume=False):
+        ov = task_overrides(tiny_llama, folder, "continuation", data, **{"run.evaluate_at_end": "false"})
+        train(load_config("continuation.yaml", ov + [f"learner.steps={steps}"]), str(folder), resume=resume)
+        return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    a = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 3)
+    b = run(tmp_path / "b", 5, resume=True)
+    assert b == pytest.approx(a, rel=1e-5)
