@@ -34,3 +34,27 @@ class SimulatedSampler:
 
     def memory(self) -> int:
         return max_rss_bytes()
+
+    def metrics_endpoint(self):
+        return None
+
+
+class SimulatedScorer:
+    """Answers `score` after `latency` seconds, leaving the batch as it is (benchmarks)."""
+
+    latency = 0.5
+    """Seconds per batch (set on a subclass by the benchmark)."""
+
+    def __init__(self, cfg=None, name: str = "reward", threads: int = 1):
+        self.name = name
+
+    def score(self, batch: SampledBatch) -> SampledBatch:
+        time.sleep(self.latency)
+        batch.score_seconds += self.latency
+        return batch
+
+    def memory(self) -> int:
+        return max_rss_bytes()
+
+    def metrics_endpoint(self):
+        return None

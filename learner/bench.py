@@ -130,6 +130,8 @@ def orchestration(args) -> int:
         print(f"{n:>8} {fresh / wall:>9.1f} {ideal:>9.1f} {100 * fresh / wall / ideal:>8.0f}% {1e6 * per_batch:>22.0f} "
               f"{1e3 * update / steps:>10.1f} {driver.counters['batches_dropped_stale_total']:>8}")
 
+    pipeline(args, model)
+
     # broadcast: one ray.put, N actors get the same reference
     cfg = load_config("random_number.yaml", ["runtime.mode=ray", f"samplers.num_actors={max(args.samplers)}"])
     with ray_session(cfg, log=lambda m: None):
@@ -143,3 +145,38 @@ def orchestration(args) -> int:
             dt = time.perf_counter() - t0
             print(f"broadcast {mb:>3} MB to {len(actors)} actors: {1e3 * dt:.1f} ms ({1e3 * dt / mb:.2f} ms per MB)")
     return 0
+
+
+def pipeline(args, model: str) -> None:
+    """A pool of reward actors chained to the samplers against scoring on the driver's path."""
+    from actors.simulated import SimulatedSampler, SimulatedScorer
+    from cluster.ray_session import ray_session
+    from learner.distributed import RayDriver
+
+    n = args.pipeline_actors
+    print(f"\nscorer pool: {n} simulated samplers and {n} simulated scorers, {args.latency:.2f} s per batch each")
+    print(f"{'scoring':<28} {'steps/s':>8} {'traj/s':>8}")
+    rates = {}
+    for chain in (True, False):
+        cfg = load_config("random_number.yaml", [
+            f"model.path={model}", "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"batch.samples_per_prompt={args.batch}",
+            "batch.on_policy=1.0", "batch.replay=0", "task.target={type: uniform, low: 0, high: 20}", "task.max_len=2",
+            "runtime.mode=ray", f"samplers.num_actors={n}", "samplers.num_cpus=0.01", f"samplers.in_flight=2",
+            "reward.colocate=false", f"reward.num_actors={n}", "reward.num_cpus=0.01", f"runtime.max_staleness={10 * n}",
+            "run.progress=false", "metrics.enabled=false"])
+        sampler = type("Sim", (SimulatedSampler,), {"latency": args.latency})
+        scorer = type("SimScorer", (SimulatedScorer,), {"latency": args.latency})
+        with ray_session(cfg, log=lambda m: None):
+            driver = RayDriver(cfg, log=lambda m: None, worker_cls=sampler, scorer_cls=scorer, chain=chain)
+            driver.start()
+            for _ in range(2 * n):
+                driver.step(1.0)
+            steps = max(args.steps // 2, 4 * n)
+            t0 = time.perf_counter()
+            fresh = sum(len(driver.step(1.0)[0]) for _ in range(steps))
+            wall = time.perf_counter() - t0
+            driver.close()
+        rates[chain] = steps / wall
+        name = "chained to the samplers" if chain else "on the driver's path"
+        print(f"{name:<28} {steps / wall:>8.2f} {fresh / wall:>8.1f}")
+    print(f"chained / driver's path: {rates[True] / rates[False]:.1f}x")

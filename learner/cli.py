@@ -205,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     bo.add_argument("--latency", type=float, default=0.5, help="seconds per simulated batch")
     bo.add_argument("--batch", type=int, default=16, help="trajectories per simulated batch")
     bo.add_argument("--steps", type=int, default=40, help="timed learner steps per sampler count (at least 4 × samplers)")
+    bo.add_argument("--pipeline-actors", type=int, default=4, help="samplers and scorers of the scorer-pool comparison")
     bo.set_defaults(func=cmd_bench)
     bs = bsub.add_parser("scoring", help="prefix rewards with a suffix: shared KV cache against one pass per prefix")
     add_config(bs)

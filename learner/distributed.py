@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import max_rss_bytes
 from actors.engines import context_length
@@ -51,7 +51,7 @@ def _actor_id(handle) -> str:
 
 
 class RayDriver:
-    def __init__(self, cfg, log=print, worker_cls=SamplerWorker, metrics=None):
+    def __init__(self, cfg, log=print, worker_cls=SamplerWorker, metrics=None, scorer_cls=ScorerWorker, chain: bool = True):
         self.cfg, self.log = cfg, log
         self.metrics = metrics
         self.c = build(cfg, with_replay=False, engine=False)  # the learner's policy, task and optimizer; the buffer is an actor
@@ -71,8 +71,10 @@ class RayDriver:
             for i, name in enumerate(self.names)
         ]
         self.scorer_names = [] if r.colocate else (["reward"] if r.num_actors == 1 else [f"reward-{k}" for k in range(r.num_actors)])
+        self.chain = chain
+        """False scores on the driver's path (sampler -> driver -> scorer -> driver): benchmarks only."""
         self.scorers = [
-            ray.remote(ScorerWorker).options(
+            ray.remote(scorer_cls).options(
                 name=name, num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts, max_task_retries=0,
                 resources=dict(r.resources)).remote(cfg, name, threads=int(r.num_cpus))
             for name in self.scorer_names
@@ -122,9 +124,9 @@ class RayDriver:
         out = {"learner": self.metrics.endpoint}
         for name, a in actors.items():
             try:
-                out[name] = ray.get(a.metrics_endpoint.remote(), timeout=60)
-            except (RayActorError, RayTaskError):
-                self.log(f"gfnlm: {name} did not report its metrics endpoint")
+                out[name] = ray.get(a.metrics_endpoint.remote(), timeout=120)
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                self.log(f"gfnlm: {name} did not report its metrics endpoint (not in prometheus_targets.json)")
         return out
 
     # -- requests ------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class RayDriver:
         req, counts = self._plan()
         self.plans[req.tag] = (req, counts)
         ref = self.samplers[i].sample.remote(req)
-        if self.scorers:  # chained: the reward actor takes the sampler's output when it is ready
+        if self.scorers and self.chain:  # chained: the reward actor takes the sampler's output when it is ready
             k = self.next_scorer % len(self.scorers)
             self.next_scorer += 1
             ref = self.scorers[k].score.remote(ref)
@@ -244,6 +246,10 @@ class RayDriver:
                 continue
             self.counters["staleness"] = staleness
             self._metric("gfnlm_staleness_versions", "observe", staleness)
+            if self.scorers and not self.chain:  # the old way: the driver waits for the scorer
+                k = self.next_scorer % len(self.scorers)
+                self.next_scorer += 1
+                batch = ray.get(self.scorers[k].score.remote(batch))
             batch.plan = plan
             return batch
 
@@ -301,7 +307,7 @@ class RayDriver:
             mem = self.memory()
             mem["learner"] = max_rss_bytes()
             self.log("gfnlm: peak memory " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()))
-        except (RayActorError, RayTaskError):
+        except (RayActorError, RayTaskError, GetTimeoutError):
             pass
         for ref in list(self.pending):
             ray.cancel(ref, force=False)

@@ -18,6 +18,13 @@ def test_presets_validate():
         assert isinstance(load_config(p), Config)
 
 
+def test_objective_by_name_or_section():
+    assert load_config("random_number.yaml", ["learner.objective=tb"]).learner.objective.log_z_lr == 1e-2
+    cfg = load_config("random_number.yaml", ["learner.objective={type: subtb, lam: 0.5}"])
+    assert cfg.learner.objective.type == "subtb" and cfg.learner.objective.lam == 0.5
+    assert load_config("infilling.yaml", ["learner.objective=tb", "reward.prefixes=final"]).reward.prefixes == "final"
+
+
 def test_overrides_apply_and_parse_yaml_values():
     cfg = load_config("random_number.yaml", ["learner.lr=3e-4", "lora.target_modules=[q_proj,v_proj]",
                                               "task.target={type: poisson, rate: 5}", "run.progress=false"])
@@ -75,6 +82,15 @@ def test_every_field_has_a_docstring():
         ("learner.steps=many", "learner.steps"),
         ("replay.capacity_per_prompt=10", "replay.capacity_per_prompt (10)"),
         ("learner=3", "learner"),
+        ("runtime.publish_every=4", "runtime.publish_every (4) exceeds runtime.max_staleness + 1 (3)"),
+        ("reward.prefixes=final", "reward.prefixes: 'final' scores only the whole Z"),
+        ("learner.objective={type: dpo}", "learner.objective.type: unknown type dpo"),
+        ("learner.objective={type: subtb, lam: -1}", "learner.objective.lam"),
+        ("task.type=novel", "task.type: unknown type novel"),
+        ("task={type: continuation}", "task.data: Field required"),
+        ("task={type: infilling, data: {train: x.jsonl}, suffix_template: 'a {'}", "task.suffix_template: not a valid template"),
+        ("task={type: constrained, data: {train: x.jsonl}}", "constraint: give at least one of"),
+        ("reward.model=/no/such/dir", "reward.model / reward.adapter: the random-number reward is closed-form"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(override, key):

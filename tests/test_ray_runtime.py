@@ -47,6 +47,43 @@ def test_ray_run_with_two_samplers_takes_every_step_and_resumes(tiny_llama, tmp_
     assert os.path.isfile(os.path.join(run, "checkpoints", "latest"))
 
 
+def test_on_policy_ray_runs_drop_no_batch_as_stale(tiny_llama, tmp_path):
+    run = str(tmp_path / "run")
+    train(ray_cfg(tiny_llama, run, "learner.steps=6", "runtime.max_staleness=0", "samplers.in_flight=1"), run)
+    rs = records(run)
+    assert [r["step"] for r in rs] == list(range(1, 7))
+    assert rs[-1]["batches_dropped_stale_total"] == 0 and all(r["staleness"] == 0 for r in rs)
+
+
+def test_lm_task_on_ray_with_a_chained_scorer_pool(tiny_llama, tmp_path):
+    """Two reward actors hold the frozen LM; the samplers load none and only sample."""
+    import ray
+
+    from learner.distributed import RayDriver
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Prompt {i}"}) + "\n" for i in range(4)))
+    run = str(tmp_path / "run")
+    ov = [o for o in tiny_overrides(tiny_llama, run) if not o.startswith("task.")]
+    cfg = load_config("continuation.yaml", ov + [
+        f"task={{type: continuation, data: {{train: {data}}}, min_len: 1, max_len: 5}}", "runtime.mode=ray",
+        "reward.colocate=false", "reward.num_actors=2", "reward.num_cpus=0.5", "samplers.num_cpus=0.5",
+        "batch.prompts_per_step=2", "batch.samples_per_prompt=4", "learner.steps=4", "runtime.max_staleness=2",
+        "replay.seed_with_support=false", "run.evaluate_at_end=false"])
+    seen = {}
+
+    def probe(step, driver):
+        if step == 2:
+            seen["sampler_scorer"] = ray.get(driver.samplers[0].__ray_call__.remote(lambda w: w.scorer is None))
+            seen["scorers"] = driver.scorer_names
+
+    c = train(cfg, run, on_step=probe)
+    assert c.learner.step == 4 and seen == {"sampler_scorer": True, "scorers": ["reward-0", "reward-1"]}
+    rs = records(run)
+    assert all(r["trained"] == 8 and r["mean_log_r"] < 0 for r in rs)
+    assert isinstance(c, object) and RayDriver
+
+
 class SlowSampler(SamplerWorker):
     """Slow enough that a kill lands while a batch is being made."""
 
