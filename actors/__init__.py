@@ -1,4 +1,4 @@
-"""Plain classes that run in-process or as Ray actors."""
+"""Plain classes that hold a model or a buffer and run in-process or as Ray actors: the LM primitives (model loading, the LoRA policy, teacher-forced log-probs, prefix scoring), sampler engines, decoding baselines, the replay buffer."""
 
 import resource
 

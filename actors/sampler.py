@@ -51,7 +51,29 @@ def left_pad(prompts: list[list[int]], pad_id: int):
     return ids, (None if bool(mask.all()) else mask), positions
 
 
-class TransformersSampler:
+class PromptRows:
+    """The two entry points of an engine, as rows (prompt index, record, temperature, source) for
+    the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids)`."""
+
+    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
+                 banned_ids=()):
+        """n samples of one prompt, at one temperature or one per sample."""
+        temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
+        assert len(temps) == n, "one temperature per sample"
+        return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
+                            max_new_tokens, end_ids, banned_ids)
+
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
+        """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
+        rows = []
+        for i, p in enumerate(prompts):
+            rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
+            rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
+        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
+                            banned_ids)
+
+
+class TransformersSampler(PromptRows):
     """Generation with a transformers (optionally peft) model.
 
     Distinct prompts run in one left-padded pass; each prompt's KV cache is then repeated over its
@@ -74,23 +96,6 @@ class TransformersSampler:
 
             set_peft_model_state_dict(self.model, state)
         self.version = version
-
-    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
-                 banned_ids=()):
-        """n samples of one prompt, at one temperature or one per sample."""
-        temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
-        assert len(temps) == n, "one temperature per sample"
-        return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids, banned_ids)
-
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
-        """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
-        rows = []
-        for i, p in enumerate(prompts):
-            rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
-            rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
-        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
-                            banned_ids)
 
     @torch.no_grad()
     def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=()):

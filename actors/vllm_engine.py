@@ -28,6 +28,7 @@ from typing import Sequence
 
 import itertools
 
+from .sampler import PromptRows
 from .tools import ToolRunner
 from .trajectory import Trajectory
 
@@ -133,7 +134,7 @@ _LORA_IDS = itertools.count(1)
 two samplers on one engine never reuse an id either (vLLM would silently serve the old weights)."""
 
 
-class VLLMSampler:
+class VLLMSampler(PromptRows):
     """The sampler interface on vLLM, with LoRA versions."""
 
     def __init__(self, llm, peft_config: dict | None, seed: int = 0, tools: ToolRunner | None = None):
@@ -204,22 +205,6 @@ class VLLMSampler:
         allowed = {"allowed_token_ids": self._allowed_ids(list(banned))} if banned else {}
         return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
                               stop_token_ids=list(end_ids), **allowed, **common)
-
-    def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
-                 banned_ids=()):
-        temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
-        assert len(temps) == n, "one temperature per sample"
-        return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids, banned_ids)
-
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
-        """Every prompt's samples in one `generate` call: on-policy ones at T = 1, then the tempered ones."""
-        rows = []
-        for i, p in enumerate(prompts):
-            rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
-            rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
-        return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
-                            banned_ids)
 
     def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
         banned = list(banned_ids)

@@ -125,14 +125,14 @@ def main(args) -> int:
     workloads = ["shared-16", "shared-64", "distinct-16", "distinct-16 loop"]
     print(f"model {cfg.model.path}, LoRA r={cfg.lora.r} on {len(cfg.lora.target_modules)} module kinds, "
           f"{L} tokens per sample, {args.threads} torch thread(s), best of {args.repeats}")
-    print(f"{'engine':<16}" + "".join(f"{w:>14}" for w in workloads) + "   (tokens/s)")
+    print(f"{'engine':<16}" + "".join(f"{w:>18}" for w in workloads) + "   (tokens/s)")
     for engine, row in results.items():
-        print(f"{engine:<16}" + "".join(f"{row.get(w, float('nan')):>14.1f}" for w in workloads))
+        print(f"{engine:<16}" + "".join(f"{row.get(w, float('nan')):>18.1f}" for w in workloads))
     if "transformers" in results:
         for engine, row in results.items():
             if engine != "transformers":
                 ratios = [row[w] / results["transformers"][w] if w in row else float("nan") for w in workloads]
-                print(f"{engine + ' / transformers':<30}" + "".join(f"{r:>10.2f}" for r in ratios))
+                print(f"{engine + ' / transformers':<16}" + "".join(f"{r:>18.2f}" for r in ratios))
     if "transformers" in results:
         row = results["transformers"]
         print(f"transformers engine, 16 distinct prompts in one call / one call per prompt: "

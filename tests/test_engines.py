@@ -78,7 +78,7 @@ def setup(tiny_llama_vllm):
 
 def engine_for(kind, policy, request, tools=None, seed=0):
     if kind == "transformers":
-        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools)
+        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools, pad_id=policy.tokenizer.pad_token_id)
     from actors.vllm_engine import VLLMSampler, peft_config_dict
 
     engine = VLLMSampler(request.getfixturevalue("llm"), peft_config_dict("tiny", LoraConfig(r=8, alpha=16, target_modules=LLAMA_TARGETS)),
@@ -92,6 +92,32 @@ def teacher_forced(policy, prompt, trajs, end_ids):
     with torch.no_grad():
         log_pf, log_pterm, lengths, tool = policy.logprobs(prompt, trajs, end_ids)
     return log_pf, log_pterm
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_distinct_prompts_in_one_call_and_the_token_mask(kind, tiny_llama_vllm, setup, request):
+    """Prompts of different lengths in one call (left padding in the transformers engine): each
+    sample's log-probs are its own prompt's teacher-forced ones, with banned tokens out of the
+    distribution (renormalised), and banned tokens are never drawn."""
+    from actors.trajectory import PromptRequest
+
+    tok, _, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=2)
+    engine = engine_for(kind, policy, request)
+    prompts = {7: tok.encode("a", add_special_tokens=False), 3: tok.encode("The number is ", add_special_tokens=False),
+               5: tok.encode("xyz 12 + ", add_special_tokens=False)}
+    banned = [tok.convert_tokens_to_ids(c) for c in "eatoin "]
+    reqs = [PromptRequest(rid, ids, 4, [0.7, 1.6]) for rid, ids in prompts.items()]
+    trajs = engine.generate_batch(reqs, 0, 6, end, banned_ids=banned)
+    assert [t.record_id for t in trajs] == [7] * 6 + [3] * 6 + [5] * 6
+    assert [t.source for t in trajs[:6]] == ["on_policy"] * 4 + ["tempered"] * 2
+    assert not any(tok_id in banned for t in trajs for tok_id in t.tokens)
+    for rid, ids in prompts.items():
+        mine = [t for t in trajs if t.record_id == rid and t.source == "on_policy"]
+        with torch.no_grad():
+            log_pf, _, _, _ = policy.logprobs(ids, mine, end, banned)
+        for b, t in enumerate(mine):
+            assert torch.allclose(torch.tensor(t.logprobs), log_pf[b, : t.length], atol=1e-3), (rid, t.logprobs)
 
 
 @pytest.mark.parametrize("kind", ENGINES)

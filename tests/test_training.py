@@ -92,3 +92,25 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["eval", "random_number.yaml", "--adapter", str(tmp_path)]) == 2
     assert "adapter_model.safetensors" in capsys.readouterr().err
+
+
+def test_evaluation_sampler_has_the_configured_tools(tiny_llama, tmp_path):
+    from learner.loop import eval_sampler
+
+    cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run") + [
+        "sampler.tools=[{kind: calculator, trigger: '='}]", "sampler.engine=transformers"])
+    c = build(cfg, engine=False)
+    assert eval_sampler(c).tools is not None and eval_sampler(c).tools.tools[0].trigger == "="
+
+
+def test_valid_is_one_definition_for_training_and_evaluation(tiny_llama, tmp_path):
+    from actors.trajectory import Trajectory
+    from learner.loop import valid_counts
+
+    c = build(load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run")))
+    tok = c.policy.tokenizer
+    seven = tok.encode("7", add_special_tokens=False)
+    fresh = [Trajectory(0, seven, terminated=True), Trajectory(0, seven, terminated=False),  # cut at max_len
+             Trajectory(0, tok.encode("07", add_special_tokens=False)), Trajectory(0, seven, source="replay")]
+    assert valid_counts(c.task, fresh) == (1, 3)
+    assert [c.task.is_valid(t) for t in fresh[:3]] == [c.task.sample_value(t) is not None for t in fresh[:3]]
