@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections import Counter
 from dataclasses import asdict
 
 from .trajectory import Trajectory
@@ -48,12 +49,25 @@ class Replay:
         self.buffers: dict[int, list[Trajectory]] = {}
         self.added = 0
         self.rejected = 0
+        self._bags: dict[tuple[int, ...], Counter] = {}  # token multisets of kept trajectories
 
-    def _near(self, a: Trajectory, b: Trajectory) -> bool:
+    def _bag(self, t: Trajectory) -> Counter:
+        key = t.key()
+        bag = self._bags.get(key)
+        if bag is None:
+            bag = self._bags[key] = Counter(key)
+        return bag
+
+    def _near(self, a: Trajectory, b: Trajectory, bag_a: Counter | None = None) -> bool:
         if a.tokens == b.tokens:
             return True
         limit = self.dedup_fraction * (a.length + b.length)
         if limit <= 0 or abs(a.length - b.length) >= limit:
+            return False
+        # every edit changes the multiset of tokens by at most 2: half the multiset difference is a
+        # lower bound of the edit distance, in O(L), and rules out most pairs without the DP
+        shared = sum(((bag_a if bag_a is not None else Counter(a.key())) & self._bag(b)).values())
+        if (a.length + b.length - 2 * shared) / 2 >= limit:
             return False
         return edit_distance(a.key(), b.key(), limit=math.ceil(limit)) < limit
 
@@ -64,7 +78,8 @@ class Replay:
             if t.log_r is None:
                 raise ValueError("replay.add: trajectory has no log_r; score it first")
             buf = self.buffers.setdefault(t.record_id, [])
-            near = [u for u in buf if self._near(t, u)]
+            bag = Counter(t.key())
+            near = [u for u in buf if self._near(t, u, bag)]
             if any(u.final_log_r >= t.final_log_r for u in near):
                 self.rejected += 1
                 continue
@@ -76,6 +91,8 @@ class Replay:
             buf[:] = [u for u in buf if u not in near]
             buf.append(entry)
             buf.sort(key=lambda u: -u.final_log_r)
+            for gone in buf[self.capacity:] + near:
+                self._bags.pop(gone.key(), None)
             del buf[self.capacity :]
             kept += 1
         self.added += kept

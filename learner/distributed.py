@@ -124,7 +124,7 @@ class RayDriver:
         out = {"learner": self.metrics.endpoint}
         for name, a in actors.items():
             try:
-                out[name] = ray.get(a.metrics_endpoint.remote(), timeout=120)
+                out[name] = ray.get(a.metrics_endpoint.remote(), timeout=300)
             except (RayActorError, RayTaskError, GetTimeoutError):
                 self.log(f"gfnlm: {name} did not report its metrics endpoint (not in prometheus_targets.json)")
         return out

@@ -332,8 +332,8 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    write_targets(driver, run_dir, log)  # before any work is queued: the actors answer right after they start
     driver.start()
-    write_targets(driver, run_dir, log)
     metrics = getattr(driver, "metrics", None)
     stats, bar = RunningStats(), None
     if cfg.run.progress:

@@ -19,13 +19,15 @@ from actors.workers import ServesMetrics, actor_metrics
 from . import make_task
 
 
-def load_reward_lm(cfg, device: str):
-    """The frozen reward model named by reward.model / reward.adapter (adapter merged)."""
-    from actors.models import load_model
+def load_reward_lm(cfg, device: str, tokenizer=None):
+    """The frozen reward model named by reward.model / reward.adapter (adapter merged). Trajectories
+    are token ids of the policy's tokenizer, so a reward model must share it."""
+    from actors.models import ModelError, load_model
 
-    from configs.schema import EMBEDDED_MODEL
-
-    model, _ = load_model(cfg.reward.model or cfg.model.path or EMBEDDED_MODEL, device, cfg.model.dtype)
+    model, reward_tok = load_model(cfg.reward.model or cfg.model.path, device, cfg.model.dtype)
+    if tokenizer is not None and cfg.reward.model and reward_tok.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"reward.model: {cfg.reward.model!r} has another tokenizer than the policy's model; "
+                         f"the reward scores the policy's token ids, so it must share the tokenizer")
     if cfg.reward.adapter:
         from peft import PeftModel
 
@@ -40,9 +42,9 @@ def attach_scorer(task, cfg, model=None, device: str = "cpu", tokenizer=None) ->
     policy's base model, else over reward.model / reward.adapter loaded here."""
     if not task.needs_lm:
         return
-    if model is None or cfg.reward.model or cfg.reward.adapter:
-        model = load_reward_lm(cfg, device)
     tok = tokenizer or task.tokenizer
+    if model is None or cfg.reward.model or cfg.reward.adapter:
+        model = load_reward_lm(cfg, device, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     task.lm = PrefixScorer(model, pad, device)
 

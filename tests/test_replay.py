@@ -110,3 +110,28 @@ def test_bounded_edit_distance_is_exact_below_its_limit():
 def test_unscored_trajectory_is_refused():
     with pytest.raises(ValueError, match="score it first"):
         Replay().add([Trajectory(0, [1])])
+
+
+def test_near_duplicate_check_with_the_multiset_bound_is_exact():
+    import random
+
+    from actors.replay import edit_distance
+
+    rng = random.Random(3)
+    r = Replay(capacity_per_prompt=10, dedup_fraction=0.25)
+    for _ in range(3000):
+        a = [rng.randrange(5) for _ in range(rng.randrange(1, 14))]
+        b = list(a)
+        for _ in range(rng.randrange(5)):  # a few random edits: near and far pairs alike
+            k = rng.randrange(len(b) + 1)
+            op = rng.randrange(3)
+            if op == 0:
+                b.insert(k, rng.randrange(5))
+            elif b and op == 1:
+                b.pop(min(k, len(b) - 1))
+            elif b:
+                b[min(k, len(b) - 1)] = rng.randrange(5)
+        ta, tb = Trajectory(0, a), Trajectory(0, b)
+        limit = 0.25 * (len(a) + len(b))
+        exact = a == b or (limit > 0 and edit_distance(tuple(a), tuple(b)) < limit)
+        assert r._near(ta, tb) == exact, (a, b)

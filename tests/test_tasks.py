@@ -321,3 +321,52 @@ def test_resume_of_an_lm_task_continues_exactly(tiny_llama, tmp_path):
     run(tmp_path / "b", 3)
     b = run(tmp_path / "b", 5, resume=True)
     assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_bertscore_with_a_local_model_folder(tiny_llama):
+    from rewards.lm_eval import BertScore
+
+    bs = BertScore(tiny_llama)
+    assert bs.f1("the cat sat", "the cat sat") == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < bs.f1("zzz qqq", "the cat sat") < 1.0 and bs.f1("", "the cat sat") == 0.0
+
+
+def test_reward_adapter_is_merged_into_the_frozen_reward_model(tiny_llama, tmp_path):
+    """reward.adapter: the reward LM is the base plus that (e.g. SFT-fitted) adapter, merged."""
+    from actors.policy import Policy
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": "The dog"}])
+    cfg0 = load_config("continuation.yaml", task_overrides(tiny_llama, tmp_path / "run", "continuation", data))
+    policy = Policy(cfg0.model, cfg0.lora)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    policy.model.save_pretrained(str(tmp_path / "adapter"))
+    cfg = load_config("continuation.yaml", task_overrides(tiny_llama, tmp_path / "run", "continuation", data,
+                                                          **{"reward.adapter": str(tmp_path / "adapter")}))
+    plain, tuned = make_task(cfg0, policy.tokenizer), make_task(cfg, policy.tokenizer)
+    attach_scorer(plain, cfg0, None)
+    attach_scorer(tuned, cfg, None)
+    t1, t2 = Trajectory(0, [40, 41]), Trajectory(0, [40, 41])
+    plain.score([t1])
+    tuned.score([t2])
+    base_model, _ = load_model(tiny_llama)
+    ref_plain = brute_force(base_model, plain.context_ids(0), t1.tokens, plain.end_ids)
+    ref_tuned = brute_force(policy.model, tuned.context_ids(0), t2.tokens, tuned.end_ids)  # adapter on
+    assert t1.log_r[1:] == pytest.approx(ref_plain[1:], abs=1e-4)
+    assert t2.log_r[1:] == pytest.approx(ref_tuned[1:], abs=1e-4)
+    assert abs(t2.log_r[-1] - t1.log_r[-1]) > 1e-2
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tiny_llama, tiny_gpt2, tmp_path):
+    from actors.models import ModelError
+    from transformers import AutoTokenizer
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": "The dog"}])
+    cfg = load_config("continuation.yaml", task_overrides(tiny_llama, tmp_path / "run", "continuation", data,
+                                                          **{"reward.model": tiny_gpt2}))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_tokens(["<extra>"])
+    task = make_task(cfg, tok)
+    with pytest.raises(ModelError, match="reward.model: .* another tokenizer"):
+        attach_scorer(task, cfg, None)
