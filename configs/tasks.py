@@ -269,7 +269,8 @@ class ConstraintConfig(Section):
 
 class ConstrainedTask(ContinuationTask):
     """Constrained generation: R(Z) = p_LM(Z ⊤ | X) · c(Z). A finished Z with c = 0 gets the floor;
-    every prefix is judged as a finished Z of its own."""
+    every prefix is judged as a finished Z of its own. Keep the floor below −(max_len · ln V): the
+    ~V^max_len strings that violate c otherwise hold most of the reward (a warning says so)."""
 
     type: Literal["constrained"] = "constrained"
     """Discriminator: 'constrained'."""

@@ -8,6 +8,7 @@ which trajectories are known to be good, and what "valid" means for it.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 from actors.trajectory import Trajectory
@@ -78,6 +79,24 @@ class Task:
     def reference(self, record_id: int) -> Trajectory | None:
         """The record's reference Z as a trajectory (what SFT trains on), if it has one."""
         return None
+
+    def invalid_mass_fraction(self, vocab_size: int, valid_log_mass: float = 0.0) -> float:
+        """Share of the total reward held by invalid strings: each has R = e^floor, and there are
+        about vocab_size^max_len of them, against e^valid_log_mass for the valid ones."""
+        log_invalid = self.floor + self.max_len * math.log(vocab_size) - valid_log_mass
+        return 1.0 / (1.0 + math.exp(-log_invalid)) if log_invalid > -700 else 0.0
+
+    def warn_if_the_floor_dominates(self, vocab_size: int, valid_log_mass: float) -> None:
+        """The exact GFlowNet samples R-proportionally: a floor that leaves the ~V^max_len invalid
+        strings most of the total reward makes it sample invalid text. Say so when a task is built."""
+        share = self.invalid_mass_fraction(vocab_size, valid_log_mass)
+        if share > 0.01:
+            warnings.warn(
+                f"task.log_reward_floor={self.floor:g}: the ~{vocab_size}^{self.max_len} invalid strings hold "
+                f"{100 * share:.1f}% of the reward's total mass, so the exact GFlowNet samples mostly invalid text; "
+                f"use a floor below {-(self.max_len * math.log(vocab_size)) + valid_log_mass - 10:.0f}",
+                stacklevel=3,
+            )
 
     # -- progress ------------------------------------------------------------------------------
 

@@ -33,6 +33,12 @@ def satisfies(text: str, include: list[str], exclude: list[str], min_words: int 
 class ConstrainedTask(LMTask):
     name = "constrained"
 
+    def __init__(self, cfg, tokenizer, prefixes: str = "every"):
+        super().__init__(cfg, tokenizer, prefixes)
+        # Z that violate c sit at the floor; the satisfying ones have log-likelihoods around -20 to
+        # -60 (a typical sentence), so take e^-20 as their mass: generous to the floor's side
+        self.warn_if_the_floor_dominates(len(tokenizer) - len(self.banned_ids), valid_log_mass=-20.0)
+
     @staticmethod
     def columns(cfg) -> list[str]:
         extra = [cfg.constraint.include_column] if cfg.constraint.include_column else []

@@ -69,23 +69,10 @@ class RandomNumberTask(Task):
     def __init__(self, cfg: RandomNumberConfig, tokenizer):
         super().__init__(cfg, tokenizer, inline_records(cfg.prompts))
         self.log_p = log_target(cfg.target)
-        share = self.invalid_mass_fraction(len(tokenizer))
-        if share > 0.01:
-            warnings.warn(
-                f"task.log_reward_floor={self.floor:g}: the ~{len(tokenizer)}^{self.max_len} invalid strings hold "
-                f"{100 * share:.1f}% of the target's mass, so the exact GFlowNet samples mostly invalid text; "
-                f"use a floor below {-(self.max_len * math.log(len(tokenizer)) + 10):.0f}",
-                stacklevel=2,
-            )
+        self.warn_if_the_floor_dominates(len(tokenizer), valid_log_mass=0.0)
 
     def prompt_text(self, record_id: int) -> str:
         return self.records[record_id].fields["text"]
-
-    def invalid_mass_fraction(self, vocab_size: int) -> float:
-        """Share of the target's total reward held by invalid strings: each has R = e^floor, and
-        there are about vocab_size^max_len of them, against a total of 1 for the valid ones."""
-        log_invalid = self.floor + self.max_len * math.log(vocab_size)
-        return 1.0 / (1.0 + math.exp(-log_invalid)) if log_invalid > -700 else 0.0
 
     # -- reward ------------------------------------------------------------------------------
 
