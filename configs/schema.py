@@ -499,6 +499,13 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _sft_has_references(self):
+        if self.learner.objective.type == "sft" and getattr(self.task, "reference_template", None) is None:
+            raise ValueError(f"learner.objective: sft trains on the records' reference Z, and a {self.task.type} task "
+                             f"has none; use a task with a reference_template (infilling)")
+        return self
+
+    @model_validator(mode="after")
     def _lm_task_settings(self):
         if self.task.type == "random_number" and (self.reward.model or self.reward.adapter):
             raise ValueError("reward.model / reward.adapter: the random-number reward is closed-form, it uses no LM")

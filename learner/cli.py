@@ -50,7 +50,7 @@ def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) ->
     return results
 
 
-def check(cfg, log=None) -> str:
+def check(cfg) -> str:
     """The config's data files read and checked (no model, no Ray); raises on the first problem."""
     from rewards import check_data
 

@@ -91,6 +91,7 @@ def test_every_field_has_a_docstring():
         ("task={type: infilling, data: {train: x.jsonl}, suffix_template: 'a {'}", "task.suffix_template: not a valid template"),
         ("task={type: constrained, data: {train: x.jsonl}}", "constraint: give at least one of"),
         ("reward.model=/no/such/dir", "reward.model / reward.adapter: the random-number reward is closed-form"),
+        ("learner.objective=sft", "learner.objective: sft trains on the records' reference Z"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(override, key):

@@ -59,8 +59,6 @@ def test_lm_task_on_ray_with_a_chained_scorer_pool(tiny_llama, tmp_path):
     """Two reward actors hold the frozen LM; the samplers load none and only sample."""
     import ray
 
-    from learner.distributed import RayDriver
-
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"text": f"Prompt {i}"}) + "\n" for i in range(4)))
     run = str(tmp_path / "run")
@@ -81,7 +79,6 @@ def test_lm_task_on_ray_with_a_chained_scorer_pool(tiny_llama, tmp_path):
     assert c.learner.step == 4 and seen == {"sampler_scorer": True, "scorers": ["reward-0", "reward-1"]}
     rs = records(run)
     assert all(r["trained"] == 8 and r["mean_log_r"] < 0 for r in rs)
-    assert isinstance(c, object) and RayDriver
 
 
 class SlowSampler(SamplerWorker):
