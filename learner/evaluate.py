@@ -6,6 +6,4 @@ from __future__ import annotations
 def evaluate(policy, task, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
     """The task evaluates the trained policy (and the base model and baselines it compares with);
     `methods` picks some of them (tasks over records)."""
-    if methods is not None and hasattr(task, "log_likelihood"):
-        return task.evaluate(policy, sampler, eval_cfg, out_dir, log, methods=methods)
-    return task.evaluate(policy, sampler, eval_cfg, out_dir, log)
+    return task.evaluate(policy, sampler, eval_cfg, out_dir, log, methods=methods)

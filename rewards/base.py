@@ -76,6 +76,11 @@ class Task:
         """Known-good trajectories of a record for the replay (scored); none by default."""
         return []
 
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+        """The task's own evaluation (figures, eval.json, plots); `methods` picks baselines where
+        the task has them."""
+        raise NotImplementedError
+
     def reference(self, record_id: int) -> Trajectory | None:
         """The record's reference Z as a trajectory (what SFT trains on), if it has one."""
         return None

@@ -114,7 +114,9 @@ class RandomNumberTask(Task):
     def is_valid(self, t: Trajectory) -> bool:
         return self.sample_value(t) is not None
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print) -> dict:
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+        """The base model and the trained policy against the target (`methods` does not apply:
+        this task has no decoding baselines)."""
         return evaluate_numbers(policy, self, sampler, eval_cfg, out_dir, log)
 
 
