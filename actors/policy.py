@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,7 +28,21 @@ def pad_tokens(trajectories: list[Trajectory], pad_id: int, device) -> tuple[tor
     return tokens.to(device), lengths.to(device), tool.to(device)
 
 
-def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=()):
+def penalize(logits: torch.Tensor, banned_ids, ban_penalty: float = math.inf) -> torch.Tensor:
+    """Logits with the banned tokens' lowered by `ban_penalty` (taken out altogether when infinite):
+    the policy's distribution, renormalised, in sampling and teacher forcing alike. The penalty
+    applies before any temperature."""
+    if not len(banned_ids):
+        return logits
+    idx = torch.as_tensor(list(banned_ids), device=logits.device)
+    if math.isinf(ban_penalty):
+        return logits.index_fill(-1, idx, -float("inf"))
+    return logits.index_add(-1, idx, torch.full((*logits.shape[:-1], len(idx)), -float(ban_penalty),
+                                                 dtype=logits.dtype, device=logits.device))
+
+
+def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
+                      ban_penalty: float = math.inf):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
 
     The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
@@ -37,7 +53,7 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     device = tokens.device
     B, T = tokens.shape
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model(input_ids=prompt, use_cache=T > 0)
+    out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:
         cache = out.past_key_values
@@ -46,8 +62,7 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    if banned_ids:  # tokens the policy may not choose: its distribution is renormalised without them
-        logits = logits.index_fill(2, torch.as_tensor(list(banned_ids), device=logits.device), -float("inf"))
+    logits = penalize(logits, banned_ids, ban_penalty)
     logp = torch.log_softmax(logits, dim=-1)  # [B, T+1, V]
     log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     log_pterm = torch.logsumexp(logp[:, :, end_ids], dim=-1)
@@ -87,10 +102,11 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=()):
+    def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=(),
+                 ban_penalty: float = math.inf):
         """(log_pf, log_pterm, lengths, tool_mask) for trajectories that share one prompt."""
         tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
-        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids)
+        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty)
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

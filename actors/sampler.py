@@ -9,10 +9,12 @@ tool's text follows as forced environment tokens (log-prob 0, tool mask set, no 
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, Sequence
 
 import torch
 
+from .policy import penalize
 from .tools import ToolRunner
 from .trajectory import PromptRequest, SampleRequest, Trajectory
 
@@ -31,10 +33,11 @@ class SamplerEngine(Protocol):
         end_ids: list[int],
         source: str = "on_policy",
         banned_ids: Sequence[int] = (),
+        ban_penalty: float = math.inf,
     ) -> list[Trajectory]: ...
 
     def generate_batch(self, prompts: Sequence[PromptRequest], min_new_tokens: int, max_new_tokens: int,
-                       end_ids: list[int], banned_ids: Sequence[int] = ()) -> list[Trajectory]: ...
+                       end_ids: list[int], banned_ids: Sequence[int] = (), ban_penalty: float = math.inf) -> list[Trajectory]: ...
 
     def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
 
@@ -53,24 +56,24 @@ def left_pad(prompts: list[list[int]], pad_id: int):
 
 class PromptRows:
     """The two entry points of an engine, as rows (prompt index, record, temperature, source) for
-    the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids)`."""
+    the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids, ban_penalty)`."""
 
     def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
-                 banned_ids=()):
+                 banned_ids=(), ban_penalty=math.inf):
         """n samples of one prompt, at one temperature or one per sample."""
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
         return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids, banned_ids)
+                            max_new_tokens, end_ids, banned_ids, ban_penalty)
 
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
         """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
         rows = []
         for i, p in enumerate(prompts):
             rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
             rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
         return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
-                            banned_ids)
+                            banned_ids, ban_penalty)
 
 
 class TransformersSampler(PromptRows):
@@ -98,23 +101,23 @@ class TransformersSampler(PromptRows):
         self.version = version
 
     @torch.no_grad()
-    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=()):
+    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=(), ban_penalty=math.inf):
         if not rows:
             return []
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids))
+            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids), ban_penalty)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned):
+    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         end = torch.tensor(end_ids, dtype=torch.long)
         ids, mask, positions = left_pad(prompts, self.pad_id)
         out = self.model(input_ids=ids.to(self.device), attention_mask=None if mask is None else mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=True)
+                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
         owner = torch.tensor([r[0] for r in rows], dtype=torch.long)  # row -> prompt
         cache = out.past_key_values
         if len(prompts) == 1:
@@ -133,9 +136,7 @@ class TransformersSampler(PromptRows):
         end_lp: list[float | None] = [None] * n
         alive = torch.arange(n)
         for step in range(max_new):
-            scaled = logits / temps[alive, None]
-            if banned:
-                scaled[:, banned] = -float("inf")
+            scaled = penalize(logits, banned, ban_penalty) / temps[alive, None]
             if step < min_new:
                 scaled[:, end] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
@@ -218,4 +219,5 @@ class RequestServer:
         if req.seed is not None:
             self.engine.generator.manual_seed(req.seed)
         self.engine.tools = self.tools_for(req.tools)
-        return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids, req.banned_ids)
+        return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids, req.banned_ids,
+                                          req.ban_penalty)

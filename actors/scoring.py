@@ -35,6 +35,8 @@ class PrefixScorer:
         self.device = device
         self.max_rows = max_rows
         """Suffix tokens (over all prefixes) per batched pass; bounds the memory of the logits."""
+        self._shared: tuple[tuple[int, ...], list, torch.Tensor] | None = None
+        """(tokens, per-layer keys and values, last logits) of the last shared context prefix."""
 
     def _frozen(self):
         disable = getattr(self.model, "disable_adapter", None)
@@ -51,8 +53,13 @@ class PrefixScorer:
             self.model.train(was_training)
 
     def score(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,
-              suffix_ids: list[int] | None = None, prefixes: str = "every") -> list[list[float]]:
-        """log p(z_1:i ⊤ | C) or log p(z_1:i Y | C) for i = 0..n of each trajectory (see module)."""
+              suffix_ids: list[int] | None = None, prefixes: str = "every", shared: int = 0,
+              first: int = 0, terminable_only: bool = False) -> list[list[float]]:
+        """log p(z_1:i ⊤ | C) or log p(z_1:i Y | C) for i = 0..n of each trajectory (see module).
+        `shared`: the first `shared` tokens of C are the same for every record (few-shot examples);
+        their KV cache is computed once and kept for the next calls. With a suffix, prefixes shorter
+        than `first` and, with `terminable_only`, states right before a tool token (which cannot
+        terminate) are not scored: NaN (the suffix pass is the cost; the task floors them)."""
         if (end_ids is None) == (suffix_ids is None):
             raise ValueError("PrefixScorer.score: give either end_ids or suffix_ids")
         if not trajectories:
@@ -60,15 +67,48 @@ class PrefixScorer:
         if not context_ids:
             raise ValueError("PrefixScorer.score: the context must hold at least one token (e.g. BOS)")
         with self._eval():
-            return self._score(list(context_ids), trajectories, end_ids, suffix_ids, prefixes)
+            return self._score(list(context_ids), trajectories, end_ids, suffix_ids, prefixes, shared,
+                               self._wanted(trajectories, prefixes, first, terminable_only))
 
-    def _score(self, ctx, trajectories, end_ids, suffix_ids, prefixes):
+    @staticmethod
+    def _wanted(trajectories, prefixes: str, first: int, terminable_only: bool) -> list[list[int]]:
+        """The prefixes of each trajectory that the suffix pass scores."""
+        out = []
+        for t in trajectories:
+            n = t.length
+            if prefixes == "final":
+                out.append([n])
+                continue
+            mask = t.tool_mask if terminable_only and t.tool_mask else [False] * n
+            keep = [i for i in range(min(first, n), n + 1) if i == n or not mask[i]]
+            out.append(keep or [n])
+        return out
+
+    def _context(self, ctx: list[int], shared: int):
+        """(cache, last logits [1, 1, V]) of the context, reusing the shared prefix's cache."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        shared = min(shared, len(ctx) - 1)
+        if shared <= 0:
+            out = self.model(input_ids=torch.tensor([ctx], device=dev), use_cache=True, logits_to_keep=1)
+            return out.past_key_values, out.logits[:, -1:, :]
+        head = tuple(ctx[:shared])
+        if self._shared is None or self._shared[0] != head:
+            out = self.model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)
+            self._shared = (head, [(layer.keys, layer.values) for layer in out.past_key_values.layers], None)
+        cache = DynamicCache(list(self._shared[1]))  # the stored tensors are never written to: updates concatenate
+        positions = torch.arange(shared, len(ctx), device=dev)[None, :]
+        out = self.model(input_ids=torch.tensor([ctx[shared:]], device=dev), past_key_values=cache, use_cache=True,
+                         position_ids=positions, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1:, :]
+
+    def _score(self, ctx, trajectories, end_ids, suffix_ids, prefixes, shared=0, wanted=None):
         dev = self.device
         tokens, lengths, tool = pad_tokens(trajectories, self.pad_id, dev)
         B, T = tokens.shape
-        out = self.model(input_ids=torch.tensor([ctx], device=dev), use_cache=True)
-        cache = out.past_key_values
-        first = out.logits[:, -1:, :].float().expand(B, 1, -1)
+        cache, last = self._context(ctx, shared)
+        first = last.float().expand(B, 1, -1)
         cache.batch_repeat_interleave(B)
         if T > 0:
             rest = self.model(input_ids=tokens, past_key_values=cache, use_cache=True).logits.float()
@@ -82,45 +122,50 @@ class PrefixScorer:
         else:
             tail = logp[:, :, suffix_ids[0]].clone()
             if len(suffix_ids) > 1:
-                tail += self._suffix_rest(cache, len(ctx), lengths.tolist(), suffix_ids, prefixes == "final").to(tail.device)
+                tail += self._suffix_rest(cache, len(ctx), wanted, suffix_ids).to(tail.device)
         total = (cum + tail).cpu()
         result = []
         for b, n in enumerate(lengths.tolist()):
             row = total[b, : n + 1].tolist()
             if prefixes == "final":
                 row = [math.nan] * n + [row[n]]
+            elif suffix_ids is not None and len(wanted[b]) < n + 1:
+                keep = set(wanted[b])
+                row = [v if i in keep else math.nan for i, v in enumerate(row)]
             result.append(row)
         return result
 
-    def _suffix_rest(self, cache, C: int, lengths: list[int], suffix_ids: list[int], final_only: bool) -> torch.Tensor:
-        """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for every trajectory b and prefix i (shape [B, T+1]; only
-        the final prefix with final_only), reusing the cache of C Z without copying it per prefix.
+    def _suffix_rest(self, cache, C: int, wanted: list[list[int]], suffix_ids: list[int]) -> torch.Tensor:
+        """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for every trajectory b and each wanted prefix i (shape
+        [B, T+1], 0 elsewhere), reusing the cache of C Z without copying it per prefix.
 
-        Each trajectory's (prefix, Y) continuations run as ONE sequence of (n+1)·(|Y|−1) tokens
-        against its cache, under a tree mask: the copy of Y for prefix i sees C z_1:i and its own
-        earlier tokens, at positions |C| + i + k."""
+        Each trajectory's (prefix, Y) continuations run as ONE sequence of (#prefixes)·(|Y|−1)
+        tokens against its cache, under a tree mask: the copy of Y for prefix i sees C z_1:i and its
+        own earlier tokens, at positions |C| + i + k. Rows are padded to the most prefixes of the
+        chunk with repeats of their last prefix."""
+        from transformers import DynamicCache
+
         dev = self.device
-        B, T, k = len(lengths), max(lengths, default=0), len(suffix_ids) - 1
+        B, k = len(wanted), len(suffix_ids) - 1
+        T = max(max(w) for w in wanted)
         y_in = torch.tensor(suffix_ids[:-1], device=dev)
         y_out = torch.tensor(suffix_ids[1:], device=dev)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        P = C + T
-        n_pref = 1 if final_only else T + 1
-        q = n_pref * k
-        step = max(1, self.max_rows // q)
-        own_block = torch.arange(q, device=dev)
-        own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
-        jj = torch.arange(k, device=dev).repeat(n_pref)
+        P = layers[0][0].shape[2]
         out = torch.zeros((B, T + 1))
-        lengths_t = torch.tensor(lengths, device=dev)
-        from transformers import DynamicCache
-
-        for start in range(0, B, step):
-            rows = torch.arange(start, min(B, start + step), device=dev)
-            if final_only:
-                pref = lengths_t[rows][:, None]
-            else:
-                pref = torch.arange(T + 1, device=dev)[None, :].expand(len(rows), -1)
+        start = 0
+        while start < B:
+            # as many rows as fit in max_rows query tokens (at least one)
+            end, most = start, 0
+            while end < B and (end == start or max(most, len(wanted[end])) * k * (end + 1 - start) <= self.max_rows):
+                most = max(most, len(wanted[end]))
+                end += 1
+            rows = torch.arange(start, end, device=dev)
+            pref = torch.tensor([w + [w[-1]] * (most - len(w)) for w in wanted[start:end]], device=dev)  # [b, most]
+            q = most * k
+            own_block = torch.arange(q, device=dev)
+            own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
+            jj = torch.arange(k, device=dev).repeat(most)
             pi = pref.repeat_interleave(k, dim=1)  # [b, q]: the prefix each query row continues
             sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
             allowed = torch.cat([sees_past, own[None].expand(len(rows), -1, -1)], dim=2)
@@ -130,11 +175,9 @@ class PrefixScorer:
             logits = self.model(input_ids=y_in[jj][None, :].expand(len(rows), -1), past_key_values=sub,
                                 attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
             lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(rows), -1, 1))
-            per_prefix = lp.squeeze(2).view(len(rows), n_pref, k).sum(-1).cpu()
-            if final_only:
-                out[rows.cpu(), lengths_t[rows].cpu()] = per_prefix[:, 0]
-            else:
-                out[rows.cpu()] = per_prefix
+            per_prefix = lp.squeeze(2).view(len(rows), most, k).sum(-1).cpu()
+            out[rows.cpu()[:, None].expand(-1, most), pref.cpu()] = per_prefix
+            start = end
         return out
 
     def score_naive(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,

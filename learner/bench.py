@@ -68,10 +68,10 @@ def main(args) -> int:
     seq_tokens = len(batch) * P + z_tokens  # what each trajectory means: prompt + Z
     computed = P + z_tokens  # what the shared-prompt pass actually runs
 
-    c.learner.update([batch], c.task.prompt_ids, c.task.end_ids, 1.0)  # warm-up
+    c.learner.update([batch], c.task, 1.0)  # warm-up
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        c.learner.update([batch], c.task.prompt_ids, c.task.end_ids, 1.0)
+        c.learner.update([batch], c.task, 1.0)
     shared = (time.perf_counter() - t0) / args.steps
     # forward 2·N·tokens; backward through frozen weights to the adapters ≈ 2·N·tokens more
     achieved = 4 * n_params * computed / shared
@@ -180,3 +180,68 @@ def pipeline(args, model: str) -> None:
         name = "chained to the samplers" if chain else "on the driver's path"
         print(f"{name:<28} {steps / wall:>8.2f} {fresh / wall:>8.1f}")
     print(f"chained / driver's path: {rates[True] / rates[False]:.1f}x")
+
+
+def stages(args) -> int:
+    """`gfnlm bench training`: one local training step at a time, timed per stage: sampling (tool
+    calls included), scoring (every prefix, and only the terminable ones, on the same batch),
+    replay, update. Prints seconds per stage, their shares, and trajectories/s."""
+    import math
+
+    from actors.sampler import RequestServer
+
+    from .loop import build, plan_request, replay_wanted
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config or "arithmetic.yaml", list(args.override) + ["run.progress=false", "runtime.mode=local"])
+    c = build(cfg)
+    serve = RequestServer(c.sampler, c.policy.tokenizer)
+    task = c.task
+    totals = {"sample": 0.0, "score": 0.0, "score_every_prefix": 0.0, "replay": 0.0, "update": 0.0}
+    n_traj = n_tokens = n_tool = 0
+    for step in range(args.steps + 1):  # the first step warms up and is not counted
+        rids = c.scheduler.next()
+        t0 = time.perf_counter()
+        req, counts = plan_request(cfg, task, rids, [c.replay.size(r) for r in rids], c.generator)
+        fresh = serve(req)
+        t1 = time.perf_counter()
+        task.score(fresh)
+        t2 = time.perf_counter()
+        every = None
+        if hasattr(task, "lm") and task.lm is not None and hasattr(task, "suffix_ids"):
+            copies = [type(t)(**{**t.__dict__, "log_r": None}) for t in fresh]
+            by_rec: dict[int, list] = {}
+            for t in copies:
+                by_rec.setdefault(t.record_id, []).append(t)
+            t_every = time.perf_counter()
+            for rid, ts in by_rec.items():
+                task.lm.score(task.context_ids(rid), ts, suffix_ids=task.suffix_ids(rid),
+                              shared=len(getattr(task, "shot_ids", [])))
+            every = time.perf_counter() - t_every
+        t3 = time.perf_counter()
+        c.replay.add(fresh)
+        mixed = fresh + c.replay.sample_many(replay_wanted(req, counts), 1.0)
+        t4 = time.perf_counter()
+        c.learner.update([mixed], task, 1.0)
+        t5 = time.perf_counter()
+        if step == 0:
+            continue
+        totals["sample"] += t1 - t0
+        totals["score"] += t2 - t1
+        totals["score_every_prefix"] += every if every is not None else math.nan
+        totals["replay"] += t4 - t3
+        totals["update"] += t5 - t4
+        n_traj += len(mixed)
+        n_tokens += sum(t.length for t in fresh)
+        n_tool += sum(sum(t.tool_mask) for t in fresh if t.tool_mask)
+    step_s = totals["sample"] + totals["score"] + totals["replay"] + totals["update"]
+    print(f"gfnlm bench training: {cfg.task.type}, {args.steps} steps of {cfg.batch.prompts_per_step} records × "
+          f"{cfg.batch.samples_per_prompt} trajectories, {args.threads} torch thread(s)")
+    print(f"  fresh tokens per step {n_tokens / args.steps:.0f} (tool-inserted {n_tool / args.steps:.0f})")
+    for name in ("sample", "score", "replay", "update"):
+        print(f"  {name:<8} {totals[name] / args.steps:7.2f} s/step  {100 * totals[name] / step_s:5.1f} %")
+    if not math.isnan(totals["score_every_prefix"]):
+        print(f"  scoring every prefix instead: {totals['score_every_prefix'] / args.steps:.2f} s/step "
+              f"(×{totals['score_every_prefix'] / max(totals['score'], 1e-9):.2f} the terminable-only pass)")
+    print(f"  trained trajectories/s {n_traj / step_s:.2f}")
+    return 0

@@ -126,6 +126,8 @@ def cmd_bench(args) -> int:
         from learner import bench_engines
 
         return bench_engines.main(args)
+    if args.bench_command == "training":
+        return bench.stages(args)
     return bench.orchestration(args) if args.bench_command == "orchestration" else bench.main(args)
 
 
@@ -188,6 +190,10 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     sb.set_defaults(func=cmd_submit)
 
+    from .amortized import add_parsers
+
+    add_parsers(sub)
+
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into $GFNLM_HOME once")
@@ -200,6 +206,11 @@ def parser() -> argparse.ArgumentParser:
     add_config(bl)
     bl.add_argument("--steps", type=int, default=5, help="timed updates")
     bl.set_defaults(func=cmd_bench)
+    bt = bsub.add_parser("training", help="one local training step per stage: sampling (with tools), scoring, replay, update")
+    add_config(bt)
+    bt.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    bt.add_argument("--threads", type=int, default=1, help="torch threads")
+    bt.set_defaults(func=cmd_bench)
     bo = bsub.add_parser("orchestration", help="Ray driver throughput with simulated samplers (no model)")
     bo.add_argument("--samplers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="sampler counts to try")
     bo.add_argument("--latency", type=float, default=0.5, help="seconds per simulated batch")

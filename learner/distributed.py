@@ -265,7 +265,7 @@ class RayDriver:
             replayed = ray.get(self.replay.sample_many.remote(replay_wanted(req, counts), temperature))
             fresh += b.trajectories
             mixed.append(b.trajectories + replayed)
-        out = c.learner.update(mixed, c.task.prompt_ids, c.task.end_ids, temperature, c.task.banned_ids)
+        out = c.learner.update(mixed, c.task, temperature)
         out["trained"] = sum(len(m) for m in mixed)
         if c.learner.step % cfg.runtime.publish_every == 0:
             self.publish()

@@ -47,6 +47,8 @@ def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, o
     plan = []
     for seed in spec["seeds"]:
         for run in spec["runs"]:
+            if seed not in run.get("seeds", spec["seeds"]):
+                continue
             methods = list(run["methods"])
             baselines = [m for m in methods if m != "trained"]
             ov = [*spec["overrides"], *run["overrides"], f"learner.seed={seed}",
@@ -70,9 +72,35 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
     return table
 
 
-def main(args) -> int:
+def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float) -> list[str]:
+    """table.md and table.json of the runs done so far; the table's lines."""
     from rewards.lm_eval import TABLE_KEYS
 
+    table = summarize(rows)
+    keys = [k for k in TABLE_KEYS if any(k in r for r in table.values())]
+    keys += sorted({k for r in table.values() for k in r if k.startswith("acc_")})  # answer tasks: accuracy per test set
+    first = plan[0][2]
+    sample = next(iter(rows.values()))[0] if rows else {}
+    sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]
+    evaluated = (f"{sample['records']} evaluation records" if "records" in sample else
+                 "questions per test set " + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")
+    lines = [f"**{name}** ({spec.get('description', '').strip()})", "",
+             f"seeds {spec['seeds']} (column n: the runs behind each row); {first.eval.samples_per_record} samples per "
+             f"record and method; {evaluated}; "
+             f"{first.learner.steps} steps of {first.batch.prompts_per_step} × {first.batch.samples_per_prompt} trajectories; "
+             f"wall time {wall / 60:.1f} min on {os.cpu_count()} cores", "",
+             "| method | n | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
+    for method, cell in table.items():
+        lines.append(f"| {method} | {len(rows[method])} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls}, f, indent=1)
+    return lines
+
+
+def main(args) -> int:
     from .cli import train_and_evaluate
 
     spec = read_spec(args.name)
@@ -90,22 +118,7 @@ def main(args) -> int:
         for method, figures in (results or {}).items():
             label = run if method == "trained" else spec.get("labels", {}).get(method, method)
             rows.setdefault(label, []).append(figures)
-    table = summarize(rows)
-    keys = [k for k in TABLE_KEYS if any(k in r for r in table.values())]
-    first = plan[0][2]
-    lines = [f"**{name}** ({spec.get('description', '').strip()})", "",
-             f"seeds {spec['seeds']}; {first.eval.samples_per_record} samples per record and method; "
-             f"{rows and next(iter(rows.values()))[0].get('records', '?')} evaluation records; "
-             f"{first.learner.steps} steps of {first.batch.prompts_per_step} × {first.batch.samples_per_prompt} trajectories; "
-             f"wall time {(time.perf_counter() - t_all) / 60:.1f} min on {os.cpu_count()} cores", "",
-             "| method | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
-    for method, cell in table.items():
-        lines.append(f"| {method} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls}, f, indent=1)
+        lines = write_table(spec, name, out, plan, rows, walls, time.perf_counter() - t_all)  # after every run
     print("\n".join(lines))
     print(f"gfnlm: table in {os.path.join(out, 'table.md')}", file=sys.stderr)
     return 0

@@ -91,9 +91,16 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if with_replay:
         replay = new_replay(cfg)
         seed_replay(replay, cfg, task)
-    scheduler = RecordScheduler(task.train_ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
+    learner = Learner(policy, cfg.learner)
+    ids = task.train_ids
+    if not learner.objective.samples:  # SFT: the records that have a reference Z
+        ids = [r for r in ids if task.reference(r) is not None]
+        if not ids:
+            raise ValueError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
+                             f"has a reference Z to train on")
+    scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
     generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
-    return Components(cfg, policy, task, sampler, replay, Learner(policy, cfg.learner), scheduler, generator)
+    return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator)
 
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
@@ -122,6 +129,7 @@ def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[in
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
                         tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
+                        ban_penalty=task.ban_penalty,
                         seed=seed, tag=tag)
     return req, replayed
 
@@ -176,7 +184,7 @@ class LocalDriver:
                                                        sample_seconds=time.perf_counter() - t0))
             fresh += new
             batches.append(mixed)
-        out = c.learner.update(batches, c.task.prompt_ids, c.task.end_ids, temperature, c.task.banned_ids)
+        out = c.learner.update(batches, c.task, temperature)
         publish(c)
         out["trained"] = sum(len(b) for b in batches)
         return fresh, out

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import random
+
 import torch
 
-from .objectives import sft_loss, subtb_loss, tb_loss
+from .objectives import action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_loss, tb_loss
 
 
 @dataclass
@@ -26,6 +28,8 @@ class PolicyTerms:
     lengths: torch.Tensor
     tool_mask: torch.Tensor
     terminated: torch.Tensor
+    trajectories: list = None
+    """The micro-batch's trajectories in row order (objectives with per-trajectory state: PPO)."""
 
 
 class Objective(Protocol):
@@ -103,6 +107,83 @@ class SFT(_Stateless):
         return sft_loss(terms.log_pf, terms.log_pterm, terms.lengths, terms.tool_mask, terms.terminated), {}
 
 
+class PPO:
+    """The reward-maximizing baseline: clipped policy gradient on the tempered log R of the whole Z,
+    a leave-one-out group-mean baseline over a record's samples instead of a value head, a KL
+    penalty to the frozen base model (the adapter switched off), and `epochs` passes of
+    `minibatches` optimizer steps over each collected batch (`plan`)."""
+
+    name, samples = "ppo", True
+
+    def __init__(self, cfg, device):
+        self.cfg = cfg
+        self.rng = random.Random(0)
+        self._rows: dict[int, tuple[float, list[float], list[float]]] = {}
+
+    def param_groups(self):
+        return []
+
+    def extra_parameters(self):
+        return []
+
+    def plan(self, micro_batches, policy, task, reward_temperature: float) -> list[list[list]]:
+        """Advantages and reference log-probs of the whole batch, then the optimizer steps: each
+        epoch shuffles the batch into `minibatches` parts, one step each."""
+        batch = [t for mb in micro_batches for t in mb]
+        rewards = torch.tensor([t.final_log_r / reward_temperature for t in batch], dtype=torch.float64)
+        groups = torch.tensor([t.record_id for t in batch])
+        adv = group_advantages(rewards, groups, self.cfg.normalize_advantages).tolist()
+        by_record: dict[int, list] = {}
+        for t in batch:
+            by_record.setdefault(t.record_id, []).append(t)
+        self._rows = {}
+        was_training = policy.model.training
+        policy.model.eval()
+        try:
+            with torch.no_grad(), policy.model.disable_adapter():
+                for rid, ts in by_record.items():
+                    log_pf, log_pterm, lengths, tool = policy.logprobs(task.prompt_ids(rid), ts, task.end_ids,
+                                                                       task.banned_ids, task.ban_penalty)
+                    terminated = torch.tensor([t.terminated for t in ts])
+                    ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
+                    for t, row in zip(ts, ref.tolist()):
+                        self._rows[id(t)] = (0.0, behaviour_row(t), row[: t.length + 1])
+        finally:
+            policy.model.train(was_training)
+        for t, a in zip(batch, adv):
+            self._rows[id(t)] = (a, *self._rows[id(t)][1:])
+        steps = []
+        parts = max(1, min(self.cfg.minibatches, len(batch)))
+        for _ in range(self.cfg.epochs):
+            order = list(batch)
+            self.rng.shuffle(order)
+            steps += [[order[i::parts]] for i in range(parts)]
+        return steps
+
+    def loss(self, terms: PolicyTerms):
+        lp, actions = action_logprobs(terms.log_pf, terms.log_pterm, terms.lengths, terms.tool_mask, terms.terminated)
+        width = lp.shape[1]
+        rows = [self._rows[id(t)] for t in terms.trajectories]
+
+        def padded(i):
+            return torch.tensor([r[i] + [0.0] * (width - len(r[i])) for r in rows], dtype=lp.dtype, device=lp.device)
+
+        adv = torch.tensor([r[0] for r in rows], dtype=lp.dtype, device=lp.device)
+        return ppo_loss(lp, padded(1), padded(2), actions, adv, self.cfg.clip, self.cfg.kl_coef)
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        if "rng" in state:
+            self.rng.setstate(state["rng"])
+
+
+def behaviour_row(t) -> list[float]:
+    """The sampler's log-probs of a trajectory's actions (tokens, then ⊤ where it ended)."""
+    return list(t.logprobs) + [t.end_logprob if t.terminated and t.end_logprob is not None else 0.0]
+
+
 def make_objective(cfg, device) -> Objective:
     """The objective of `learner.objective` (a discriminated union in the config)."""
-    return {"subtb": SubTB, "tb": TB, "sft": SFT}[cfg.type](cfg, device)
+    return {"subtb": SubTB, "tb": TB, "sft": SFT, "ppo": PPO}[cfg.type](cfg, device)

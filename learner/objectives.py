@@ -110,3 +110,65 @@ def sft_loss(
     nll = nll - torch.where(ends, log_pterm.gather(1, idx).squeeze(1), torch.zeros_like(ends, dtype=log_pf.dtype)).sum()
     count = token.sum() + ends.sum()
     return nll / count.clamp_min(1)
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Leave-one-out (RLOO) advantages: each reward minus the mean of the other rewards of its
+    group (the samples of one record), divided by the group's standard deviation when `normalize`
+    (GRPO). A sample alone in its group gets 0. Shapes [B] -> [B]."""
+    same = groups[:, None] == groups[None, :]
+    n = same.sum(1).to(rewards.dtype)
+    total = (same * rewards[None, :]).sum(1)
+    others = (n - 1).clamp_min(1)
+    adv = torch.where(n > 1, rewards - (total - rewards) / others, torch.zeros_like(rewards))
+    if normalize:
+        mean = total / n
+        var = (same * (rewards[None, :] - mean[:, None]).square()).sum(1) / n
+        adv = adv / (var.sqrt() + 1e-6)
+        adv = torch.where(n > 1, adv, torch.zeros_like(adv))
+    return adv
+
+
+def ppo_loss(
+    log_p: torch.Tensor,
+    old_log_p: torch.Tensor,
+    ref_log_p: torch.Tensor,
+    actions: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float = 0.2,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss with a KL penalty to a reference policy, per action.
+
+    log_p, old_log_p, ref_log_p [B, A]: log-probs of each trajectory's actions (its tokens, then ⊤)
+    under the current, the behaviour and the reference policy; actions [B, A] marks the real ones;
+    advantages [B] is broadcast over a trajectory's actions. The loss is the mean over actions of
+        -min(ρ A, clip(ρ, 1-ε, 1+ε) A) + β (exp(ref - log_p) - (ref - log_p) - 1)
+    with ρ = exp(log_p - old_log_p) (the second term is the non-negative k3 estimator of
+    KL(π || π_ref)). Returns the loss and (clip fraction, KL estimate)."""
+    mask = actions.to(torch.bool)
+    count = mask.sum().clamp_min(1)
+    zero = torch.zeros_like(log_p)
+    ratio = torch.exp(torch.where(mask, log_p - old_log_p, zero))
+    adv = advantages[:, None].expand_as(log_p)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    delta = torch.where(mask, ref_log_p - log_p, zero)
+    kl = torch.exp(delta) - delta - 1
+    loss = (torch.where(mask, -surrogate + kl_coef * kl, zero)).sum() / count
+    clipped = ((ratio - 1).abs() > clip) & mask
+    kl_mean = torch.where(mask, kl, zero).detach().sum() / count
+    return loss, {"clip_fraction": float(clipped.sum() / count), "kl": float(kl_mean)}
+
+
+def action_logprobs(log_pf: torch.Tensor, log_pterm: torch.Tensor, lengths: torch.Tensor,
+                    tool_mask: torch.Tensor | None, terminated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's actions of each trajectory as one row: log_pf of its tokens, then log q(⊤) of its
+    end where it terminated. Returns (log-probs [B, T+1], action mask [B, T+1]); tool tokens and
+    padding are masked."""
+    token, _ = _masks(log_pf, lengths, tool_mask)
+    B, T = log_pf.shape
+    idx = lengths.to(log_pf.device).long()[:, None]
+    end = F.one_hot(idx.squeeze(1), T + 1).to(torch.bool) & terminated.to(log_pf.device)[:, None].to(torch.bool)
+    lp = F.pad(torch.where(token, log_pf, torch.zeros_like(log_pf)), (0, 1))
+    lp = torch.where(end, log_pterm.gather(1, idx).expand(-1, T + 1), lp)
+    return lp, F.pad(token, (0, 1), value=False) | end

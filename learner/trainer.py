@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
 import time
 from collections import defaultdict
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -35,14 +34,14 @@ class Learner:
         )
         self.step = 0
 
-    def terms(self, trajectories: list[Trajectory], prompt_of: Callable[[int], list[int]], end_ids: list[int],
-              reward_temperature: float, banned_ids=()) -> PolicyTerms:
+    def terms(self, trajectories: list[Trajectory], task, reward_temperature: float) -> PolicyTerms:
         """The teacher-forced pass over a micro-batch; trajectories are grouped by record so each
-        prompt runs once."""
+        prompt runs once. `task` gives each record's prompt, the end tokens and the banned tokens."""
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.record_id].append(t)
-        parts = [self.policy.logprobs(prompt_of(rid), ts, end_ids, banned_ids) for rid, ts in groups.items()]
+        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty)
+                 for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
 
@@ -56,35 +55,37 @@ class Learner:
                 log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, torch.cat([p[2] for p in parts]),
-                           cat(3, T, False), terminated)
+                           cat(3, T, False), terminated, ordered)
 
-    def loss(self, trajectories, prompt_of, end_ids, reward_temperature: float, banned_ids=()):
-        return self.objective.loss(self.terms(trajectories, prompt_of, end_ids, reward_temperature, banned_ids))
+    def loss(self, trajectories, task, reward_temperature: float):
+        return self.objective.loss(self.terms(trajectories, task, reward_temperature))
 
-    def update(self, micro_batches: list[list[Trajectory]], prompt_of, end_ids, reward_temperature: float,
-               banned_ids=()) -> dict:
-        """One optimizer step over `grad_accum` micro-batches."""
+    def update(self, micro_batches: list[list[Trajectory]], task, reward_temperature: float) -> dict:
+        """One collected batch: one optimizer step over its micro-batches (gradients accumulated),
+        or, for an objective that plans its own (PPO: epochs of minibatches), each step it plans."""
         t0 = time.perf_counter()
         self.policy.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total, extra = 0.0, {}
-        for mb in micro_batches:
-            loss, extra = self.loss(mb, prompt_of, end_ids, reward_temperature, banned_ids)
-            (loss / len(micro_batches)).backward()
-            total += loss.item() / len(micro_batches)
+        plan = getattr(self.objective, "plan", None)
+        steps = plan(micro_batches, self.policy, task, reward_temperature) if plan else [micro_batches]
         params = self.policy.trainable_parameters() + self.objective.extra_parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        totals: dict[str, float] = defaultdict(float)
+        for step in steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum, extra = 0.0, {}
+            for mb in step:
+                loss, extra = self.loss(mb, task, reward_temperature)
+                (loss / len(step)).backward()
+                loss_sum += loss.item() / len(step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            totals["loss"] += loss_sum / len(steps)
+            totals["grad_norm"] += float(grad_norm) / len(steps)
+            for k, v in extra.items():
+                totals[k] += v / len(steps)
         self.scheduler.step()
         self.step += 1
         self.policy.version = self.step
-        return {
-            "loss": total,
-            "grad_norm": float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
-            **extra,
-            "update_seconds": time.perf_counter() - t0,
-        }
+        return {**totals, "lr": self.scheduler.get_last_lr()[0], "update_seconds": time.perf_counter() - t0}
 
     # -- checkpoints -------------------------------------------------------------------------
 

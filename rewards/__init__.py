@@ -10,6 +10,10 @@ def make_task(cfg, tokenizer) -> Task:
     t = cfg.task
     if t.type == "random_number":
         return RandomNumberTask(t, tokenizer)
+    if t.type == "arithmetic":
+        from .arithmetic import ArithmeticTask
+
+        return ArithmeticTask(t, tokenizer, prefixes=cfg.reward.prefixes, tools_cfg=cfg.sampler.tools)
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask
@@ -24,6 +28,19 @@ def check_data(cfg) -> str:
     t = cfg.task
     if t.type == "random_number":
         return f"{len(t.prompts)} inline prompt(s)"
+    if t.type == "arithmetic":
+        from .arithmetic import ArithmeticTask, generate_questions
+        from .records import is_integer, read_rows
+
+        cols = ArithmeticTask.columns(t)
+        checks = {t.answer_column: is_integer}
+        worked = read_rows(t.data.train, cols + [t.rationale_column], checks)
+        if t.labelled + t.shots > len(worked):
+            raise RecordError(f"{t.data.train}: holds {len(worked)} worked examples; task.labelled ({t.labelled}) "
+                              f"+ task.shots ({t.shots}) need {t.labelled + t.shots}")
+        tests = {name: len(read_rows(path, cols, checks)) for name, path in t.test_sets.items()}
+        return (f"{len(worked)} worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
+                f"questions, test sets " + ", ".join(f"{n}: {k}" for n, k in tests.items()))
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask

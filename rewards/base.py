@@ -32,6 +32,8 @@ class Task:
         self.lm = None
         self.banned_ids: frozenset[int] = frozenset()
         """Tokens taken out of the policy's distribution (sampling and teacher forcing)."""
+        self.ban_penalty = math.inf
+        """How far the banned tokens' logits are lowered (infinite: taken out)."""
         self._prompt_cache = lru_cache(maxsize=65536)(self._encode_prompt)
 
     # -- records -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and prefixes holding a disallowed token (e.g. a newline) get the floor.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from functools import lru_cache
 
@@ -36,11 +37,11 @@ class LMTask(Task):
     needs_lm = True
 
     def __init__(self, cfg, tokenizer, prefixes: str = "every"):
-        super().__init__(cfg, tokenizer, load_records(cfg.data, self.columns(cfg)))
+        super().__init__(cfg, tokenizer, self.load_records(cfg))
         self.prefixes = prefixes
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} \
             if cfg.disallow_special else set()
-        self.disallowed = (disallowed_token_ids(tokenizer, list(cfg.disallowed)) | special) - set(self.end_ids)
+        self.disallowed = (self.compute_disallowed(tokenizer, cfg) | special) - set(self.end_ids)
         if cfg.mask_disallowed:
             self.banned_ids = frozenset(self.disallowed)
         self._context = lru_cache(maxsize=65536)(self._encode_context)
@@ -48,6 +49,14 @@ class LMTask(Task):
     @staticmethod
     def columns(cfg) -> list[str]:
         return columns_of(cfg.prompt_template, cfg.context_template)
+
+    def load_records(self, cfg):
+        """The task's records (train and test) from its `data` section."""
+        return load_records(cfg.data, self.columns(cfg))
+
+    def compute_disallowed(self, tokenizer, cfg) -> frozenset[int]:
+        """Tokens that may not appear in Z (besides special tokens)."""
+        return disallowed_token_ids(tokenizer, list(cfg.disallowed))
 
     # -- text of a record ------------------------------------------------------------------------
 
@@ -94,7 +103,8 @@ class LMTask(Task):
         for rid, ts in groups.items():
             for t, row in zip(ts, self.lm_scores(rid, ts)):
                 first = 0 if self.prefixes == "every" else t.length
-                t.log_r = [row[i] if i < first or self.prefix_ok(rid, t, i) else self.floor
+                # prefixes the scorer skipped (too short, or right before a tool token) hold NaN
+                t.log_r = [row[i] if i < first or (self.prefix_ok(rid, t, i) and not math.isnan(row[i])) else self.floor
                            for i in range(t.length + 1)]
 
     # -- progress ------------------------------------------------------------------------------

@@ -47,15 +47,18 @@ class RecordSet:
 
 
 def resolve_data_path(path: str) -> str:
-    """A data file: as given (relative to the working directory), else in gfnlm's shipped data."""
+    """A data file: as given (relative to the working directory), else in gfnlm's shipped data, else
+    relative to gfnlm's checkout (so presets can name ../shared/data/... from any directory)."""
     if os.path.isfile(path):
         return path
-    shipped = os.path.join(DATA_DIR, path)
-    if not os.path.isabs(path) and os.path.isfile(shipped):
-        return shipped
+    repo = os.path.dirname(os.path.dirname(DATA_DIR))
+    for root in (DATA_DIR, repo):
+        candidate = os.path.normpath(os.path.join(root, path))
+        if not os.path.isabs(path) and os.path.isfile(candidate):
+            return candidate
     if os.path.isdir(path):
-        raise RecordError(f"{path}: is a directory; expected a .jsonl or .csv file")
-    raise RecordError(f"{path}: no such data file (looked in the working directory and in {DATA_DIR})")
+        raise RecordError(f"{path}: is a directory; expected a .jsonl, .json or .csv file")
+    raise RecordError(f"{path}: no such data file (looked in the working directory, in {DATA_DIR} and under {repo})")
 
 
 def _cell(value, path: str, line: int, name: str) -> str:
@@ -64,8 +67,48 @@ def _cell(value, path: str, line: int, name: str) -> str:
     return str(value)
 
 
-def read_rows(path: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, {column: text}) for every row; each row must have every named column, non-empty."""
+def _json_array(path: str, text: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a file holding one JSON array of objects, each with the line its object starts on."""
+    decoder = json.JSONDecoder()
+    rows, pos = [], text.index("[") + 1
+
+    def skip(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def fail(p: int, what: str):
+        line = text.count("\n", 0, p) + 1
+        raise RecordError(f"{path}:{line}: not valid JSON ({what} at column {p - text.rfind(chr(10), 0, p)})")
+
+    pos = skip(pos)
+    if pos < len(text) and text[pos] == "]":
+        return rows
+    while True:
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.pos, e.msg)
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{line}: expected a JSON object of columns, got {type(obj).__name__}")
+        rows.append((line, {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}))
+        pos = skip(pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if text[skip(pos + 1):].strip():
+                fail(skip(pos + 1), "extra data after the array")
+            return rows
+        fail(pos, "expected ',' or ']'")
+
+
+def read_rows(path: str, columns: list[str], checks: dict | None = None) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: text}) for every row; each row must have every named column, non-empty.
+    A file ending in .json may hold one JSON array of objects instead of one object per line.
+    `checks` maps a column to a function of its text returning what was expected when the value is
+    wrong (None when it is right)."""
     path = resolve_data_path(path)
     rows: list[tuple[int, dict[str, str]]] = []
     try:
@@ -83,7 +126,11 @@ def read_rows(path: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]
                     if None in row:
                         raise RecordError(f"{path}:{line}: more cells than the header has columns")
                     rows.append((line, {k: v for k, v in row.items()}))
+            elif path.endswith(".json") and f.read(4096).lstrip().startswith("["):
+                f.seek(0)
+                rows = _json_array(path, f.read(), columns)
             elif path.endswith(".jsonl") or path.endswith(".json"):
+                f.seek(0)
                 for line, text in enumerate(f, 1):
                     if not text.strip():
                         continue
@@ -95,7 +142,7 @@ def read_rows(path: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]
                         raise RecordError(f"{path}:{line}: expected a JSON object of columns, got {type(obj).__name__}")
                     rows.append((line, {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}))
             else:
-                raise RecordError(f"{path}: unknown format; expected a .jsonl or .csv file")
+                raise RecordError(f"{path}: unknown format; expected a .jsonl, .json or .csv file")
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for line, row in rows:
@@ -104,19 +151,40 @@ def read_rows(path: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]
                 raise RecordError(f"{path}:{line}: field '{c}' missing (the task's templates use {', '.join(columns)})")
             if not str(row[c]).strip():
                 raise RecordError(f"{path}:{line}: field '{c}' is empty")
+        for c, check in (checks or {}).items():
+            if c in row and row[c] is not None:
+                expected = check(row[c])
+                if expected:
+                    raise RecordError(f"{path}:{line}: field '{c}': expected {expected}, got {row[c]!r}")
     if not rows:
         raise RecordError(f"{path}: holds no records")
     return rows
 
 
-def load_records(data_cfg, columns: list[str]) -> RecordSet:
+def is_integer(text: str) -> str | None:
+    """A record check: the text is an integer (what the column must hold otherwise)."""
+    try:
+        int(text.strip())
+        return None
+    except ValueError:
+        return "an integer"
+
+
+def one_of(*values: str):
+    """A record check: the text is one of the values."""
+    def check(text: str) -> str | None:
+        return None if text.strip() in values else "one of " + ", ".join(values)
+    return check
+
+
+def load_records(data_cfg, columns: list[str], checks: dict | None = None) -> RecordSet:
     """Train and test records of a task's `data` section: files read, split and subset (seeded)."""
     train_path = resolve_data_path(data_cfg.train)
-    train = [(f"{train_path}:{line}", row) for line, row in read_rows(train_path, columns)]
+    train = [(f"{train_path}:{line}", row) for line, row in read_rows(train_path, columns, checks)]
     rng = random.Random(data_cfg.seed)
     if data_cfg.test:
         test_path = resolve_data_path(data_cfg.test)
-        test = [(f"{test_path}:{line}", row) for line, row in read_rows(test_path, columns)]
+        test = [(f"{test_path}:{line}", row) for line, row in read_rows(test_path, columns, checks)]
     elif data_cfg.test_fraction > 0:
         order = list(range(len(train)))
         rng.shuffle(order)

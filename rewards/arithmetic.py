@@ -1,0 +1,317 @@
+"""Arithmetic with a latent chain of thought and a calculator (paper §4.5).
+
+X is a question ("Question: 9 + 4 - 8 = ? Answer:"), Z a rationale (" 9 + 4 = 13, 13 - 8 = 5") in
+which the model writes only the expressions and the calculator (`sampler.tools`) inserts every
+result, Y the answer (". The answer is 5."). The reward is the frozen LM's likelihood of Z and Y
+after `shots` worked examples and X: R(Z) = p_LM(Z Y | shots X), every prefix scored
+(`actors.scoring`); the shots' KV cache is computed once. Tokens made of other characters than
+`allowed_chars` get a penalty in the policy (taken out by default) and the floor in the reward.
+
+Records: the worked examples file gives `labelled` training questions whose rationales (the
+calculator filling in results, as in sampling) seed the replay and are what SFT trains on, and
+`shots` others for the reward's context; `generate` adds seeded unlabelled questions. The test
+sets are named (3, 4, 5 operands) and evaluated separately: the answer of a sample is the last
+result its rationale derives, and a question's prediction is the majority vote over
+`eval.samples_per_record` samples at `eval.vote_temperature`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+
+from actors.tools import ToolRunner, make_tools
+from actors.trajectory import PromptRequest, Trajectory
+
+from .base import columns_of
+from .infilling import InfillingTask
+from .records import Record, RecordError, RecordSet, is_integer, read_rows
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def generate_questions(cfg, query_column: str = "str_query", answer_column: str = "num_sol") -> list[dict[str, str]]:
+    """`cfg.count` seeded questions in the data sets' format ({query, answer} as text)."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for _ in range(cfg.count):
+        n = rng.choice(cfg.operands)
+        nums = [rng.randrange(10 ** cfg.digits) for _ in range(n)]
+        ops = [rng.choice(cfg.operators) for _ in range(n - 1)]
+        expr = " ".join([str(nums[0])] + [f"{o} {x}" for o, x in zip(ops, nums[1:])])
+        value = _evaluate(nums, ops)
+        out.append({query_column: f"Question: {expr} = ? Answer:", answer_column: str(value)})
+    return out
+
+
+def _evaluate(nums: list[int], ops: list[str]) -> int:
+    """Value with the usual precedence (* before + and -)."""
+    terms, signs, cur = [], [], nums[0]
+    for o, x in zip(ops, nums[1:]):
+        if o == "*":
+            cur *= x
+        else:
+            terms.append(cur)
+            signs.append(o)
+            cur = x
+    terms.append(cur)
+    total = terms[0]
+    for o, t in zip(signs, terms[1:]):
+        total = _OPS[o](total, t)
+    return total
+
+
+def fill_rationale(rationale: str, tokenizer, tools: ToolRunner) -> tuple[list[int], list[bool]]:
+    """A worked rationale ("9 + 4 =, 13 - 8 =") as the trajectory the sampler would produce: the
+    model's pieces tokenized, and after each piece whose text ends with a trigger the tool's
+    insertion as environment tokens (mask True)."""
+    tokens, mask = [], []
+    pieces = re.findall(r"[^=]*=|[^=]+$", " " + rationale.strip())
+    for piece in pieces:
+        ids = tokenizer(piece, add_special_tokens=False).input_ids
+        tokens += ids
+        mask += [False] * len(ids)
+        inserted = tools.insertion(tokens) if tools else None
+        if inserted:
+            tokens += inserted
+            mask += [True] * len(inserted)
+    return tokens, mask
+
+
+_RESULT = re.compile(r"=\s*(-?\d+)")
+_INT = re.compile(r"-?\d+")
+
+
+def answer_of(text: str) -> int | None:
+    """The answer a rationale derives: the last result after an `=`, else its last integer."""
+    found = _RESULT.findall(text) or _INT.findall(text)
+    return int(found[-1]) if found else None
+
+
+def vote(answers: list[int | None]) -> tuple[int | None, dict[int, int]]:
+    """Majority vote (ties: the answer seen first) over the samples that derive an answer."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, {}
+    best = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == best)
+    return winner, dict(counts)
+
+
+def disallowed_by_chars(tokenizer, allowed: str) -> frozenset[int]:
+    """Ids of every token whose text holds a character outside `allowed` (or no text at all)."""
+    ok = set(allowed)
+    out = set()
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if not text or not set(text) <= ok:
+            out.add(i)
+    return frozenset(out)
+
+
+class ArithmeticTask(InfillingTask):
+    name = "arithmetic"
+
+    def __init__(self, cfg, tokenizer, prefixes: str = "every", tools_cfg=()):
+        self.tools = ToolRunner.for_tokenizer(make_tools(list(tools_cfg)), tokenizer) if tools_cfg else None
+        if self.tools is None:
+            raise ValueError("task arithmetic: the rationales need the calculator; add sampler.tools: "
+                             "[{kind: calculator}]")
+        super().__init__(cfg, tokenizer, prefixes)
+        self.banned_ids = frozenset(self.disallowed) if cfg.mask_disallowed else frozenset()
+        self.ban_penalty = cfg.disallowed_penalty
+        sep = cfg.shot_separator
+        text = "".join(self.worked_text(r) + sep for r in self.shot_records)
+        self.shot_ids = list(tokenizer(text).input_ids) if text else []
+        self.shot_text = text
+
+    # -- records -----------------------------------------------------------------------------
+
+    @staticmethod
+    def columns(cfg) -> list[str]:
+        return columns_of(cfg.prompt_template, cfg.context_template, cfg.suffix_template)
+
+    def load_records(self, cfg) -> RecordSet:
+        cols = self.columns(cfg)
+        checks = {cfg.answer_column: is_integer}
+        worked = read_rows(cfg.data.train, cols + [cfg.rationale_column], checks)
+        if cfg.labelled + cfg.shots > len(worked):
+            raise RecordError(f"{cfg.data.train}: holds {len(worked)} worked examples; task.labelled ({cfg.labelled}) "
+                              f"+ task.shots ({cfg.shots}) need {cfg.labelled + cfg.shots}")
+        order = list(range(len(worked)))
+        random.Random(cfg.data.seed).shuffle(order)
+        path = cfg.data.train
+        labelled = [worked[i] for i in sorted(order[: cfg.labelled])]
+        self.shot_records = [Record(-1, worked[i][1], "shot", f"{path}:{worked[i][0]}")
+                             for i in order[cfg.labelled: cfg.labelled + cfg.shots]]
+        records = [Record(i, row, "train", f"{path}:{line}") for i, (line, row) in enumerate(labelled)]
+        for row in generate_questions(cfg.generate, *self._query_answer(cfg)):
+            records.append(Record(len(records), row, "train", "generated"))
+        train_ids = [r.id for r in records]
+        self.test_sets: dict[str, list[int]] = {}
+        for name, test_path in cfg.test_sets.items():
+            ids = []
+            for line, row in read_rows(test_path, cols, checks):
+                records.append(Record(len(records), {**row, "set": name}, "test", f"{test_path}:{line}"))
+                ids.append(records[-1].id)
+            self.test_sets[name] = ids
+        return RecordSet(records, train_ids, [i for ids in self.test_sets.values() for i in ids])
+
+    @staticmethod
+    def _query_answer(cfg) -> tuple[str, str]:
+        names = columns_of(cfg.prompt_template)
+        return (names[0] if names else "str_query"), cfg.answer_column
+
+    def compute_disallowed(self, tokenizer, cfg) -> frozenset[int]:
+        return disallowed_by_chars(tokenizer, cfg.allowed_chars)
+
+    def adhoc_record(self, prompt: str, answer: str | None) -> int:
+        """A record for a question typed by a user ("9 + 4 - 8" or the full "Question: ... Answer:")."""
+        q = prompt.strip()
+        if not q.startswith("Question:"):
+            q = f"Question: {q.rstrip(' =?')} = ? Answer:"
+        if answer is not None and is_integer(answer):
+            raise RecordError(f"--answer: expected an integer, got {answer!r}")
+        query_col, answer_col = self._query_answer(self.cfg)
+        rid = len(self.records)
+        self.records.records.append(Record(rid, {query_col: q, answer_col: (answer or "").strip()}, "adhoc", "command line"))
+        return rid
+
+    def answer(self, record_id: int) -> int:
+        return int(self.records[record_id].fields[self.cfg.answer_column])
+
+    # -- reward --------------------------------------------------------------------------------
+
+    def worked_text(self, record: Record) -> str:
+        """A worked example as text: X, the filled-in rationale, Y."""
+        tokens, _ = fill_rationale(record.fields[self.cfg.rationale_column], self.tokenizer, self.tools)
+        fields = record.fields
+        return (self.cfg.prompt_template.format(**fields) + self.tokenizer.decode(tokens)
+                + self.cfg.suffix_template.format(**fields))
+
+    def _encode_context(self, record_id: int) -> list[int]:
+        x = self.tokenizer(self.render(self.cfg.context_template, record_id), add_special_tokens=not self.shot_ids)
+        return self.shot_ids + list(x.input_ids)
+
+    def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
+        return self.lm.score(self.context_ids(record_id), trajectories, suffix_ids=self.suffix_ids(record_id),
+                             prefixes=prefixes or self.prefixes, shared=len(self.shot_ids), first=self.min_len,
+                             terminable_only=True)
+
+    def reference(self, record_id: int) -> Trajectory | None:
+        fields = self.records[record_id].fields
+        rationale = fields.get(self.cfg.rationale_column)
+        if self.records[record_id].split != "train" or not rationale:
+            return None
+        tokens, mask = fill_rationale(rationale, self.tokenizer, self.tools)
+        if not self.min_len <= len(tokens) <= self.max_len:
+            return None
+        return Trajectory(record_id, tokens, terminated=True, tool_mask=mask if any(mask) else [],
+                          temperature=float("nan"), version=-1, source="seed")
+
+    def reference_text(self, record_id: int) -> str | None:
+        ref = self.reference(record_id)
+        return None if ref is None else self.tokenizer.decode(ref.tokens)
+
+    # -- prediction ----------------------------------------------------------------------------
+
+    def answers(self, trajectories: list[Trajectory]) -> list[int | None]:
+        return [answer_of(self.tokenizer.decode(t.tokens)) for t in trajectories]
+
+    def is_valid(self, t: Trajectory) -> bool:
+        """Ended by the policy, allowed tokens only, and derives the record's answer."""
+        return super().is_valid(t) and self.answers([t])[0] == self.answer(t.record_id)
+
+    def shots_prompt_ids(self, record_id: int, k: int) -> list[int]:
+        """The k-shot prompt of the prompting baselines: k worked examples (the labelled training
+        ones, then the reward's shots), then X."""
+        pool = [self.records[i] for i in self.train_ids if self.cfg.rationale_column in self.records[i].fields]
+        pool += self.shot_records
+        if k > len(pool):
+            raise ValueError(f"prompting with {k} shots: only {len(pool)} worked examples are loaded "
+                             f"(task.labelled + task.shots)")
+        text = "".join(self.worked_text(r) + self.cfg.shot_separator for r in pool[:k])
+        return list(self.tokenizer(text + self.prompt_text(record_id)).input_ids)
+
+    def sample_answers(self, sampler, record_ids: list[int], n: int, temperature: float, prompt_of,
+                       chunk: int = 64) -> dict[int, list[Trajectory]]:
+        """n samples of each record's Z (the calculator on), in batches of `chunk` records."""
+        out: dict[int, list[Trajectory]] = {}
+        sampler.tools = self.tools
+        for i in range(0, len(record_ids), chunk):
+            part = record_ids[i: i + chunk]
+            reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n) for r in part]
+            for t in sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
+                                            self.ban_penalty):
+                out.setdefault(t.record_id, []).append(t)
+        return out
+
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+        """Accuracy of the majority vote per test set, for the trained policy (0-shot prompt) and
+        k-shot prompting of the base model (methods 'prompt0', 'prompt3', ...)."""
+        if methods is None:
+            methods = ["trained"] + ([m for m in eval_cfg.baselines if m.startswith("prompt")] if eval_cfg.include_base else [])
+        k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
+        sets = {name: self._eval_ids(ids, eval_cfg) for name, ids in self.test_sets.items()}
+        results, examples = {}, {}
+        was_training = policy.model.training
+        policy.model.eval()
+        try:
+            for m in methods:
+                t0 = time.perf_counter()
+                if m == "trained":
+                    prompt_of, ctx = self.prompt_ids, _nullcontext()
+                elif re.fullmatch(r"prompt\d+", m):
+                    shots = int(m[len("prompt"):])
+                    prompt_of, ctx = (lambda r, s=shots: self.shots_prompt_ids(r, s)), policy.model.disable_adapter()
+                else:
+                    raise ValueError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
+                                     f"(k-shot prompting of the base model, e.g. prompt0, prompt3)")
+                figures, shown = {}, []
+                with ctx:
+                    for name, ids in sets.items():
+                        samples = self.sample_answers(sampler, ids, k, temp, prompt_of)
+                        correct = 0
+                        for rid in ids:
+                            winner, counts = vote(self.answers(samples[rid]))
+                            correct += winner == self.answer(rid)
+                            if len(shown) < 3:
+                                shown.append({"record": rid, "question": self.prompt_text(rid), "answer": self.answer(rid),
+                                              "vote": winner, "samples": [self.tokenizer.decode(t.tokens) for t in samples[rid][:3]]})
+                        figures[f"acc_{name}"] = correct / len(ids) if ids else float("nan")
+                        figures[f"questions_{name}"] = len(ids)
+                figures.update(seconds=time.perf_counter() - t0, votes=k, vote_temperature=temp)
+                results[m], examples[m] = figures, shown
+                log(f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {figures[f'acc_{n}']:.3f}" for n in sets)
+                    + f"  ({', '.join(f'{len(v)}' for v in sets.values())} questions, vote of {k} at T={temp:g}, "
+                      f"{figures['seconds']:.0f} s)")
+        finally:
+            policy.model.train(was_training)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"task": self.name, "sets": {n: v for n, v in sets.items()}, "methods": results,
+                       "examples": examples}, f, indent=2)
+        with open(os.path.join(out_dir, "eval.md"), "w") as f:
+            names = list(sets)
+            f.write("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n")
+            f.write("| --- |" + " --- |" * len(names) + "\n")
+            for m, fig in results.items():
+                f.write(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n")
+        return results
+
+    def _eval_ids(self, ids: list[int], eval_cfg) -> list[int]:
+        if eval_cfg.max_records and eval_cfg.max_records < len(ids):
+            return sorted(random.Random(0).sample(ids, eval_cfg.max_records))
+        return list(ids)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,258 @@
+"""Latent chains of thought: arithmetic records and reward, the vote, PPO, sample and predict."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from actors.tools import Calculator, ToolRunner, evaluate
+from actors.trajectory import Trajectory
+from configs import ConfigError, load_config
+from learner.cli import main
+from learner.objectives import action_logprobs, group_advantages, ppo_loss
+from rewards.arithmetic import answer_of, fill_rationale, generate_questions, vote
+from rewards.records import RecordError, is_integer, one_of, read_rows
+
+from conftest import tiny_overrides
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+WORKED = [
+    {"str_query": "Question: 1 + 2 = ? Answer:", "num_sol": 3, "str_rationale": "1 + 2 ="},
+    {"str_query": "Question: 4 - 1 = ? Answer:", "num_sol": 3, "str_rationale": "4 - 1 ="},
+    {"str_query": "Question: 2 + 2 + 1 = ? Answer:", "num_sol": 5, "str_rationale": "2 + 2 =, 4 + 1 ="},
+    {"str_query": "Question: 5 - 2 = ? Answer:", "num_sol": 3, "str_rationale": "5 - 2 ="},
+]
+TESTS = [{"str_query": "Question: 3 + 1 = ? Answer:", "num_sol": 4}, {"str_query": "Question: 2 + 5 = ? Answer:", "num_sol": 7}]
+
+
+def write_json(path, rows):
+    path.write_text(json.dumps(rows, indent=4))
+    return str(path)
+
+
+def arithmetic_overrides(model_dir, tmp_path, **extra):
+    """A tiny arithmetic run: one shot in the reward's context, two labelled examples."""
+    train = write_json(tmp_path / "worked.json", WORKED)
+    test = write_json(tmp_path / "test.json", TESTS)
+    ov = [o for o in tiny_overrides(model_dir, tmp_path / "run") if not o.startswith("task.")]
+    settings = {
+        "task": "{type: arithmetic, data: {train: %s}, test_sets: {a: %s, b: %s}, labelled: 2, shots: 1, "
+                "generate: {count: 3, operands: [2], seed: 1}, min_len: 1, max_len: 12}" % (train, test, test),
+        "sampler.tools": "[{kind: calculator}]",
+        "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5, "batch.tempered": 0.25,
+        "batch.replay": 0.25, "replay.capacity_per_prompt": 8, "eval.samples_per_record": 3,
+        "eval.baselines": "[prompt0, prompt1]", "run.evaluate_at_end": "true", **extra}
+    return ov + [f"{k}={v}" for k, v in settings.items()]
+
+
+def flags(ov):
+    return sum([["-o", o] for o in ov], [])
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+def test_json_array_files_read_with_the_line_of_each_record(tmp_path):
+    path = write_json(tmp_path / "w.json", WORKED)
+    rows = read_rows(path, ["str_query", "num_sol"], {"num_sol": is_integer})
+    assert [line for line, _ in rows] == [2, 7, 12, 17] and rows[2][1]["num_sol"] == "5"
+    shared = os.path.join(SHARED, "arithmetic", "1digit_34_op+-_train_50.json")
+    if os.path.isfile(shared):
+        assert len(read_rows(shared, ["str_query", "num_sol", "str_rationale"], {"num_sol": is_integer})) == 50
+
+
+@pytest.mark.parametrize("text, columns, checks, message", [
+    ('[\n {"str_query": "Q", "num_sol": 3},\n {"str_query": "Q", "num_sol": "three"}\n]', ["str_query", "num_sol"],
+     {"num_sol": is_integer}, "w.json:3: field 'num_sol': expected an integer, got 'three'"),
+    ('[\n {"str_query": "Q", "num_sol": 3},\n {"str_query": "Q", "num_sol": 2.5}\n]', ["str_query", "num_sol"],
+     {"num_sol": is_integer}, "w.json:3: field 'num_sol': expected an integer, got '2.5'"),
+    ('[\n {"str_query": "Q", "num_sol": 3},\n {"str_query": "Q" "num_sol": 4}\n]', ["str_query", "num_sol"], {},
+     "w.json:3: not valid JSON (Expecting ',' delimiter"),
+    ('[\n {"str_query": "Q"}\n]', ["str_query", "num_sol"], {}, "w.json:2: field 'num_sol' missing"),
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n', ["text", "label"], {"label": one_of("0", "1")},
+     "w.json:2: field 'label': expected one of 0, 1, got '2'"),
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 1\n', ["text", "label"], {}, "w.json:2: not valid JSON"),
+])
+def test_malformed_answer_label_or_json_is_refused_with_file_line_and_field(tmp_path, text, columns, checks, message):
+    (tmp_path / "w.json").write_text(text)
+    with pytest.raises(RecordError, match=None) as e:
+        read_rows(str(tmp_path / "w.json"), columns, checks)
+    assert message in str(e.value)
+
+
+def test_check_names_a_bad_answer_before_anything_loads(tiny_llama, tmp_path, capsys):
+    ov = arithmetic_overrides(tiny_llama, tmp_path)
+    write_json(tmp_path / "test.json", TESTS + [{"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": "two"}])
+    assert main(["train", "arithmetic.yaml", *flags(ov)]) == 2
+    assert "test.json:10: field 'num_sol': expected an integer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_generated_questions_are_seeded_and_their_answers_right():
+    from configs.tasks import QuestionGenerator
+
+    cfg = QuestionGenerator(count=50, operands=[3, 4], digits=2, operators="+-*", seed=3)
+    qs = generate_questions(cfg)
+    assert qs == generate_questions(cfg) and qs != generate_questions(cfg.model_copy(update={"seed": 4}))
+    for q in qs:
+        expr = q["str_query"].removeprefix("Question: ").removesuffix(" = ? Answer:")
+        assert evaluate(expr) == int(q["num_sol"]) and len(expr.split()) in (5, 7)
+
+
+# -- rationales, answers, the vote ------------------------------------------------------------
+
+
+def test_worked_rationales_become_the_trajectories_the_sampler_would_make(tiny_llama):
+    from actors.models import load_model
+
+    _, tok = load_model(tiny_llama, "cpu")
+    tools = ToolRunner.for_tokenizer([Calculator()], tok)
+    tokens, mask = fill_rationale("9 + 4 =, 13 - 8 =", tok, tools)
+    assert tok.decode(tokens) == " 9 + 4 = 13, 13 - 8 = 5"
+    assert tok.decode([t for t, m in zip(tokens, mask) if m]) == " 13 5"
+    assert answer_of(" 9 + 4 = 13, 13 - 8 = 5") == 5 and answer_of(" 7 - 9 = -2") == -2
+    assert answer_of(" 12, 7") == 7 and answer_of(" ,.") is None
+
+
+def test_the_vote_takes_the_most_frequent_answer_and_ignores_missing_ones():
+    assert vote([3, 5, 3, None, 5, 3]) == (3, {3: 3, 5: 2})
+    assert vote([None, 4, 6]) == (4, {4: 1, 6: 1})  # a tie: the answer seen first
+    assert vote([None, None]) == (None, {})
+
+
+def test_reward_with_the_few_shot_context_equals_brute_force(tiny_llama, tmp_path):
+    from learner.loop import build
+
+    cfg = load_config("arithmetic.yaml", arithmetic_overrides(tiny_llama, tmp_path))
+    c = build(cfg)
+    task = c.task
+    assert task.shot_ids and task.context_ids(0)[: len(task.shot_ids)] == task.shot_ids
+    assert "The answer is" in task.shot_text and task.shot_text.count("Question:") == 1
+    ref = task.reference(0)
+    sampled = task.sample_answers(c.sampler, [1, task.train_ids[-1]], 2, 1.0, task.prompt_ids)
+    trajs = [ref] + [t for ts in sampled.values() for t in ts]
+    for _ in range(2):  # the second pass reuses the cached shot KV
+        for t in trajs:
+            t.log_r = None
+        task.score(trajs)
+        for t in trajs:
+            naive = task.lm.score_naive(task.context_ids(t.record_id), [t], suffix_ids=task.suffix_ids(t.record_id))[0]
+            for i in range(t.length + 1):
+                if i >= task.min_len and not any(x in task.disallowed for x in t.tokens[:i]) and not (
+                        i < t.length and t.tool_mask and t.tool_mask[i]):
+                    assert t.log_r[i] == pytest.approx(naive[i], abs=2e-4)
+    assert ref.tool_mask and any(ref.tool_mask) and task.is_valid(ref)
+    banned_text = [task.tokenizer.decode([i]) for i in task.banned_ids]
+    assert "a" in banned_text and "7" not in banned_text and "=" not in banned_text
+
+
+# -- PPO ------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_leave_one_out():
+    r = torch.tensor([1.0, 3.0, 5.0, 2.0, 7.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 0, 1, 9])
+    adv = group_advantages(r, g, normalize=False)
+    assert adv.tolist() == pytest.approx([1 - 4, 3 - 3, 5 - 2, 0.0, 0.0])
+    norm = group_advantages(r, g, normalize=True)
+    std = math.sqrt(((1 - 3) ** 2 + 0 + (5 - 3) ** 2) / 3)
+    assert norm[:3].tolist() == pytest.approx([-3 / std, 0.0, 3 / std], rel=1e-5) and norm[3:].tolist() == [0.0, 0.0]
+
+
+def test_ppo_loss_against_a_hand_computed_case():
+    log_p = torch.tensor([[math.log(0.5), math.log(0.9)], [math.log(0.2), 0.0]], requires_grad=True)
+    old = torch.tensor([[math.log(0.4), math.log(0.9)], [math.log(0.4), 0.0]])
+    ref = torch.tensor([[math.log(0.5), math.log(0.6)], [math.log(0.1), 0.0]])
+    actions = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, info = ppo_loss(log_p, old, ref, actions, adv, clip=0.2, kl_coef=0.1)
+    # ratios 1.25 (clipped to 1.2, A > 0: min(2.5, 2.4) = 2.4), 1.0 (2.0), 0.5 (A < 0: min(-0.5, -0.8) = -0.8)
+    surrogate = [2.4, 2.0, -0.8]
+    deltas = [0.0, math.log(0.6 / 0.9), math.log(0.1 / 0.2)]
+    kl = [math.exp(d) - d - 1 for d in deltas]
+    expected = sum(-s + 0.1 * k for s, k in zip(surrogate, kl)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert info["clip_fraction"] == pytest.approx(2 / 3) and info["kl"] == pytest.approx(sum(kl) / 3, rel=1e-6)
+    loss.backward()
+    # the clipped token (ratio 1.25 > 1.2 with A > 0) passes no policy gradient, only the KL term's (0 at delta 0)
+    assert log_p.grad[0, 0].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_action_rows_hold_tokens_then_the_end():
+    log_pf = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, 0.0]])
+    log_pterm = torch.tensor([[-9.0, -9.0, -9.0, -0.5], [-9.0, -9.0, -0.7, -9.0]])
+    tool = torch.tensor([[False, True, False], [False, False, False]])
+    lp, mask = action_logprobs(log_pf, log_pterm, torch.tensor([3, 2]), tool, torch.tensor([True, False]))
+    assert lp[0].tolist() == [-1.0, 0.0, -3.0, -0.5] and mask[0].tolist() == [True, False, True, True]
+    assert mask[1].tolist() == [True, True, False, False]
+
+
+def test_ppo_config_is_on_policy_only(tiny_llama, tmp_path):
+    ov = arithmetic_overrides(tiny_llama, tmp_path)
+    with pytest.raises(ConfigError, match="ppo learns from on-policy samples only"):
+        load_config("arithmetic.yaml", ov + ["learner.objective=ppo"])
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config("arithmetic.yaml", ov + ["learner.objective=ppo", "batch.on_policy=1", "batch.tempered=0",
+                                             "batch.replay=0", "runtime.mode=ray", "runtime.max_staleness=2"])
+
+
+def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, tmp_path):
+    from learner.loop import LocalDriver
+
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **{"learner.objective": "{type: ppo, epochs: 2, minibatches: 2}",
+                                                        "batch.on_policy": 1, "batch.tempered": 0, "batch.replay": 0})
+    cfg = load_config("arithmetic.yaml", ov)
+    d = LocalDriver(cfg)
+    base = {k: v.clone() for k, v in d.c.policy.model.named_parameters() if not v.requires_grad}
+    lora = {k: v.clone() for k, v in d.c.policy.model.named_parameters() if v.requires_grad}
+    rids = d.c.scheduler.next()
+    from learner.loop import collect
+
+    fresh, mixed = collect(d.c, rids, 1.0, d.serve)
+    steps = d.c.learner.objective.plan([mixed], d.c.policy, d.c.task, 1.0)
+    assert len(steps) == 4 and sorted(id(t) for s in steps[:2] for t in s[0]) == sorted(id(t) for t in mixed)
+    d.c.policy.model.train()
+    _, info = d.c.learner.loss(mixed, d.c.task, 1.0)
+    assert info["clip_fraction"] == 0.0 and info["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh samples, zero adapter
+    out = d.c.learner.update([mixed], d.c.task, 1.0)
+    assert math.isfinite(out["loss"]) and "kl" in out
+    changed = [k for k, v in d.c.policy.model.named_parameters() if v.requires_grad and not torch.equal(v, lora[k])]
+    assert changed and all(torch.equal(v, base[k]) for k, v in d.c.policy.model.named_parameters() if not v.requires_grad)
+
+
+# -- runs, sample and predict ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["subtb", "ppo", "sft"])
+def test_short_arithmetic_run_evaluates_every_test_set(objective, tiny_llama, tmp_path):
+    extra = {"learner.objective": objective}
+    if objective == "ppo":
+        extra.update({"batch.on_policy": 1, "batch.tempered": 0, "batch.replay": 0})
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **extra)
+    assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2"])]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(result["methods"]) == {"trained", "prompt0", "prompt1"}
+    for figures in result["methods"].values():
+        assert 0.0 <= figures["acc_a"] <= 1.0 and figures["questions_a"] == 2 and figures["questions_b"] == 2
+    assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | a (2 q.) | b (2 q.) |")
+
+
+def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **{"run.evaluate_at_end": "false"})
+    assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2"])]) == 0
+    capsys.readouterr()
+    run = str(tmp_path / "run")
+    assert main(["sample", run, "--prompt", "2 + 3", "--answer", "5", "-n", "4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and all(set(x) >= {"z", "log_q", "log_r", "answer"} for x in lines)
+    assert all(x["log_q"] <= 0 and math.isfinite(x["log_r"]) for x in lines)
+    adapter = os.path.join(run, "checkpoints", "step_0000002", "adapter")
+    assert main(["predict", adapter, "--question", "Question: 2 + 3 = ? Answer:", "-k", "6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 6 and len(out["samples"]) == 6
+    assert sum(out["distribution"].values()) == pytest.approx(1.0) or out["no_answer"] == 6
+    assert main(["sample", run, "--prompt", "2 + 3", "--answer", "five"]) == 2
+    assert "--answer: expected an integer" in capsys.readouterr().err
