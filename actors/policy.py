@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,6 +70,21 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     return log_pf, log_pterm
 
 
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Run with another named adapter of a peft model active; the previous one and every
+    parameter's trainable flag are restored afterwards (peft's set_adapter changes them)."""
+    previous = model.active_adapter
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
 class Policy:
     """Base model + LoRA. Only the adapter's parameters require gradients."""
 
@@ -100,7 +116,19 @@ class Policy:
         self.version = 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The default adapter's weights (what the learner's optimizer trains)."""
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and ".default." in n]
+
+    def add_adapter(self, name: str, lora_cfg: LoraConfig) -> list[torch.nn.Parameter]:
+        """A second named LoRA adapter on the same base (e.g. the M-step's classifier); its weights,
+        float32, trainable by their own optimizer. The default adapter stays active."""
+        self.model.add_adapter(name, PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                                    target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM"))
+        params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
 
     def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=(),
                  ban_penalty: float = math.inf):

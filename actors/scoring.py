@@ -38,7 +38,15 @@ class PrefixScorer:
         self._shared: tuple[tuple[int, ...], list, torch.Tensor] | None = None
         """(tokens, per-layer keys and values, last logits) of the last shared context prefix."""
 
+    adapter: str | None = None
+    """A named adapter of the model that is part of the reward (the M-step's classifier); unset:
+    every adapter off."""
+
     def _frozen(self):
+        if self.adapter is not None:
+            from .policy import active_adapter
+
+            return active_adapter(self.model, self.adapter)
         disable = getattr(self.model, "disable_adapter", None)
         return disable() if callable(disable) else contextlib.nullcontext()
 

@@ -39,6 +39,10 @@ class Trajectory:
     log_r: list[float] | None = None
     """Untempered log R(s_k ⊤) for k = 0..len(tokens), filled by the reward."""
 
+    reward_version: int = 0
+    """Version of the reward that scored it (a reward that learns, like the M-step's, bumps it;
+    replayed trajectories of an older version are scored again)."""
+
     @property
     def length(self) -> int:
         return len(self.tokens)

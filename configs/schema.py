@@ -541,6 +541,14 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _em_runs_locally(self):
+        if self.task.type == "subjectivity" and self.task.em.e_steps and self.runtime.mode == "ray" \
+                and self.learner.objective.type != "sft":
+            raise ValueError("task.em: the E/M alternation (a reward that learns) runs with runtime.mode=local; "
+                             "set runtime.mode=local, or task.em.e_steps=0 for a fixed reward on Ray")
+        return self
+
+    @model_validator(mode="after")
     def _sft_has_references(self):
         if self.learner.objective.type == "sft" and not has_references(self.task):
             raise ValueError(f"learner.objective: sft trains on the records' reference Z, and a {self.task.type} task "

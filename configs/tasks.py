@@ -399,10 +399,81 @@ class ArithmeticTask(InfillingTask):
         return self
 
 
-Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask, ArithmeticTask],
-                 Field(discriminator="type")]
+class EMConfig(Section):
+    """The alternation of E-steps (q(Z | X), the GFlowNet) and M-steps (the classifier p(Y | X Z))."""
 
-TASK_TYPES = ("random_number", "continuation", "infilling", "constrained", "arithmetic")
+    e_steps: int = Field(20, ge=0)
+    """E-steps (learner steps) between two M phases; 0: no M-step (the reward stays the base LM)."""
+
+    m_steps: int = Field(10, ge=1)
+    """Optimizer steps of one M phase."""
+
+    m_lr: float = Field(1e-4, gt=0)
+    """Learning rate of the M adapter (AdamW)."""
+
+    m_samples: int = Field(4, ge=1)
+    """Z sampled from q per training record for each M step."""
+
+
+class SubjectivityTask(InfillingTask):
+    """Classification with a latent rationale (paper §4.4, SUBJ): X a review in an instruction, Z
+    1–5 tokens, R(Z) = p_LM(Z Y | X) with Y ", so it is <label>." for the record's label; the
+    M-step trains a second adapter to predict Y from X Z, and the reward uses it."""
+
+    type: Literal["subjectivity"] = "subjectivity"
+    """Discriminator: 'subjectivity'."""
+
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train="../shared/data/subj/train.10.jsonl",
+                                                                test="../shared/data/subj/test.jsonl"))
+    """Labelled training examples and the test set (columns `text` and `label`)."""
+
+    prompt_template: str = 'Classify this movie review as objective or subjective: "{text}" This review is'
+    """The policy's prompt X."""
+
+    context_template: str | None = None
+    """The reward's context (unset: X itself)."""
+
+    label_column: str = "label"
+    """Column of the label: 0 or 1."""
+
+    label_words: list[str] = Field(default_factory=lambda: ["objective", "subjective"], min_length=2, max_length=2)
+    """The words of labels 0 and 1, available to templates as {label_word}."""
+
+    suffix_template: str = ", so it is {label_word}."
+    """Y, scored after Z (starts with the end token's text)."""
+
+    reference_template: str | None = " {label_word}"
+    """What SFT trains the policy to write as Z (the label word itself)."""
+
+    end_tokens: list[str] = Field(default_factory=lambda: [","], min_length=1)
+    """Tokens that end Z."""
+
+    min_len: int = Field(1, ge=0)
+    """Fewest tokens of Z."""
+
+    max_len: int = Field(5, ge=1)
+    """Most tokens of Z."""
+
+    wrong_label_penalty: float = Field(-20.0, le=0)
+    """Added to log R of a prefix after which the reward LM prefers the other label's Y."""
+
+    seed_samples: int = Field(4, ge=0)
+    """Continuations of each training X by the base model put into the replay at the start."""
+
+    seed_replay_with_references: bool = False
+    """The label word as Z is not put into the replay (it would teach Z = the answer)."""
+
+    prompting_shots: int = Field(10, ge=0)
+    """Labelled training examples in the prompt of the few-shot prompting baseline."""
+
+    em: EMConfig = Field(default_factory=EMConfig)
+    """E/M alternation."""
+
+
+Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask, ArithmeticTask,
+                       SubjectivityTask], Field(discriminator="type")]
+
+TASK_TYPES = ("random_number", "continuation", "infilling", "constrained", "arithmetic", "subjectivity")
 
 
 def support_size(target) -> int:
@@ -420,6 +491,8 @@ def seeds_per_record(task) -> int:
     """Known-good trajectories a task puts into the replay per record at the start."""
     if isinstance(task, RandomNumberTask):
         return support_size(task.target)
+    if isinstance(task, SubjectivityTask):
+        return task.seed_samples
     return 1 if getattr(task, "seed_replay_with_references", False) else 0
 
 

@@ -56,6 +56,15 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     load_adapter_weights(policy, adapter)
     task = make_task(cfg, policy.tokenizer)
     attach_scorer(task, cfg, policy.model, policy.device)
+    m_dir = os.path.join(adapter, "m")
+    if os.path.isfile(os.path.join(m_dir, "adapter_model.safetensors")):  # the M-step's adapter: part of the reward
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        policy.add_adapter("m", cfg.lora)
+        set_peft_model_state_dict(policy.model, load_file(os.path.join(m_dir, "adapter_model.safetensors")),
+                                  adapter_name="m")
+        task.lm.adapter = "m"
     sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
                            max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     if getattr(sampler, "model", None) is not policy.model:
@@ -64,12 +73,7 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
 
 
 def draw(task, sampler, record_id: int, n: int, temperature: float):
-    from actors.trajectory import PromptRequest
-
-    req = PromptRequest(record_id, task.prompt_ids(record_id), n if temperature == 1.0 else 0,
-                        [] if temperature == 1.0 else [temperature] * n)
-    return sampler.generate_batch([req], task.min_len, task.max_len, task.end_ids, sorted(task.banned_ids),
-                                  task.ban_penalty)
+    return task.sample_records(sampler, [record_id], n, temperature)[record_id]
 
 
 def cmd_sample(args) -> int:

@@ -26,7 +26,13 @@ from configs.load import resolve_path
 def read_spec(name: str) -> dict:
     path = name if os.path.isfile(name) else resolve_path(os.path.join("experiments", name if name.endswith(".yaml") else name + ".yaml"))
     with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+        try:
+            spec = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); quote list items "
+                              f"that hold ': ', e.g. - \"task.em={{e_steps: 20}}\"") from None
     for key in ("config", "runs"):
         if key not in spec:
             raise ConfigError(f"{path}: {key}: missing; an experiment names a base config and its runs")

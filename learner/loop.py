@@ -51,6 +51,8 @@ class Components:
     """Which records each micro-batch trains on (seeded, checkpointed)."""
     generator: torch.Generator
     """The driver's generator: tempered temperatures and per-request seeds (checkpointed)."""
+    em: object = None
+    """The M-step of a task whose reward learns (`learner.em.MStep`), else None."""
 
 
 def setup_torch(cfg: Config) -> None:
@@ -100,7 +102,12 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
                              f"has a reference Z to train on")
     scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
     generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
-    return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator)
+    em = None
+    if getattr(cfg.task, "em", None) is not None and cfg.task.em.e_steps and learner.objective.samples:
+        from .em import MStep
+
+        em = MStep(policy, task, cfg.task.em, cfg.lora, seed=cfg.learner.seed)
+    return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator, em)
 
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
@@ -145,7 +152,12 @@ def collect(c: Components, record_ids: list[int], temperature: float, serve=None
     fresh = (serve or RequestServer(c.sampler, c.policy.tokenizer))(req)
     c.task.score(fresh)
     c.replay.add(fresh)
-    return fresh, fresh + c.replay.sample_many(replay_wanted(req, counts), temperature)
+    replayed = c.replay.sample_many(replay_wanted(req, counts), temperature)
+    version = getattr(c.task, "reward_version", 0)
+    stale = [t for t in replayed if t.reward_version != version]
+    if stale:  # scored by a reward that has changed since (the M-step's): score them again
+        c.task.score(stale)
+    return fresh, fresh + replayed
 
 
 def references(c: Components, record_ids: list[int]) -> list[Trajectory]:
@@ -185,6 +197,8 @@ class LocalDriver:
             fresh += new
             batches.append(mixed)
         out = c.learner.update(batches, c.task, temperature)
+        if c.em is not None and c.em.due(c.learner.step):
+            out.update(c.em.run(c.sampler))
         publish(c)
         out["trained"] = sum(len(b) for b in batches)
         return fresh, out
@@ -208,6 +222,8 @@ def checkpoint(driver, run_dir: str) -> str:
              "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state()}
     if hasattr(driver, "in_flight_plans"):
         extra["plans"] = driver.in_flight_plans()
+    if c.em is not None:
+        extra["em"] = c.em.state_dict()
     return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
 
 
@@ -222,6 +238,8 @@ def restore(driver, ckpt_dir: str) -> None:
     c.generator.set_state(extra["driver_rng"])
     if hasattr(driver, "restore_plans"):
         driver.restore_plans(extra.get("plans", []))
+    if c.em is not None and "em" in extra:
+        c.em.load_state_dict(extra["em"])
     publish(c)
 
 

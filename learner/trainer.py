@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
 import time
 from collections import defaultdict
+
 import numpy as np
 import torch
 

@@ -17,8 +17,10 @@ def make_task(cfg, tokenizer) -> Task:
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask
+    from .subjectivity import SubjectivityTask
 
-    cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask}[t.type]
+    cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask,
+           "subjectivity": SubjectivityTask}[t.type]
     return cls(t, tokenizer, prefixes=cfg.reward.prefixes)
 
 
@@ -29,25 +31,24 @@ def check_data(cfg) -> str:
     if t.type == "random_number":
         return f"{len(t.prompts)} inline prompt(s)"
     if t.type == "arithmetic":
-        from .arithmetic import ArithmeticTask, generate_questions
+        from .arithmetic import ArithmeticTask, read_worked
         from .records import is_integer, read_rows
 
-        cols = ArithmeticTask.columns(t)
+        worked = read_worked(t)
         checks = {t.answer_column: is_integer}
-        worked = read_rows(t.data.train, cols + [t.rationale_column], checks)
-        if t.labelled + t.shots > len(worked):
-            raise RecordError(f"{t.data.train}: holds {len(worked)} worked examples; task.labelled ({t.labelled}) "
-                              f"+ task.shots ({t.shots}) need {t.labelled + t.shots}")
-        tests = {name: len(read_rows(path, cols, checks)) for name, path in t.test_sets.items()}
+        tests = {name: len(read_rows(path, ArithmeticTask.columns(t), checks)) for name, path in t.test_sets.items()}
         return (f"{len(worked)} worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
                 f"questions, test sets " + ", ".join(f"{n}: {k}" for n, k in tests.items()))
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask
-    from .records import load_records
+    from .records import load_records, one_of
+    from .subjectivity import SubjectivityTask
 
-    cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask}[t.type]
-    records = load_records(t.data, cls.columns(t))
+    cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask,
+           "subjectivity": SubjectivityTask}[t.type]
+    checks = {t.label_column: one_of("0", "1")} if t.type == "subjectivity" else None
+    records = load_records(t.data, cls.columns(t), checks)
     return (f"{len(records.train_ids)} train and {len(records.test_ids)} test records "
             f"(columns {', '.join(cls.columns(t))})")
 

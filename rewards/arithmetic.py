@@ -17,6 +17,7 @@ result its rationale derives, and a question's prediction is the majority vote o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,9 +26,9 @@ import time
 from collections import Counter
 
 from actors.tools import ToolRunner, make_tools
-from actors.trajectory import PromptRequest, Trajectory
+from actors.trajectory import Trajectory
 
-from .base import columns_of
+from .base import columns_of, eval_mode
 from .infilling import InfillingTask
 from .records import Record, RecordError, RecordSet, is_integer, read_rows
 
@@ -113,6 +114,17 @@ def disallowed_by_chars(tokenizer, allowed: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def read_worked(cfg) -> list[tuple[int, dict[str, str]]]:
+    """The worked examples of an arithmetic task's config, checked (answers are integers, and there
+    are enough for `labelled` + `shots`)."""
+    cols = ArithmeticTask.columns(cfg) + [cfg.rationale_column]
+    worked = read_rows(cfg.data.train, cols, {cfg.answer_column: is_integer})
+    if cfg.labelled + cfg.shots > len(worked):
+        raise RecordError(f"{cfg.data.train}: holds {len(worked)} worked examples; task.labelled ({cfg.labelled}) "
+                          f"+ task.shots ({cfg.shots}) need {cfg.labelled + cfg.shots}")
+    return worked
+
+
 class ArithmeticTask(InfillingTask):
     name = "arithmetic"
 
@@ -138,10 +150,7 @@ class ArithmeticTask(InfillingTask):
     def load_records(self, cfg) -> RecordSet:
         cols = self.columns(cfg)
         checks = {cfg.answer_column: is_integer}
-        worked = read_rows(cfg.data.train, cols + [cfg.rationale_column], checks)
-        if cfg.labelled + cfg.shots > len(worked):
-            raise RecordError(f"{cfg.data.train}: holds {len(worked)} worked examples; task.labelled ({cfg.labelled}) "
-                              f"+ task.shots ({cfg.shots}) need {cfg.labelled + cfg.shots}")
+        worked = read_worked(cfg)
         order = list(range(len(worked)))
         random.Random(cfg.data.seed).shuffle(order)
         path = cfg.data.train
@@ -237,19 +246,6 @@ class ArithmeticTask(InfillingTask):
         text = "".join(self.worked_text(r) + self.cfg.shot_separator for r in pool[:k])
         return list(self.tokenizer(text + self.prompt_text(record_id)).input_ids)
 
-    def sample_answers(self, sampler, record_ids: list[int], n: int, temperature: float, prompt_of,
-                       chunk: int = 64) -> dict[int, list[Trajectory]]:
-        """n samples of each record's Z (the calculator on), in batches of `chunk` records."""
-        out: dict[int, list[Trajectory]] = {}
-        sampler.tools = self.tools
-        for i in range(0, len(record_ids), chunk):
-            part = record_ids[i: i + chunk]
-            reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n) for r in part]
-            for t in sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
-                                            self.ban_penalty):
-                out.setdefault(t.record_id, []).append(t)
-        return out
-
     def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
         """Accuracy of the majority vote per test set, for the trained policy (0-shot prompt) and
         k-shot prompting of the base model (methods 'prompt0', 'prompt3', ...)."""
@@ -258,13 +254,12 @@ class ArithmeticTask(InfillingTask):
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
         sets = {name: self._eval_ids(ids, eval_cfg) for name, ids in self.test_sets.items()}
         results, examples = {}, {}
-        was_training = policy.model.training
-        policy.model.eval()
-        try:
+        sampler.tools = self.tools
+        with eval_mode(policy.model):
             for m in methods:
                 t0 = time.perf_counter()
                 if m == "trained":
-                    prompt_of, ctx = self.prompt_ids, _nullcontext()
+                    prompt_of, ctx = self.prompt_ids, contextlib.nullcontext()
                 elif re.fullmatch(r"prompt\d+", m):
                     shots = int(m[len("prompt"):])
                     prompt_of, ctx = (lambda r, s=shots: self.shots_prompt_ids(r, s)), policy.model.disable_adapter()
@@ -274,7 +269,7 @@ class ArithmeticTask(InfillingTask):
                 figures, shown = {}, []
                 with ctx:
                     for name, ids in sets.items():
-                        samples = self.sample_answers(sampler, ids, k, temp, prompt_of)
+                        samples = self.sample_records(sampler, ids, k, temp, prompt_of)
                         correct = 0
                         for rid in ids:
                             winner, counts = vote(self.answers(samples[rid]))
@@ -289,8 +284,6 @@ class ArithmeticTask(InfillingTask):
                 log(f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {figures[f'acc_{n}']:.3f}" for n in sets)
                     + f"  ({', '.join(f'{len(v)}' for v in sets.values())} questions, vote of {k} at T={temp:g}, "
                       f"{figures['seconds']:.0f} s)")
-        finally:
-            policy.model.train(was_training)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump({"task": self.name, "sets": {n: v for n, v in sets.items()}, "methods": results,
@@ -308,10 +301,3 @@ class ArithmeticTask(InfillingTask):
             return sorted(random.Random(0).sample(ids, eval_cfg.max_records))
         return list(ids)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -7,11 +7,12 @@ which trajectories are known to be good, and what "valid" means for it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from functools import lru_cache
 
-from actors.trajectory import Trajectory
+from actors.trajectory import PromptRequest, Trajectory
 from configs.tasks import template_fields
 
 from .records import RecordSet
@@ -105,12 +106,36 @@ class Task:
                 stacklevel=3,
             )
 
+    def sample_records(self, sampler, record_ids: list[int], n: int, temperature: float, prompt_of=None,
+                       chunk: int = 64) -> dict[int, list[Trajectory]]:
+        """n samples of each record's Z at one temperature (evaluation, prediction), `chunk` records
+        per engine call; `prompt_of` replaces the policy's prompt (e.g. few-shot prompting)."""
+        prompt_of = prompt_of or self.prompt_ids
+        out: dict[int, list[Trajectory]] = {}
+        for i in range(0, len(record_ids), chunk):
+            reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n) for r in record_ids[i: i + chunk]]
+            for t in sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
+                                            self.ban_penalty):
+                out.setdefault(t.record_id, []).append(t)
+        return out
+
     # -- progress ------------------------------------------------------------------------------
 
     def is_valid(self, t: Trajectory) -> bool | None:
         """Whether a sample is valid for this task (None: the task has no such notion). One
         definition for training figures and evaluation."""
         return None
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block, its training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def columns_of(*templates: str | None) -> list[str]:

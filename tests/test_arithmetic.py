@@ -132,7 +132,7 @@ def test_reward_with_the_few_shot_context_equals_brute_force(tiny_llama, tmp_pat
     assert task.shot_ids and task.context_ids(0)[: len(task.shot_ids)] == task.shot_ids
     assert "The answer is" in task.shot_text and task.shot_text.count("Question:") == 1
     ref = task.reference(0)
-    sampled = task.sample_answers(c.sampler, [1, task.train_ids[-1]], 2, 1.0, task.prompt_ids)
+    sampled = task.sample_records(c.sampler, [1, task.train_ids[-1]], 2, 1.0)
     trajs = [ref] + [t for ts in sampled.values() for t in ts]
     for _ in range(2):  # the second pass reuses the cached shot KV
         for t in trajs:

@@ -1,0 +1,112 @@
+"""The M-step of latent-rationale classification (paper §4.4): a second adapter learns p(Y | X Z).
+
+The E-step is the ordinary GFlowNet update of the default adapter, q(Z | X). Every `e_steps`
+E-steps, `m_steps` optimizer steps train the adapter "m" on Z sampled from q for the training
+records: a two-way cross-entropy over the label words, log p_m(Y_c | X Z) for each label c. The
+reward LM is the base with adapter "m", so each M phase bumps the task's `reward_version` and the
+replay's older log R is scored again when drawn. Two named adapters in one policy, each with its
+own optimizer; the M adapter's weights and optimizer go into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from actors.policy import active_adapter
+from actors.trajectory import PromptRequest, Trajectory
+
+M_ADAPTER = "m"
+
+
+def label_logits(model, context_ids: list[int], trajectories: list[Trajectory], suffixes: list[list[int]],
+                 pad_id: int) -> torch.Tensor:
+    """[B, C]: log p(Y_c | X Z_b) under the model's active adapter, with gradients (one padded pass
+    over every (Z, Y_c) pair)."""
+    seqs, spans = [], []
+    for t in trajectories:
+        for y in suffixes:
+            start = len(context_ids) + t.length
+            seqs.append(list(context_ids) + list(t.tokens) + list(y))
+            spans.append((start, len(y)))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    dev = next(model.parameters()).device
+    logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
+    out = []
+    for i, (start, n) in enumerate(spans):
+        pos = torch.arange(start - 1, start - 1 + n, device=dev)
+        out.append(logp[i, pos, ids[i, start: start + n].to(dev)].sum())
+    return torch.stack(out).view(len(trajectories), len(suffixes))
+
+
+class MStep:
+    def __init__(self, policy, task, em_cfg, lora_cfg, seed: int = 0):
+        self.policy, self.task, self.cfg = policy, task, em_cfg
+        self.params = policy.add_adapter(M_ADAPTER, lora_cfg)
+        self.optimizer = torch.optim.AdamW(self.params, lr=em_cfg.m_lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(seed + 104729)
+        task.lm.adapter = M_ADAPTER  # the reward is base + M from now on (equal to the base until trained)
+        self.phases = 0
+
+    def due(self, step: int) -> bool:
+        return self.cfg.e_steps > 0 and step % self.cfg.e_steps == 0
+
+    def run(self, sampler) -> dict:
+        """One M phase; the reward changes, so its version is bumped."""
+        t0 = time.perf_counter()
+        task, policy = self.task, self.policy
+        losses, accs = [], []
+        pad = policy.tokenizer.pad_token_id
+        for _ in range(self.cfg.m_steps):
+            reqs = [PromptRequest(r, task.prompt_ids(r), self.cfg.m_samples) for r in task.train_ids]
+            sampler.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+            with torch.no_grad():
+                samples = sampler.generate_batch(reqs, task.min_len, task.max_len, task.end_ids, sorted(task.banned_ids),
+                                                 task.ban_penalty)
+            self.optimizer.zero_grad(set_to_none=True)
+            policy.model.train()
+            with active_adapter(policy.model, M_ADAPTER):
+                total, right, n = 0.0, 0, 0
+                for rid in task.train_ids:
+                    ts = [t for t in samples if t.record_id == rid]
+                    if not ts:
+                        continue
+                    logits = label_logits(policy.model, task.context_ids(rid), ts,
+                                          [task.label_suffix(rid, 0), task.label_suffix(rid, 1)], pad)
+                    target = torch.full((len(ts),), task.label(rid), dtype=torch.long, device=logits.device)
+                    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                    loss.backward()
+                    total += loss.item()
+                    right += int((logits.argmax(1) == target).sum())
+                    n += len(ts)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            losses.append(total / max(n, 1))
+            accs.append(right / max(n, 1))
+        self.phases += 1
+        task.reward_version += 1
+        return {"m_loss": losses[-1], "m_train_accuracy": accs[-1], "m_seconds": time.perf_counter() - t0,
+                "reward_version": task.reward_version}
+
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {"weights": {k: v.detach().cpu().clone() for k, v in
+                            get_peft_model_state_dict(self.policy.model, adapter_name=M_ADAPTER).items()},
+                "optimizer": self.optimizer.state_dict(), "reward_version": self.task.reward_version,
+                "phases": self.phases, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.policy.model, state["weights"], adapter_name=M_ADAPTER)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.task.reward_version = state["reward_version"]
+        self.phases = state["phases"]
+        self.generator.set_state(state["generator"])

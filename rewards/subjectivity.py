@@ -1,0 +1,205 @@
+"""Classification with a latent rationale (paper §4.4): SUBJ with E- and M-steps.
+
+X is a review inside an instruction ('Classify this movie review as objective or subjective:
+"<text>" This review is'), Z 1–5 tokens, Y ", so it is objective." or ", so it is subjective.".
+E-step: q(Z | X) ∝ p(Z Y | X) for the record's true Y, every prefix scored with the suffix
+(`actors.scoring`), plus `wrong_label_penalty` on prefixes after which the reward LM prefers the
+other label. M-step (`learner/em.py`): a second adapter "m" learns p(Y | X Z) on sampled Z (a
+two-way cross-entropy over the label words); the reward LM is the base with that adapter, so
+every M phase bumps `reward_version`, and replayed trajectories scored by an older one are
+scored again. The replay starts from the base model's own continuations.
+
+Prediction: Z from q (greedy, or several sampled and voted), then the label whose Y the reward LM
+(base + M) finds likelier after X Z.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from actors.decoding import hf_generate
+from actors.trajectory import Trajectory
+
+from .arithmetic import vote
+from .base import columns_of, eval_mode
+from .infilling import InfillingTask
+from .records import Record, RecordError, load_records, one_of
+
+
+class SubjectivityTask(InfillingTask):
+    name = "subjectivity"
+
+    def __init__(self, cfg, tokenizer, prefixes: str = "every"):
+        super().__init__(cfg, tokenizer, prefixes)
+        self.reward_version = 0
+        self._prefers_true: dict[int, bool] = {}
+        """id(trajectory) -> whether the reward LM preferred the true label after its whole Z, from
+        the last time it was scored (what `is_valid` reads instead of classifying again)."""
+
+    @staticmethod
+    def columns(cfg) -> list[str]:
+        cols = columns_of(cfg.prompt_template, cfg.context_template)
+        return [c for c in cols if c != "label_word"] + [cfg.label_column]
+
+    def load_records(self, cfg):
+        records = load_records(cfg.data, self.columns(cfg), {cfg.label_column: one_of("0", "1")})
+        for r in records.records:
+            r.fields["label_word"] = cfg.label_words[int(r.fields[cfg.label_column])]
+        return records
+
+    def label(self, record_id: int) -> int:
+        return int(self.records[record_id].fields[self.cfg.label_column])
+
+    def adhoc_record(self, prompt: str, answer: str | None) -> int:
+        """A record for a review typed by a user (its label, when given, picks Y)."""
+        if answer is not None and answer.strip() not in ("0", "1", *self.cfg.label_words):
+            raise RecordError(f"--answer: expected 0, 1 or one of {', '.join(self.cfg.label_words)}, got {answer!r}")
+        label = 0 if answer is None else (self.cfg.label_words.index(answer.strip()) if answer.strip() in
+                                          self.cfg.label_words else int(answer))
+        rid = len(self.records)
+        fields = {"text": prompt.strip(), self.cfg.label_column: str(label), "label_word": self.cfg.label_words[label]}
+        self.records.records.append(Record(rid, fields, "adhoc", "command line"))
+        return rid
+
+    # -- reward --------------------------------------------------------------------------------
+
+    def label_suffix(self, record_id: int, label: int) -> list[int]:
+        fields = {**self.records[record_id].fields, "label_word": self.cfg.label_words[label]}
+        return list(self.tokenizer(self.cfg.suffix_template.format(**fields), add_special_tokens=False).input_ids)
+
+    def score(self, trajectories: list[Trajectory]) -> None:
+        """log p(z_1:i Y | X) for the true Y, plus the penalty where the other Y is likelier."""
+        if self.lm is None:
+            raise RuntimeError("task subjectivity: its reward is a language model, but no scorer is attached")
+        groups: dict[int, list[Trajectory]] = defaultdict(list)
+        for t in trajectories:
+            groups[t.record_id].append(t)
+        for rid, ts in groups.items():
+            y = self.label(rid)
+            kw = dict(prefixes=self.prefixes, first=self.min_len, terminable_only=True)
+            right = self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, y), **kw)
+            wrong = self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, 1 - y), **kw)
+            for t, r, w in zip(ts, right, wrong):
+                first = 0 if self.prefixes == "every" else t.length
+                out = []
+                for i in range(t.length + 1):
+                    if i < first:
+                        out.append(r[i])
+                    elif not self.prefix_ok(rid, t, i) or r[i] != r[i]:
+                        out.append(self.floor)
+                    else:
+                        out.append(r[i] + (self.cfg.wrong_label_penalty if w[i] > r[i] else 0.0))
+                t.log_r = out
+                t.reward_version = self.reward_version
+                if len(self._prefers_true) > 100_000:
+                    self._prefers_true.clear()
+                self._prefers_true[id(t)] = not w[t.length] > r[t.length]
+
+    def seed_trajectories(self, record_id: int) -> list[Trajectory]:
+        """The base model's own continuations of X (sampled, adapter off)."""
+        n = self.cfg.seed_samples
+        if n == 0 or self.lm is None:
+            return []
+        model = self.lm.model
+        with torch.random.fork_rng():
+            torch.manual_seed(record_id)
+            with model.disable_adapter():
+                outs = hf_generate(model, self.prompt_ids(record_id), n, self.max_len, self.min_len, self.end_ids,
+                                   self.tokenizer.pad_token_id, do_sample=True, top_k=0,
+                                   suppress_tokens=sorted(self.banned_ids) or None)
+        seeds = [Trajectory(record_id, list(z), terminated=done, temperature=float("nan"), version=-1, source="seed")
+                 for z, done in outs if len(z) >= self.min_len]
+        self.score(seeds)
+        return seeds
+
+    # -- prediction ----------------------------------------------------------------------------
+
+    def classify(self, trajectories: list[Trajectory]) -> list[int]:
+        """The label whose Y the reward LM (base + M) finds likelier after X Z, per trajectory."""
+        out = {}
+        groups: dict[int, list[Trajectory]] = defaultdict(list)
+        for t in trajectories:
+            groups[t.record_id].append(t)
+        for rid, ts in groups.items():
+            scores = [self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, y), prefixes="final")
+                      for y in (0, 1)]
+            for t, s0, s1 in zip(ts, *scores):
+                out[id(t)] = int(s1[-1] > s0[-1])
+        return [out[id(t)] for t in trajectories]
+
+    def answers(self, trajectories: list[Trajectory]) -> list[int]:
+        return self.classify(trajectories)
+
+    def is_valid(self, t: Trajectory) -> bool:
+        """Ended by the policy, allowed tokens, and the reward LM then prefers the true label."""
+        if not super().is_valid(t):
+            return False
+        known = self._prefers_true.get(id(t))
+        return known if known is not None else self.classify([t])[0] == self.label(t.record_id)
+
+    def few_shot_prompt(self, record_id: int, k: int) -> list[int]:
+        """k labelled training examples ("<X> <label word>.") and then X."""
+        shots = [self.prompt_text(r) + " " + self.records[r].fields["label_word"] + ".\n" for r in self.train_ids[:k]]
+        return list(self.tokenizer("".join(shots) + self.prompt_text(record_id)).input_ids)
+
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+        """Test accuracy: the policy's greedy Z and a vote over sampled Z, each classified by the
+        reward LM (base + M); 'prompting': few-shot prompting of the base model (no Z)."""
+        if methods is None:
+            methods = ["trained"] + (["prompting"] if eval_cfg.include_base and "prompting" in eval_cfg.baselines else [])
+        ids = list(self.test_ids or self.train_ids)
+        if eval_cfg.max_records and eval_cfg.max_records < len(ids):
+            ids = sorted(random.Random(0).sample(ids, eval_cfg.max_records))
+        k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
+        results, examples = {}, {}
+        with eval_mode(policy.model):
+            for m in methods:
+                t0 = time.perf_counter()
+                if m == "trained":
+                    greedy = self.sample_records(sampler, ids, 1, 1e-4)
+                    sampled = self.sample_records(sampler, ids, k, temp)
+                    g = self.classify([greedy[r][0] for r in ids])
+                    correct_g = sum(int(p == self.label(r)) for p, r in zip(g, ids))
+                    correct_v = 0
+                    for r in ids:
+                        winner, _ = vote(self.classify(sampled[r]))
+                        correct_v += int(winner == self.label(r))
+                    figures = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids)}
+                    examples[m] = [{"text": self.records[r].fields["text"][:120], "label": self.label(r),
+                                    "z": [self.tokenizer.decode(t.tokens) for t in sampled[r][:4]]} for r in ids[:3]]
+                elif m == "prompting":
+                    correct = 0
+                    adapter, self.lm.adapter = self.lm.adapter, None  # the base model alone
+                    try:
+                        for r in ids:
+                            prompt = self.few_shot_prompt(r, self.cfg.prompting_shots)
+                            empty = Trajectory(r, [], terminated=True)
+                            s = [self.lm.score(prompt, [empty], suffix_ids=self._word(y), prefixes="final")[0][-1]
+                                 for y in (0, 1)]
+                            correct += int(int(s[1] > s[0]) == self.label(r))
+                    finally:
+                        self.lm.adapter = adapter
+                    figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
+                else:
+                    raise ValueError(f"eval.baselines: {m!r} is not a method of the subjectivity task; use prompting")
+                figures.update(records=len(ids), votes=k, seconds=time.perf_counter() - t0)
+                results[m] = figures
+                log(f"gfnlm eval {m:>10}: accuracy greedy {figures['acc_greedy']:.3f}  vote {figures['acc_vote']:.3f}  "
+                    f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {figures['seconds']:.0f} s)")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"task": self.name, "records": ids, "methods": results, "examples": examples}, f, indent=2)
+        with open(os.path.join(out_dir, "eval.md"), "w") as f:
+            f.write(f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n")
+            for m, fig in results.items():
+                f.write(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n")
+        return results
+
+    def _word(self, label: int) -> list[int]:
+        return list(self.tokenizer(" " + self.cfg.label_words[label] + ".", add_special_tokens=False).input_ids)

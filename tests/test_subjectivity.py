@@ -1,0 +1,122 @@
+"""Latent-rationale classification (SUBJ): records, the reward, the E/M alternation, evaluation."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from configs import load_config
+from learner.cli import main
+
+from conftest import tiny_overrides
+
+REVIEWS = [
+    {"text": "it was shot in 1990 .", "label": 0},
+    {"text": "a dull , silly film .", "label": 1},
+    {"text": "the story is set in rome .", "label": 0},
+    {"text": "i loved every minute .", "label": 1},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def subj_overrides(model_dir, tmp_path, **extra):
+    train = write_jsonl(tmp_path / "train.jsonl", REVIEWS)
+    test = write_jsonl(tmp_path / "test.jsonl", REVIEWS[:2])
+    ov = [o for o in tiny_overrides(model_dir, tmp_path / "run") if not o.startswith("task.")]
+    settings = {
+        "task": "{type: subjectivity, data: {train: %s, test: %s}, prompt_template: 'Review: {text} It is', "
+                "max_len: 4, seed_samples: 2, prompting_shots: 2, em: {e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
+                % (train, test),
+        "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5, "batch.tempered": 0.25,
+        "batch.replay": 0.25, "replay.capacity_per_prompt": 8, "replay.seed_with_support": "true",
+        "eval.samples_per_record": 3, "eval.baselines": "[prompting]", **extra}
+    return ov + [f"{k}={v}" for k, v in settings.items()]
+
+
+def flags(ov):
+    return sum([["-o", o] for o in ov], [])
+
+
+def test_a_label_outside_zero_and_one_is_refused_before_anything_loads(tiny_llama, tmp_path, capsys):
+    ov = subj_overrides(tiny_llama, tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", REVIEWS + [{"text": "odd", "label": 2}])
+    assert main(["train", "subjectivity.yaml", *flags(ov)]) == 2
+    assert "train.jsonl:5: field 'label': expected one of 0, 1, got '2'" in capsys.readouterr().err
+
+
+def test_reward_is_the_true_labels_likelihood_with_the_wrong_label_penalty(tiny_llama, tmp_path):
+    from learner.loop import build
+
+    c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
+    task = c.task
+    seeds = task.seed_trajectories(1)
+    assert len(seeds) == 2 and all(t.source == "seed" and t.log_r is not None for t in seeds)
+    t = seeds[0]
+    right = task.lm.score_naive(task.context_ids(1), [t], suffix_ids=task.label_suffix(1, 1))[0]
+    wrong = task.lm.score_naive(task.context_ids(1), [t], suffix_ids=task.label_suffix(1, 0))[0]
+    for i in range(task.min_len, t.length + 1):
+        expected = right[i] + (task.cfg.wrong_label_penalty if wrong[i] > right[i] else 0.0)
+        assert t.log_r[i] == pytest.approx(expected, abs=2e-4)
+    assert task.is_valid(t) == (t.terminated and wrong[t.length] <= right[t.length])
+
+
+def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama, tmp_path):
+    from learner.loop import LocalDriver
+
+    cfg = load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path))
+    d = LocalDriver(cfg)
+    c = d.c
+    named = dict(c.policy.model.named_parameters())
+    before = {k: v.detach().clone() for k, v in named.items()}
+    e_keys = [k for k in named if ".default." in k]
+    m_keys = [k for k in named if ".m." in k]
+    assert e_keys and m_keys and c.task.lm.adapter == "m"
+    stale = [t for rid in c.task.train_ids for t in c.replay.sample_many([(rid, 2)], 1.0)]
+    assert stale and all(t.reward_version == 0 for t in stale)
+    outs = [d.step(1.0)[1] for _ in range(2)]
+    assert "m_loss" not in outs[0] and outs[1]["reward_version"] == 1 and math.isfinite(outs[1]["m_loss"])
+    after = dict(c.policy.model.named_parameters())
+    changed = lambda keys: any(not torch.equal(before[k], after[k]) for k in keys)  # noqa: E731
+    assert changed(e_keys) and changed(m_keys)
+    assert all(torch.equal(before[k], after[k]) for k in named if k not in e_keys and k not in m_keys)
+    from learner.loop import collect
+
+    fresh, mixed = collect(c, c.task.train_ids[:2], 1.0, d.serve)  # replayed ones were scored by version 0
+    replayed = [t for t in mixed if not any(t is f for f in fresh)]
+    assert replayed and all(t.reward_version == 1 for t in mixed)
+    old = stale[0].log_r
+    c.task.score([stale[0]])  # the reward has changed with the M adapter: so has log R
+    assert stale[0].reward_version == 1 and stale[0].log_r != old
+    state = c.em.state_dict()
+    assert state["reward_version"] == 1 and state["weights"]
+
+
+def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_llama, tmp_path, capsys):
+    ov = subj_overrides(tiny_llama, tmp_path)
+    assert main(["train", "subjectivity.yaml", *flags(ov + ["learner.steps=2"])]) == 0
+    run = tmp_path / "run"
+    result = json.loads((run / "eval.json").read_text())
+    assert set(result["methods"]) == {"trained", "prompting"}
+    for fig in result["methods"].values():
+        assert 0 <= fig["acc_greedy"] <= 1 and 0 <= fig["acc_vote"] <= 1 and fig["records"] == 2
+    assert (run / "checkpoints" / "step_0000002" / "adapter" / "m" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "a dull film .", "--answer", "1", "-n", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(x["log_r"]) and x["answer"] in (0, 1) for x in lines)
+    assert main(["predict", str(run), "--question", "a dull film .", "-k", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prediction"] in (0, 1) and sum(out["distribution"].values()) == pytest.approx(1.0)
+
+
+def test_em_in_ray_mode_is_refused():
+    from configs import ConfigError
+
+    with pytest.raises(ConfigError, match="runs with runtime.mode=local"):
+        load_config("subjectivity.yaml", ["runtime.mode=ray"])
