@@ -239,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # vLLM logs to stdout by default; `gfnlm sample` and `predict` print JSON there
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = parser().parse_args(argv)
     from actors.models import ModelError
     from rewards.records import RecordError

@@ -13,6 +13,7 @@ import urllib.request
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as the gfnlm command sets it: stdout is for results
 
 import pytest
 import torch

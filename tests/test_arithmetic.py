@@ -256,3 +256,18 @@ def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
     assert sum(out["distribution"].values()) == pytest.approx(1.0) or out["no_answer"] == 6
     assert main(["sample", run, "--prompt", "2 + 3", "--answer", "five"]) == 2
     assert "--answer: expected an integer" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+def test_sample_with_the_vllm_engine(tiny_llama_vllm, tmp_path, capsys):
+    from actors.vllm_engine import vllm_available
+
+    if vllm_available():
+        pytest.skip(vllm_available())
+    ov = arithmetic_overrides(tiny_llama_vllm, tmp_path, **{"run.evaluate_at_end": "false"})
+    assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=1"])]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run"), "--engine", "vllm", "--prompt", "2 + 3", "--answer", "5", "-n", "3",
+                 "-o", "sampler.vllm.max_model_len=256"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(x["log_q"] <= 0 and math.isfinite(x["log_r"]) for x in lines)

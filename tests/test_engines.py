@@ -121,6 +121,27 @@ def test_distinct_prompts_in_one_call_and_the_token_mask(kind, tiny_llama_vllm, 
 
 
 @pytest.mark.parametrize("kind", ENGINES)
+def test_a_finite_token_penalty_is_in_the_sampled_and_the_teacher_forced_logprobs(kind, tiny_llama_vllm, setup, request):
+    """A log-probability penalty (arithmetic's `disallowed_penalty`) lowers the penalised tokens'
+    logits before the temperature: the engine's log-probs at T = 1 are the learner's with the same
+    penalty, and penalised tokens, still possible, are rarer than without it."""
+    from actors.trajectory import PromptRequest
+
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=2)
+    engine = engine_for(kind, policy, request)
+    penalised = [tok.convert_tokens_to_ids(c) for c in "eatoin s"]
+    trajs = engine.generate_batch([PromptRequest(0, prompt, 24)], 0, 6, end, banned_ids=penalised, ban_penalty=3.0)
+    with torch.no_grad():
+        log_pf, _, _, _ = policy.logprobs(prompt, trajs, end, penalised, 3.0)
+        plain, _, _, _ = policy.logprobs(prompt, trajs, end)
+    for b, t in enumerate(trajs):
+        assert torch.allclose(torch.tensor(t.logprobs), log_pf[b, : t.length], atol=1e-3)
+    hit = [(b, k) for b, t in enumerate(trajs) for k, x in enumerate(t.tokens) if x in penalised]
+    assert all(log_pf[b, k] < plain[b, k] - 2.0 for b, k in hit)  # ~3 nats lower, renormalised
+
+
+@pytest.mark.parametrize("kind", ENGINES)
 def test_logprobs_are_the_teacher_forced_logprobs(kind, tiny_llama_vllm, setup, request):
     tok, prompt, end = setup
     policy = make_policy(tiny_llama_vllm, seed=1)
