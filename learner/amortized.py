@@ -45,6 +45,7 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     from rewards import make_task
     from rewards.scorer import attach_scorer
 
+    from .em import load_m_adapter
     from .loop import setup_torch
     from .trainer import load_adapter_weights
 
@@ -56,15 +57,7 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     load_adapter_weights(policy, adapter)
     task = make_task(cfg, policy.tokenizer)
     attach_scorer(task, cfg, policy.model, policy.device)
-    m_dir = os.path.join(adapter, "m")
-    if os.path.isfile(os.path.join(m_dir, "adapter_model.safetensors")):  # the M-step's adapter: part of the reward
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        policy.add_adapter("m", cfg.lora)
-        set_peft_model_state_dict(policy.model, load_file(os.path.join(m_dir, "adapter_model.safetensors")),
-                                  adapter_name="m")
-        task.lm.adapter = "m"
+    load_m_adapter(policy, adapter, cfg.lora, task)  # the M-step's adapter, part of the reward, where there is one
     sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
                            max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     if getattr(sampler, "model", None) is not policy.model:

@@ -103,6 +103,9 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--adapter: {adapter} holds no adapter_model.safetensors (a peft adapter folder)")
     c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)
+    from learner.em import load_m_adapter
+
+    load_m_adapter(c.policy, adapter, cfg.lora, c.task)
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
     evaluate(c.policy, c.task, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
     print(f"gfnlm: evaluation in {os.path.join(out_dir, 'eval.json')} and eval.png", file=sys.stderr)

@@ -10,6 +10,7 @@ own optimizer; the M adapter's weights and optimizer go into every checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -110,3 +111,19 @@ class MStep:
         self.task.reward_version = state["reward_version"]
         self.phases = state["phases"]
         self.generator.set_state(state["generator"])
+
+
+def load_m_adapter(policy, adapter_dir: str, lora_cfg, task) -> bool:
+    """Load a checkpoint's M adapter (adapter_dir/m/) into the policy and make it part of the
+    task's reward; False when the checkpoint has none."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(adapter_dir, M_ADAPTER, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return False
+    if M_ADAPTER not in policy.model.peft_config:
+        policy.add_adapter(M_ADAPTER, lora_cfg)
+    set_peft_model_state_dict(policy.model, load_file(path, device=str(policy.device)), adapter_name=M_ADAPTER)
+    task.lm.adapter = M_ADAPTER
+    return True
