@@ -109,8 +109,23 @@ def test_check_rejects_a_missing_column_before_anything_loads(tmp_path, stories,
 
 
 def test_shipped_presets_and_data_check():
-    for name in ("random_number.yaml", "continuation.yaml", "infilling.yaml", "constrained.yaml", "cluster.yaml"):
+    for name in ("random_number.yaml", "continuation.yaml", "infilling.yaml", "constrained.yaml", "cluster.yaml",
+                 "arithmetic.yaml", "subjectivity.yaml"):  # the last two read ../shared/data
         assert main(["check", name]) == 0
+
+
+def test_every_experiment_preset_plans_valid_runs(tmp_path):
+    import glob
+    import os
+
+    from learner.experiment import configs_of, read_spec
+
+    names = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "*.yaml")))
+    assert len(names) >= 5
+    for name in names:
+        spec = read_spec(name)
+        plan = configs_of(spec, str(tmp_path), [])
+        assert {run for run, _, _, _ in plan} == {r["name"] for r in spec["runs"]}, name
 
 
 # -- scheduler and batch mix -------------------------------------------------------------------
