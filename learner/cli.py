@@ -46,8 +46,14 @@ def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) ->
         torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
     results = evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr),
                        methods=methods)
-    print(f"gfnlm: evaluation in {os.path.join(run_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    print(f"gfnlm: evaluation in {written(run_dir)}", file=sys.stderr)
     return results
+
+
+def written(folder: str) -> str:
+    """The evaluation files a task wrote into folder (not every task draws eval.png)."""
+    names = [n for n in ("eval.json", "eval.md", "eval.png") if os.path.isfile(os.path.join(folder, n))]
+    return os.path.join(folder, names[0]) + "".join(f", {n}" for n in names[1:]) if names else folder
 
 
 def check(cfg) -> str:
@@ -108,7 +114,7 @@ def cmd_eval(args) -> int:
     load_m_adapter(c.policy, adapter, cfg.lora, c.task)
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
     evaluate(c.policy, c.task, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
-    print(f"gfnlm: evaluation in {os.path.join(out_dir, 'eval.json')} and eval.png", file=sys.stderr)
+    print(f"gfnlm: evaluation in {written(out_dir)}", file=sys.stderr)
     return 0
 
 
@@ -170,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     add_config(e)
     e.add_argument("--adapter", help="peft adapter folder")
     e.add_argument("--run", help="run folder: use its latest checkpoint")
-    e.add_argument("--out", help="where eval.json and eval.png go (default: beside the adapter)")
+    e.add_argument("--out", help="where the evaluation files go (default: beside the adapter)")
     e.set_defaults(func=cmd_eval)
 
     ck = sub.add_parser("check", help="validate a config and its data files, print the resolved tree (no model, no Ray)")

@@ -252,7 +252,9 @@ class ArithmeticTask(InfillingTask):
         if methods is None:
             methods = ["trained"] + ([m for m in eval_cfg.baselines if m.startswith("prompt")] if eval_cfg.include_base else [])
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
-        sets = {name: self._eval_ids(ids, eval_cfg) for name, ids in self.test_sets.items()}
+        from .lm_eval import eval_records
+
+        sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
         results, examples = {}, {}
         sampler.tools = self.tools
         with eval_mode(policy.model):
@@ -295,9 +297,3 @@ class ArithmeticTask(InfillingTask):
             for m, fig in results.items():
                 f.write(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n")
         return results
-
-    def _eval_ids(self, ids: list[int], eval_cfg) -> list[int]:
-        if eval_cfg.max_records and eval_cfg.max_records < len(ids):
-            return sorted(random.Random(0).sample(ids, eval_cfg.max_records))
-        return list(ids)
-

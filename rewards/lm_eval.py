@@ -36,10 +36,10 @@ BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "divers
              "rejection5")
 
 
-def eval_records(task, eval_cfg, seed: int = 0) -> list[int]:
-    """The records evaluated: the test split (the training records when there is none), at most
-    eval.max_records of them (a seeded choice)."""
-    ids = list(task.test_ids or task.train_ids)
+def eval_records(task, eval_cfg, seed: int = 0, ids: list[int] | None = None) -> list[int]:
+    """The records evaluated: `ids`, else the test split (the training records when there is
+    none), at most eval.max_records of them (a seeded choice)."""
+    ids = list(ids if ids is not None else task.test_ids or task.train_ids)
     if eval_cfg.max_records and eval_cfg.max_records < len(ids):
         ids = sorted(random.Random(seed).sample(ids, eval_cfg.max_records))
     return ids

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections import defaultdict
 
@@ -153,9 +152,9 @@ class SubjectivityTask(InfillingTask):
         reward LM (base + M); 'prompting': few-shot prompting of the base model (no Z)."""
         if methods is None:
             methods = ["trained"] + (["prompting"] if eval_cfg.include_base and "prompting" in eval_cfg.baselines else [])
-        ids = list(self.test_ids or self.train_ids)
-        if eval_cfg.max_records and eval_cfg.max_records < len(ids):
-            ids = sorted(random.Random(0).sample(ids, eval_cfg.max_records))
+        from .lm_eval import eval_records
+
+        ids = eval_records(self, eval_cfg)
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
         results, examples = {}, {}
         with eval_mode(policy.model):
