@@ -98,6 +98,7 @@ def ray_head(tmp_path):
         while True:
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2)
+                urllib.request.urlopen(url + "/api/jobs/", timeout=2)  # the job API starts after the version route
                 break
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
