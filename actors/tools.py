@@ -12,6 +12,7 @@ anything it cannot parse gets no insertion.
 
 from __future__ import annotations
 
+from configs import ConfigError
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -100,7 +101,7 @@ def make_tools(configs: Sequence) -> list[Tool]:
         if c.kind == "calculator":
             tools.append(Calculator(trigger=c.trigger, fmt=c.format))
         else:  # pragma: no cover - the config schema admits nothing else
-            raise ValueError(f"sampler.tools: unknown tool kind {c.kind!r}")
+            raise ConfigError(f"sampler.tools: unknown tool kind {c.kind!r}")
     return tools
 
 

@@ -13,6 +13,7 @@ run into `prometheus_targets.json` (Prometheus file_sd format) in the run folder
 
 from __future__ import annotations
 
+from configs import ConfigError
 import socket
 import threading
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class Metrics:
             except OSError as e:
                 last = e
         if self.server is None:
-            raise OSError(f"metrics.port: no free port in {port}..{port + port_range - 1} on {host} ({last})")
+            raise ConfigError(f"metrics.port: no free port in {port}..{port + port_range - 1} on {host} ({last})")
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, name="gfnlm-metrics", daemon=True).start()
         return self.endpoint

@@ -16,11 +16,11 @@ import os
 import shlex
 import time
 
-from configs import ConfigError, load_config
+from configs import ConfigError, UserError, load_config
 from configs.load import resolve_path
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """A one-line reason the job was not submitted."""
 
 

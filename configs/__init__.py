@@ -1,6 +1,6 @@
 """The configuration tree (pydantic, no torch) and its loader."""
 
-from .load import ConfigError, dump_config, load_config, parse_override, validate
+from .load import ConfigError, UserError, dump_config, load_config, parse_override, validate
 from .schema import EMBEDDED_MODEL, Config
 
-__all__ = ["Config", "ConfigError", "EMBEDDED_MODEL", "dump_config", "load_config", "parse_override", "validate"]
+__all__ = ["Config", "ConfigError", "EMBEDDED_MODEL", "UserError", "dump_config", "load_config", "parse_override", "validate"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable
 
 import yaml
@@ -14,7 +15,12 @@ from .tasks import TASK_TYPES
 PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, folders, models): the command prints its one-line
+    message and exits 2. Anything else is a bug in gfnlm and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message is one line naming the key."""
 
 
@@ -67,14 +73,28 @@ _OBJECTIVE_TAGS = "'subtb', 'tb', 'sft'"
 _TASK_TAGS = ", ".join(repr(t) for t in TASK_TYPES)
 
 
-def validate(tree: dict, source: str = "config") -> Config:
+def validate(tree: dict, source: str = "config", overrides: Iterable[str] = ()) -> Config:
+    """The tree as a Config; the error names the override (`-o KEY=VALUE`) the bad key came from, else `source`."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         errs = e.errors()
         first = _describe(errs[0])
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise ConfigError(f"{source}: {first}{more}") from None
+        raise ConfigError(f"{_blame(first, overrides) or source}: {first}{more}") from None
+
+
+def _blame(message: str, overrides: Iterable[str]) -> str | None:
+    """The override that set the key a message starts with (or a section above or below it)."""
+    m = re.match(r"[A-Za-z_][\w]*(\.[\w]+)+", message)
+    if not m:
+        return None
+    key = m.group(0)
+    for text in reversed(list(overrides)):
+        k = text.partition("=")[0].strip()
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"-o {text}"
+    return None
 
 
 def resolve_path(path: str) -> str:
@@ -84,16 +104,27 @@ def resolve_path(path: str) -> str:
     alt = os.path.join(PRESET_DIR, path)
     if os.path.isfile(alt):
         return alt
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file (presets live in {PRESET_DIR})")
     raise ConfigError(f"{path}: no such config file (presets live in {PRESET_DIR})")
 
 
 def read_yaml(path: str) -> dict:
     path = resolve_path(path)
-    with open(path) as f:
-        try:
-            tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied; the config file must be readable") from None
+    if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
+        raise ConfigError(f"{path}: the file is empty; give it sections such as task: and learner: (see "
+                          f"{os.path.join(PRESET_DIR, 'random_number.yaml')}), or leave out CONFIG for the defaults")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     base = tree.pop("base", None)
@@ -116,10 +147,11 @@ def _merge(base: dict, over: dict) -> dict:
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """Preset file (or defaults) + dotted overrides, validated as one tree."""
     tree = read_yaml(path) if path else {}
+    overrides = list(overrides)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return validate(tree, source=path or "config")
+    return validate(tree, source=path or "config", overrides=overrides)
 
 
 def dump_config(cfg: Config, path: str) -> None:

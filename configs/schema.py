@@ -38,6 +38,8 @@ class ModelConfig(Section):
     def _path_is_a_model_folder(cls, v: str) -> str:
         if v == EMBEDDED_MODEL:
             return v
+        if os.path.isfile(v):
+            raise ValueError(f"{v!r} is a file; expected a Hugging Face model folder (the folder holding config.json)")
         if not os.path.isdir(v):
             raise ValueError(f"no such directory {v!r}, expected a Hugging Face model folder or {EMBEDDED_MODEL!r}")
         if not os.path.isfile(os.path.join(v, "config.json")):
@@ -152,8 +154,9 @@ class RewardTemperature(Section):
 
 
 class ReplayConfig(Section):
-    capacity_per_prompt: int = Field(50, ge=1)
-    """Top-k trajectories kept per record (prompt), by untempered log R of the final state."""
+    capacity_per_prompt: int | None = Field(None, ge=1)
+    """Top-k trajectories kept per record (prompt), by untempered log R of the final state. Unset:
+    50, or the number of known-good trajectories `seed_with_support` puts in per record if larger."""
 
     dedup_fraction: float = Field(0.25, ge=0.0, le=1.0)
     """A trajectory within token edit distance < dedup_fraction × (combined length) of a kept
@@ -582,8 +585,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _replay_holds_seeds(self):
-        if self.replay.seed_with_support and self.batch.replay > 0:
-            size = seeds_per_record(self.task)
+        size = seeds_per_record(self.task) if self.replay.seed_with_support and self.batch.replay > 0 else 0
+        if self.replay.capacity_per_prompt is None:
+            self.replay.capacity_per_prompt = max(50, size)
+        if size:
             if size > self.replay.capacity_per_prompt:
                 raise ValueError(
                     f"replay.capacity_per_prompt ({self.replay.capacity_per_prompt}) is smaller than the "

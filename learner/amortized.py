@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from configs import ConfigError, load_config
 
 
-def locate(path: str) -> tuple[str, str]:
-    """(run folder holding config.yaml, adapter folder) of a run folder or an adapter folder in one."""
-    from .trainer import latest_checkpoint
+def locate(path: str, need_run: bool = True) -> tuple[str | None, str]:
+    """(run folder holding config.yaml, adapter folder) of a run folder or an adapter folder in one.
+    A run's adapter is its newest intact checkpoint's. With need_run=False an adapter outside any
+    run gives (None, adapter)."""
+    from .trainer import intact_checkpoint
 
     path = os.path.abspath(path)
     if not os.path.exists(path):
@@ -28,13 +31,15 @@ def locate(path: str) -> tuple[str, str]:
         while run != os.path.dirname(run) and not os.path.isfile(os.path.join(run, "config.yaml")):
             run = os.path.dirname(run)
         if not os.path.isfile(os.path.join(run, "config.yaml")):
+            if not need_run:
+                return None, path
             raise FileNotFoundError(f"{path}: an adapter outside any run folder (no config.yaml above it)")
         return run, path
     if not os.path.isfile(os.path.join(path, "config.yaml")):
         raise FileNotFoundError(f"{path}: not a run folder (no config.yaml) nor an adapter folder (no adapter_config.json)")
-    ckpt = latest_checkpoint(path)
+    ckpt = intact_checkpoint(path, log=lambda m: print(m, file=sys.stderr))
     if ckpt is None:
-        raise FileNotFoundError(f"{path}: the run has no checkpoint yet")
+        raise FileNotFoundError(f"{path}: the run has no checkpoint yet (it stopped before run.checkpoint_every steps)")
     return path, os.path.join(ckpt, "adapter")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -12,6 +11,9 @@ from configs import ConfigError, load_config
 
 def _config(args) -> "Config":  # noqa: F821
     if getattr(args, "resume", None):
+        if args.config:
+            raise ConfigError(f"train: give CONFIG or --resume RUN, not both; a resumed run keeps {args.resume}/config.yaml "
+                              f"(change one of its values with -o KEY=VALUE)")
         saved = os.path.join(args.resume, "config.yaml")
         if not os.path.isfile(saved):
             raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")
@@ -19,16 +21,8 @@ def _config(args) -> "Config":  # noqa: F821
     return load_config(args.config, args.override)
 
 
-def _run_dir(cfg, resume: str | None) -> str:
-    if resume:
-        return resume
-    run_dir = cfg.run.output_dir.replace("{time}", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(os.path.join(run_dir, "checkpoints")):
-        raise ConfigError(
-            f"run.output_dir: {run_dir} already holds a run; continue it with --resume {run_dir}, "
-            f"or choose another folder with -o run.output_dir=..."
-        )
-    return run_dir
+class TrainingStopped(Exception):
+    """Training ended early on a signal, after its checkpoint (the message is the signal's name)."""
 
 
 def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) -> dict | None:
@@ -37,6 +31,8 @@ def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) ->
     from learner.loop import eval_sampler, train
 
     c = train(cfg, run_dir, resume=resume)
+    if c.stopped:  # preempted: the checkpoint is written; evaluation waits for the resumed run's end
+        raise TrainingStopped(c.stopped)
     print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
     if not cfg.run.evaluate_at_end:
         return None
@@ -64,12 +60,19 @@ def check(cfg) -> str:
 
 
 def cmd_train(args) -> int:
+    from learner import preflight
+
     if args.address:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     cfg = _config(args)
     check(cfg)
-    run_dir = _run_dir(cfg, args.resume)
-    train_and_evaluate(cfg, run_dir, resume=bool(args.resume))
+    preflight.check_model_path(cfg)
+    run_dir = preflight.run_folder(cfg, args.resume)
+    preflight.check_machine(cfg)
+    try:
+        train_and_evaluate(cfg, run_dir, resume=bool(args.resume))
+    except TrainingStopped:
+        pass  # the checkpoint and the line saying how to resume are written: a clean exit
     return 0
 
 
@@ -94,19 +97,26 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    cfg = load_config(args.config, args.override)
+    """Evaluate a run's checkpoint with the run's own config.yaml (-o adjusts it), or a stand-alone
+    adapter folder with CONFIG."""
+    from learner.amortized import locate
     from learner.evaluate import evaluate
     from learner.loop import build
-    from learner.trainer import latest_checkpoint, load_adapter_weights
+    from learner.preflight import check_adapter_config
+    from learner.trainer import check_adapter_file, load_adapter_weights
 
-    adapter = args.adapter
-    if adapter is None:
-        ckpt = latest_checkpoint(args.run) if args.run else None
-        if ckpt is None:
-            raise ConfigError("eval: name the trained adapter with --adapter DIR or a run folder with --run DIR")
-        adapter = os.path.join(ckpt, "adapter")
-    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        raise ConfigError(f"--adapter: {adapter} holds no adapter_model.safetensors (a peft adapter folder)")
+    if not args.adapter and not args.run:
+        raise ConfigError("eval: name the trained run with --run RUN_DIR (or an adapter folder with --adapter DIR)")
+    run, adapter = locate(args.run or args.adapter, need_run=False)
+    if run is not None:
+        if args.config:
+            raise ConfigError(f"eval: {run} is evaluated with its own config.yaml; drop CONFIG "
+                              f"(change one of its values with -o KEY=VALUE)")
+        cfg = load_config(os.path.join(run, "config.yaml"), ["runtime.mode=local", *args.override])
+    else:
+        cfg = load_config(args.config, args.override)
+    check_adapter_file(adapter)
+    check_adapter_config(adapter, cfg)
     c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)
     from learner.em import load_m_adapter
@@ -174,8 +184,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained adapter against the task's target")
     add_config(e)
-    e.add_argument("--adapter", help="peft adapter folder")
-    e.add_argument("--run", help="run folder: use its latest checkpoint")
+    e.add_argument("--adapter", help="peft adapter folder (inside a run: evaluated with the run's config)")
+    e.add_argument("--run", help="run folder: its latest intact checkpoint, with the run's own config.yaml")
     e.add_argument("--out", help="where the evaluation files go (default: beside the adapter)")
     e.set_defaults(func=cmd_eval)
 
@@ -251,13 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM logs to stdout by default; `gfnlm sample` and `predict` print JSON there
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = parser().parse_args(argv)
-    from actors.models import ModelError
-    from rewards.records import RecordError
+    from configs import UserError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelError, FileNotFoundError, RecordError) as e:
+    except UserError as e:
         print(f"gfnlm: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # a path the user named (an output folder, a data file): its name and what is wrong with it
+        print(f"gfnlm: {_os_error(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if type(e).__name__ != "ActorFailed":  # a Ray actor raised: its name and error, no Ray trace
@@ -265,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gfnlm: {e}", file=sys.stderr)
         return 1
 
+
+def _os_error(e: OSError) -> str:
+    if e.filename is None:
+        return str(e)
+    what = {PermissionError: "permission denied", IsADirectoryError: "is a directory; expected a file",
+            NotADirectoryError: "a part of the path is a file, not a folder"}.get(type(e), e.strerror or str(e))
+    return f"{e.filename}: {what}"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -107,7 +107,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
 
 
 def main(args) -> int:
-    from .cli import train_and_evaluate
+    from .cli import TrainingStopped, train_and_evaluate
 
     spec = read_spec(args.name)
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
@@ -119,7 +119,12 @@ def main(args) -> int:
     t_all = time.perf_counter()
     for run, seed, cfg, methods in plan:
         t0 = time.perf_counter()
-        results = train_and_evaluate(cfg, cfg.run.output_dir, methods=methods)
+        try:
+            results = train_and_evaluate(cfg, cfg.run.output_dir, methods=methods)
+        except TrainingStopped as e:
+            print(f"gfnlm experiment {name}: stopped by {e} during {run}-seed{seed}; {os.path.join(out, 'table.md')} "
+                  f"holds the runs that finished", file=sys.stderr)
+            return 0
         walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
         for method, figures in (results or {}).items():
             label = run if method == "trained" else spec.get("labels", {}).get(method, method)

@@ -30,12 +30,13 @@ from actors.replay import Replay
 from actors.sampler import RequestServer, TransformersSampler
 from actors.trajectory import PromptRequest, SampledBatch, SampleRequest, Trajectory
 from actors.workers import record_sampling
-from configs import Config, dump_config
+from configs import Config, ConfigError, dump_config
 from rewards import make_task
 from rewards.scorer import attach_scorer
 
 from .schedule import RecordScheduler, batch_mix, reward_temperature
-from .trainer import Learner, latest_checkpoint, load_adapter_weights, rng_state, save_checkpoint, set_rng_state
+from .trainer import (Learner, intact_checkpoint, load_adapter_weights, read_trainer_state, rng_state, save_checkpoint,
+                      set_rng_state)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Components:
     """The driver's generator: tempered temperatures and per-request seeds (checkpointed)."""
     em: object = None
     """The M-step of a task whose reward learns (`learner.em.MStep`), else None."""
+    stopped: str | None = None
+    """The signal that ended training early (SIGTERM, SIGINT), else None."""
 
 
 def setup_torch(cfg: Config) -> None:
@@ -83,6 +86,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)
     task = make_task(cfg, policy.tokenizer)
+    check_context(cfg, task, policy.model.config)
     attach_scorer(task, cfg, policy.model, policy.device)
     if engine:
         sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
@@ -98,7 +102,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if not learner.objective.samples:  # SFT: the records that have a reference Z
         ids = [r for r in ids if task.reference(r) is not None]
         if not ids:
-            raise ValueError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
+            raise ConfigError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
                              f"has a reference Z to train on")
     scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
     generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
@@ -108,6 +112,19 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
 
         em = MStep(policy, task, cfg.task.em, cfg.lora, seed=cfg.learner.seed)
     return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator, em)
+
+
+def check_context(cfg: Config, task, model_config) -> None:
+    """The longest prompt plus task.max_len fits the model's context (GPT-2 would fail mid-run with an
+    IndexError; Llama would silently attend past its trained positions)."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if not limit:
+        return
+    longest = task.max_prompt_len()
+    if longest + task.max_len > limit:
+        raise ConfigError(f"task.max_len: the longest prompt of task {task.name} is {longest} tokens; with task.max_len "
+                          f"{task.max_len} that exceeds the {limit} positions of model.path {cfg.model.path}; "
+                          f"shorten the prompts or lower task.max_len")
 
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
@@ -230,7 +247,7 @@ def checkpoint(driver, run_dir: str) -> str:
 def restore(driver, ckpt_dir: str) -> None:
     c = driver.c
     load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
-    extra = torch.load(os.path.join(ckpt_dir, "trainer.pt"), weights_only=False)
+    extra = read_trainer_state(ckpt_dir)
     c.learner.load_state_dict(extra["learner"])
     driver.load_replay_state(extra["replay"])
     set_rng_state(extra["rng"], c.sampler.generator)
@@ -348,13 +365,70 @@ def valid_counts(task, fresh: list[Trajectory]) -> tuple[int, int] | None:
     return sum(verdicts), len(verdicts)
 
 
+class StopRequest:
+    """SIGTERM/SIGINT while training (a Kubernetes pod being preempted, Ctrl-C): the step under way
+    finishes, a checkpoint is written, the run ends cleanly; a second signal exits at once."""
+
+    def __init__(self, log):
+        self.log, self.signal, self.previous = log, None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            self.log(f"gfnlm: second {name}: stopping now, without a checkpoint")
+            raise SystemExit(128 + signum)
+        self.signal = name
+        self.log(f"gfnlm: {name}: finishing this step, then a checkpoint (send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Drop metrics.jsonl lines of steps past the checkpoint a run resumes from (a run killed between
+    a step's line and its checkpoint would otherwise show those steps twice)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:  # a line cut short by the kill
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
     c = driver.c
+    c.stopped = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = intact_checkpoint(run_dir, log)
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         restore(driver, ckpt)
+        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), c.learner.step)
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -366,9 +440,9 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.learner.steps, initial=c.learner.step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics_file:
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics_file, StopRequest(log) as stop:
         try:
-            while c.learner.step < cfg.learner.steps:
+            while c.learner.step < cfg.learner.steps and stop.signal is None:
                 t0 = time.perf_counter()
                 temp = reward_temperature(c.learner.step, cfg.reward_temperature)
                 try:
@@ -401,7 +475,11 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                     bar.set_postfix(**shown, sps=f"{stats.samples_per_second:.1f}")
                 if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
                     checkpoint(driver, run_dir)
-            checkpoint(driver, run_dir)
+            ckpt = checkpoint(driver, run_dir)
+            if stop.signal is not None:
+                c.stopped = stop.signal
+                log(f"gfnlm: stopped by {stop.signal} at step {c.learner.step} of {cfg.learner.steps}; checkpoint in {ckpt}; "
+                    f"continue with: gfnlm train --resume {run_dir}")
         finally:
             if bar is not None:
                 bar.close()

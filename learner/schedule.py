@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from configs import ConfigError
 import random
 
 from configs.schema import BatchConfig, RewardTemperature
@@ -30,7 +31,7 @@ class RecordScheduler:
 
     def __init__(self, record_ids: list[int], per_step: int, seed: int = 0, shuffle: bool = True):
         if not record_ids:
-            raise ValueError("the task has no training records")
+            raise ConfigError("the task has no training records")
         self.ids = list(record_ids)
         self.per_step = per_step
         self.seed = seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from actors.trajectory import Trajectory
+from configs import UserError
 from configs.schema import LearnerConfig
 
 from actors.policy import Policy
@@ -106,19 +108,99 @@ class Learner:
 
 
 def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG state as tensors and plain lists, so trainer.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": py_rng_state(random.getstate()),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
         "sampler": generator.get_state(),
     }
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(py_rng_from(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     generator.set_state(state["sampler"])
+
+
+def py_rng_state(state: tuple) -> list:
+    """random.getstate() as nested lists (what weights_only unpickling allows)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def py_rng_from(state) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read; the message names its file."""
+
+
+def read_trainer_state(ckpt_dir: str) -> dict:
+    """trainer.pt of a checkpoint, unpickling nothing but tensors and plain containers."""
+    path = os.path.join(ckpt_dir, "trainer.pt")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:  # truncated zip, bytes that are not a checkpoint, a pickled object weights_only refuses
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first[:160]})") from None
+
+
+def check_adapter_file(adapter_dir: str) -> None:
+    """Raise CheckpointError unless the adapter's safetensors file is whole."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k)
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if size < 8 + header + end:
+            raise ValueError(f"{size} bytes, the header promises {8 + header + end}")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read ({first[:160]})") from None
+
+
+def intact_checkpoint(run_dir: str, log=print) -> str | None:
+    """The newest checkpoint of run_dir whose adapter and trainer state both read; a damaged newer
+    one is named in the log and skipped. None if the run has no checkpoint at all; CheckpointError if
+    every one is damaged."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True) if os.path.isdir(root) else []
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and os.path.basename(latest) in steps:  # the pointer first (normally the newest)
+        steps.remove(os.path.basename(latest))
+        steps.insert(0, os.path.basename(latest))
+    errors = []
+    for name in steps:
+        path = os.path.join(root, name)
+        try:
+            check_adapter_file(os.path.join(path, "adapter"))
+            read_trainer_state(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log(f"gfnlm: warning: {e}; trying the previous checkpoint")
+            continue
+        return path
+    if errors:
+        raise CheckpointError(f"{root}: no intact checkpoint ({errors[0]})")
+    return None
 
 
 def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: int) -> str:

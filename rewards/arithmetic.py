@@ -17,6 +17,7 @@ result its rationale derives, and a question's prediction is the majority vote o
 
 from __future__ import annotations
 
+from configs import ConfigError
 import contextlib
 import json
 import os
@@ -131,7 +132,7 @@ class ArithmeticTask(InfillingTask):
     def __init__(self, cfg, tokenizer, prefixes: str = "every", tools_cfg=()):
         self.tools = ToolRunner.for_tokenizer(make_tools(list(tools_cfg)), tokenizer) if tools_cfg else None
         if self.tools is None:
-            raise ValueError("task arithmetic: the rationales need the calculator; add sampler.tools: "
+            raise ConfigError("task arithmetic: the rationales need the calculator; add sampler.tools: "
                              "[{kind: calculator}]")
         super().__init__(cfg, tokenizer, prefixes)
         self.banned_ids = frozenset(self.disallowed) if cfg.mask_disallowed else frozenset()
@@ -241,7 +242,7 @@ class ArithmeticTask(InfillingTask):
         pool = [self.records[i] for i in self.train_ids if self.cfg.rationale_column in self.records[i].fields]
         pool += self.shot_records
         if k > len(pool):
-            raise ValueError(f"prompting with {k} shots: only {len(pool)} worked examples are loaded "
+            raise ConfigError(f"prompting with {k} shots: only {len(pool)} worked examples are loaded "
                              f"(task.labelled + task.shots)")
         text = "".join(self.worked_text(r) + self.cfg.shot_separator for r in pool[:k])
         return list(self.tokenizer(text + self.prompt_text(record_id)).input_ids)
@@ -266,7 +267,7 @@ class ArithmeticTask(InfillingTask):
                     shots = int(m[len("prompt"):])
                     prompt_of, ctx = (lambda r, s=shots: self.shots_prompt_ids(r, s)), policy.model.disable_adapter()
                 else:
-                    raise ValueError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
+                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
                                      f"(k-shot prompting of the base model, e.g. prompt0, prompt3)")
                 figures, shown = {}, []
                 with ctx:

@@ -7,6 +7,7 @@ which trajectories are known to be good, and what "valid" means for it.
 
 from __future__ import annotations
 
+from configs import ConfigError
 import contextlib
 import math
 import warnings
@@ -63,7 +64,7 @@ class Task:
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) != 1:
-            raise ValueError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
+            raise ConfigError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
         return ids[0]
 
     def max_prompt_len(self) -> int:

@@ -20,6 +20,7 @@ constrained generation adds the satisfaction rate of c.
 
 from __future__ import annotations
 
+from configs import ConfigError
 import contextlib
 import json
 import math
@@ -83,7 +84,7 @@ def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) ->
             beams = n * (5 if method == "diverse_beam5" else 1)
             return group_beam_search(model, prompt, beams, n, hi, lo, end, diversity_penalty=1.0,
                                      banned_ids=banned)[:: beams // n][:n]
-    raise ValueError(f"eval.baselines: unknown method {method!r}; expected one of {', '.join(BASELINES)}")
+    raise ConfigError(f"eval.baselines: unknown method {method!r}; expected one of {', '.join(BASELINES)}")
 
 
 # -- figures ------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from configs import UserError
 from configs.tasks import DATA_DIR
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A data file that cannot be used; the message names the file, the line and the field."""
 
 

@@ -15,6 +15,7 @@ Prediction: Z from q (greedy, or several sampled and voted), then the label whos
 
 from __future__ import annotations
 
+from configs import ConfigError
 import json
 import os
 import time
@@ -186,7 +187,7 @@ class SubjectivityTask(InfillingTask):
                         self.lm.adapter = adapter
                     figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
                 else:
-                    raise ValueError(f"eval.baselines: {m!r} is not a method of the subjectivity task; use prompting")
+                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the subjectivity task; use prompting")
                 figures.update(records=len(ids), votes=k, seconds=time.perf_counter() - t0)
                 results[m] = figures
                 log(f"gfnlm eval {m:>10}: accuracy greedy {figures['acc_greedy']:.3f}  vote {figures['acc_vote']:.3f}  "

@@ -113,7 +113,7 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
     assert main(["predict", str(run), "--question", "a dull film .", "-k", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prediction"] in (0, 1) and sum(out["distribution"].values()) == pytest.approx(1.0)
-    assert main(["eval", "subjectivity.yaml", *flags(ov), "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0  # the run's own config
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["records"] == result["records"] and set(again["methods"]) == {"trained", "prompting"}
 

@@ -72,7 +72,7 @@ def test_cli_train_then_eval(tiny_llama, tmp_path):
 
     # eval of that adapter on its own, into another folder
     out = tmp_path / "eval"
-    assert main(["eval", str(run / "config.yaml"), "--run", str(run), "--out", str(out), "-o", "eval.include_base=false"]) == 0
+    assert main(["eval", "--run", str(run), "--out", str(out), "-o", "eval.include_base=false"]) == 0
     assert set(json.loads((out / "eval.json").read_text())) == {"trained"}
 
     # running again into the same folder is refused, and nothing there is touched
@@ -91,7 +91,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["eval", "random_number.yaml", "--adapter", str(tmp_path)]) == 2
-    assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert "adapter_config.json" in capsys.readouterr().err
 
 
 def test_evaluation_sampler_has_the_configured_tools(tiny_llama, tmp_path):

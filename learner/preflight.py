@@ -1,0 +1,147 @@
+"""What `gfnlm train` checks before anything starts: no model weights loaded, no Ray, nothing written.
+
+The run folder (new: free of any earlier run and writable; resumed: an intact checkpoint whose
+adapter fits the config), the model folder, and, for a private Ray on this machine, whether the
+actors fit its cores and memory. Each problem is a one-line `UserError` naming the field or file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from configs import EMBEDDED_MODEL, Config, ConfigError
+
+from .trainer import CheckpointError, intact_checkpoint
+
+RUN_TRACES = ("checkpoints", "config.yaml", "metrics.jsonl")
+"""Files any run leaves in its folder from its first second on."""
+
+ACTOR_OVERHEAD = 200 * 2**20
+"""Resident memory of an idle Ray worker process with torch and transformers imported (~140 MB measured)."""
+
+RAY_OVERHEAD = 2**30
+"""Ray's own processes (GCS, raylet, dashboard) on a private node."""
+
+
+def run_folder(cfg: Config, resume: str | None) -> str:
+    """The run's folder, checked: a resumed one holds an intact checkpoint matching the config; a new
+    one holds no trace of another run and can be written."""
+    if resume:
+        check_resume(cfg, resume)
+        return resume
+    run_dir = cfg.run.output_dir.replace("{time}", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    traces = [n for n in RUN_TRACES if os.path.exists(os.path.join(run_dir, n))]
+    if traces:
+        raise ConfigError(
+            f"run.output_dir: {run_dir} already holds a run ({', '.join(traces)}); continue it with --resume {run_dir}, "
+            f"or choose another folder with -o run.output_dir=..."
+        )
+    check_writable(run_dir, "run.output_dir")
+    return run_dir
+
+
+def check_writable(folder: str, field: str) -> None:
+    """The folder exists and is writable, or can be created: its nearest existing ancestor is a writable folder."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{field}: {path} is a file; expected a folder (or a path under one) for the run")
+    if not os.access(path, os.W_OK | os.X_OK):
+        what = "the run folder" if path == os.path.abspath(folder) else f"{path}, where {folder} would be created,"
+        raise ConfigError(f"{field}: {what} is not writable; choose another folder with -o {field}=...")
+
+
+def check_resume(cfg: Config, run_dir: str) -> str:
+    """The checkpoint a resume will start from; raises if there is none or it does not fit the config."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"--resume: {run_dir} is not a folder; expected the folder of an earlier run")
+    ckpt = intact_checkpoint(run_dir, log=lambda m: None)  # the fallback is reported once, when it is loaded
+    if ckpt is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint (the run stopped before its first one, "
+                          f"run.checkpoint_every); start it again into a new folder")
+    check_adapter_config(os.path.join(ckpt, "adapter"), cfg)
+    check_writable(run_dir, "--resume")
+    return ckpt
+
+
+def check_adapter_config(adapter_dir: str, cfg: Config) -> None:
+    """The adapter's rank and target modules are the config's (peft would fail with pages of size mismatches)."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; expected a peft adapter folder") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if saved.get("r") != cfg.lora.r:
+        raise ConfigError(f"lora.r: the adapter in {adapter_dir} has rank {saved.get('r')}, the config says {cfg.lora.r}; "
+                          f"use the run's own lora settings (drop the lora overrides)")
+    targets = saved.get("target_modules") or []
+    if sorted(targets) != sorted(cfg.lora.target_modules):
+        raise ConfigError(f"lora.target_modules: the adapter in {adapter_dir} was trained on {sorted(targets)}, "
+                          f"the config names {sorted(cfg.lora.target_modules)}")
+
+
+def check_model_path(cfg: Config) -> None:
+    for field, path in (("model.path", cfg.model.path), ("reward.model", cfg.reward.model)):
+        if path is None or path == EMBEDDED_MODEL:
+            continue
+        if os.path.isfile(path):
+            raise ConfigError(f"{field}: {path} is a file; expected a Hugging Face model folder (with config.json)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{field}: {path!r} is not a Hugging Face model folder (no config.json)")
+
+
+def _weights_bytes(path: str | None) -> int:
+    """Bytes of a model folder's weight files (the embedded model: its converted size)."""
+    if path is None or path == EMBEDDED_MODEL:
+        return 540 * 2**20  # SmolLM2-135M in float32
+    total = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                if n.endswith((".safetensors", ".bin", ".pt")))
+    return total
+
+
+def available_memory() -> int | None:
+    """MemAvailable of this machine (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_machine(cfg: Config, cores: int | None = None, memory: int | None = None) -> None:
+    """On a private Ray (no runtime.address, no RAY_ADDRESS) every actor runs on this machine: refuse
+    a config whose actors need more CPUs or memory than it has, before Ray starts any process."""
+    if cfg.runtime.mode != "ray" or cfg.runtime.address or os.environ.get("RAY_ADDRESS"):
+        return
+    from cluster.ray_session import required_cpus
+
+    s, r = cfg.samplers, cfg.reward
+    cores = cores or os.cpu_count() or 1
+    need = required_cpus(cfg)
+    scorers = "" if r.colocate else f" + reward.num_actors × reward.num_cpus ({r.num_actors} × {r.num_cpus:g})"
+    if need > cores:
+        raise ConfigError(f"samplers.num_actors × samplers.num_cpus ({s.num_actors} × {s.num_cpus:g}){scorers} = {need:g} CPUs, "
+                          f"but this machine has {cores} and the private Ray runs every actor here; lower them, "
+                          f"or join a cluster with --address")
+    memory = memory if memory is not None else available_memory()
+    if memory is None:
+        return
+    weights = _weights_bytes(cfg.model.path)
+    kv = cfg.sampler.vllm.cpu_kv_cache_gb * 2**30 if cfg.sampler.engine == "vllm" else 0
+    per_sampler = s.memory_mb * 2**20 if s.memory_mb else ACTOR_OVERHEAD + weights + kv
+    per_scorer = ACTOR_OVERHEAD + _weights_bytes(r.model or cfg.model.path)
+    total = (s.num_actors * per_sampler + (0 if r.colocate else r.num_actors * per_scorer)
+             + ACTOR_OVERHEAD + 3 * weights + RAY_OVERHEAD)  # + the learner (weights, gradients, activations) + Ray
+    if total > memory:
+        raise ConfigError(f"samplers.num_actors: {s.num_actors} samplers{'' if r.colocate else f' and {r.num_actors} reward actors'} "
+                          f"need about {total / 2**30:.1f} GiB ({per_sampler / 2**20:.0f} MiB each), but this machine has "
+                          f"{memory / 2**30:.1f} GiB available; lower samplers.num_actors, or join a cluster with --address")
