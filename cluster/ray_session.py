@@ -97,3 +97,16 @@ def resource_shortfall(cfg, available: dict, with_driver: bool = False) -> str |
     return (f"samplers/reward/submit: {cfg.samplers.num_actors} samplers"
             f"{'' if cfg.reward.colocate else ' + a reward actor'}{' + the driver' if with_driver else ''} need "
             + ", ".join(lacking))
+
+
+def actor_states(handles) -> dict[str, tuple[str, int]]:
+    """actor id (hex) -> (state, restarts) as Ray's actor table records them, for the given handles.
+    States: ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD."""
+    from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
+
+    wanted = {h._actor_id.hex() for h in handles}
+    out = {}
+    for aid in wanted:
+        info = state.actors(actor_id=aid) or {}
+        out[aid] = (info.get("State", "UNKNOWN"), int(info.get("NumRestarts", 0)))
+    return out

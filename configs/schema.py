@@ -305,6 +305,15 @@ class RuntimeConfig(Section):
     dashboard: bool = False
     """Start the Ray dashboard with a private local Ray (on 127.0.0.1)."""
 
+    replay_max_restarts: int = Field(-1, ge=-1)
+    """Times Ray restarts the replay actor after it dies (-1: always). A restarted buffer is refilled
+    from the last checkpoint's replay (or, before the first, from the task's seeds); the log says which."""
+
+    actor_replacements: int = Field(4, ge=0)
+    """Fresh actors the driver may start in place of samplers or reward actors that died for good
+    (used up their max_restarts), over the whole run. When none is left, the run stops after a
+    checkpoint, naming the actor and this budget."""
+
 
 # ----------------------------------------------------------------------------------------------
 # learner, evaluation, run

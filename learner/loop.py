@@ -423,6 +423,7 @@ def trim_metrics(path: str, step: int) -> None:
 def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
     c = driver.c
     c.stopped = None
+    driver.run_dir = run_dir
     if resume:
         ckpt = intact_checkpoint(run_dir, log)
         if ckpt is None:
@@ -450,6 +451,8 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                 except Exception as e:
                     if metrics is not None:
                         metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
+                    if getattr(e, "checkpoint_first", False):  # the run cannot go on, but what it learnt is kept
+                        log(f"gfnlm: checkpoint before stopping: {checkpoint(driver, run_dir)}")
                     raise
                 counts = valid_counts(c.task, fresh)
                 valid = counts[0] / counts[1] if counts else None

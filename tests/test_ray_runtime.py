@@ -167,3 +167,75 @@ def test_ray_job_submit_runs_the_entry_point(ray_head, tiny_llama, tmp_path):
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
     assert (run / "checkpoints" / "latest").exists()
     assert "joined the Ray cluster" in logs
+
+
+def test_faults_past_max_restarts_are_survived_and_counted(tiny_llama, tmp_path):
+    """Samplers killed more often than their max_restarts, the reward and the replay actor once each:
+    every step is taken, losses stay finite, and the counters equal the kills, per actor."""
+    import math
+
+    import ray
+
+    from cluster.ray_session import actor_states
+
+    run = str(tmp_path / "run")
+    cfg = ray_cfg(tiny_llama, run, "samplers.num_actors=2", "samplers.num_cpus=0.5", "samplers.max_restarts=1",
+                  "reward.colocate=false", "reward.num_cpus=1", "learner.steps=36", "runtime.max_staleness=100",
+                  "runtime.actor_replacements=2", "run.checkpoint_every=2")
+    schedule = [("sampler", 0), ("sampler", 1), ("sampler", 0), ("sampler", 1), ("reward", 0), ("sampler", 0),
+                ("replay", 0), ("sampler", 1)]
+    kills, seen = [], {}
+
+    def killer(step, driver):
+        seen["driver"] = driver
+        if len(kills) == len(schedule) or step < 3 * (len(kills) + 1):
+            return
+        kind, i = schedule[len(kills)]
+        handle = {"sampler": lambda: driver.samplers[i], "reward": lambda: driver.scorers[0],
+                  "replay": lambda: driver.replay}[kind]()
+        if actor_states([handle])[handle._actor_id.hex()][0] != "ALIVE":
+            return  # still restarting from the last kill: kill it once it is back
+        ray.kill(handle, no_restart=False)
+        kills.append(f"sampler-{i}" if kind == "sampler" else kind)
+
+    c = train(cfg, run, on_step=killer)
+    assert len(kills) == len(schedule) and c.learner.step == 36
+    rs = records(run)
+    assert [r["step"] for r in rs] == list(range(1, 37))
+    assert all(math.isfinite(r["loss"]) for r in rs)
+    driver = seen["driver"]
+    want = {name: kills.count(name) for name in ("sampler-0", "sampler-1", "reward", "replay")}
+    assert driver.failures == want  # sampler-k: 3 kills = 1 restart, 1 death for good (replaced), 1 restart
+    assert rs[-1]["actor_failures_total"] == len(kills) and driver.replacements_left == 0
+    assert 1 <= rs[-1]["batches_dropped_failed_total"] <= 2 * len(kills)
+
+
+def test_sigterm_checkpoints_exits_0_and_the_run_resumes_to_its_end(tiny_llama, tmp_path):
+    """A preempted pod: SIGTERM to a running ray-mode `gfnlm train`, exit 0 with a checkpoint, resume."""
+    import signal
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "learner.cli", "train", "random_number.yaml"]
+    for o in tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=60", "run.checkpoint_every=1000",
+                                                 "run.evaluate_at_end=false", "samplers.num_cpus=0.5"]:
+        args += ["-o", o]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 60; checkpoint in (\S+); continue with: "
+                        r"gfnlm train --resume (\S+)", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 60 and os.path.isdir(stopped.group(2)) and "Traceback" not in out
+    resumed = subprocess.run([sys.executable, "-m", "learner.cli", "train", "--resume", str(run)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in records(run)] == list(range(1, 61))
