@@ -86,7 +86,7 @@ def validate(tree: dict, source: str = "config", overrides: Iterable[str] = ()) 
 
 def _blame(message: str, overrides: Iterable[str]) -> str | None:
     """The override that set the key a message starts with (or a section above or below it)."""
-    m = re.match(r"[A-Za-z_][\w]*(\.[\w]+)+", message)
+    m = re.match(r"[A-Za-z_]\w*(\.\w+)*(?=:| \()", message)
     if not m:
         return None
     key = m.group(0)

@@ -14,6 +14,8 @@ def _config(args) -> "Config":  # noqa: F821
         if args.config:
             raise ConfigError(f"train: give CONFIG or --resume RUN, not both; a resumed run keeps {args.resume}/config.yaml "
                               f"(change one of its values with -o KEY=VALUE)")
+        if not os.path.isdir(args.resume):
+            raise ConfigError(f"--resume: {args.resume} is not a folder; expected the folder of an earlier run")
         saved = os.path.join(args.resume, "config.yaml")
         if not os.path.isfile(saved):
             raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")

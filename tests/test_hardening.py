@@ -124,6 +124,8 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path, capsys):
     assert one_line(capsys).startswith("gfnlm: -o learner.lr=-1: learner.lr")
     with pytest.raises(ConfigError, match=r"^-o replay.capacity_per_prompt=3: replay.capacity_per_prompt \(3\)"):
         load_config("random_number.yaml", ["replay.capacity_per_prompt=3"])
+    with pytest.raises(ConfigError, match=r"^-o batch.on_policy=0.9: batch: on_policy \+ tempered"):  # a section's check
+        load_config("random_number.yaml", ["batch.on_policy=0.9"])
     own = tmp_path / "own.yaml"
     own.write_text("base: random_number.yaml\nreplay: {capacity_per_prompt: 3}\n")
     with pytest.raises(ConfigError, match=r"own.yaml: replay.capacity_per_prompt"):  # the file's own mistake
