@@ -338,3 +338,14 @@ def test_gfnlm_submit_to_a_local_head(ray_head, tiny_llama, tmp_path, monkeypatc
     logs = JobSubmissionClient(url).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-3000:]
     assert (run / "checkpoints" / "latest").exists() and "joined the Ray cluster" in logs
+
+
+def test_a_preempted_learner_pod_signals_the_driver_before_ray_stops():
+    import yaml
+
+    with open(os.path.join(CLUSTER, "k8s", "raycluster.yaml")) as f:
+        groups = {g["groupName"]: g for g in yaml.safe_load(f)["spec"]["workerGroupSpecs"]}
+    spec = groups["learner"]["template"]["spec"]
+    hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert hook.index("pkill -TERM -f '[g]fnlm train'") < hook.index("ray stop")
+    assert spec["terminationGracePeriodSeconds"] >= 110  # the hook's wait fits the grace period
