@@ -381,11 +381,12 @@ class RayDriver:
             try:
                 batch = ray.get(ref)
             except RayActorError as e:
-                k = self._scorer_ids.get(getattr(e, "actor_id", None) or "")
+                aid = getattr(e, "actor_id", None) or ""
+                k = self._scorer_ids.get(aid)
                 if getattr(e, "actor_init_failed", False):
                     who = self.scorer_names[k] if k is not None else self.names[i]
                     raise ActorFailed(f"{who} could not start: {_last_line(str(e))}") from None
-                if k is not None:
+                if k is not None or (aid and aid != _actor_id(self.samplers[i])):  # a reward actor (maybe replaced)
                     self._scorer_failed(k, i, tag)
                 else:
                     self._failed(i, tag)

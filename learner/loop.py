@@ -452,7 +452,11 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                     if metrics is not None:
                         metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
                     if getattr(e, "checkpoint_first", False):  # the run cannot go on, but what it learnt is kept
-                        log(f"gfnlm: checkpoint before stopping: {checkpoint(driver, run_dir)}")
+                        try:
+                            log(f"gfnlm: checkpoint before stopping: {checkpoint(driver, run_dir)}")
+                        except Exception as ce:  # e.g. the replay actor is gone too: the last checkpoint stays
+                            log(f"gfnlm: no checkpoint could be written ({type(ce).__name__}: {ce}); "
+                                f"the run resumes from its last one")
                     raise
                 counts = valid_counts(c.task, fresh)
                 valid = counts[0] / counts[1] if counts else None

@@ -239,3 +239,30 @@ def test_sigterm_checkpoints_exits_0_and_the_run_resumes_to_its_end(tiny_llama, 
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in records(run)] == list(range(1, 61))
+
+
+def test_a_sampler_dead_past_its_budget_stops_the_run_after_a_checkpoint(tiny_llama, tmp_path):
+    import ray
+
+    from cluster.ray_session import actor_states
+    from learner.distributed import ActorFailed
+    from learner.trainer import latest_checkpoint
+
+    run = str(tmp_path / "run")
+    cfg = ray_cfg(tiny_llama, run, "samplers.max_restarts=0", "runtime.actor_replacements=0", "learner.steps=50",
+                  "run.checkpoint_every=100")
+    killed = []
+
+    def killer(step, driver):
+        h = driver.samplers[0]
+        if step >= 3 and not killed and actor_states([h])[h._actor_id.hex()][0] == "ALIVE":
+            ray.kill(h, no_restart=False)
+            killed.append(step)
+
+    t0 = time.monotonic()
+    with pytest.raises(ActorFailed, match=r"^sampler-0 died for good after 0 restarts and the 0 replacements of "
+                                          r"runtime.actor_replacements are used up"):
+        train(cfg, run, on_step=killer)
+    assert time.monotonic() - t0 < 120  # at once, not after runtime.sampler_timeout (600 s)
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and int(ckpt.rsplit("_", 1)[1]) >= killed[0]
