@@ -482,6 +482,11 @@ class MetricsConfig(Section):
     job: str | None = None
     """Value of the `job` label; unset takes the run folder's name."""
 
+    targets_dir: str | None = "runs/prometheus"
+    """Folder where a run also writes its endpoints as `<job>.json` while it trains (removed at the
+    end): the one folder cluster/prometheus/prometheus.yml watches (Prometheus' file discovery
+    allows a `*` in the last path segment only). Unset writes only the run folder's copy."""
+
 
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)

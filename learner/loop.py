@@ -326,15 +326,33 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
             metrics.close()
 
 
-def write_targets(driver, run_dir: str, log) -> None:
-    """The run's metrics endpoints, for Prometheus (file_sd format) and for people."""
+def write_targets(driver, run_dir: str, log, m=None) -> str | None:
+    """The run's metrics endpoints, for Prometheus (file_sd format) and for people: in the run folder,
+    and as `<job>.json` in metrics.targets_dir, the folder a local Prometheus watches (returned, for
+    removal at the end of the run)."""
     endpoints = driver.metrics_endpoints()
     if not endpoints:
-        return
+        return None
     targets = [{"targets": [ep], "labels": {"gfnlm_process": name}} for name, ep in endpoints.items() if ep]
-    with open(os.path.join(run_dir, "prometheus_targets.json"), "w") as f:
-        json.dump(targets, f, indent=1)
+    _write_json(os.path.join(run_dir, "prometheus_targets.json"), targets)
     log("gfnlm: metrics at " + ", ".join(f"{name} http://{ep}/metrics" for name, ep in endpoints.items() if ep))
+    if m is None or not m.targets_dir:
+        return None
+    shared = os.path.join(m.targets_dir, f"{m.job or os.path.basename(os.path.abspath(run_dir))}.json")
+    try:
+        os.makedirs(m.targets_dir, exist_ok=True)
+        _write_json(shared, targets)
+    except OSError as e:  # a convenience for a local Prometheus: never a reason to stop training
+        log(f"gfnlm: warning: cannot write {shared} ({e.strerror}); Prometheus finds this run in {run_dir} only")
+        return None
+    return shared
+
+
+def _write_json(path: str, obj) -> None:
+    """Whole or not at all (Prometheus re-reads file_sd files while they change)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature: float, valid: float | None,
@@ -433,7 +451,7 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    write_targets(driver, run_dir, log)  # before any work is queued: the actors answer right after they start
+    shared_targets = write_targets(driver, run_dir, log, cfg.metrics)  # before any work is queued: the actors answer at once
     driver.start()
     metrics = getattr(driver, "metrics", None)
     stats, bar = RunningStats(), None
@@ -490,4 +508,6 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
         finally:
             if bar is not None:
                 bar.close()
+            if shared_targets and os.path.exists(shared_targets):
+                os.remove(shared_targets)  # the endpoints close with the run: Prometheus drops them
     return c

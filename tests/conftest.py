@@ -57,6 +57,7 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
         "replay.capacity_per_prompt": 32,
         "runtime.mode": "local",
         "metrics.port": 0,
+        "metrics.targets_dir": "null",  # tests write no targets into the checkout's runs/
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -4,7 +4,11 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
+import subprocess
+import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -14,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.metrics import LABELS, METRICS, Metrics, exported_names
 from configs import load_config
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(REPO, "cluster")
@@ -349,3 +353,81 @@ def test_a_preempted_learner_pod_signals_the_driver_before_ray_stops():
     hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1]
     assert hook.index("pkill -TERM -f '[g]fnlm train'") < hook.index("ray stop")
     assert spec["terminationGracePeriodSeconds"] >= 110  # the hook's wait fits the grace period
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Prometheus (the Debian package) scraping a Ray run, answering the dashboard's queries
+
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+def test_promtool_accepts_the_shipped_config():
+    out = subprocess.run([PROMTOOL, "check", "config", os.path.join(CLUSTER, "prometheus", "prometheus.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_podmonitor_keeps_gfnlms_job_label():
+    with open(os.path.join(CLUSTER, "prometheus", "podmonitor.yaml")) as f:
+        endpoints = yaml.safe_load(f)["spec"]["podMetricsEndpoints"]
+    assert endpoints and all(e.get("honorLabels") is True for e in endpoints)
+    assert not any(r.get("targetLabel") == "job" for e in endpoints for r in e.get("relabelings", []))
+
+
+def prom_query(base: str, expr: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package prometheus)")
+def test_a_real_prometheus_scrapes_a_ray_run_and_answers_every_panel(tiny_llama, tmp_path):
+    from learner.loop import train
+
+    # the shipped config, copied into the same layout (cluster/prometheus/ beside runs/), scraping every second
+    conf_dir = tmp_path / "cluster" / "prometheus"
+    conf_dir.mkdir(parents=True)
+    with open(os.path.join(CLUSTER, "prometheus", "prometheus.yml")) as f:
+        text = f.read().replace("scrape_interval: 5s", "scrape_interval: 1s")
+    (conf_dir / "prometheus.yml").write_text(text)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={conf_dir / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = "prom-e2e"
+    cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run") + [
+        "runtime.mode=ray", "samplers.num_actors=2", "samplers.num_cpus=0.5", "reward.colocate=false",
+        "learner.steps=40", f"metrics.job={job}", f"metrics.targets_dir={tmp_path / 'runs' / 'prometheus'}",
+        "runtime.max_staleness=4"])
+    answers, scraped = {}, {}
+
+    def on_step(step, driver):
+        if step != 4 or answers:
+            return
+        assert (tmp_path / "runs" / "prometheus" / f"{job}.json").exists()
+        deadline = time.time() + 90
+        while time.time() < deadline:  # every process of the run scraped at least twice
+            counts = prom_query(base, 'count_over_time(up{gfnlm_process!=""}[5m])')
+            scraped.update({r["metric"]["gfnlm_process"]: int(float(r["value"][1])) for r in counts})
+            if len(scraped) == 5 and min(scraped.values()) >= 2:
+                break
+            time.sleep(0.5)
+        for expr in dashboard_exprs():
+            answers[expr] = prom_query(base, expr.replace("$job", job))
+
+    try:
+        train(cfg, str(tmp_path / "run"), on_step=on_step)
+    finally:
+        prom.terminate()
+        err = prom.communicate(timeout=30)[1]
+    assert set(scraped) == {"learner", "sampler-0", "sampler-1", "reward", "replay"}, (scraped, err[-2000:])
+    assert min(scraped.values()) >= 2
+    assert not (tmp_path / "runs" / "prometheus" / f"{job}.json").exists()  # removed with the run
+    empty = [e for e, r in answers.items() if not r]
+    assert len(answers) == len(dashboard_exprs()) and not empty, empty
+    summary = {e: len(r) for e, r in answers.items()}
+    print(json.dumps(summary, indent=1))  # the note's list: series per panel query
