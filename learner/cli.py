@@ -130,6 +130,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from learner.curves import cmd_plot as plot
+
+    return plot(args)
+
+
 def cmd_models(args) -> int:
     from actors.models import main_prepare
 
@@ -214,6 +220,11 @@ def parser() -> argparse.ArgumentParser:
     from .amortized import add_parsers
 
     add_parsers(sub)
+
+    pl = sub.add_parser("plot", help="draw a run's curves.png from its metrics.jsonl (also while it trains)")
+    pl.add_argument("run", help="run folder")
+    pl.add_argument("--out", help="image to write (default: RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
 
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)

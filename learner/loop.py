@@ -417,6 +417,16 @@ class StopRequest:
         return False
 
 
+def draw_curves(run_dir: str, log) -> None:
+    """curves.png of the run; a plotting problem is a warning, never the end of a run."""
+    from .curves import plot
+
+    try:
+        plot(run_dir)
+    except Exception as e:
+        log(f"gfnlm: warning: curves.png not drawn ({type(e).__name__}: {e})")
+
+
 def trim_metrics(path: str, step: int) -> None:
     """Drop metrics.jsonl lines of steps past the checkpoint a run resumes from (a run killed between
     a step's line and its checkpoint would otherwise show those steps twice)."""
@@ -501,6 +511,7 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                 if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
                     checkpoint(driver, run_dir)
             ckpt = checkpoint(driver, run_dir)
+            draw_curves(run_dir, log)
             if stop.signal is not None:
                 c.stopped = stop.signal
                 log(f"gfnlm: stopped by {stop.signal} at step {c.learner.step} of {cfg.learner.steps}; checkpoint in {ckpt}; "

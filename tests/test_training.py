@@ -114,3 +114,24 @@ def test_valid_is_one_definition_for_training_and_evaluation(tiny_llama, tmp_pat
              Trajectory(0, tok.encode("07", add_special_tokens=False)), Trajectory(0, seven, source="replay")]
     assert valid_counts(c.task, fresh) == (1, 3)
     assert [c.task.is_valid(t) for t in fresh[:3]] == [c.task.sample_value(t) is not None for t in fresh[:3]]
+
+
+def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_llama, tmp_path, capsys):
+    from learner.curves import PANELS, read_metrics
+
+    run = tmp_path / "run"
+    train(load_config("random_number.yaml", tiny_overrides(tiny_llama, run)), str(run))
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # mid-run: a line still being written is skipped, the figure is drawn from the whole ones
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.')
+    assert len(read_metrics(run / "metrics.jsonl")) == 3
+    assert main(["plot", str(run), "--out", str(tmp_path / "mid.png")]) == 0
+    assert (tmp_path / "mid.png").stat().st_size > 10_000
+    keys = {k for _, series, _ in PANELS for k, _ in series}
+    logged = set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
+    assert {"loss", "mean_log_r", "max_log_r", "valid_fraction", "lr", "reward_temperature",
+            "samples_per_second", "replay_size"} <= keys & logged
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
