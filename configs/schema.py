@@ -463,6 +463,32 @@ class RunConfig(Section):
     evaluate_at_end: bool = True
     """Run the evaluation (see `eval`) when training ends."""
 
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Experiment trackers that get the per-step figures of metrics.jsonl, the resolved config as
+    hyperparameters, and at the end the evaluation figures and PNGs (as TRL's `report_to`; needs
+    `pip install gfnlm[tracking]`). TensorBoard: event files in <run>/tensorboard. W&B: offline
+    files in <run>/wandb unless WANDB_MODE says otherwise. MLflow: run.mlflow_tracking_uri."""
+
+    wandb_project: str = "gfnlm"
+    """W&B project of the run (report_to: wandb); the run's name is the run folder's."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (report_to: mlflow); unset: a local store in <run>/mlruns, or the
+    MLFLOW_TRACKING_URI environment variable when set."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [t for t in v if importlib.util.find_spec(t) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} is not installed; pip install 'gfnlm[tracking]' "
+                             f"(or the package itself), or leave it out of run.report_to")
+        if len(set(v)) != len(v):
+            raise ValueError("names a tracker twice")
+        return v
+
 
 class MetricsConfig(Section):
     enabled: bool = True

@@ -32,20 +32,26 @@ def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) ->
     from learner.evaluate import evaluate
     from learner.loop import eval_sampler, train
 
-    c = train(cfg, run_dir, resume=resume)
-    if c.stopped:  # preempted: the checkpoint is written; evaluation waits for the resumed run's end
-        raise TrainingStopped(c.stopped)
-    print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
-    if not cfg.run.evaluate_at_end:
-        return None
-    if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
-        import torch
+    c = train(cfg, run_dir, resume=resume, keep_trackers=True)
+    try:
+        if c.stopped:  # preempted: the checkpoint is written; evaluation waits for the resumed run's end
+            raise TrainingStopped(c.stopped)
+        print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
+        results = None
+        if cfg.run.evaluate_at_end:
+            if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
+                import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
-    results = evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir, log=lambda m: print(m, file=sys.stderr),
-                       methods=methods)
-    print(f"gfnlm: evaluation in {written(run_dir)}", file=sys.stderr)
-    return results
+                torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
+            results = evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir,
+                               log=lambda m: print(m, file=sys.stderr), methods=methods)
+            print(f"gfnlm: evaluation in {written(run_dir)}", file=sys.stderr)
+        if c.trackers is not None:
+            c.trackers.log_evaluation(results)
+        return results
+    finally:
+        if c.trackers is not None:
+            c.trackers.close()
 
 
 def written(folder: str) -> str:

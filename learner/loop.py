@@ -56,6 +56,8 @@ class Components:
     """The M-step of a task whose reward learns (`learner.em.MStep`), else None."""
     stopped: str | None = None
     """The signal that ended training early (SIGTERM, SIGINT), else None."""
+    trackers: object = None
+    """The run's experiment trackers (`learner.trackers.Trackers`, run.report_to), else None."""
 
 
 def setup_torch(cfg: Config) -> None:
@@ -299,13 +301,16 @@ class RunningStats:
         return sum(b[2] for b in self.batches) / secs if secs else 0.0
 
 
-def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=None, **driver_kw) -> Components:
-    """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir."""
+def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=None, keep_trackers: bool = False,
+          **driver_kw) -> Components:
+    """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir. The trackers of
+    run.report_to are closed at the end unless keep_trackers (the evaluation reports to them too)."""
     from cluster.metrics import for_process
 
     if cfg.metrics.job is None:
         cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
     metrics = for_process(cfg, "learner")
+    c = None
     try:
         if cfg.runtime.mode == "ray" and cfg.learner.objective.type == "sft":
             log("gfnlm: objective sft trains on the records' references: no samplers needed, running in this process")
@@ -316,14 +321,23 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
 
             with ray_session(cfg, log):
                 driver = RayDriver(cfg, log, metrics=metrics, **driver_kw)
+                c = driver.c
                 try:
                     return run(driver, cfg, run_dir, resume, log, on_step)
                 finally:
                     driver.close()
-        return run(LocalDriver(cfg, log, metrics=metrics), cfg, run_dir, resume, log, on_step)
+        driver = LocalDriver(cfg, log, metrics=metrics)
+        c = driver.c
+        return run(driver, cfg, run_dir, resume, log, on_step)
+    except BaseException:
+        if c is not None and c.trackers is not None:  # nobody will report an evaluation to them
+            c.trackers.close()
+        raise
     finally:
         if metrics is not None:
             metrics.close()
+        if c is not None and c.trackers is not None and not keep_trackers:
+            c.trackers.close()
 
 
 def write_targets(driver, run_dir: str, log, m=None) -> str | None:
@@ -461,6 +475,10 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if cfg.run.report_to:
+        from .trackers import Trackers
+
+        c.trackers = Trackers(cfg, run_dir)
     shared_targets = write_targets(driver, run_dir, log, cfg.metrics)  # before any work is queued: the actors answer at once
     driver.start()
     metrics = getattr(driver, "metrics", None)
@@ -502,6 +520,8 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                 if c.learner.step % cfg.run.log_every == 0:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                    if c.trackers is not None:
+                        c.trackers.log_step(record)
                 if bar is not None:
                     bar.update(1)
                     shown = {"loss": f"{out['loss']:.3f}", "logR": f"{record['mean_log_r']:.2f}"}
