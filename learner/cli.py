@@ -74,7 +74,6 @@ def cmd_train(args) -> int:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     cfg = _config(args)
     check(cfg)
-    preflight.check_model_path(cfg)
     run_dir = preflight.run_folder(cfg, args.resume)
     preflight.check_machine(cfg)
     try:
@@ -123,7 +122,8 @@ def cmd_eval(args) -> int:
         cfg = load_config(os.path.join(run, "config.yaml"), ["runtime.mode=local", *args.override])
     else:
         cfg = load_config(args.config, args.override)
-    check_adapter_file(adapter)
+    if run is None:  # a run's adapter is already checked whole (locate takes its newest intact checkpoint)
+        check_adapter_file(adapter)
     check_adapter_config(adapter, cfg)
     c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)

@@ -220,12 +220,13 @@ class RayDriver:
 
     def _refill_replay(self) -> None:
         """A restarted (empty) replay actor gets the last checkpoint's buffer, else the task's seeds."""
-        from .trainer import intact_checkpoint, read_trainer_state
+        from .trainer import newest_intact
 
         self._wait_alive(self.replay, "replay")
-        ckpt = intact_checkpoint(self.run_dir, log=self.log) if self.run_dir else None
-        if ckpt is not None:
-            ray.get(self.replay.load_state_dict.remote(read_trainer_state(ckpt)["replay"]))
+        found = newest_intact(self.run_dir, log=self.log) if self.run_dir else None
+        if found is not None:
+            ckpt, state = found
+            ray.get(self.replay.load_state_dict.remote(state["replay"]))
             self.log(f"gfnlm: replay refilled from {ckpt} (trajectories added since are gone)")
         else:
             seed_replay(_Sync(self.replay), self.cfg, self.c.task)

@@ -35,7 +35,7 @@ from rewards import make_task
 from rewards.scorer import attach_scorer
 
 from .schedule import RecordScheduler, batch_mix, reward_temperature
-from .trainer import (Learner, intact_checkpoint, load_adapter_weights, read_trainer_state, rng_state, save_checkpoint,
+from .trainer import (Learner, load_adapter_weights, newest_intact, read_trainer_state, rng_state, save_checkpoint,
                       set_rng_state)
 
 
@@ -246,10 +246,11 @@ def checkpoint(driver, run_dir: str) -> str:
     return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
 
 
-def restore(driver, ckpt_dir: str) -> None:
+def restore(driver, ckpt_dir: str, extra: dict | None = None) -> None:
+    """The run's state from a checkpoint; `extra` is its trainer.pt when already read."""
     c = driver.c
     load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
-    extra = read_trainer_state(ckpt_dir)
+    extra = extra if extra is not None else read_trainer_state(ckpt_dir)
     c.learner.load_state_dict(extra["learner"])
     driver.load_replay_state(extra["replay"])
     set_rng_state(extra["rng"], c.sampler.generator)
@@ -364,8 +365,13 @@ def write_targets(driver, run_dir: str, log, m=None) -> str | None:
 
 def _write_json(path: str, obj) -> None:
     """Whole or not at all (Prometheus re-reads file_sd files while they change)."""
+    _replace_file(path, json.dumps(obj, indent=1))
+
+
+def _replace_file(path: str, text: str) -> None:
+    """Write a temporary file beside path, then rename it over path: readers see the old or the new whole."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
@@ -457,9 +463,7 @@ def trim_metrics(path: str, step: int) -> None:
             continue
         kept.append(line)
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        _replace_file(path, "".join(kept))
 
 
 def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
@@ -467,10 +471,11 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
     c.stopped = None
     driver.run_dir = run_dir
     if resume:
-        ckpt = intact_checkpoint(run_dir, log)
-        if ckpt is None:
+        found = newest_intact(run_dir, log)
+        if found is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
-        restore(driver, ckpt)
+        ckpt, extra = found
+        restore(driver, ckpt, extra)
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), c.learner.step)
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)

@@ -1,7 +1,7 @@
 """What `gfnlm train` checks before anything starts: no model weights loaded, no Ray, nothing written.
 
 The run folder (new: free of any earlier run and writable; resumed: an intact checkpoint whose
-adapter fits the config), the model folder, and, for a private Ray on this machine, whether the
+adapter fits the config) and, for a private Ray on this machine, whether the
 actors fit its cores and memory. Each problem is a one-line `UserError` naming the field or file.
 """
 
@@ -84,16 +84,6 @@ def check_adapter_config(adapter_dir: str, cfg: Config) -> None:
     if sorted(targets) != sorted(cfg.lora.target_modules):
         raise ConfigError(f"lora.target_modules: the adapter in {adapter_dir} was trained on {sorted(targets)}, "
                           f"the config names {sorted(cfg.lora.target_modules)}")
-
-
-def check_model_path(cfg: Config) -> None:
-    for field, path in (("model.path", cfg.model.path), ("reward.model", cfg.reward.model)):
-        if path is None or path == EMBEDDED_MODEL:
-            continue
-        if os.path.isfile(path):
-            raise ConfigError(f"{field}: {path} is a file; expected a Hugging Face model folder (with config.json)")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"{field}: {path!r} is not a Hugging Face model folder (no config.json)")
 
 
 def _weights_bytes(path: str | None) -> int:
