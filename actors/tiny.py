@@ -8,11 +8,11 @@ CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def build_tokenizer(folder: str):
+def build_tokenizer(folder: str, chars: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + (CHARS if chars is None else list(chars)))}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -20,11 +20,12 @@ def build_tokenizer(folder: str):
     return tok
 
 
-def build_model(folder: str, kind: str, seed: int = 0, hidden: int = 32, heads: int = 4):
-    """A tiny random model. vLLM's CPU attention needs head_dim = hidden / heads >= 32."""
+def build_model(folder: str, kind: str, seed: int = 0, hidden: int = 32, heads: int = 4, chars: list[str] | None = None):
+    """A tiny random model (over `chars`, default printable ASCII). vLLM's CPU attention needs
+    head_dim = hidden / heads >= 32."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, chars)
     torch.manual_seed(seed)
     vocab = len(tok)
     if kind == "llama":

@@ -415,6 +415,10 @@ class EvalConfig(Section):
     include_base: bool = True
     """Also evaluate the base model (adapter disabled) for comparison."""
 
+    track_every: int = Field(25, ge=0)
+    """Steps between the task's cheap exact figures in metrics.jsonl while training (random
+    numbers: exact KL, TV and invalid mass from one teacher-forced pass); 0: never."""
+
     samples_per_record: int = Field(16, ge=1)
     """Tasks over records: samples drawn per test record by each method."""
 

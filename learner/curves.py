@@ -18,6 +18,8 @@ PANELS = [
     ("loss", [("loss", "loss")], "symlog"),
     ("log R of fresh samples", [("mean_log_r", "mean"), ("max_log_r", "max")], "linear"),
     ("quality", [("valid_fraction", "valid fraction"), ("accuracy", "accuracy")], "linear"),
+    ("exact distance to the target", [("exact_kl", "KL(target‖policy)"), ("exact_tv", "TV"),
+                                      ("invalid_mass", "invalid mass")], "log"),
     ("learning rate and reward temperature", [("lr", "learning rate"), ("reward_temperature", "T")], "log"),
     ("trajectories/s", [("samples_per_second", "samples/s (last 10 steps)")], "linear"),
     ("staleness (policy versions)", [("staleness", "staleness")], "linear"),

@@ -519,6 +519,8 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                     "valid_fraction": valid, "samples_per_second": stats.samples_per_second,
                     "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
                 }
+                if cfg.eval.track_every and c.learner.step % cfg.eval.track_every == 0:
+                    record.update(c.task.track(c.policy))
                 record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, valid, record["step_seconds"])
                 if on_step is not None:
                     on_step(c.learner.step, driver)

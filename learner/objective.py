@@ -30,6 +30,8 @@ class PolicyTerms:
     terminated: torch.Tensor
     trajectories: list = None
     """The micro-batch's trajectories in row order (objectives with per-trajectory state: PPO)."""
+    log_flow: torch.Tensor | None = None
+    """Known (tempered) log F of prefixes [B, T+1], NaN where unknown; None: none known."""
 
 
 class Objective(Protocol):
@@ -67,7 +69,8 @@ class SubTB(_Stateless):
         self.lam = cfg.lam
 
     def loss(self, terms: PolicyTerms):
-        loss = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, lam=self.lam, tool_mask=terms.tool_mask)
+        loss = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, lam=self.lam, tool_mask=terms.tool_mask,
+                          log_flow=terms.log_flow)
         return loss, {}
 
 

@@ -43,20 +43,26 @@ def subtb_loss(
     lengths: torch.Tensor,
     lam: float = 1.0,
     tool_mask: torch.Tensor | None = None,
+    log_flow: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Modified sub-trajectory balance, summed over the batch:
 
         sum_b sum_{i<j<=n_b} lam^(j-i-1) (F_i - F_j + sum_{k=i}^{j-1} log_pf[b,k])^2
         / sum_b sum_{i<j<=n_b} lam^(j-i-1)
 
-    with F_k = log_r[b,k] - log_pterm[b,k]. Pairs past a trajectory's end, and states before a
+    with F_k = log_r[b,k] - log_pterm[b,k], or F_k = log_flow[b,k] where that is given and finite
+    (a state flow known to the task). Pairs past a trajectory's end, and states before a
     tool insertion, are left out; padded entries may hold anything (even inf) without changing
     the value or its gradients. A batch with no pair gives 0.
     """
     token, state = _masks(log_pf, lengths, tool_mask)
     pf = torch.where(token, log_pf, torch.zeros_like(log_pf))
     cum = F.pad(pf.cumsum(dim=1), (1, 0))  # cum[b, k] = sum_{m<k} log_pf[b, m]
-    g = torch.where(state, log_r - log_pterm - cum, torch.zeros_like(cum))
+    flow = log_r - log_pterm
+    if log_flow is not None:
+        known = torch.isfinite(log_flow)
+        flow = torch.where(known, torch.where(known, log_flow, torch.zeros_like(log_flow)), flow)
+    g = torch.where(state, flow - cum, torch.zeros_like(cum))
     resid = g[:, :, None] - g[:, None, :]  # [B, i, j]
 
     steps = torch.arange(g.shape[1], device=g.device)

@@ -57,7 +57,7 @@ class Learner:
                 log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, torch.cat([p[2] for p in parts]),
-                           cat(3, T, False), terminated, ordered)
+                           cat(3, T, False), terminated, ordered, state_flows(ordered, task, reward_temperature, log_r))
 
     def loss(self, trajectories, task, reward_temperature: float):
         return self.objective.loss(self.terms(trajectories, task, reward_temperature))
@@ -105,6 +105,19 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
+
+
+def state_flows(trajectories, task, reward_temperature: float, like: torch.Tensor) -> torch.Tensor | None:
+    """[B, T+1] known log F of each prefix (tempered), NaN where the task knows none; None when it
+    knows no state's flow."""
+    rows = [task.state_log_flows(t, reward_temperature) for t in trajectories]
+    if all(r is None for r in rows):
+        return None
+    out = torch.full_like(like, float("nan"))
+    for b, r in enumerate(rows):
+        if r is not None:
+            out[b, : len(r)] = torch.tensor(r, dtype=out.dtype)
+    return out
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -85,6 +85,15 @@ class Task:
         the task has them."""
         raise NotImplementedError
 
+    def track(self, policy) -> dict:
+        """Cheap figures of the policy for metrics.jsonl every eval.track_every steps (none by default)."""
+        return {}
+
+    def state_log_flows(self, t: Trajectory, temperature: float) -> list[float] | None:
+        """Known log F(s_k) of the prefixes of t at reward temperature T, NaN where unknown (the
+        objective then derives it from the reward); None: no state is known (the default)."""
+        return None
+
     def reference(self, record_id: int) -> Trajectory | None:
         """The record's reference Z as a trajectory (what SFT trains on), if it has one."""
         return None

@@ -14,7 +14,8 @@ import math
 import os
 import re
 import time
-import warnings
+
+import torch
 
 from actors.trajectory import Trajectory
 from configs.tasks import (
@@ -26,7 +27,7 @@ from configs.tasks import (
     UniformTarget,
 )
 
-from .base import Task
+from .base import Task, eval_mode
 from .records import inline_records
 
 _CANONICAL = re.compile(r"0|[1-9][0-9]*")
@@ -70,6 +71,9 @@ class RandomNumberTask(Task):
         super().__init__(cfg, tokenizer, inline_records(cfg.prompts))
         self.log_p = log_target(cfg.target)
         self.warn_if_the_floor_dominates(len(tokenizer), valid_log_mass=0.0)
+        self.spellings = support_spellings(self)
+        """Every token sequence the reward takes for a support member: (value, tokens)."""
+        self._flows: dict[float, dict[tuple[int, ...], float]] = {}
 
     def prompt_text(self, record_id: int) -> str:
         return self.records[record_id].fields["text"]
@@ -91,6 +95,34 @@ class RandomNumberTask(Task):
         """Fill each trajectory's untempered log R for every prefix, in place."""
         for t in trajectories:
             t.log_r = [self.log_reward(t.tokens[:k]) for k in range(len(t.tokens) + 1)]
+
+    # -- state flows ---------------------------------------------------------------------------
+
+    def prefix_log_flows(self, temperature: float = 1.0) -> dict[tuple[int, ...], float]:
+        """log F(s) = log Σ R(x)^(1/T) over the spellings x that extend the token prefix s (s
+        itself included), for every prefix of a spelling. Invalid strings' floor rewards are left
+        out: by the floor's rule (warn_if_the_floor_dominates) their share is negligible."""
+        if temperature not in self._flows:
+            terms: dict[tuple[int, ...], list[float]] = {}
+            for v, tokens in self.spellings:
+                for k in range(len(tokens) + 1):
+                    terms.setdefault(tuple(tokens[:k]), []).append(self.log_p[v] / temperature)
+            self._flows = {temperature: {s: _logsumexp(ts) for s, ts in terms.items()}}  # one temperature kept
+        return self._flows[temperature]
+
+    def state_log_flows(self, t: Trajectory, temperature: float) -> list[float] | None:
+        """The known log F(s_k) of each prefix of t where its own termination holds under
+        FLOW_SHARE of it (NaN elsewhere: the objective uses log R(s⊤) − log q(⊤|s) there);
+        None with task.state_flow = 'reward'. Tempered like the reward (R^(1/T))."""
+        if self.cfg.state_flow != "exact":
+            return None
+        flows = self.prefix_log_flows(temperature)
+        out = []
+        for k in range(len(t.tokens) + 1):
+            f = flows.get(tuple(t.tokens[:k]))
+            own = t.log_r[k] / temperature if t.log_r is not None else self.log_reward(t.tokens[:k]) / temperature
+            out.append(f if f is not None and own - f < math.log(FLOW_SHARE) else math.nan)
+        return out
 
     # -- known-good trajectories ---------------------------------------------------------------
 
@@ -118,6 +150,97 @@ class RandomNumberTask(Task):
         """The base model and the trained policy against the target (`methods` does not apply:
         this task has no decoding baselines)."""
         return evaluate_numbers(policy, self, sampler, eval_cfg, out_dir, log)
+
+    def track(self, policy) -> dict:
+        """Cheap exact figures for metrics.jsonl while training (one teacher-forced pass)."""
+        ex = exact_figures(policy, self)
+        return {"exact_kl": ex["kl"], "exact_tv": ex["tv"], "invalid_mass": ex["invalid_mass"]}
+
+
+FLOW_SHARE = 1e-3
+"""state_flow 'exact': a prefix whose own termination holds less than this share of its flow takes
+the known flow (its reward says nothing usable about F(s) through q(⊤|s))."""
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def support_spellings(task) -> list[tuple[int, list[int]]]:
+    """Every token sequence of min_len..max_len tokens that the reward takes for a member of the
+    support: the member's decimal text cut into pieces that are single tokens (a digit-per-token
+    tokenizer has one spelling per member; one with multi-digit tokens has several)."""
+    tok = task.tokenizer
+    pieces: dict[str, int] = {}
+    for i in range(len(tok)):
+        text = tok.decode([i])
+        if text and text.isascii() and text.isdigit() and tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(i)) == i:
+            pieces.setdefault(text, i)
+
+    def splits(text: str) -> list[list[int]]:
+        if not text:
+            return [[]]
+        return [[pieces[text[:n]]] + rest for n in range(1, len(text) + 1) if text[:n] in pieces
+                for rest in splits(text[n:])]
+
+    out = []
+    for v in task.log_p:
+        for tokens in splits(str(v)):
+            if task.min_len <= len(tokens) <= task.max_len and task.value(tokens) == v:
+                out.append((v, tokens))
+    return out
+
+
+@torch.no_grad()
+def exact_distribution(policy, task, record_id: int) -> dict:
+    """The policy's exact terminal distribution for one prompt, as evaluation samples it
+    (temperature 1, ⊤ masked before min_len, a value valid only when the policy ends it): one
+    teacher-forced pass over every spelling of the support.
+
+    Returns {"p": {value: probability}, "valid_mass", "early_mass" (⊤ chosen at a prefix of a
+    spelling that is no member), "invalid_mass" = 1 − valid_mass (early, off the support's
+    prefixes, or past max_len)}."""
+    spellings = task.spellings
+    if not spellings:
+        return {"p": {}, "valid_mass": 0.0, "early_mass": 0.0, "invalid_mass": 1.0}
+    trajs = [Trajectory(record_id, tokens) for _, tokens in spellings]
+    with eval_mode(policy.model):
+        log_pf, log_pterm, _, _ = policy.logprobs(task.prompt_ids(record_id), trajs, task.end_ids,
+                                                  task.banned_ids, task.ban_penalty)
+    log_pf, log_pterm = log_pf.double().cpu(), log_pterm.double().cpu()
+    p: dict[int, float] = {}
+    reach: dict[tuple[int, ...], float] = {}
+    members = {tuple(tokens) for _, tokens in spellings}
+    for b, (v, tokens) in enumerate(spellings):
+        logp = 0.0
+        for k in range(len(tokens) + 1):
+            reach.setdefault(tuple(tokens[:k]), (logp, float(log_pterm[b, k])))
+            if k < len(tokens):
+                step = float(log_pf[b, k])
+                if k < task.min_len:  # ⊤ is masked there: the sampler renormalizes over the rest
+                    step -= math.log1p(-min(math.exp(float(log_pterm[b, k])), 1 - 1e-12))
+                logp += step
+        p[v] = p.get(v, 0.0) + math.exp(logp + float(log_pterm[b, len(tokens)]))
+    early = sum(math.exp(lr + lt) for s, (lr, lt) in reach.items() if s not in members and len(s) >= task.min_len)
+    valid = sum(p.values())
+    return {"p": p, "valid_mass": valid, "early_mass": early, "invalid_mass": max(0.0, 1.0 - valid)}
+
+
+def exact_figures(policy, task, record_ids=None) -> dict:
+    """Exact KL(target ‖ policy | valid), TV and invalid mass, the prompts' distributions averaged
+    (evaluation draws the same number of samples per prompt)."""
+    ids = list(task.test_ids if record_ids is None else record_ids)
+    dists = [exact_distribution(policy, task, r) for r in ids]
+    p = {v: sum(d["p"].get(v, 0.0) for d in dists) / len(ids) for v in task.log_p}
+    valid = sum(p.values())
+    figures = {"valid_mass": valid, "invalid_mass": max(0.0, 1.0 - valid),
+               "early_mass": sum(d["early_mass"] for d in dists) / len(ids)}
+    if valid <= 0:
+        return {**figures, "kl": math.inf, "tv": 1.0}
+    kl = sum(math.exp(lp) * (lp - math.log(p[v] / valid)) if p[v] > 0 else math.inf for v, lp in task.log_p.items())
+    tv = 0.5 * sum(abs(math.exp(lp) - p[v] / valid) for v, lp in task.log_p.items())
+    return {**figures, "kl": kl, "tv": tv}
 
 
 def number_metrics(values: list[int | None], log_p: dict[int, float], smoothing: float = 0.5) -> dict:
@@ -186,14 +309,20 @@ def evaluate_numbers(policy, task, sampler, eval_cfg, out_dir: str, log=print) -
         t0 = time.perf_counter()
         with ctx():
             values = sample_values(sampler, task, eval_cfg.num_samples, eval_cfg.batch_size)
+            exact = exact_figures(policy, task)
         figures = number_metrics(values, task.log_p)
         figures["seconds"] = time.perf_counter() - t0
+        figures["exact"] = exact
         results[name] = figures
         histograms[name] = values
         log(
             f"gfnlm eval {name:>7}: valid {100 * figures['valid_fraction']:.1f}%  KL(target‖empirical) {figures['kl']:.4f}  "
             f"TV {figures['tv']:.3f}  distinct {figures['distinct']}/{figures['support_size']}  "
             f"({figures['samples']} samples, {figures['seconds']:.0f} s)"
+        )
+        log(
+            f"gfnlm eval {name:>7}: exact: valid {100 * exact['valid_mass']:.2f}%  KL(target‖policy) {exact['kl']:.4f}  "
+            f"TV {exact['tv']:.3f}  invalid mass {exact['invalid_mass']:.4f} (⊤ early {exact['early_mass']:.4f})"
         )
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:

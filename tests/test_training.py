@@ -120,7 +120,7 @@ def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_
     from learner.curves import PANELS, read_metrics
 
     run = tmp_path / "run"
-    train(load_config("random_number.yaml", tiny_overrides(tiny_llama, run)), str(run))
+    train(load_config("random_number.yaml", tiny_overrides(tiny_llama, run) + ["eval.track_every=1"]), str(run))
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # mid-run: a line still being written is skipped, the figure is drawn from the whole ones
@@ -132,6 +132,7 @@ def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_
     keys = {k for _, series, _ in PANELS for k, _ in series}
     logged = set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
     assert {"loss", "mean_log_r", "max_log_r", "valid_fraction", "lr", "reward_temperature",
-            "samples_per_second", "replay_size"} <= keys & logged
+            "samples_per_second", "replay_size", "exact_kl", "exact_tv", "invalid_mass"} <= keys & logged
+    assert all(0 <= json.loads(line)["invalid_mass"] <= 1 for line in (run / "metrics.jsonl").read_text().splitlines()[:3])
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
