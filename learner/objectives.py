@@ -10,7 +10,9 @@ Notation (batch of B trajectories padded to T sampled tokens):
                  log q, and the state before it has no termination option.
 
 Every state can terminate, so log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k) needs no flow network
-(Hu et al. 2024, eq. 6). The modified sub-trajectory balance residual of a pair i < j is
+(Hu et al. 2024, eq. 6). Where a task knows a state's flow outright (log_flow, e.g. the sum of a
+finite target over the members extending a prefix) that value is used instead: a prefix whose own
+termination is worth nothing would otherwise tie F(s) to q(⊤ | s) ≈ e^floor. The modified sub-trajectory balance residual of a pair i < j is
     F_i - F_j + sum_{k=i}^{j-1} log_pf[k]
 and with g_k = F_k - sum_{m<k} log_pf[m] it is simply g_i - g_j: one cumulative sum gives every
 pair at once, O(T^2) per trajectory, no loop.
