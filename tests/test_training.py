@@ -3,6 +3,8 @@
 import json
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_resume_continues_exactly(tiny_llama, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
 
 
-def test_cli_train_then_eval(tiny_llama, tmp_path):
+def test_cli_train_then_eval(tiny_llama, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "random_number.yaml"]
     for o in tiny_overrides(tiny_llama, run):
@@ -63,6 +65,8 @@ def test_cli_train_then_eval(tiny_llama, tmp_path):
         assert (run / f).exists(), f
     figures = json.loads((run / "eval.json").read_text())
     assert set(figures) == {"base", "trained"} and figures["trained"]["samples"] == 20
+    exact = figures["trained"]["exact"]  # the exact terminal distribution beside the sampled figures
+    assert exact["valid_mass"] + exact["invalid_mass"] == pytest.approx(1.0) and exact["kl"] >= 0
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     # the adapter is a plain peft folder
     from peft import PeftModel
@@ -74,6 +78,9 @@ def test_cli_train_then_eval(tiny_llama, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--run", str(run), "--out", str(out), "-o", "eval.include_base=false"]) == 0
     assert set(json.loads((out / "eval.json").read_text())) == {"trained"}
+    printed = capsys.readouterr()
+    assert re.search(r"trained: exact: valid [0-9.]+%  KL\(target‖policy\) [0-9.]+  TV [0-9.]+  invalid mass [0-9.]+",
+                     printed.out + printed.err)
 
     # running again into the same folder is refused, and nothing there is touched
     stamp = (run / "metrics.jsonl").read_text()
