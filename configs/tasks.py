@@ -135,8 +135,8 @@ class RandomNumberTask(Section):
     """How sub-trajectory balance gets the flow F(s) of a prefix s. 'reward': modified SubTB's
     log R(s⊤) − log q(⊤|s) at every prefix (the paper). 'exact': where s's own termination holds
     under 1/1000 of the target mass that extends it (the prefix "1" of 10..30, which is no number
-    of the support; the empty prefix; the prefixes of a peaked target's tails), the known
-    log F(s) = log Σ R(x) over the support members x that extend s instead; elsewhere as 'reward'.
+    of the support; the prefixes of a peaked target's tails), the known ratio F(s)/F(empty prefix),
+    with F(s) = Σ R(x) over the support members x that extend s, instead; elsewhere as 'reward'.
     The terminal distribution is the target either way; 'exact' converges on supports that are not
     closed under prefixes, where 'reward' asks q(⊤|s) to reach e^floor (see README, levers)."""
 

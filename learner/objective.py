@@ -31,7 +31,7 @@ class PolicyTerms:
     trajectories: list = None
     """The micro-batch's trajectories in row order (objectives with per-trajectory state: PPO)."""
     log_flow: torch.Tensor | None = None
-    """Known (tempered) log F of prefixes [B, T+1], NaN where unknown; None: none known."""
+    """Known (tempered) log F(s_k) - log F(s_0) of prefixes [B, T+1], NaN where unknown; None: none known."""
 
 
 class Objective(Protocol):

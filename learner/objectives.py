@@ -10,9 +10,9 @@ Notation (batch of B trajectories padded to T sampled tokens):
                  log q, and the state before it has no termination option.
 
 Every state can terminate, so log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k) needs no flow network
-(Hu et al. 2024, eq. 6). Where a task knows a state's flow outright (log_flow, e.g. the sum of a
-finite target over the members extending a prefix) that value is used instead: a prefix whose own
-termination is worth nothing would otherwise tie F(s) to q(⊤ | s) ≈ e^floor. The modified sub-trajectory balance residual of a pair i < j is
+(Hu et al. 2024, eq. 6). Where a task knows a state's flow relative to the first state's (log_flow, e.g. from the sums of a
+finite target over the members extending each prefix) F_k = F_0 + log_flow[k] is used instead: a
+prefix whose own termination is worth nothing would otherwise tie F(s) to q(⊤ | s) ≈ e^floor. The modified sub-trajectory balance residual of a pair i < j is
     F_i - F_j + sum_{k=i}^{j-1} log_pf[k]
 and with g_k = F_k - sum_{m<k} log_pf[m] it is simply g_i - g_j: one cumulative sum gives every
 pair at once, O(T^2) per trajectory, no loop.
@@ -52,8 +52,8 @@ def subtb_loss(
         sum_b sum_{i<j<=n_b} lam^(j-i-1) (F_i - F_j + sum_{k=i}^{j-1} log_pf[b,k])^2
         / sum_b sum_{i<j<=n_b} lam^(j-i-1)
 
-    with F_k = log_r[b,k] - log_pterm[b,k], or F_k = log_flow[b,k] where that is given and finite
-    (a state flow known to the task). Pairs past a trajectory's end, and states before a
+    with F_k = log_r[b,k] - log_pterm[b,k], or F_k = F_0 + log_flow[b,k] where that is given and
+    finite (a state's flow known to the task relative to the first state's: log F(s_k) - log F(s_0)). Pairs past a trajectory's end, and states before a
     tool insertion, are left out; padded entries may hold anything (even inf) without changing
     the value or its gradients. A batch with no pair gives 0.
     """
@@ -63,7 +63,8 @@ def subtb_loss(
     flow = log_r - log_pterm
     if log_flow is not None:
         known = torch.isfinite(log_flow)
-        flow = torch.where(known, torch.where(known, log_flow, torch.zeros_like(log_flow)), flow)
+        rel = torch.where(known, log_flow, torch.zeros_like(log_flow))
+        flow = torch.where(known, flow[:, :1] + rel, flow)
     g = torch.where(state, flow - cum, torch.zeros_like(cum))
     resid = g[:, :, None] - g[:, None, :]  # [B, i, j]
 

@@ -108,8 +108,8 @@ class Learner:
 
 
 def state_flows(trajectories, task, reward_temperature: float, like: torch.Tensor) -> torch.Tensor | None:
-    """[B, T+1] known log F of each prefix (tempered), NaN where the task knows none; None when it
-    knows no state's flow."""
+    """[B, T+1] known log F(s_k) - log F(s_0) of each prefix (tempered), NaN where the task knows
+    none; None when it knows no state's flow."""
     rows = [task.state_log_flows(t, reward_temperature) for t in trajectories]
     if all(r is None for r in rows):
         return None

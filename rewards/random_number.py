@@ -111,17 +111,23 @@ class RandomNumberTask(Task):
         return self._flows[temperature]
 
     def state_log_flows(self, t: Trajectory, temperature: float) -> list[float] | None:
-        """The known log F(s_k) of each prefix of t where its own termination holds under
-        FLOW_SHARE of it (NaN elsewhere: the objective uses log R(s⊤) − log q(⊤|s) there);
-        None with task.state_flow = 'reward'. Tempered like the reward (R^(1/T))."""
+        """log F(s_k) − log F(s_0) of each prefix s_k ≠ s_0 of t whose own termination holds under
+        FLOW_SHARE of its flow (NaN elsewhere: the objective derives log R(s⊤) − log q(⊤|s) there);
+        None with task.state_flow = 'reward'. Tempered like the reward (R^(1/T)).
+
+        Relative to the empty prefix: the objective adds the root's own derived flow, so the
+        known flows fix the ratios F(s)/F(s_0) and leave the scale to the policy, as modified SubTB
+        does (anchored absolutely, the ~e^floor flows of invalid text give residuals of tens of
+        nats from the first step, and the run learned valid numbers 4× later; README, levers)."""
         if self.cfg.state_flow != "exact":
             return None
         flows = self.prefix_log_flows(temperature)
-        out = []
-        for k in range(len(t.tokens) + 1):
+        root = flows[()]
+        out = [math.nan]
+        for k in range(1, len(t.tokens) + 1):
             f = flows.get(tuple(t.tokens[:k]))
             own = t.log_r[k] / temperature if t.log_r is not None else self.log_reward(t.tokens[:k]) / temperature
-            out.append(f if f is not None and own - f < math.log(FLOW_SHARE) else math.nan)
+            out.append(f - root if f is not None and own - f < math.log(FLOW_SHARE) else math.nan)
         return out
 
     # -- known-good trajectories ---------------------------------------------------------------

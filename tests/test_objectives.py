@@ -170,18 +170,19 @@ def test_importable_without_ray_vllm_transformers():
 
 
 def test_known_state_flows_replace_the_reward_derived_ones():
-    # one trajectory of 2 tokens; the task knows F at s_0 (log 1) and s_1 (log 0.5), not at s_2
+    # one trajectory of 2 tokens; the task knows F(s_1) / F(s_0) = 0.5, nothing of s_2
     log_pf = torch.tensor([[-0.7, -0.1]], requires_grad=True)
     log_pterm = torch.tensor([[-3.0, -2.0, -0.2]], requires_grad=True)
     log_r = torch.tensor([[-50.0, -50.0, -1.0]])
-    flow = torch.tensor([[0.0, -0.6931, float("nan")]])
-    F0, F1, F2 = 0.0, -0.6931, -1.0 - -0.2
+    flow = torch.tensor([[float("nan"), -0.6931, float("nan")]])
+    F0 = -50.0 - -3.0
+    F1, F2 = F0 - 0.6931, -1.0 - -0.2
     want = ((F0 - F1 - 0.7) ** 2 + (F0 - F2 - 0.8) ** 2 + (F1 - F2 - 0.1) ** 2) / 3
     loss = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]), log_flow=flow)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
-    # the known states' termination gets no gradient (its floor reward says nothing); s_2's does
-    assert log_pterm.grad[0, 0] == 0 and log_pterm.grad[0, 1] == 0 and log_pterm.grad[0, 2] != 0
+    # the known state's termination gets no gradient (its floor reward says nothing); s_0's and s_2's do
+    assert log_pterm.grad[0, 1] == 0 and log_pterm.grad[0, 0] != 0 and log_pterm.grad[0, 2] != 0
     # all-NaN flows are modified SubTB itself
     plain = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]))
     same = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]), log_flow=torch.full((1, 3), float("nan")))

@@ -122,10 +122,10 @@ def test_prefix_flows_on_a_hand_worked_support(tiny_llama):
     # tempered at T = 2: log Σ R^(1/2)
     assert task.prefix_log_flows(2.0)[()] == pytest.approx(math.log(2 * 0.5 + math.sqrt(0.5)))
 
-    # per trajectory: known where the prefix's own termination is (nearly) nothing of its flow —
-    # "" (shorter than min_len: floor) and "2" (no member) — derived from the reward at "25"
-    # (its termination is its whole flow); "13" is off the support's prefixes: unknown
-    for text, want in [("25", [0.0, math.log(0.5), None]), ("13", [0.0, math.log(0.5), None])]:
+    # per trajectory, relative to the empty prefix (whose flow the objective derives): known where
+    # the prefix's own termination is (nearly) nothing of its flow — "2" (no member); derived from
+    # the reward at "25" (its termination is its whole flow); "13" is off the support's prefixes
+    for text, want in [("25", [None, math.log(0.5), None]), ("13", [None, math.log(0.5), None])]:
         t = _traj(tok, text)
         task.score([t])
         got = task.state_log_flows(t, 1.0)
