@@ -395,6 +395,13 @@ class LearnerConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up, in optimizer steps."""
 
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warm-up: 'constant' keeps lr; 'cosine' decays it to lr × min_lr_ratio at the last
+    step (learner.steps), so the policy settles instead of jittering around the target."""
+
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """'cosine': the last step's learning rate as a fraction of lr."""
+
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clipping threshold."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -30,10 +31,7 @@ class Learner:
         self.objective = make_objective(cfg.objective, policy.device)
         groups = [{"params": policy.trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         self.optimizer = torch.optim.AdamW(groups + self.objective.param_groups())
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
 
     def terms(self, trajectories: list[Trajectory], task, reward_temperature: float) -> PolicyTerms:
@@ -105,6 +103,19 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
+
+
+def lr_factor(step: int, cfg: LearnerConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of cfg.lr: linear warm-up,
+    then constant or a cosine decay to min_lr_ratio at the last step."""
+    warmup = cfg.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - 1 - warmup)
+    done = min(1.0, max(0, step - warmup) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def state_flows(trajectories, task, reward_temperature: float, like: torch.Tensor) -> torch.Tensor | None:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import math
 import re
 
 import pytest
@@ -143,3 +144,17 @@ def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_
     assert all(0 <= json.loads(line)["invalid_mass"] <= 1 for line in (run / "metrics.jsonl").read_text().splitlines()[:3])
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_learning_rate_schedules():
+    from configs.schema import LearnerConfig
+    from learner.trainer import lr_factor
+
+    const = LearnerConfig(steps=100, warmup_steps=10)
+    assert [lr_factor(s, const) for s in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    cos = LearnerConfig(steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, cos) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f[10] == pytest.approx(1.0) and f[99] == pytest.approx(0.1)
+    assert f[10 + 89 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (89 // 2) / 89)))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
