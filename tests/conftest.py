@@ -46,6 +46,7 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
         "batch.samples_per_prompt": 8,
         "learner.steps": 3,
         "learner.warmup_steps": 0,
+        "learner.lr_schedule": "constant",  # the preset decays to 0 over its steps; these runs last 3
         "learner.lr": 1e-2,
         "eval.num_samples": 20,
         "eval.batch_size": 10,
