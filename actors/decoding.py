@@ -2,10 +2,11 @@
 
 Beam search and greedy come from transformers' `generate`. Diverse (group) beam search
 (Vijayakumar et al. 2018) left transformers' core for a hub repository that machines without a
-model hub cannot load, so `group_beam_search` implements it here: B beams in G groups; at each
-step group g picks its candidates with the log-probs of tokens already chosen by groups < g at
-this step lowered by `diversity_penalty` per use (Hamming diversity). Finished hypotheses are
-ranked by log-prob / length (transformers' default length penalty 1.0).
+model hub cannot load, so `group_beam_search` implements it here: B beams in G groups, each
+group transformers' beam search of width B / G (its defaults: length penalty 1.0, early_stopping
+False; with G = 1 and no penalty the hypotheses and their order are `generate(num_beams=B)`'s);
+at each step group g picks its candidates with the log-probs of tokens already chosen by
+groups < g at this step lowered by `diversity_penalty` per use (Hamming diversity).
 
 All functions return Z as token lists without the end token, and whether the search ended it.
 """
@@ -39,77 +40,87 @@ def hf_generate(model, prompt_ids: list[int], n: int, max_new: int, min_new: int
 @torch.no_grad()
 def group_beam_search(model, prompt_ids: list[int], num_beams: int, num_groups: int, max_new: int, min_new: int,
                       end_ids: list[int], diversity_penalty: float = 1.0, banned_ids=()) -> list[tuple[list[int], bool]]:
-    """Diverse beam search: num_beams hypotheses, num_beams / num_groups per group."""
+    """Diverse beam search: num_beams hypotheses, P = num_beams / num_groups per group.
+
+    Each group is transformers' beam search (length_penalty 1.0, early_stopping False) of width P:
+    at every step the group ranks its candidates (live beam, token) and walks its best
+    max(2, 1 + len(end_ids)) · P of them; an end token among the first P ranks offers the beam as a
+    finished hypothesis worth (log q(z) + log q(end | z)) / (|z| + 1); the first P other tokens become
+    the live beams (their score: the summed log-prob). The group keeps its best P finished hypotheses
+    by value, and is done when it holds P of them and its best live beam's score / its length is no
+    better than the worst (transformers' heuristic), or when it has no live beam left. At max_new the
+    live beams join the finished set as cut hypotheses worth log q(z) / max_new.
+
+    With several groups, groups go in order at every step and group g ranks its candidates by score
+    − diversity_penalty × (times the token was chosen for a live beam at this step by groups < g);
+    the penalty only steers the choice: scores and values stay the raw log-probs. Banned tokens are
+    taken out before the softmax (the rest renormalised); end tokens get −inf before min_new.
+
+    Returns each group's hypotheses best first (at most P: fewer when the model offers fewer
+    sequences), group after group, as (tokens without the end token, terminated)."""
     if num_beams % num_groups:
         raise ValueError(f"num_beams ({num_beams}) must be a multiple of num_groups ({num_groups})")
     per = num_beams // num_groups
+    if max_new <= 0:
+        return [([], False)] * num_groups
+    ends = set(end_ids)
+    walk = max(2, 1 + len(end_ids)) * per  # candidates a group looks at per step, as transformers does
     dev = model.device
     out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(num_beams)
-    logits = out.logits[:, -1, :].float().expand(num_beams, -1)
-    seqs: list[list[int]] = [[] for _ in range(num_beams)]
-    scores = torch.full((num_beams,), -float("inf"))
-    scores[::per] = 0.0  # one live beam per group at the start, so the group does not pick copies
-    finished: list[list[tuple[float, list[int], bool]]] = [[] for _ in range(num_groups)]
-    end = torch.tensor(end_ids)
+    logits = out.logits[:, -1, :].float()
+    live: list[list[tuple[float, list[int], int]]] = [[(0.0, [], 0)] for _ in range(num_groups)]  # (score, z, row)
+    finished: list[list[tuple[float, list[int], bool]]] = [[] for _ in range(num_groups)]  # best first, <= per
+    done = [False] * num_groups
+    end = torch.tensor(sorted(ends), dtype=torch.long)
     for step in range(max_new):
-        logits = logits.clone()
+        last = step == max_new - 1
         if banned_ids:
+            logits = logits.clone()
             logits[:, list(banned_ids)] = -float("inf")
         logp = torch.log_softmax(logits, -1).cpu()
         if step < min_new:
             logp[:, end] = -float("inf")
-        used = torch.zeros(logp.shape[1])
-        new_src, new_tok, new_score = [], [], []
+        vocab = logp.shape[1]
+        used = torch.zeros(vocab)
         for g in range(num_groups):
-            rows = list(range(g * per, (g + 1) * per))
-            if len(finished[g]) >= per and all(scores[r] == -float("inf") for r in rows):
-                new_src += rows
-                new_tok += [0] * per
-                new_score += [-float("inf")] * per
+            if done[g]:
                 continue
-            cand = scores[rows, None] + logp[rows] - diversity_penalty * used[None, :]
-            raw = scores[rows, None] + logp[rows]
-            top = torch.topk(cand.flatten(), min(2 * per, cand.numel()))
-            kept = 0
-            for flat in top.indices.tolist():
-                r, tok = rows[flat // logp.shape[1]], flat % logp.shape[1]
-                value = float(raw[flat // logp.shape[1], tok])
-                if value == -float("inf"):
-                    continue
-                if tok in end_ids:
-                    if len(finished[g]) < per:
-                        finished[g].append((value / max(1, len(seqs[r]) + 1), seqs[r], True))
-                    continue
-                new_src.append(r)
-                new_tok.append(tok)
-                new_score.append(value)
-                used[tok] += 1
-                kept += 1
-                if kept == per:
+            beams = live[g]
+            raw = torch.tensor([s for s, _, _ in beams])[:, None] + logp[[r for _, _, r in beams]]
+            ranked = raw - diversity_penalty * used[None, :] if diversity_penalty else raw
+            top = torch.topk(ranked.flatten(), min(walk, ranked.numel()))
+            chosen, offered = [], []
+            for rank, (v, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                if v == -float("inf") or len(chosen) == per:
                     break
-            while kept < per:  # not enough live candidates: pad the group with dead beams
-                new_src.append(rows[0])
-                new_tok.append(0)
-                new_score.append(-float("inf"))
-                kept += 1
-        if all(len(f) >= per for f in finished):
+                b, tok = divmod(flat, vocab)
+                _, z, row = beams[b]
+                value = float(raw[b, tok])
+                if tok in ends:
+                    if rank < per:
+                        offered.append((value / (len(z) + 1), z, True))
+                    continue
+                chosen.append((value, z + [tok], row))
+                used[tok] += 1
+            if last:  # cut at max_new: the live beams become hypotheses too
+                offered += [(s / len(z), z, False) for s, z, _ in chosen]
+            finished[g] = sorted(finished[g] + offered, key=lambda h: -h[0])[:per]
+            live[g] = chosen
+            # done: nothing left to extend, or (transformers' heuristic) the best live beam's score over
+            # its length no better than the worst of P finished hypotheses
+            full = len(finished[g]) == per
+            if not chosen or full and max(s for s, _, _ in chosen) / (step + 1) <= finished[g][-1][0]:
+                done[g] = True
+        if last or all(done):
             break
-        src = torch.tensor(new_src)
-        seqs = [seqs[s] + [t] for s, t in zip(new_src, new_tok)]
-        scores = torch.tensor(new_score)
-        cache.reorder_cache(src.to(dev))
-        logits = model(input_ids=torch.tensor(new_tok, device=dev)[:, None], past_key_values=cache,
+        beams = [b for g in range(num_groups) if not done[g] for b in live[g]]
+        cache.reorder_cache(torch.tensor([r for _, _, r in beams], device=dev))
+        logits = model(input_ids=torch.tensor([[z[-1]] for _, z, _ in beams], device=dev), past_key_values=cache,
                        use_cache=True).logits[:, -1, :].float()
-    result = []
-    for g in range(num_groups):
-        hyps = list(finished[g])
-        if len(hyps) < per:  # cut at max_new: the best live beams, not terminated
-            rows = range(g * per, (g + 1) * per)
-            live = sorted((float(scores[r]) / max(1, len(seqs[r])), seqs[r], False) for r in rows
-                          if scores[r] > -float("inf"))[::-1]
-            hyps += live[: per - len(hyps)]
-        hyps.sort(key=lambda h: -h[0])
-        result += [(h[1], h[2]) for h in hyps[:per]]
-    return result
+        k = 0
+        for g in range(num_groups):
+            if not done[g]:
+                live[g] = [(s, z, k + i) for i, (s, z, _) in enumerate(live[g])]
+                k += len(live[g])
+    return [(z, term) for g in range(num_groups) for _, z, term in finished[g]]

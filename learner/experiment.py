@@ -65,6 +65,12 @@ def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, o
 
 
 def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
+    """{method: {figure: cell}}: the mean ± sample std over the runs that report the figure as a
+    number ("0.250", without ±, from one run; NaN counts as no figure). Infinite values (e.g.
+    random_number's kl_unsmoothed when a target value was never drawn) stay out of the mean and
+    std and are counted in the cell instead: "1.000 ± 0.141 (1 of 3 inf)" when some runs are
+    finite (k of n: the runs with an infinite value, of those that report the figure), "inf"
+    when all are; "-inf" in place of "inf" for −∞, "±inf" when both occur."""
     table = {}
     for method, runs in rows.items():
         keys = sorted({k for r in runs for k in r})
@@ -73,7 +79,15 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
             xs = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])]
             if not xs:
                 continue
-            cell[k] = f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+            finite = [x for x in xs if not math.isinf(x)]
+            signs = {x > 0 for x in xs if math.isinf(x)}
+            inf = "±inf" if len(signs) == 2 else "inf" if True in signs else "-inf"
+            if not finite:
+                cell[k] = inf
+                continue
+            cell[k] = f"{statistics.mean(finite):.3f}" + (f" ± {statistics.stdev(finite):.3f}" if len(finite) > 1 else "")
+            if signs:
+                cell[k] += f" ({len(xs) - len(finite)} of {len(xs)} {inf})"
         table[method] = cell
     return table
 
@@ -90,11 +104,15 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]
     evaluated = (f"{sample['records']} evaluation records" if "records" in sample else
                  "questions per test set " + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")
+    if "records" in sample or sets or not isinstance(sample.get("samples"), (int, float)):
+        drawn = f"{first.eval.samples_per_record} samples per record and method"
+    else:  # a task without records (random_number draws eval.num_samples per prompt): its rows say how many
+        drawn = f"{int(sample['samples'])} samples per method"
     lines = [f"**{name}** ({spec.get('description', '').strip()})", "",
-             f"seeds {spec['seeds']} (column n: the runs behind each row); {first.eval.samples_per_record} samples per "
-             f"record and method; {evaluated}; "
-             f"{first.learner.steps} steps of {first.batch.prompts_per_step} × {first.batch.samples_per_prompt} trajectories; "
-             f"wall time {wall / 60:.1f} min on {os.cpu_count()} cores", "",
+             "; ".join(part for part in [
+                 f"seeds {spec['seeds']} (column n: the runs behind each row)", drawn, evaluated,
+                 f"{first.learner.steps} steps of {first.batch.prompts_per_step} × {first.batch.samples_per_prompt} trajectories",
+                 f"wall time {wall / 60:.1f} min on {os.cpu_count()} cores"] if part), "",
              "| method | n | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
     for method, cell in table.items():
         lines.append(f"| {method} | {len(rows[method])} | " + " | ".join(cell.get(k, "") for k in keys) + " |")

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -71,49 +72,106 @@ def tiny_llama_vllm(tmp_path_factory) -> str:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process can take it before the caller binds it:
+    use it only where the process being started can neither bind port 0 nor say which port it bound,
+    and retry that start when the port turns out to be taken (see `ray_head`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+RAY_START_ATTEMPTS = 5
+
+
+def _port_taken(log: str, port: int) -> bool:
+    """Whether a start failed because `port` was taken (grpc's and Python's wording of EADDRINUSE)."""
+    return any(f":{port}" in line and ("Failed to bind" in line or "Address already in use" in line)
+               for line in log.splitlines())
+
+
+def _group_listens(pgid: int, port: int) -> bool:
+    """Whether a process of the process group `pgid` listens on TCP `port`."""
+    import psutil
+
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            with contextlib.suppress(OSError):
+                if os.getpgid(c.pid) == pgid:
+                    return True
+    return False
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the process has exited, leaving it unreaped: while it is a zombie its PID, and so its
+    process group's ID, cannot be reused, and killpg reaches only its own group."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and its whole process group, nothing else."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while not _exited(proc) and time.time() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):  # what is left of the group (agents, workers outlive the leader)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head --block` on 127.0.0.1 in its own temp dir; stopped by its PID only."""
+    """`ray start --head --block` on 127.0.0.1 in its own temp dir; stopped by its process group only.
+
+    Every port the head can bind itself is 0 (GCS, dashboard, agents, metrics, workers): nothing is
+    reserved ahead, so no other process can take it in between; the dashboard's address is read from
+    the head's log. The Ray Client server has to be given a port (Ray refuses 0 and always starts it):
+    if that port was taken meanwhile, the client server fails to bind, `--block` stops the head, and
+    the start is retried with a fresh port, at most RAY_START_ATTEMPTS times. The head counts as up
+    once the job API answers and the client server listens, so it cannot fail later for its port."""
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ["PATH"])
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="gfr-")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats",
-         # free ports for the head's agents too: another Ray on the machine may hold the defaults
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash}"
+    head, temp, url = None, None, None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                urllib.request.urlopen(url + "/api/jobs/", timeout=2)  # the job API starts after the version route
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            client = free_port()
+            temp = tempfile.mkdtemp(prefix="gfr-")  # short: Ray's socket paths must fit in 107 bytes
+            log = tmp_path / f"head-{attempt}.log"
+            with open(log, "w") as out:
+                head = subprocess.Popen(
+                    [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                     "--port=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=0",
+                     f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats",
+                     "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
+                     "--runtime-env-agent-port=0", "--min-worker-port=0", "--max-worker-port=0",
+                     f"--ray-client-server-port={client}"],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            up, deadline = False, time.time() + 120
+            while not up and not _exited(head):
+                found = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", log.read_text())
+                if found:
+                    url = found.group(1)
+                    with contextlib.suppress(OSError):
+                        urllib.request.urlopen(url + "/api/version", timeout=2)
+                        urllib.request.urlopen(url + "/api/jobs/", timeout=2)  # the job API starts after the version route
+                        up = _group_listens(head.pid, client)
+                if not up:
+                    if time.time() > deadline:
+                        pytest.fail("the Ray head did not come up: " + log.read_text()[-2000:])
+                    time.sleep(0.5)
+            if up:
                 break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the Ray head did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
-                time.sleep(1)
+            _stop_group(head)
+            shutil.rmtree(temp, ignore_errors=True)
+            head, temp = None, None
+            text = log.read_text()
+            if not _port_taken(text, client) or attempt == RAY_START_ATTEMPTS:
+                pytest.fail(f"the Ray head did not come up (attempt {attempt} of {RAY_START_ATTEMPTS}): " + text[-2000:])
         yield url, env
     finally:
-        # this head's own process group (its GCS, raylet, dashboard, workers), nothing else
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        if head is not None:
+            _stop_group(head)  # this head's own process group (its GCS, raylet, dashboard, workers), nothing else
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)

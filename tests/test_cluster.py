@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.metrics import LABELS, METRICS, Metrics, exported_names
 from configs import load_config
 
-from conftest import free_port, tiny_overrides
+from conftest import tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(REPO, "cluster")
@@ -375,6 +375,19 @@ def test_the_podmonitor_keeps_gfnlms_job_label():
     assert not any(r.get("targetLabel") == "job" for e in endpoints for r in e.get("relabelings", []))
 
 
+def listening_address(proc: subprocess.Popen, log, timeout: float = 60) -> str:
+    """host:port that Prometheus bound: it logs `msg="Listening on" ... address=HOST:PORT` once its
+    listener is open (the port it was given may be 0)."""
+    deadline = time.time() + timeout
+    while True:
+        found = re.search(r'msg="Listening on".*?\baddress=(\S+)', log.read_text())
+        if found:
+            return found.group(1)
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError("Prometheus did not report its address: " + log.read_text()[-2000:])
+        time.sleep(0.2)
+
+
 def prom_query(base: str, expr: str) -> list:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     with urllib.request.urlopen(url, timeout=10) as r:
@@ -393,16 +406,23 @@ def test_a_real_prometheus_scrapes_a_ray_run_and_answers_every_panel(tiny_llama,
     with open(os.path.join(CLUSTER, "prometheus", "prometheus.yml")) as f:
         text = f.read().replace("scrape_interval: 5s", "scrape_interval: 1s")
     (conf_dir / "prometheus.yml").write_text(text)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={conf_dir / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     job = "prom-e2e"
     cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run") + [
         "runtime.mode=ray", "samplers.num_actors=2", "samplers.num_cpus=0.5", "reward.colocate=false",
         "learner.steps=40", f"metrics.job={job}", f"metrics.targets_dir={tmp_path / 'runs' / 'prometheus'}",
         "runtime.max_staleness=4"])
+    # port 0: Prometheus binds a free port itself and logs the one it bound
+    prom_log = tmp_path / "prometheus.log"
+    with open(prom_log, "w") as out:
+        prom = subprocess.Popen([PROMETHEUS, f"--config.file={conf_dir / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:0"],
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        base = "http://" + listening_address(prom, prom_log)
+    except BaseException:
+        prom.kill()
+        prom.wait()
+        raise
     answers, scraped = {}, {}
 
     def on_step(step, driver):
@@ -423,7 +443,8 @@ def test_a_real_prometheus_scrapes_a_ray_run_and_answers_every_panel(tiny_llama,
         train(cfg, str(tmp_path / "run"), on_step=on_step)
     finally:
         prom.terminate()
-        err = prom.communicate(timeout=30)[1]
+        prom.wait(timeout=30)
+        err = prom_log.read_text()
     assert set(scraped) == {"learner", "sampler-0", "sampler-1", "reward", "replay"}, (scraped, err[-2000:])
     assert min(scraped.values()) >= 2
     assert not (tmp_path / "runs" / "prometheus" / f"{job}.json").exists()  # removed with the run
