@@ -43,6 +43,52 @@ def penalize(logits: torch.Tensor, banned_ids, ban_penalty: float = math.inf) ->
                                                  dtype=logits.dtype, device=logits.device))
 
 
+def allowed_head(model, banned_ids, ban_penalty: float = math.inf):
+    """(body, head weight rows, head bias rows or None, allowed ids) when most of the vocabulary is
+    banned outright (arithmetic allows ~15 of SmolLM2's 49,152 tokens): the LM head then needs only
+    the allowed columns, and the softmax runs over them, which is the same distribution as masking
+    the rest. None when the ban is partial or finite, or the model's head is not a plain linear layer
+    over its body's last hidden state."""
+    if not len(banned_ids) or not math.isinf(ban_penalty):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    body = getattr(base, "base_model", None)
+    if (not isinstance(head, torch.nn.Linear) or body is None or body is base
+            or getattr(base.config, "final_logit_softcapping", None)):
+        return None
+    vocab = head.weight.shape[0]
+    if len(banned_ids) < vocab // 2:
+        return None
+    keep = torch.ones(vocab, dtype=torch.bool)
+    keep[torch.as_tensor(list(banned_ids), dtype=torch.long)] = False
+    allowed = keep.nonzero().squeeze(1)
+    rows = allowed.to(head.weight.device)
+    return body, head.weight[rows], None if head.bias is None else head.bias[rows], allowed
+
+
+def _subset_logprobs(head, prompt, tokens, end_ids):
+    """`sequence_logprobs` through the allowed columns of the head (`allowed_head`)."""
+    body, weight, bias, allowed = head
+    device = tokens.device
+    B, T = tokens.shape
+    out = body(input_ids=prompt, use_cache=T > 0)
+    hidden = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
+    if T > 0:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(B)
+        hidden = torch.cat([hidden, body(input_ids=tokens, past_key_values=cache, use_cache=False).last_hidden_state], dim=1)
+    logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float(), dim=-1)  # [B, T+1, A]
+    column = torch.full((int(allowed.max()) + 2,), -1, dtype=torch.long)  # ids past it: banned (the last entry)
+    column[allowed] = torch.arange(len(allowed))
+    cols = column[tokens.cpu().clamp(max=len(column) - 1)].to(device)
+    log_pf = logp[:, :T, :].gather(2, cols.clamp(min=0)[:, :, None]).squeeze(2)
+    log_pf = torch.where(cols >= 0, log_pf, torch.full_like(log_pf, -float("inf")))  # a banned token: impossible
+    ends = [int(column[e]) for e in end_ids if e < len(column) and column[e] >= 0]
+    log_pterm = torch.logsumexp(logp[:, :, ends], dim=-1) if ends else torch.full(logp.shape[:2], -float("inf"), device=device)
+    return log_pf, log_pterm
+
+
 def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
                       ban_penalty: float = math.inf):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
@@ -55,6 +101,9 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     device = tokens.device
     B, T = tokens.shape
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    head = allowed_head(model, banned_ids, ban_penalty)
+    if head is not None:
+        return _subset_logprobs(head, prompt, tokens, end_ids)
     out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:

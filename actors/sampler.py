@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .policy import penalize
+from .policy import allowed_head, penalize
 from .tools import ToolRunner
 from .trajectory import PromptRequest, SampleRequest, Trajectory
 
@@ -111,20 +111,42 @@ class TransformersSampler(PromptRows):
         finally:
             self.model.train(was_training)
 
+    def _head(self, banned, ban_penalty):
+        """The allowed columns of the LM head when most of the vocabulary is banned (`allowed_head`):
+        sampling then works over them; None: the model's own logits."""
+        return allowed_head(self.model, banned, ban_penalty)
+
+    def _step(self, head, **kw):
+        """Next-token logits [rows, V] (or [rows, allowed] through `head`) and the cache."""
+        if head is None:
+            out = self.model(**kw, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :].float().cpu(), out.past_key_values
+        body, weight, bias, _ = head
+        out = body(**kw, use_cache=True)
+        logits = torch.nn.functional.linear(out.last_hidden_state[:, -1, :], weight, bias)
+        return logits.float().cpu(), out.past_key_values
+
     def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
-        end = torch.tensor(end_ids, dtype=torch.long)
+        head = self._head(banned, ban_penalty)
+        if head is not None:  # token ids <-> columns of the allowed vocabulary
+            allowed = head[3]
+            column = {int(t): i for i, t in enumerate(allowed)}
+            end = torch.tensor([column[t] for t in end_ids if t in column], dtype=torch.long)
+            banned = []
+        else:
+            end = torch.tensor(end_ids, dtype=torch.long)
         ids, mask, positions = left_pad(prompts, self.pad_id)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=None if mask is None else mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
+        logits, cache = self._step(head, input_ids=ids.to(self.device),
+                                   attention_mask=None if mask is None else mask.to(self.device),
+                                   position_ids=positions.to(self.device))
         owner = torch.tensor([r[0] for r in rows], dtype=torch.long)  # row -> prompt
-        cache = out.past_key_values
         if len(prompts) == 1:
             cache.batch_repeat_interleave(n)
         else:
             cache.batch_select_indices(owner.to(self.device))
-        logits = out.logits[:, -1, :].float().cpu()[owner]
+        logits = logits[owner]
         if mask is not None:
             mask = mask[owner]
         next_pos = positions[owner, -1] + 1
@@ -142,7 +164,10 @@ class TransformersSampler(PromptRows):
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
-            tok_l, lp_l, end_l = tok.tolist(), lp.tolist(), torch.isin(tok, end).tolist()
+            is_end_l = torch.isin(tok, end).tolist()
+            if head is not None:
+                tok = allowed[tok]
+            tok_l, lp_l, end_l = tok.tolist(), lp.tolist(), is_end_l
             for i, row in enumerate(alive.tolist()):
                 if forced[row]:  # an environment step: no choice, no log-prob, no termination
                     tok_l[i], end_l[i] = forced[row].pop(0), False
@@ -170,11 +195,10 @@ class TransformersSampler(PromptRows):
                     mask = mask[kept]
             if mask is not None:
                 mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
-            logits = self.model(
-                input_ids=tok[keep][:, None].to(self.device), past_key_values=cache, use_cache=True,
+            logits, cache = self._step(
+                head, input_ids=tok[keep][:, None].to(self.device), past_key_values=cache,
                 attention_mask=None if mask is None else mask.to(self.device),
-                position_ids=next_pos[:, None].to(self.device),
-            ).logits[:, -1, :].float().cpu()
+                position_ids=next_pos[:, None].to(self.device))
             next_pos = next_pos + 1
         return [
             Trajectory(

@@ -466,7 +466,8 @@ class RunConfig(Section):
     """Steps between metric lines in metrics.jsonl."""
 
     torch_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads; unset keeps torch's default (which honours OMP_NUM_THREADS)."""
+    """torch intra-op threads of the learner's process; unset: every core in runtime.mode local (one
+    process holds the machine), torch's default in ray mode (which honours OMP_NUM_THREADS)."""
 
     progress: bool = True
     """Show a progress bar on the terminal."""

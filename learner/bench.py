@@ -182,66 +182,124 @@ def pipeline(args, model: str) -> None:
     print(f"chained / driver's path: {rates[True] / rates[False]:.1f}x")
 
 
-def stages(args) -> int:
-    """`gfnlm bench training`: one local training step at a time, timed per stage: sampling (tool
-    calls included), scoring (every prefix, and only the terminable ones, on the same batch),
-    replay, update. Prints seconds per stage, their shares, and trajectories/s."""
-    import math
+class ModelWork:
+    """Counts what forward passes push through the models while a stage runs: input tokens (each
+    runs through the transformer body) and LM-head rows (each a d × V matmul), by forward hooks on
+    each model's input embedding and output layer. FLOPs: 2·N_body per token and 2·d·V per head row
+    forward (N_body: the parameters outside the embedding and the head); a backward pass through
+    frozen weights to the adapters costs about the same again (activation gradients; the adapters'
+    own weight gradients are rank-r and left out). Attention scores and softmax are not counted
+    (4·L·d per token and layer: ~10 % of the body at the ~300-token contexts of these presets)."""
 
+    def __init__(self, models):
+        self.tokens = self.rows = 0
+        self.handles = []
+        self.flops_per_token = self.flops_per_row = 0.0
+        seen = set()
+        for m in models:
+            base = m.get_base_model() if hasattr(m, "get_base_model") else m
+            if base is None or id(base) in seen:
+                continue
+            seen.add(id(base))
+            emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+            n_body = sum(p.numel() for n, p in base.named_parameters()
+                         if p.data_ptr() not in {emb.weight.data_ptr(), head.weight.data_ptr()})
+            self.flops_per_token = max(self.flops_per_token, 2.0 * n_body)
+            self.flops_per_row = max(self.flops_per_row, 2.0 * head.weight.numel())
+            self.handles.append(emb.register_forward_hook(self._count_tokens))
+            self.handles.append(head.register_forward_hook(self._count_rows))
+
+    def _count_tokens(self, module, inputs, output):
+        self.tokens += inputs[0].numel()
+
+    def _count_rows(self, module, inputs, output):
+        self.rows += inputs[0].shape[:-1].numel()
+
+    def take(self) -> tuple[int, int]:
+        """(tokens, head rows) since the last take."""
+        out = (self.tokens, self.rows)
+        self.tokens = self.rows = 0
+        return out
+
+    def flops(self, tokens: float, rows: float) -> float:
+        """Forward FLOPs of that work (a backward through it: about the same again)."""
+        return tokens * self.flops_per_token + rows * self.flops_per_row
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+STAGES = ("sample", "score", "forward", "backward", "optimizer", "replay", "other")
+
+
+def stages(args) -> int:
+    """`gfnlm bench training`: local training steps taken apart. Per stage (sampling with its tools,
+    scoring, the learner's forward, backward and optimizer step, replay, the rest): seconds per step,
+    the tokens and LM-head rows it pushed through the models, the FLOPs they imply (`ModelWork`), and
+    that as a fraction of the machine's measured fp32 matmul rate at the same thread count."""
     from actors.sampler import RequestServer
 
     from .loop import build, plan_request, replay_wanted
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config or "arithmetic.yaml", list(args.override) + ["run.progress=false", "runtime.mode=local"])
+    cfg = load_config(args.config or "arithmetic.yaml", list(args.override) + [
+        "run.progress=false", "runtime.mode=local", f"run.torch_threads={args.threads}"])
+    rate = matmul_flops()
     c = build(cfg)
     serve = RequestServer(c.sampler, c.policy.tokenizer)
     task = c.task
-    totals = {"sample": 0.0, "score": 0.0, "score_every_prefix": 0.0, "replay": 0.0, "update": 0.0}
-    n_traj = n_tokens = n_tool = 0
+    work = ModelWork([c.policy.model, getattr(getattr(task, "lm", None), "model", None)])
+    secs = {k: 0.0 for k in STAGES}
+    tokens = {k: [0, 0] for k in STAGES}
+    n_traj = n_fresh = n_tool = 0
     for step in range(args.steps + 1):  # the first step warms up and is not counted
-        rids = c.scheduler.next()
         t0 = time.perf_counter()
+        work.take()
+        rids = c.scheduler.next()
         req, counts = plan_request(cfg, task, rids, [c.replay.size(r) for r in rids], c.generator)
         fresh = serve(req)
         t1 = time.perf_counter()
+        got = {"sample": work.take()}
         task.score(fresh)
         t2 = time.perf_counter()
-        every = None
-        if hasattr(task, "lm") and task.lm is not None and hasattr(task, "suffix_ids"):
-            copies = [type(t)(**{**t.__dict__, "log_r": None}) for t in fresh]
-            by_rec: dict[int, list] = {}
-            for t in copies:
-                by_rec.setdefault(t.record_id, []).append(t)
-            t_every = time.perf_counter()
-            for rid, ts in by_rec.items():
-                task.lm.score(task.context_ids(rid), ts, suffix_ids=task.suffix_ids(rid),
-                              shared=len(getattr(task, "shot_ids", [])))
-            every = time.perf_counter() - t_every
-        t3 = time.perf_counter()
+        got["score"] = work.take()
         c.replay.add(fresh)
         mixed = fresh + c.replay.sample_many(replay_wanted(req, counts), 1.0)
+        t3 = time.perf_counter()
+        got["replay"] = work.take()
+        out = c.learner.update([mixed], task, 1.0)
         t4 = time.perf_counter()
-        c.learner.update([mixed], task, 1.0)
-        t5 = time.perf_counter()
+        got["forward"] = work.take()
         if step == 0:
             continue
-        totals["sample"] += t1 - t0
-        totals["score"] += t2 - t1
-        totals["score_every_prefix"] += every if every is not None else math.nan
-        totals["replay"] += t4 - t3
-        totals["update"] += t5 - t4
+        parts = {"sample": t1 - t0, "score": t2 - t1, "replay": t3 - t2, "forward": out["forward_seconds"],
+                 "backward": out["backward_seconds"], "optimizer": out["optimizer_seconds"]}
+        parts["other"] = (t4 - t0) - sum(parts.values())
+        for k, v in parts.items():
+            secs[k] += v
+        for k, (tk, rw) in got.items():
+            tokens[k][0] += tk
+            tokens[k][1] += rw
+        tokens["backward"] = list(tokens["forward"])  # the backward runs back through the forward's tokens
         n_traj += len(mixed)
-        n_tokens += sum(t.length for t in fresh)
+        n_fresh += len(fresh)
         n_tool += sum(sum(t.tool_mask) for t in fresh if t.tool_mask)
-    step_s = totals["sample"] + totals["score"] + totals["replay"] + totals["update"]
-    print(f"gfnlm bench training: {cfg.task.type}, {args.steps} steps of {cfg.batch.prompts_per_step} records × "
-          f"{cfg.batch.samples_per_prompt} trajectories, {args.threads} torch thread(s)")
-    print(f"  fresh tokens per step {n_tokens / args.steps:.0f} (tool-inserted {n_tool / args.steps:.0f})")
-    for name in ("sample", "score", "replay", "update"):
-        print(f"  {name:<8} {totals[name] / args.steps:7.2f} s/step  {100 * totals[name] / step_s:5.1f} %")
-    if not math.isnan(totals["score_every_prefix"]):
-        print(f"  scoring every prefix instead: {totals['score_every_prefix'] / args.steps:.2f} s/step "
-              f"(×{totals['score_every_prefix'] / max(totals['score'], 1e-9):.2f} the terminable-only pass)")
-    print(f"  trained trajectories/s {n_traj / step_s:.2f}")
+    work_total = sum(secs.values())
+    n = args.steps
+    print(f"gfnlm bench training: {cfg.task.type}, {n} steps of {cfg.batch.prompts_per_step} records × "
+          f"{cfg.batch.samples_per_prompt} trajectories ({n_fresh / n:.0f} fresh, {(n_traj - n_fresh) / n:.0f} replayed "
+          f"per step), {args.threads} torch thread(s); machine fp32 matmul {rate / 1e9:.1f} GFLOP/s")
+    print(f"  per token {work.flops_per_token / 1e6:.0f} MFLOP (body), per LM-head row {work.flops_per_row / 1e6:.0f} MFLOP; "
+          f"tool-inserted tokens per step {n_tool / n:.0f}")
+    print(f"  {'stage':<10} {'s/step':>7} {'share':>6} {'tokens':>7} {'head rows':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'of rate':>8}")
+    for k in STAGES:
+        tk, rw = tokens[k][0] / n, tokens[k][1] / n
+        gf = work.flops(tk, rw) / 1e9
+        s_ = secs[k] / n
+        achieved = gf / s_ if s_ > 0 else 0.0
+        print(f"  {k:<10} {s_:7.2f} {100 * secs[k] / work_total:5.1f}% {tk:7.0f} {rw:9.0f} {gf:7.1f} {achieved:8.1f} "
+              f"{100 * achieved * 1e9 / rate:7.0f}%")
+    print(f"  step {work_total / n:.2f} s; trained trajectories/s {n_traj / work_total:.2f}")
+    work.close()
     return 0

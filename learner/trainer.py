@@ -64,20 +64,28 @@ class Learner:
         """One collected batch: one optimizer step over its micro-batches (gradients accumulated),
         or, for an objective that plans its own (PPO: epochs of minibatches), each step it plans."""
         t0 = time.perf_counter()
+        clock = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
         self.policy.model.train()
         plan = getattr(self.objective, "plan", None)
         steps = plan(micro_batches, self.policy, task, reward_temperature) if plan else [micro_batches]
+        clock["forward_seconds"] += time.perf_counter() - t0  # PPO's reference pass counts as forward
         params = self.policy.trainable_parameters() + self.objective.extra_parameters()
         totals: dict[str, float] = defaultdict(float)
         for step in steps:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum, extra = 0.0, {}
             for mb in step:
+                t1 = time.perf_counter()
                 loss, extra = self.loss(mb, task, reward_temperature)
+                t2 = time.perf_counter()
                 (loss / len(step)).backward()
                 loss_sum += loss.item() / len(step)
+                clock["forward_seconds"] += t2 - t1
+                clock["backward_seconds"] += time.perf_counter() - t2
+            t3 = time.perf_counter()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
             self.optimizer.step()
+            clock["optimizer_seconds"] += time.perf_counter() - t3
             totals["loss"] += loss_sum / len(steps)
             totals["grad_norm"] += float(grad_norm) / len(steps)
             for k, v in extra.items():
@@ -85,7 +93,7 @@ class Learner:
         self.scheduler.step()
         self.step += 1
         self.policy.version = self.step
-        return {**totals, "lr": self.scheduler.get_last_lr()[0], "update_seconds": time.perf_counter() - t0}
+        return {**totals, "lr": self.scheduler.get_last_lr()[0], "update_seconds": time.perf_counter() - t0, **clock}
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ def tiny_overrides(model_dir: str, run_dir, targets=LLAMA_TARGETS, **extra) -> l
         "task.max_len": 2,
         "replay.capacity_per_prompt": 32,
         "runtime.mode": "local",
+        "run.torch_threads": 1,  # the suite's processes share the machine
         "metrics.port": 0,
         "metrics.targets_dir": "null",  # tests write no targets into the checkout's runs/
     }

@@ -140,3 +140,75 @@ def test_sampler_is_seeded(tiny_llama):
     prompt = policy.tokenizer(PROMPT).input_ids
     runs = [TransformersSampler(policy.model, seed=5).generate(0, prompt, 8, 1.0, 1, 3, [18]) for _ in range(2)]
     assert [t.tokens for t in runs[0]] == [t.tokens for t in runs[1]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_mostly_banned_vocabulary_samples_through_the_allowed_head_columns(kind, tiny_llama, tiny_gpt2):
+    """With most of the vocabulary banned outright (arithmetic's digits and ",.=+-"), the engine computes
+    the LM head's allowed columns only: the same distribution, so its log-probs are the teacher-forced
+    ones with those tokens banned, and no banned token is ever drawn; prompts of several lengths."""
+    policy = make_policy(tiny_llama if kind == "llama" else tiny_gpt2, kind)
+    tok = policy.tokenizer
+    allowed = [tok.convert_tokens_to_ids(c) for c in "01234."]
+    end = [tok.convert_tokens_to_ids(".")]
+    banned = sorted(set(range(len(tok))) - set(allowed))
+    engine = TransformersSampler(policy.model, seed=3, pad_id=tok.pad_token_id)
+    assert engine._head(banned, math.inf) is not None and engine._head(banned[:3], math.inf) is None
+    assert engine._head(banned, 5.0) is None  # a finite penalty keeps every token possible
+    from actors.trajectory import PromptRequest
+
+    prompts = [tok.encode(PROMPT), tok.encode("x: ")]
+    trajs = engine.generate_batch([PromptRequest(0, prompts[0], 12, [1.0, 1.0]), PromptRequest(1, prompts[1], 10)],
+                                  1, 6, end, banned)
+    assert len(trajs) == 24 and all(set(t.tokens) <= set(allowed) - set(end) for t in trajs)
+    assert any(t.terminated for t in trajs) and any(t.length > 1 for t in trajs)
+    for rid, p in enumerate(prompts):
+        ts = [t for t in trajs if t.record_id == rid]
+        with torch.no_grad():
+            log_pf, log_pterm, _, _ = policy.logprobs(p, ts, end, banned)
+        for b, t in enumerate(ts):
+            want = log_pf[b, : t.length].clone()
+            want[0] -= math.log1p(-math.exp(float(log_pterm[b, 0])))  # ⊤ masked before min_len = 1
+            assert_close(torch.tensor(t.logprobs), want, atol=1e-5, rtol=0)
+            if t.terminated:
+                assert t.end_logprob == pytest.approx(float(log_pterm[b, t.length]), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_teacher_forcing_through_the_allowed_head_columns_equals_the_masked_full_softmax(kind, tiny_llama, tiny_gpt2):
+    """The learner's pass with most of the vocabulary banned (the head's allowed columns only) gives the
+    log-probs and the gradients of the full softmax with the banned tokens masked; a banned token in a
+    trajectory is impossible (-inf), as before."""
+    from actors.policy import allowed_head, penalize
+
+    policy = make_policy(tiny_llama if kind == "llama" else tiny_gpt2, kind)
+    tok = policy.tokenizer
+    allowed = [tok.convert_tokens_to_ids(c) for c in "0123456789.=+- "]
+    end = [tok.convert_tokens_to_ids(".")]
+    banned = sorted(set(range(len(tok))) - set(allowed))
+    assert allowed_head(policy.model, banned) is not None
+    prompt = tok.encode(PROMPT)
+    seqs = [[tok.convert_tokens_to_ids(c) for c in s] for s in ["1+2=3", "40", "", "9-9 = 0"]]
+    trajs = [Trajectory(0, s) for s in seqs]
+    params = policy.trainable_parameters()
+    log_pf, log_pterm, lengths, _ = policy.logprobs(prompt, trajs, end, banned)
+    mask = torch.arange(log_pf.shape[1])[None, :] < lengths[:, None]
+    states = torch.arange(log_pterm.shape[1])[None, :] <= lengths[:, None]
+    got = torch.autograd.grad((torch.where(mask, log_pf, 0).sum() + torch.where(states, log_pterm, 0).sum()), params)
+    want_pf, want_pt, want_total = [], [], 0.0
+    for seq in seqs:  # the definition: the whole sequence, every banned logit at -inf, full softmax
+        ids = torch.tensor([prompt + seq])
+        logp = torch.log_softmax(penalize(policy.model(input_ids=ids).logits[0].float(), banned), -1)[len(prompt) - 1:]
+        pf = torch.stack([logp[k, t] for k, t in enumerate(seq)]) if seq else torch.zeros(0)
+        pt = torch.logsumexp(logp[:, end], -1)
+        want_pf.append(pf)
+        want_pt.append(pt)
+        want_total = want_total + pf.sum() + pt.sum()
+    want = torch.autograd.grad(want_total, params)
+    for b, seq in enumerate(seqs):
+        assert_close(log_pf[b, : len(seq)], want_pf[b], atol=1e-5, rtol=1e-5)
+        assert_close(log_pterm[b, : len(seq) + 1], want_pt[b], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert_close(g, w, atol=1e-4, rtol=1e-4)
+    bad, _, _, _ = policy.logprobs(prompt, [Trajectory(0, [tok.convert_tokens_to_ids("a")])], end, banned)
+    assert bad[0, 0].item() == -float("inf")

@@ -38,7 +38,7 @@ def test_a_short_run_raises_valid_numbers(smollm2_dir, tmp_path):
     # 60; 0.66 at 40, 0.52 at 50: the first steps buy valid text, KL rises before it falls)
     cfg = load_config("random_number.yaml", [
         "learner.steps=60", "learner.lr=5e-4", "learner.warmup_steps=0", "learner.lr_schedule=constant",
-        "runtime.mode=local", f"run.output_dir={tmp_path}", "run.progress=false", "run.checkpoint_every=100",
+        "runtime.mode=local", "run.torch_threads=1", f"run.output_dir={tmp_path}", "run.progress=false", "run.checkpoint_every=100",
     ])
     c = build(cfg)
     with c.policy.model.disable_adapter():
