@@ -77,13 +77,51 @@ def evaluate(expr: str, max_digits: int = 30) -> int | None:
     return value if value is not None and pos == len(toks) else None
 
 
+def last_operands(expr: str, k: int) -> str | None:
+    """The part of an expression made of its last k operands and the operators between them
+    ("6 - 0 - 4", k = 2 -> "0 - 4"; a unary minus stays with its operand), or None when it is not an
+    expression of integers, unary minus, `+`, `-` and `*`."""
+    toks = _tokens(expr)
+    if not toks:
+        return None
+    operands: list[list[str]] = []  # each: unary minuses, then the number
+    ops: list[str] = []
+    current: list[str] = []
+    expect_operand = True
+    for t in toks:
+        if expect_operand:
+            current.append(t)
+            if t.isdigit():
+                operands.append(current)
+                current, expect_operand = [], False
+            elif t != "-":
+                return None
+        elif t in "+-*":
+            ops.append(t)
+            expect_operand = True
+        else:
+            return None
+    if expect_operand:  # empty, or ends with an operator
+        return None
+    keep = operands[-k:]
+    between = ops[len(ops) - (len(keep) - 1):] if len(keep) > 1 else []
+    parts = [" ".join(keep[0])]
+    for op, operand in zip(between, keep[1:]):
+        parts += [op, " ".join(operand)]
+    return " ".join(parts)
+
+
 @dataclass
 class Calculator:
     """Evaluates the expression that ends the text (after the last character that cannot belong
-    to one, e.g. ',' or ':') and inserts `fmt` with its value: "2 + 3 * 4 =" gives " 14"."""
+    to one, e.g. ',' or ':') and inserts `fmt` with its value: "2 + 3 * 4 =" gives " 14". With
+    `max_operands` only the last that many operands before the trigger are evaluated ("6 - 0 - 4 ="
+    with 2 gives " -4"): the authors' arithmetic experiment (limit_capability 2), so that copying
+    the question and pressing "=" does not answer it."""
 
     trigger: str = "="
     fmt: str = " {}"
+    max_operands: int | None = None
 
     def __call__(self, text: str) -> str:
         if not text.endswith(self.trigger):
@@ -91,6 +129,8 @@ class Calculator:
         body = text[: len(text) - len(self.trigger)]
         tail = _EXPR_TAIL.search(body).group(0)
         # a leading '-' glued to the previous word is a dash, not a sign
+        if tail.strip() and self.max_operands is not None:
+            tail = last_operands(tail, self.max_operands) or ""
         value = evaluate(tail) if tail.strip() else None
         return "" if value is None else self.fmt.format(value)
 
@@ -99,7 +139,7 @@ def make_tools(configs: Sequence) -> list[Tool]:
     tools: list[Tool] = []
     for c in configs:
         if c.kind == "calculator":
-            tools.append(Calculator(trigger=c.trigger, fmt=c.format))
+            tools.append(Calculator(trigger=c.trigger, fmt=c.format, max_operands=c.max_operands))
         else:  # pragma: no cover - the config schema admits nothing else
             raise ConfigError(f"sampler.tools: unknown tool kind {c.kind!r}")
     return tools

@@ -123,6 +123,10 @@ class CalculatorTool(Section):
     format: str = " {}"
     """Text inserted, with {} replaced by the value."""
 
+    max_operands: int | None = Field(None, ge=2)
+    """Evaluate only the last this many operands before the trigger (2: one binary operation, as in
+    the authors' arithmetic experiment); unset: the whole expression."""
+
     @field_validator("format")
     @classmethod
     def _has_slot(cls, v):

@@ -37,3 +37,30 @@ def test_runner_fires_on_the_trigger_and_returns_tokens(tiny_llama):
     assert tok.decode(runner.insertion(ids)) == " 42"
     assert runner.insertion(ids[:-1]) is None  # text does not end with '='
     assert runner.insertion(tok.encode("x =", add_special_tokens=False)) == []  # fired, nothing to say
+
+
+@pytest.mark.parametrize("expr, k, part", [
+    ("6 - 0 - 4", 2, "0 - 4"), ("6 - 0 - 4", 3, "6 - 0 - 4"), ("6 - 0 - 4", 9, "6 - 0 - 4"), ("7", 2, "7"),
+    ("3 - -2", 2, "3 - - 2"), ("-6 + 3 * 2", 2, "3 * 2"), ("1 + 2 +", 2, None), ("", 2, None), ("2 ** 3", 2, None),
+])
+def test_last_operands(expr, k, part):
+    from actors.tools import last_operands
+
+    assert last_operands(expr, k) == part
+
+
+def test_a_calculator_limited_to_two_operands_does_one_operation():
+    """The authors' arithmetic experiment: copying the question and pressing '=' does not answer it."""
+    calc = Calculator(max_operands=2)
+    assert calc(" 6 - 0 - 4 =") == " -4"
+    assert calc("Question: 9 + 4 - 8 = ? Answer: 9 + 4 = 13, 13 - 8 =") == " 5"
+    assert calc(" 2 + 3 * 4 =") == " 12"
+    assert calc(" 5 =") == " 5" and calc(" 5 - =") == ""
+    assert Calculator()(" 6 - 0 - 4 =") == " 2"  # unlimited: the whole expression
+    from actors.tools import make_tools
+    from configs.schema import CalculatorTool
+
+    tool, = make_tools([CalculatorTool(max_operands=2)])
+    assert tool(" 1 + 1 + 1 =") == " 2"
+    with pytest.raises(ValueError):
+        CalculatorTool(max_operands=1)
