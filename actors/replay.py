@@ -102,6 +102,23 @@ class Replay:
             self.metrics.get("gfnlm_replay_size", actor="replay").set(self.size())
         return kept
 
+    def refresh(self, trajectories: list[Trajectory]) -> int:
+        """Write back log R and reward version of rescored copies (a reward that learns, the
+        M-step's, changed since they were added): the kept entry with the same record and tokens
+        takes them, and its buffer is ordered by the new rewards, so priorities, eviction and
+        near-duplicate checks compare rewards of one version. Returns how many entries changed."""
+        records, count = set(), 0
+        for t in trajectories:
+            for u in self.buffers.get(t.record_id, []):
+                if u.tokens == t.tokens and (u.log_r != t.log_r or u.reward_version != t.reward_version):
+                    u.log_r, u.reward_version = list(t.log_r), t.reward_version
+                    records.add(t.record_id)
+                    count += 1
+                    break
+        for rid in records:
+            self.buffers[rid].sort(key=lambda u: -u.final_log_r)
+        return count
+
     def size(self, record_id: int | None = None) -> int:
         if record_id is None:
             return sum(len(b) for b in self.buffers.values())

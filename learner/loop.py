@@ -184,8 +184,9 @@ def collect(c: Components, record_ids: list[int], temperature: float, serve=None
     replayed = c.replay.sample_many(replay_wanted(req, counts), temperature)
     version = getattr(c.task, "reward_version", 0)
     stale = [t for t in replayed if t.reward_version != version]
-    if stale:  # scored by a reward that has changed since (the M-step's): score them again
-        c.task.score(stale)
+    if stale:  # scored by a reward that has changed since (the M-step's): score them again, and keep
+        c.task.score(stale)  # the new values in the buffer (its priorities and eviction compare them)
+        c.replay.refresh(stale)
     return fresh, fresh + replayed
 
 

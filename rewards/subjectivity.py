@@ -38,9 +38,10 @@ class SubjectivityTask(InfillingTask):
     def __init__(self, cfg, tokenizer, prefixes: str = "every"):
         super().__init__(cfg, tokenizer, prefixes)
         self.reward_version = 0
-        self._prefers_true: dict[int, bool] = {}
-        """id(trajectory) -> whether the reward LM preferred the true label after its whole Z, from
-        the last time it was scored (what `is_valid` reads instead of classifying again)."""
+        self._prefers_true: dict[tuple, bool] = {}
+        """(record, tokens, reward version) -> whether the reward LM preferred the true label after
+        that Z when it was scored (what `is_valid` reads instead of classifying again). Keyed by
+        content: Python reuses the id() of a collected trajectory for a new one."""
 
     @staticmethod
     def columns(cfg) -> list[str]:
@@ -99,7 +100,10 @@ class SubjectivityTask(InfillingTask):
                 t.reward_version = self.reward_version
                 if len(self._prefers_true) > 100_000:
                     self._prefers_true.clear()
-                self._prefers_true[id(t)] = not w[t.length] > r[t.length]
+                self._prefers_true[self._verdict_key(t)] = not w[t.length] > r[t.length]
+
+    def _verdict_key(self, t: Trajectory) -> tuple:
+        return t.record_id, tuple(t.tokens), self.reward_version
 
     def seed_trajectories(self, record_id: int) -> list[Trajectory]:
         """The base model's own continuations of X (sampled, adapter off)."""
@@ -140,7 +144,7 @@ class SubjectivityTask(InfillingTask):
         """Ended by the policy, allowed tokens, and the reward LM then prefers the true label."""
         if not super().is_valid(t):
             return False
-        known = self._prefers_true.get(id(t))
+        known = self._prefers_true.get(self._verdict_key(t))
         return known if known is not None else self.classify([t])[0] == self.label(t.record_id)
 
     def few_shot_prompt(self, record_id: int, k: int) -> list[int]:

@@ -135,3 +135,24 @@ def test_near_duplicate_check_with_the_multiset_bound_is_exact():
         limit = 0.25 * (len(a) + len(b))
         exact = a == b or (limit > 0 and edit_distance(tuple(a), tuple(b)) < limit)
         assert r._near(ta, tb) == exact, (a, b)
+
+
+def test_rescored_copies_are_written_back_and_reorder_the_buffer():
+    """A reward that learns (the M-step's) rescored two drawn copies: the buffer takes their new log R
+    and version, so its order, eviction and dedup compare rewards of one version."""
+    r = Replay(capacity_per_prompt=3, dedup_fraction=0.0)
+    ts = [Trajectory(0, [i], log_r=[0.0, -float(i)]) for i in range(3)]
+    r.add(ts)
+    assert [u.tokens for u in r.buffers[0]] == [[0], [1], [2]]
+    drawn = r.sample(0, 3)
+    for u in drawn:
+        if u.tokens == [2]:
+            u.log_r, u.reward_version = [0.0, 5.0], 1
+        if u.tokens == [0]:
+            u.log_r, u.reward_version = [0.0, -9.0], 1
+    assert r.refresh(drawn) == 2
+    assert [u.tokens for u in r.buffers[0]] == [[2], [1], [0]]
+    assert [u.reward_version for u in r.buffers[0]] == [1, 0, 1] and r.buffers[0][0].final_log_r == 5.0
+    # a new trajectory now competes with the new values: it beats [0] (-9) for the last place
+    assert r.add([Trajectory(0, [7], log_r=[0.0, -4.0])]) == 1
+    assert [u.tokens for u in r.buffers[0]] == [[2], [1], [7]]

@@ -123,3 +123,42 @@ def test_em_in_ray_mode_is_refused():
 
     with pytest.raises(ConfigError, match="runs with runtime.mode=local"):
         load_config("subjectivity.yaml", ["runtime.mode=ray"])
+
+
+def test_after_an_m_phase_the_replay_buffer_keeps_the_rescored_rewards(tiny_llama, tmp_path):
+    from learner.loop import LocalDriver, collect
+
+    d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path)))
+    c = d.c
+    for _ in range(2):  # the second step ends with an M phase: the reward's version is 1
+        d.step(1.0)
+    assert c.task.reward_version == 1
+    fresh, mixed = collect(c, c.task.train_ids[:2], 1.0, d.serve)
+    replayed = [t for t in mixed if not any(t is f for f in fresh)]
+    assert replayed
+    for t in replayed:
+        kept, = [u for u in c.replay.buffers[t.record_id] if u.tokens == t.tokens]
+        assert kept.reward_version == 1 and kept.log_r == t.log_r
+    for buf in c.replay.buffers.values():  # ordered by the rewards it holds
+        assert [u.final_log_r for u in buf] == sorted((u.final_log_r for u in buf), reverse=True)
+
+
+def test_the_label_verdict_cache_is_keyed_by_the_trajectory_not_its_id(tiny_llama, tmp_path):
+    """is_valid reads the verdict the scoring pass left; a different Z (here: the same object with
+    other tokens, as a new trajectory that Python gives a collected one's id) is classified anew."""
+    from actors.trajectory import Trajectory
+    from learner.loop import build
+
+    c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
+    task = c.task
+    tok = c.policy.tokenizer
+    t = Trajectory(0, tok.encode(" dull", add_special_tokens=False))
+    task.score([t])
+    calls = []
+    real = task.classify
+    task.classify = lambda ts: calls.append(len(ts)) or real(ts)
+    task.is_valid(t)
+    assert calls == []  # the scoring pass's verdict
+    t.tokens = tok.encode(" odd", add_special_tokens=False)
+    task.is_valid(t)
+    assert calls == [1]  # another Z: classified, not the old verdict
