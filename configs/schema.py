@@ -332,6 +332,12 @@ class SubTBObjective(Section):
     lam: float = Field(1.0, ge=0)
     """λ: pair (i, j) weighs λ^(j-i-1). 1.0 in the paper; 0 is detailed balance."""
 
+    states: Literal["every", "can_end"] = "every"
+    """Which prefixes are states that can end. 'every': all of them, those before task.min_len with
+    the floor reward and the unmasked q(⊤ | s) (the paper's code). 'can_end': only those the samplers
+    may end at; ⊤ is out of q before min_len, sub-trajectories are balanced between states that can
+    end, and a first state that cannot end takes the batch's estimate of its flow per record."""
+
 
 class TBObjective(Section):
     """Trajectory balance with a learned log Z, for rewards known only at the end."""

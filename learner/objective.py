@@ -32,12 +32,18 @@ class PolicyTerms:
     """The micro-batch's trajectories in row order (objectives with per-trajectory state: PPO)."""
     log_flow: torch.Tensor | None = None
     """Known (tempered) log F(s_k) - log F(s_0) of prefixes [B, T+1], NaN where unknown; None: none known."""
+    can_end: torch.Tensor | None = None
+    """[B, T+1] False where a state cannot end (before the task's min_len), for objectives that
+    `masks_end`; None: every state is treated as one that can end."""
 
 
 class Objective(Protocol):
     name: str
     samples: bool
     """True when it trains on sampled trajectories (samplers, rewards, replay); False: references."""
+    masks_end: bool
+    """True when it uses the policy the samplers draw from: ⊤ taken out of q before min_len and the
+    rest renormalised (`actors.policy.mask_end`), those states marked in PolicyTerms.can_end."""
 
     def param_groups(self) -> list[dict]: ...
     def extra_parameters(self) -> list[torch.Tensor]: ...
@@ -63,19 +69,29 @@ class _Stateless:
 
 
 class SubTB(_Stateless):
+    """Modified SubTB. `states: every` (the default) treats every prefix as a state that can end, the
+    ones before min_len with the floor reward and the unmasked q(⊤ | s); `states: can_end` takes ⊤
+    out of q there (as the samplers do), balances sub-trajectories between the states that can end
+    only, and gives the first state, when it cannot end, the batch's estimate of its flow per record
+    (VarGrad's log Z, `subtb_loss`'s root_groups), so the first tokens stay in balanced pairs."""
+
     name, samples = "subtb", True
 
     def __init__(self, cfg, device):
         self.lam = cfg.lam
+        self.masks_end = cfg.states == "can_end"
 
     def loss(self, terms: PolicyTerms):
+        groups = None
+        if terms.can_end is not None and not bool(terms.can_end[:, 0].any()):
+            groups = torch.tensor([t.record_id for t in terms.trajectories], device=terms.log_pf.device)
         loss = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, lam=self.lam, tool_mask=terms.tool_mask,
-                          log_flow=terms.log_flow)
+                          log_flow=terms.log_flow, can_end=terms.can_end, root_groups=groups)
         return loss, {}
 
 
 class TB:
-    name, samples = "tb", True
+    name, samples, masks_end = "tb", True, True
 
     def __init__(self, cfg, device):
         self.log_z = torch.nn.Parameter(torch.zeros((), device=device))
@@ -101,7 +117,7 @@ class TB:
 
 
 class SFT(_Stateless):
-    name, samples = "sft", False
+    name, samples, masks_end = "sft", False, True
 
     def __init__(self, cfg, device):
         pass
@@ -116,7 +132,7 @@ class PPO:
     penalty to the frozen base model (the adapter switched off), and `epochs` passes of
     `minibatches` optimizer steps over each collected batch (`plan`)."""
 
-    name, samples = "ppo", True
+    name, samples, masks_end = "ppo", True, True
 
     def __init__(self, cfg, device):
         self.cfg = cfg
@@ -146,7 +162,7 @@ class PPO:
             with torch.no_grad(), policy.model.disable_adapter():
                 for rid, ts in by_record.items():
                     log_pf, log_pterm, lengths, tool = policy.logprobs(task.prompt_ids(rid), ts, task.end_ids,
-                                                                       task.banned_ids, task.ban_penalty)
+                                                                       task.banned_ids, task.ban_penalty, task.min_len)
                     terminated = torch.tensor([t.terminated for t in ts])
                     ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
                     for t, row in zip(ts, ref.tolist()):

@@ -8,9 +8,14 @@ Notation (batch of B trajectories padded to T sampled tokens):
   lengths[b]     n_b, the number of non-terminating tokens     shape [B]
   tool_mask[b,k] True where z_{k+1} was inserted by a tool: an environment step with no
                  log q, and the state before it has no termination option.
+  can_end[b,k]   False where the task says s_k cannot end (k < min_len; arithmetic may say more):
+                 the samplers never end there, q(⊤ | s_k) is taken out of the policy there
+                 (log_pf is the renormalised q, `actors.policy.mask_end`), and the state carries no
+                 flow of its own. None: every state can end. The final state s_n always can.
 
-Every state can terminate, so log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k) needs no flow network
-(Hu et al. 2024, eq. 6). Where a task knows a state's flow relative to the first state's (log_flow, e.g. from the sums of a
+A state that can terminate has log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k): no flow network
+(Hu et al. 2024, eq. 6); sub-trajectories are balanced between such states only, so the optimum is
+still q(Z ⊤) ∝ R(Z) over the Z that can end. Where a task knows a state's flow relative to the first state's (log_flow, e.g. from the sums of a
 finite target over the members extending each prefix) F_k = F_0 + log_flow[k] is used instead: a
 prefix whose own termination is worth nothing would otherwise tie F(s) to q(⊤ | s) ≈ e^floor. The modified sub-trajectory balance residual of a pair i < j is
     F_i - F_j + sum_{k=i}^{j-1} log_pf[k]
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor | None):
+def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor | None,
+           can_end: torch.Tensor | None = None):
     """(policy_token [B,T], terminable_state [B,T+1]) for trajectories of the given lengths."""
     T = log_pf.shape[1]
     steps = torch.arange(T + 1, device=log_pf.device)
@@ -35,7 +41,18 @@ def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor 
         tool = tool_mask.to(torch.bool) & token
         token = token & ~tool
         state = state & ~F.pad(tool, (0, 1), value=False)
+    if can_end is not None:
+        final = steps[None, :] == lengths[:, None]
+        state = state & (can_end.to(device=log_pf.device, dtype=torch.bool) | final)
     return token, state
+
+
+def can_end_mask(lengths: torch.Tensor, width: int, min_len: int) -> torch.Tensor | None:
+    """[B, width] True where s_k may end: k >= min_len (None when min_len <= 0: every state may)."""
+    if min_len <= 0:
+        return None
+    steps = torch.arange(width, device=lengths.device)
+    return (steps >= min_len)[None, :].expand(len(lengths), width)
 
 
 def subtb_loss(
@@ -46,25 +63,47 @@ def subtb_loss(
     lam: float = 1.0,
     tool_mask: torch.Tensor | None = None,
     log_flow: torch.Tensor | None = None,
+    can_end: torch.Tensor | None = None,
+    log_root: torch.Tensor | None = None,
+    root_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Modified sub-trajectory balance, summed over the batch:
 
         sum_b sum_{i<j<=n_b} lam^(j-i-1) (F_i - F_j + sum_{k=i}^{j-1} log_pf[b,k])^2
         / sum_b sum_{i<j<=n_b} lam^(j-i-1)
 
-    with F_k = log_r[b,k] - log_pterm[b,k], or F_k = F_0 + log_flow[b,k] where that is given and
-    finite (a state's flow known to the task relative to the first state's: log F(s_k) - log F(s_0)). Pairs past a trajectory's end, and states before a
-    tool insertion, are left out; padded entries may hold anything (even inf) without changing
-    the value or its gradients. A batch with no pair gives 0.
+    with F_k = log_r[b,k] - log_pterm[b,k] at states that can end, F_0 = log_root[b] where given (a
+    learned log F of the first state, which then takes part whether or not it can end: it must, when
+    s_0 cannot end, or the first tokens would be in no pair) or, with `root_groups` (the record of
+    each row), the batch's estimate of it: per group, the λ^(j-1)-weighted mean over its states j
+    that can end of F_j - sum_{k<j} log_pf[k], without gradient (the F_0 that minimises the pairs
+    (0, j): their part of the loss is then the weighted variance of those values, VarGrad's
+    estimate of log Z); and F_k = F_0 + log_flow[b,k] where
+    that is given and finite (a state's flow known to the task relative to the first state's:
+    log F(s_k) - log F(s_0); such a state takes part whether or not it can end). Pairs past a
+    trajectory's end, and states before a tool insertion or that cannot end (`can_end` False) with
+    no flow of their own, are left out; padded and left-out entries may hold anything (even inf)
+    without changing the value or its gradients. A batch with no pair gives 0.
     """
-    token, state = _masks(log_pf, lengths, tool_mask)
+    token, state = _masks(log_pf, lengths, tool_mask, can_end)
+    _, reachable = _masks(log_pf, lengths, tool_mask)
     pf = torch.where(token, log_pf, torch.zeros_like(log_pf))
     cum = F.pad(pf.cumsum(dim=1), (1, 0))  # cum[b, k] = sum_{m<k} log_pf[b, m]
-    flow = log_r - log_pterm
+    flow = torch.where(state, log_r - log_pterm, torch.zeros_like(log_r))  # -inf log_pterm where ⊤ is out
+    if log_root is None and root_groups is not None:
+        log_root, has = _batch_root(flow - cum, state, root_groups, lam)
+    else:
+        has = torch.ones(state.shape[0], dtype=torch.bool, device=state.device)
+    if log_root is not None:
+        first = torch.zeros_like(state)
+        first[:, 0] = has
+        flow = torch.where(first, log_root.to(flow.dtype)[:, None].expand_as(flow), flow)
+        state = state | first
     if log_flow is not None:
-        known = torch.isfinite(log_flow)
+        known = torch.isfinite(log_flow) & reachable
         rel = torch.where(known, log_flow, torch.zeros_like(log_flow))
         flow = torch.where(known, flow[:, :1] + rel, flow)
+        state = state | known
     g = torch.where(state, flow - cum, torch.zeros_like(cum))
     resid = g[:, :, None] - g[:, None, :]  # [B, i, j]
 
@@ -79,6 +118,23 @@ def subtb_loss(
     num = (weight * resid.square()).sum()
     den = weight.sum()
     return num / den.clamp_min(torch.finfo(g.dtype).tiny)
+
+
+def _batch_root(g: torch.Tensor, state: torch.Tensor, groups: torch.Tensor, lam: float):
+    """(log F(s_0) per row, whether its group has a state to estimate it from): the λ^(j-1)-weighted
+    mean of g[b, j] = F_j - sum_{k<j} log_pf[k] over the group's states j >= 1 that can end, detached."""
+    steps = torch.arange(g.shape[1], device=g.device)
+    w = torch.where(steps >= 1, torch.full_like(steps, 1, dtype=g.dtype) * float(lam) ** (steps - 1).clamp(min=0),
+                    torch.zeros_like(steps, dtype=g.dtype))
+    use = state & (steps >= 1)[None, :]
+    w = torch.where(use, w[None, :].expand_as(g), torch.zeros_like(g))
+    vals = torch.where(use, g, torch.zeros_like(g)).detach()
+    _, idx = torch.unique(groups.to(g.device), return_inverse=True)
+    n = int(idx.max()) + 1 if idx.numel() else 0
+    num = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, idx, (w * vals).sum(1))
+    den = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, idx, w.sum(1))
+    has = den[idx] > 0
+    return torch.where(has, num[idx] / den[idx].clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(num[idx])), has
 
 
 def tb_loss(

@@ -20,6 +20,7 @@ from configs.schema import LearnerConfig
 from actors.policy import Policy
 
 from .objective import PolicyTerms, make_objective
+from .objectives import can_end_mask
 
 
 class Learner:
@@ -40,7 +41,8 @@ class Learner:
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.record_id].append(t)
-        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty)
+        min_len = task.min_len if getattr(self.objective, "masks_end", False) else 0
+        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty, min_len)
                  for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
@@ -54,8 +56,9 @@ class Learner:
             if t.log_r is not None:
                 log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
-        return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, torch.cat([p[2] for p in parts]),
-                           cat(3, T, False), terminated, ordered, state_flows(ordered, task, reward_temperature, log_r))
+        lengths = torch.cat([p[2] for p in parts])
+        return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
+                           state_flows(ordered, task, reward_temperature, log_r), can_end_mask(lengths, T + 1, min_len))
 
     def loss(self, trajectories, task, reward_temperature: float):
         return self.objective.loss(self.terms(trajectories, task, reward_temperature))

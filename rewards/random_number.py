@@ -213,7 +213,7 @@ def exact_distribution(policy, task, record_id: int) -> dict:
     trajs = [Trajectory(record_id, tokens) for _, tokens in spellings]
     with eval_mode(policy.model):
         log_pf, log_pterm, _, _ = policy.logprobs(task.prompt_ids(record_id), trajs, task.end_ids,
-                                                  task.banned_ids, task.ban_penalty)
+                                                  task.banned_ids, task.ban_penalty, task.min_len)
     log_pf, log_pterm = log_pf.double().cpu(), log_pterm.double().cpu()
     p: dict[int, float] = {}
     reach: dict[tuple[int, ...], float] = {}
@@ -223,10 +223,7 @@ def exact_distribution(policy, task, record_id: int) -> dict:
         for k in range(len(tokens) + 1):
             reach.setdefault(tuple(tokens[:k]), (logp, float(log_pterm[b, k])))
             if k < len(tokens):
-                step = float(log_pf[b, k])
-                if k < task.min_len:  # ⊤ is masked there: the sampler renormalizes over the rest
-                    step -= math.log1p(-min(math.exp(float(log_pterm[b, k])), 1 - 1e-12))
-                logp += step
+                logp += float(log_pf[b, k])  # before min_len: q with ⊤ taken out, as the sampler draws
         p[v] = p.get(v, 0.0) + math.exp(logp + float(log_pterm[b, len(tokens)]))
     early = sum(math.exp(lr + lt) for s, (lr, lt) in reach.items() if s not in members and len(s) >= task.min_len)
     valid = sum(p.values())

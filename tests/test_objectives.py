@@ -187,3 +187,115 @@ def test_known_state_flows_replace_the_reward_derived_ones():
     plain = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]))
     same = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([2]), log_flow=torch.full((1, 3), float("nan")))
     assert same.item() == pytest.approx(plain.item())
+
+
+def _tabular_case(min_len=2, max_len=3, V=2, seed=0):
+    """Every Z over V tokens with min_len <= |Z| <= max_len, a random reward, and index tensors that
+    turn a tabular policy (one row of logits per prefix: V tokens, then ⊤) into the objectives' tensors."""
+    import itertools
+
+    objects = [x for n in range(min_len, max_len + 1) for x in itertools.product(range(V), repeat=n)]
+    prefixes = [p for n in range(max_len + 1) for p in itertools.product(range(V), repeat=n)]
+    index = {p: i for i, p in enumerate(prefixes)}
+    B, T = len(objects), max_len
+    pf_row = torch.zeros(B, T, dtype=torch.long)
+    pf_tok = torch.zeros(B, T, dtype=torch.long)
+    pt_row = torch.zeros(B, T + 1, dtype=torch.long)
+    for b, x in enumerate(objects):
+        for k in range(len(x)):
+            pf_row[b, k], pf_tok[b, k] = index[x[:k]], x[k]
+        for k in range(len(x) + 1):
+            pt_row[b, k] = index[x[:k]]
+    g = torch.Generator().manual_seed(seed)
+    log_R = torch.randn(B, generator=g, dtype=torch.float64) * 1.5
+    lengths = torch.tensor([len(x) for x in objects])
+    log_r = torch.full((B, T + 1), -99.0, dtype=torch.float64)  # prefixes that cannot end: the floor (unused)
+    for b, x in enumerate(objects):
+        for k in range(min_len, len(x) + 1):
+            log_r[b, k] = log_R[objects.index(x[:k])]
+    depth = torch.tensor([len(p) for p in prefixes])
+    return dict(objects=objects, prefixes=prefixes, pf_row=pf_row, pf_tok=pf_tok, pt_row=pt_row, log_R=log_R,
+                lengths=lengths, log_r=log_r, depth=depth, V=V, min_len=min_len, max_len=max_len)
+
+
+def _tabular_terms(case, table):
+    """log_pf [B,T], log_pterm [B,T+1] of the tabular policy: ⊤ taken out before min_len (the
+    renormalised q the samplers draw from), ⊤ forced at max_len."""
+    V = case["V"]
+    logits = table.clone()
+    no_end = (case["depth"] < case["min_len"])[:, None] & (torch.arange(V + 1) == V)[None, :]
+    only_end = (case["depth"] == case["max_len"])[:, None] & (torch.arange(V + 1) < V)[None, :]
+    logp = torch.log_softmax(logits.masked_fill(no_end | only_end, -float("inf")), -1)
+    log_pf = logp[case["pf_row"], case["pf_tok"]]
+    log_pterm = logp[case["pt_row"], V]
+    return log_pf, log_pterm
+
+
+@pytest.mark.parametrize("objective", ["subtb", "subtb_lambda", "tb"])
+def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objective):
+    """States before min_len cannot end: ⊤ taken out of q there, no termination term, sub-trajectories
+    balanced between states that can end and the first state's learned flow. Trained to convergence on
+    every Z of a tiny enumerable task, the policy's q(Z ⊤) is R(Z) / Σ R (brute force) and log Z the
+    log of Σ R."""
+    from learner.objectives import can_end_mask
+
+    case = _tabular_case()
+    table = torch.zeros(len(case["prefixes"]), case["V"] + 1, dtype=torch.float64, requires_grad=True)
+    log_z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([table, log_z], lr=0.05)
+    lengths, B = case["lengths"], len(case["objects"])
+    can_end = can_end_mask(lengths, case["max_len"] + 1, case["min_len"])
+    for it in range(4000):
+        if it == 2000:  # settle
+            for group in opt.param_groups:
+                group["lr"] = 0.005
+        opt.zero_grad()
+        log_pf, log_pterm = _tabular_terms(case, table)
+        if objective == "tb":
+            loss = tb_loss(log_pf, log_pterm, case["log_r"], lengths, log_z)
+        else:
+            loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, lam=0.9 if objective == "subtb_lambda" else 1.0,
+                              can_end=can_end, log_root=log_z.expand(B))
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        log_pf, log_pterm = _tabular_terms(case, table)
+        inside = torch.arange(log_pf.shape[1])[None, :] < lengths[:, None]
+        log_q = torch.where(inside, log_pf, torch.zeros_like(log_pf)).sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)
+    torch.testing.assert_close(log_q.exp(), torch.softmax(case["log_R"], 0), atol=1e-4, rtol=0)
+    assert log_z.item() == pytest.approx(torch.logsumexp(case["log_R"], 0).item(), abs=1e-3)
+
+
+def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
+    """With can_end, a state before min_len is in no pair of its own: its reward and its (−inf) log q(⊤)
+    change neither the value nor the gradients; the first state takes part through log_root."""
+    from learner.objectives import can_end_mask
+
+    torch.manual_seed(3)
+    B, T = 3, 4
+    lengths = torch.tensor([4, 3, 2])
+    log_pf = torch.randn(B, T, dtype=torch.float64, requires_grad=True)
+    log_pterm = torch.randn(B, T + 1, dtype=torch.float64)
+    log_pterm[:, :2] = -float("inf")  # ⊤ taken out before min_len = 2
+    log_pterm.requires_grad_(True)
+    log_r = torch.randn(B, T + 1, dtype=torch.float64)
+    root = torch.randn(B, dtype=torch.float64, requires_grad=True)
+    can_end = can_end_mask(lengths, T + 1, 2)
+    loss = subtb_loss(log_pf, log_pterm, log_r, lengths, can_end=can_end, log_root=root)
+    other = log_r.clone()
+    other[:, 1] = 1e6  # a reward at a state that cannot end: unused
+    assert torch.equal(subtb_loss(log_pf, log_pterm, other, lengths, can_end=can_end, log_root=root), loss)
+    loss.backward()
+    assert torch.isfinite(loss) and log_pterm.grad[:, :2].eq(0).all() and torch.isfinite(log_pf.grad).all()
+    # brute force: pairs among {0 (root), 2..n}
+    want, count = 0.0, 0
+    for b in range(B):
+        n = int(lengths[b])
+        flows = {0: root[b].item(), **{k: (log_r[b, k] - log_pterm[b, k]).item() for k in range(2, n + 1)}}
+        ks = sorted(flows)
+        for i in ks:
+            for j in ks:
+                if i < j:
+                    want += (flows[i] - flows[j] + log_pf[b, i:j].sum().item()) ** 2
+                    count += 1
+    assert loss.item() == pytest.approx(want / count, rel=1e-12)
