@@ -111,11 +111,6 @@ class TransformersSampler(PromptRows):
         finally:
             self.model.train(was_training)
 
-    def _head(self, banned, ban_penalty):
-        """The allowed columns of the LM head when most of the vocabulary is banned (`allowed_head`):
-        sampling then works over them; None: the model's own logits."""
-        return allowed_head(self.model, banned, ban_penalty)
-
     def _step(self, head, **kw):
         """Next-token logits [rows, V] (or [rows, allowed] through `head`) and the cache."""
         if head is None:
@@ -129,7 +124,7 @@ class TransformersSampler(PromptRows):
     def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
-        head = self._head(banned, ban_penalty)
+        head = allowed_head(self.model, banned, ban_penalty)  # most of the vocabulary banned: its allowed columns
         if head is not None:  # token ids <-> columns of the allowed vocabulary
             allowed = head[3]
             column = {int(t): i for i, t in enumerate(allowed)}

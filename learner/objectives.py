@@ -124,10 +124,8 @@ def _batch_root(g: torch.Tensor, state: torch.Tensor, groups: torch.Tensor, lam:
     """(log F(s_0) per row, whether its group has a state to estimate it from): the λ^(j-1)-weighted
     mean of g[b, j] = F_j - sum_{k<j} log_pf[k] over the group's states j >= 1 that can end, detached."""
     steps = torch.arange(g.shape[1], device=g.device)
-    w = torch.where(steps >= 1, torch.full_like(steps, 1, dtype=g.dtype) * float(lam) ** (steps - 1).clamp(min=0),
-                    torch.zeros_like(steps, dtype=g.dtype))
     use = state & (steps >= 1)[None, :]
-    w = torch.where(use, w[None, :].expand_as(g), torch.zeros_like(g))
+    w = torch.where(use, (float(lam) ** (steps - 1).clamp(min=0)).to(g.dtype)[None, :], torch.zeros_like(g))
     vals = torch.where(use, g, torch.zeros_like(g)).detach()
     _, idx = torch.unique(groups.to(g.device), return_inverse=True)
     n = int(idx.max()) + 1 if idx.numel() else 0

@@ -95,18 +95,12 @@ def test_transformers_engine_seed_decides_unseeded_requests(tiny_policy):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
-def test_vllm_request_seed_decides_the_samples(tiny_llama_vllm, setup, request):  # noqa: F811
+@pytest.mark.parametrize("check", [check_request_seeds, check_engine_seeds], ids=["request_seed", "engine_seed"])
+def test_vllm_seeds_decide_the_samples(check, tiny_llama_vllm, setup, request):  # noqa: F811
+    """The request's seed, and for unseeded requests the engine's own, decide vLLM's samples."""
     tok, prompt, end = setup
     policy = make_policy(tiny_llama_vllm, seed=3)
-    check_request_seeds(lambda seed: engine_for("vllm", policy, request, seed=seed), tok, prompt, end)
-
-
-@pytest.mark.vllm
-@pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
-def test_vllm_engine_seed_decides_unseeded_requests(tiny_llama_vllm, setup, request):  # noqa: F811
-    tok, prompt, end = setup
-    policy = make_policy(tiny_llama_vllm, seed=3)
-    check_engine_seeds(lambda seed: engine_for("vllm", policy, request, seed=seed), tok, prompt, end)
+    check(lambda seed: engine_for("vllm", policy, request, seed=seed), tok, prompt, end)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def _tabular_terms(case, table):
     return log_pf, log_pterm
 
 
-@pytest.mark.parametrize("objective", ["subtb", "subtb_lambda", "tb"])
+@pytest.mark.parametrize("objective", ["subtb", "subtb_lambda", "subtb_batch_root", "tb"])
 def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objective):
     """States before min_len cannot end: ⊤ taken out of q there, no termination term, sub-trajectories
     balanced between states that can end and the first state's learned flow. Trained to convergence on
@@ -253,6 +253,9 @@ def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objectiv
         log_pf, log_pterm = _tabular_terms(case, table)
         if objective == "tb":
             loss = tb_loss(log_pf, log_pterm, case["log_r"], lengths, log_z)
+        elif objective == "subtb_batch_root":  # the first state's flow: the batch's estimate (what SubTB uses)
+            loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, can_end=can_end,
+                              root_groups=torch.zeros(B, dtype=torch.long))
         else:
             loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, lam=0.9 if objective == "subtb_lambda" else 1.0,
                               can_end=can_end, log_root=log_z.expand(B))
@@ -263,7 +266,8 @@ def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objectiv
         inside = torch.arange(log_pf.shape[1])[None, :] < lengths[:, None]
         log_q = torch.where(inside, log_pf, torch.zeros_like(log_pf)).sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)
     torch.testing.assert_close(log_q.exp(), torch.softmax(case["log_R"], 0), atol=1e-4, rtol=0)
-    assert log_z.item() == pytest.approx(torch.logsumexp(case["log_R"], 0).item(), abs=1e-3)
+    if objective != "subtb_batch_root":  # no log Z parameter there
+        assert log_z.item() == pytest.approx(torch.logsumexp(case["log_R"], 0).item(), abs=1e-3)
 
 
 def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
@@ -299,3 +303,36 @@ def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
                     want += (flows[i] - flows[j] + log_pf[b, i:j].sum().item()) ** 2
                     count += 1
     assert loss.item() == pytest.approx(want / count, rel=1e-12)
+
+
+def test_the_batch_root_is_the_weighted_mean_per_group():
+    """root_groups: F_0 of each row is the λ^(j-1)-weighted mean, over the states j >= 1 of its group's
+    rows that can end, of F_j - sum_{k<j} log_pf[k]; a brute-force loss with that F_0 agrees."""
+    from learner.objectives import can_end_mask
+
+    torch.manual_seed(5)
+    B, T, lam = 4, 3, 0.7
+    lengths = torch.tensor([3, 2, 3, 1])
+    groups = torch.tensor([0, 1, 0, 1])
+    log_pf = torch.randn(B, T, dtype=torch.float64)
+    log_pterm = torch.randn(B, T + 1, dtype=torch.float64)
+    log_r = torch.randn(B, T + 1, dtype=torch.float64)
+    can_end = can_end_mask(lengths, T + 1, 1)
+    loss = subtb_loss(log_pf, log_pterm, log_r, lengths, lam=lam, can_end=can_end, root_groups=groups)
+    g = {(b, j): (log_r[b, j] - log_pterm[b, j] - log_pf[b, :j].sum()).item()
+         for b in range(B) for j in range(1, int(lengths[b]) + 1)}
+    root = {}
+    for grp in (0, 1):
+        pairs = [((b, j), lam ** (j - 1)) for (b, j) in g if groups[b] == grp]
+        root[grp] = sum(w * g[k] for k, w in pairs) / sum(w for _, w in pairs)
+    num = den = 0.0
+    for b in range(B):
+        n = int(lengths[b])
+        flows = {0: root[int(groups[b])], **{j: (log_r[b, j] - log_pterm[b, j]).item() for j in range(1, n + 1)}}
+        for i in flows:
+            for j in flows:
+                if i < j:
+                    w = lam ** (j - i - 1)
+                    num += w * (flows[i] - flows[j] + log_pf[b, i:j].sum().item()) ** 2
+                    den += w
+    assert loss.item() == pytest.approx(num / den, rel=1e-10)

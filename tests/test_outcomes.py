@@ -263,3 +263,26 @@ def test_ppo_ratios_start_at_one_before_min_len(tiny_digits, tmp_path):
     for b, t in enumerate(terms.trajectories):
         n = int(actions[b].sum())
         assert lp[b, :n].tolist() == pytest.approx(behaviour_row(t)[:n], abs=1e-5), t
+
+
+def test_subtb_states_can_end_wires_the_mask_and_the_batch_root(tiny_digits, tmp_path):
+    """learner.objective {type: subtb, states: can_end}: the learner's terms take ⊤ out before min_len and
+    mark those states, the loss is subtb_loss with the records as root groups, and it trains (finite)."""
+    from learner.objectives import subtb_loss
+
+    run = str(tmp_path / "run")
+    cfg = load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.objective={type: subtb, states: can_end}",
+                                                             "task.min_len=2", "task.max_len=3", "learner.steps=3",
+                                                             "task.target={type: uniform, low: 10, high: 40}"))
+    c = build(cfg)
+    _, batch = collect(c, [0], 1.0)
+    terms = c.learner.terms(batch, c.task, 1.0)
+    assert not terms.can_end[:, :2].any() and terms.can_end[:, 2:].all()
+    assert torch.isinf(terms.log_pterm[:, :2]).all()
+    loss, _ = c.learner.objective.loss(terms)
+    want = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, tool_mask=terms.tool_mask,
+                      log_flow=terms.log_flow, can_end=terms.can_end,
+                      root_groups=torch.tensor([t.record_id for t in terms.trajectories]))
+    assert loss.item() == pytest.approx(want.item()) and math.isfinite(loss.item())
+    c = train(cfg, run)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in metrics(run))

@@ -153,8 +153,10 @@ def test_a_mostly_banned_vocabulary_samples_through_the_allowed_head_columns(kin
     end = [tok.convert_tokens_to_ids(".")]
     banned = sorted(set(range(len(tok))) - set(allowed))
     engine = TransformersSampler(policy.model, seed=3, pad_id=tok.pad_token_id)
-    assert engine._head(banned, math.inf) is not None and engine._head(banned[:3], math.inf) is None
-    assert engine._head(banned, 5.0) is None  # a finite penalty keeps every token possible
+    from actors.policy import allowed_head
+
+    assert allowed_head(engine.model, banned, math.inf) is not None and allowed_head(engine.model, banned[:3], math.inf) is None
+    assert allowed_head(engine.model, banned, 5.0) is None  # a finite penalty keeps every token possible
     from actors.trajectory import PromptRequest
 
     prompts = [tok.encode(PROMPT), tok.encode("x: ")]
