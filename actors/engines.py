@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tools import ToolRunner, make_tools
+from .tools import tool_runner
 
 
 def resolve_engine(name: str) -> str:
@@ -27,7 +27,7 @@ def make_sampler(cfg, tokenizer, seed: int, policy=None, max_model_len: int | No
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     engine = resolve_engine(cfg.sampler.engine)
-    tools = ToolRunner.for_tokenizer(make_tools(cfg.sampler.tools), tokenizer) if cfg.sampler.tools else None
+    tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
         from .sampler import TransformersSampler
 

@@ -67,32 +67,51 @@ def allowed_head(model, banned_ids, ban_penalty: float = math.inf):
     return body, head.weight[rows], None if head.bias is None else head.bias[rows], allowed
 
 
-def mask_end(logits: torch.Tensor, end_columns, min_len: int) -> torch.Tensor:
+def can_end_mask(trajectories, can_end, width: int) -> torch.Tensor:
+    """[B, width] True where s_k of trajectory b may end, from `can_end(trajectory)` (a list over its
+    states, e.g. `Task.can_end`); False past each trajectory's end."""
+    mask = torch.zeros((len(trajectories), width), dtype=torch.bool)
+    for b, t in enumerate(trajectories):
+        mask[b, : t.length + 1] = torch.tensor(can_end(t), dtype=torch.bool)
+    return mask
+
+
+def _no_end(logits: torch.Tensor, min_len: int, can_end: torch.Tensor | None) -> torch.Tensor | None:
+    """[B or 1, T+1] True at the states that cannot end: ~can_end where given, else k < min_len."""
+    if can_end is not None:
+        return ~can_end.to(device=logits.device, dtype=torch.bool)[:, : logits.shape[1]]
+    if min_len <= 0:
+        return None
+    return (torch.arange(logits.shape[1], device=logits.device) < min_len)[None, :]
+
+
+def mask_end(logits: torch.Tensor, end_columns, min_len: int, can_end: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, T+1, V] of states s_0..s_T with ⊤ (every end token) taken out of the states that
-    cannot end, s_k with k < min_len: the one definition of q there, q(z | s) / (1 − q(⊤ | s)), that
-    the samplers sample from and the learner and PPO's ratios use."""
-    if min_len <= 0 or not len(end_columns):
+    cannot end (s_k with k < min_len, or where the [B, T+1] mask `can_end` is False): the one
+    definition of q there, q(z | s) / (1 − q(⊤ | s)), that the samplers sample from and the learner
+    and PPO's ratios use."""
+    rows = _no_end(logits, min_len, can_end)
+    if rows is None or not len(end_columns):
         return logits
-    rows = torch.arange(logits.shape[1], device=logits.device) < min_len
     cols = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     cols[torch.as_tensor(list(end_columns), dtype=torch.long, device=logits.device)] = True
-    return logits.masked_fill(rows[None, :, None] & cols[None, None, :], -float("inf"))
+    return logits.masked_fill(rows[:, :, None] & cols[None, None, :], -float("inf"))
 
 
-def _end_logprobs(logits: torch.Tensor, end_columns, min_len: int):
-    """(log-softmax [B, T+1, V] with ⊤ out before min_len, log q(⊤ | s_k) [B, T+1], -inf before
-    min_len). Where ⊤ is out, log q(⊤) comes from the unmasked logits and is then set to -inf: a
+def _end_logprobs(logits: torch.Tensor, end_columns, min_len: int, can_end: torch.Tensor | None = None):
+    """(log-softmax [B, T+1, V] with ⊤ out where a state cannot end, log q(⊤ | s_k) [B, T+1], -inf
+    there). Where ⊤ is out, log q(⊤) comes from the unmasked logits and is then set to -inf: a
     logsumexp over nothing but -inf would put NaN into the gradients."""
-    if min_len <= 0:
+    rows = _no_end(logits, min_len, can_end)
+    if rows is None:
         logp = torch.log_softmax(logits, dim=-1)
         return logp, torch.logsumexp(logp[:, :, end_columns], dim=-1)
     log_pterm = torch.logsumexp(logits[:, :, end_columns], dim=-1) - torch.logsumexp(logits, dim=-1)
-    before = torch.arange(logits.shape[1], device=logits.device) < min_len
-    log_pterm = log_pterm.masked_fill(before[None, :], -float("inf"))
-    return torch.log_softmax(mask_end(logits, end_columns, min_len), dim=-1), log_pterm
+    log_pterm = log_pterm.masked_fill(rows, -float("inf"))
+    return torch.log_softmax(mask_end(logits, end_columns, min_len, can_end), dim=-1), log_pterm
 
 
-def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0):
+def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None):
     """`sequence_logprobs` through the allowed columns of the head (`allowed_head`)."""
     body, weight, bias, allowed = head
     device = tokens.device
@@ -112,29 +131,30 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0):
         logp = torch.log_softmax(logits, dim=-1)
         log_pterm = torch.full(logp.shape[:2], -float("inf"), device=device)
     else:
-        logp, log_pterm = _end_logprobs(logits, ends, min_len)
+        logp, log_pterm = _end_logprobs(logits, ends, min_len, can_end)
     log_pf = logp[:, :T, :].gather(2, cols.clamp(min=0)[:, :, None]).squeeze(2)
     log_pf = torch.where(cols >= 0, log_pf, torch.full_like(log_pf, -float("inf")))  # a banned token: impossible
     return log_pf, log_pterm
 
 
 def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
-                      ban_penalty: float = math.inf, min_len: int = 0):
+                      ban_penalty: float = math.inf, min_len: int = 0, can_end: torch.Tensor | None = None):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
 
     The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
     gradients flow back through it. Returns log_pf [B, T] = log q(tokens[:, k] | s_k) and
     log_pterm [B, T+1] = log q(⊤ | s_k), with ⊤ the set of end tokens. States s_k with k < min_len
     cannot end: ⊤ is taken out of q there and the rest renormalised, as the samplers draw
-    (`mask_end`), and log_pterm is -inf. Right padding in `tokens` only changes entries past each
-    trajectory's end.
+    (`mask_end`), and log_pterm is -inf; a [B, T+1] bool `can_end` (False where s_k cannot end,
+    `actors.trajectory.can_end_states`) replaces the min_len rule. Right padding in `tokens` only
+    changes entries past each trajectory's end.
     """
     device = tokens.device
     B, T = tokens.shape
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     head = allowed_head(model, banned_ids, ban_penalty)
     if head is not None:
-        return _subset_logprobs(head, prompt, tokens, end_ids, min_len)
+        return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end)
     out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:
@@ -144,7 +164,7 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    logp, log_pterm = _end_logprobs(penalize(logits, banned_ids, ban_penalty), end_ids, min_len)  # [B, T+1, V]
+    logp, log_pterm = _end_logprobs(penalize(logits, banned_ids, ban_penalty), end_ids, min_len, can_end)  # [B, T+1, V]
     log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     return log_pf, log_pterm
 
@@ -222,11 +242,13 @@ class Policy:
         return params
 
     def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=(),
-                 ban_penalty: float = math.inf, min_len: int = 0):
+                 ban_penalty: float = math.inf, min_len: int = 0, can_end=None):
         """(log_pf, log_pterm, lengths, tool_mask) for trajectories that share one prompt; ⊤ out of q
-        before min_len (`sequence_logprobs`)."""
+        before min_len, or where `can_end(trajectory)` (a list over its states) is False
+        (`sequence_logprobs`)."""
         tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
-        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len)
+        mask = None if can_end is None else can_end_mask(trajectories, can_end, tokens.shape[1] + 1).to(self.device)
+        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len, mask)
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

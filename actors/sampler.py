@@ -152,10 +152,14 @@ class TransformersSampler(PromptRows):
         forced: list[list[int]] = [[] for _ in range(n)]  # tool tokens still to be fed, per sample
         end_lp: list[float | None] = [None] * n
         alive = torch.arange(n)
+        after_tool = bool(self.tools) and self.tools.end_only_after
         for step in range(max_new):
             scaled = penalize(logits, banned, ban_penalty) / temps[alive, None]
             if step < min_new:
                 scaled[:, end] = -float("inf")
+            elif after_tool:  # ⊤ only right after a tool's insertion (`can_end_states`)
+                no_end = torch.tensor([not (tool[r] and tool[r][-1] and not forced[r]) for r in alive.tolist()])
+                scaled[no_end[:, None] & torch.isin(torch.arange(scaled.shape[1]), end)[None, :]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
@@ -228,10 +232,9 @@ class RequestServer:
         if key not in self._tools:
             from configs.schema import CalculatorTool
 
-            from .tools import make_tools
+            from .tools import tool_runner
 
-            tools = make_tools([CalculatorTool.model_validate(s) for s in specs])
-            self._tools[key] = ToolRunner.for_tokenizer(tools, self.tokenizer) if tools else None
+            self._tools[key] = tool_runner([CalculatorTool.model_validate(s) for s in specs], self.tokenizer)
         return self._tools[key]
 
     def __call__(self, req: SampleRequest) -> list[Trajectory]:

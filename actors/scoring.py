@@ -62,12 +62,13 @@ class PrefixScorer:
 
     def score(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,
               suffix_ids: list[int] | None = None, prefixes: str = "every", shared: int = 0,
-              first: int = 0, terminable_only: bool = False) -> list[list[float]]:
+              first: int = 0, terminable_only: bool = False, can_end=None) -> list[list[float]]:
         """log p(z_1:i ⊤ | C) or log p(z_1:i Y | C) for i = 0..n of each trajectory (see module).
         `shared`: the first `shared` tokens of C are the same for every record (few-shot examples);
         their KV cache is computed once and kept for the next calls. With a suffix, prefixes shorter
-        than `first` and, with `terminable_only`, states right before a tool token (which cannot
-        terminate) are not scored: NaN (the suffix pass is the cost; the task floors them)."""
+        than `first`, with `terminable_only` states right before a tool token, and with `can_end`
+        (a trajectory's list over its states, `Task.can_end`) the states that cannot end, are not
+        scored: NaN (the suffix pass is the cost; the task floors them). The whole Z always is."""
         if (end_ids is None) == (suffix_ids is None):
             raise ValueError("PrefixScorer.score: give either end_ids or suffix_ids")
         if not trajectories:
@@ -76,10 +77,10 @@ class PrefixScorer:
             raise ValueError("PrefixScorer.score: the context must hold at least one token (e.g. BOS)")
         with self._eval():
             return self._score(list(context_ids), trajectories, end_ids, suffix_ids, prefixes, shared,
-                               self._wanted(trajectories, prefixes, first, terminable_only))
+                               self._wanted(trajectories, prefixes, first, terminable_only, can_end))
 
     @staticmethod
-    def _wanted(trajectories, prefixes: str, first: int, terminable_only: bool) -> list[list[int]]:
+    def _wanted(trajectories, prefixes: str, first: int, terminable_only: bool, can_end=None) -> list[list[int]]:
         """The prefixes of each trajectory that the suffix pass scores."""
         out = []
         for t in trajectories:
@@ -88,7 +89,8 @@ class PrefixScorer:
                 out.append([n])
                 continue
             mask = t.tool_mask if terminable_only and t.tool_mask else [False] * n
-            keep = [i for i in range(min(first, n), n + 1) if i == n or not mask[i]]
+            ends = can_end(t) if can_end is not None else [True] * (n + 1)
+            keep = [i for i in range(min(first, n), n + 1) if i == n or (not mask[i] and ends[i])]
             out.append(keep or [n])
         return out
 

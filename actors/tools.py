@@ -146,10 +146,13 @@ def make_tools(configs: Sequence) -> list[Tool]:
 
 
 class ToolRunner:
-    """Trigger detection and insertion for one tokenizer: shared by every engine."""
+    """Trigger detection and insertion for one tokenizer: shared by every engine. With
+    `end_only_after` the policy may end (⊤) only right after a tool's insertion (`can_end_states`)."""
 
-    def __init__(self, tools: Sequence[Tool], decode: Callable[[list[int]], str], encode: Callable[[str], list[int]]):
+    def __init__(self, tools: Sequence[Tool], decode: Callable[[list[int]], str], encode: Callable[[str], list[int]],
+                 end_only_after: bool = False):
         self.tools = list(tools)
+        self.end_only_after = end_only_after
         self.decode = decode
         self.encode = encode
         self._last_chars = {t.trigger[-1] for t in self.tools}
@@ -178,6 +181,13 @@ class ToolRunner:
         return None
 
     @classmethod
-    def for_tokenizer(cls, tools: Sequence[Tool], tokenizer) -> "ToolRunner":
+    def for_tokenizer(cls, tools: Sequence[Tool], tokenizer, end_only_after: bool = False) -> "ToolRunner":
         return cls(tools, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                   lambda s: tokenizer.encode(s, add_special_tokens=False) if s else [])
+                   lambda s: tokenizer.encode(s, add_special_tokens=False) if s else [], end_only_after)
+
+
+def tool_runner(configs: Sequence, tokenizer) -> ToolRunner | None:
+    """The runner of `sampler.tools` entries (config objects) for a tokenizer; None without tools."""
+    if not configs:
+        return None
+    return ToolRunner.for_tokenizer(make_tools(configs), tokenizer, any(c.end_only_after for c in configs))

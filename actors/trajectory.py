@@ -56,6 +56,21 @@ class Trajectory:
         return tuple(self.tokens)
 
 
+def can_end_states(length: int, tool_mask: list[bool], min_len: int, end_only_after_tool: bool = False) -> list[bool]:
+    """For k = 0..length, whether state s_k (the prompt and the first k tokens) may end: k >= min_len,
+    the next token is not a tool's (an environment step follows), and with `end_only_after_tool`
+    the last token ends a tool's insertion (arithmetic: right after a calculator result). The one
+    definition the samplers, the learner's teacher-forced pass and the scorer share."""
+    mask = list(tool_mask) or [False] * length
+    out = []
+    for k in range(length + 1):
+        ok = k >= min_len and not (k < length and mask[k])
+        if end_only_after_tool:
+            ok = ok and k > 0 and mask[k - 1]
+        out.append(ok)
+    return out
+
+
 @dataclass
 class PromptRequest:
     """Samples wanted for one prompt: n at temperature 1, and one per tempered temperature."""

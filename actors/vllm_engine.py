@@ -194,11 +194,13 @@ class VLLMSampler(PromptRows):
         return self._allowed
 
     def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int],
-                banned: list[int] = (), ban_penalty: float = math.inf):
+                banned: list[int] = (), ban_penalty: float = math.inf, after_tool: bool = False):
         """Parameters of the next request for samples that hold `done` tokens. Before min_new the
         end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
         shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
-        (tool triggers) are checked from the first token."""
+        (tool triggers) are checked from the first token. When the tools let the policy end only
+        right after an insertion, ⊤ is masked the same way everywhere else, and a sample that stands
+        right after one (`after_tool`) draws one token with ⊤ allowed, then resumes."""
         from vllm import SamplingParams
 
         stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
@@ -207,6 +209,12 @@ class VLLMSampler(PromptRows):
         masked = list(banned) if math.isinf(ban_penalty) else []
         if banned and not masked:  # a finite penalty: vLLM's logit bias (clamped by vLLM to ±100)
             common["logit_bias"] = {int(i): -float(ban_penalty) for i in banned}
+        if self.tools and self.tools.end_only_after and end_ids:
+            if after_tool and done >= min_new:
+                allowed = {"allowed_token_ids": self._allowed_ids(masked)} if masked else {}
+                return SamplingParams(max_tokens=1, stop_token_ids=list(end_ids), **allowed, **common)
+            return SamplingParams(max_tokens=max_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
+                                  **common)
         if done < min_new and end_ids:
             return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
                                   **common)
@@ -236,7 +244,7 @@ class VLLMSampler(PromptRows):
                     if not r.done:
                         follow.append((prompts[rows_spec[i][0]] + r.tokens, self._params(
                             1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids, banned,
-                            ban_penalty), [i]))
+                            ban_penalty, bool(r.tool) and r.tool[-1]), [i]))
             requests = follow
         return [Trajectory(record_id=spec[1], tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,
@@ -284,9 +292,9 @@ class VLLMRewardModel:
 
     def score(self, context_ids: list[int], trajectories: Sequence[Trajectory], end_ids: list[int] | None = None,
               suffix_ids: list[int] | None = None, prefixes: str = "every", shared: int = 0, first: int = 0,
-              terminable_only: bool = False) -> list[list[float]]:
+              terminable_only: bool = False, can_end=None) -> list[list[float]]:
         # `shared` (a context prefix common to every record) needs nothing here: vLLM's prefix
-        # caching keeps its KV blocks between requests. `first` and `terminable_only` only let the
+        # caching keeps its KV blocks between requests. `first`, `terminable_only` and `can_end` only let the
         # transformers scorer skip work; here every prefix comes from the same prompt_logprobs.
         import math
 

@@ -56,6 +56,8 @@ METRICS: tuple[Spec, ...] = (
     Spec("gfnlm_log_reward_max", "gauge", "Largest untempered log R of the last step's fresh trajectories."),
     Spec("gfnlm_reward_temperature", "gauge", "Reward temperature of the last step."),
     Spec("gfnlm_learning_rate", "gauge", "Learning rate of the last step."),
+    Spec("gfnlm_log_z", "gauge", "TB / VarGrad: mean log Z of the last step's records (learned or estimated)."),
+    Spec("gfnlm_log_z_spread", "gauge", "TB / VarGrad: standard deviation of log Z across the last step's records."),
     Spec("gfnlm_valid_fraction", "gauge", "Fraction of recent on-policy samples the task accepts."),
     Spec("gfnlm_staleness_versions", "histogram", "Policy versions between a used batch and the learner.",
          buckets=STALENESS_BUCKETS),

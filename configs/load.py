@@ -67,9 +67,9 @@ def _describe(err: dict) -> str:
     return f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}"
 
 
-_UNION_TAGS = {"uniform", "poisson", "binomial", "geometric", "table", "subtb", "tb", "sft", "ppo", *TASK_TYPES}
+_UNION_TAGS = {"uniform", "poisson", "binomial", "geometric", "table", "subtb", "tb", "vargrad", "sft", "ppo", *TASK_TYPES}
 _TARGET_TAGS = "'uniform', 'poisson', 'binomial', 'geometric', 'table'"
-_OBJECTIVE_TAGS = "'subtb', 'tb', 'sft'"
+_OBJECTIVE_TAGS = "'subtb', 'tb', 'vargrad', 'sft', 'ppo'"
 _TASK_TAGS = ", ".join(repr(t) for t in TASK_TYPES)
 
 

@@ -127,6 +127,12 @@ class CalculatorTool(Section):
     """Evaluate only the last this many operands before the trigger (2: one binary operation, as in
     the authors' arithmetic experiment); unset: the whole expression."""
 
+    end_only_after: bool = False
+    """The policy may end (⊤) only right after this tool's insertion (arithmetic: after a completed
+    step), no longer anywhere past task.min_len: the samplers take ⊤ out of q elsewhere, and with
+    learner.objective `{type: subtb, states: can_end}` and reward.prefixes `can_end` only those
+    states are scored."""
+
     @field_validator("format")
     @classmethod
     def _has_slot(cls, v):
@@ -242,8 +248,11 @@ class RewardConfig(Section):
     """A peft LoRA folder applied to the reward LM (e.g. fitted by SFT on the training stories,
     as the paper does for infilling); unset: the plain base model."""
 
-    prefixes: Literal["every", "final"] = "every"
-    """Score every prefix of Z (what SubTB needs), or only the whole Z (one pass; TB and SFT)."""
+    prefixes: Literal["every", "final", "can_end"] = "every"
+    """Score every prefix of Z (what SubTB with `states: every` needs), only the states that can end
+    (past task.min_len, and with a tool's `end_only_after` only right after its insertions: what
+    SubTB with `states: can_end` needs, and fewer suffix passes), or only the whole Z (one pass;
+    TB, SFT and PPO)."""
 
     colocate: bool = True
     """Ray runtime: score inside each sampler actor (with its base model, adapter off); False
@@ -348,6 +357,21 @@ class TBObjective(Section):
     log_z_lr: float = Field(1e-2, gt=0)
     """Learning rate of log Z."""
 
+    log_z: Literal["per_record", "scalar"] = "per_record"
+    """'per_record': one learned log Z per record (a table indexed by record id, checkpointed with
+    the run): records of an LM task have different partition functions. 'scalar': one log Z shared
+    by every record, refused when the task trains on more than one record (one shared value cannot
+    settle at q ∝ R for all of them once replayed or tempered samples enter the batch)."""
+
+
+class VarGradObjective(Section):
+    """Trajectory balance with log Z estimated per record from the batch (VarGrad, as TBA does): the
+    mean over that record's samples of log R − log q(Z ⊤), without gradient; no parameter to learn.
+    Needs batch.samples_per_prompt ≥ 2."""
+
+    type: Literal["vargrad"] = "vargrad"
+    """Discriminator: 'vargrad'."""
+
 
 class SFTObjective(Section):
     """Maximum likelihood of the records' reference Z (and ⊤) under the policy; no sampling."""
@@ -379,14 +403,15 @@ class PPOObjective(Section):
     """Divide each leave-one-out advantage by its record group's reward standard deviation (GRPO)."""
 
 
-Objective = Annotated[Union[SubTBObjective, TBObjective, SFTObjective, PPOObjective], Field(discriminator="type")]
+Objective = Annotated[Union[SubTBObjective, TBObjective, VarGradObjective, SFTObjective, PPOObjective],
+                      Field(discriminator="type")]
 
 
 class LearnerConfig(Section):
     objective: Objective = Field(default_factory=SubTBObjective)
-    """What the update minimises: {type: subtb, lam}, {type: tb, log_z_lr}, {type: sft} or
-    {type: ppo, clip, kl_coef, epochs, minibatches}; a bare name ('subtb', 'tb', 'sft', 'ppo') takes
-    that objective's defaults."""
+    """What the update minimises: {type: subtb, lam, states}, {type: tb, log_z, log_z_lr},
+    {type: vargrad}, {type: sft} or {type: ppo, clip, kl_coef, epochs, minibatches}; a bare name
+    ('subtb', 'tb', 'vargrad', 'sft', 'ppo') takes that objective's defaults."""
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -586,8 +611,20 @@ class Config(Section):
         if self.reward.prefixes == "final" and self.learner.objective.type == "subtb":
             raise ValueError("reward.prefixes: 'final' scores only the whole Z, but learner.objective subtb needs every "
                              "prefix; use objective tb, or prefixes every")
+        objective = self.learner.objective
+        if (self.reward.prefixes == "can_end" and objective.type == "subtb"
+                and objective.states != "can_end"):
+            raise ValueError("reward.prefixes: 'can_end' scores only the states that can end, but learner.objective "
+                             "subtb with states 'every' needs every prefix; set learner.objective.states: can_end")
         if self.reward.prefixes == "final" and self.task.type in ("random_number",):
             raise ValueError("reward.prefixes: the random-number reward is closed-form and always scores every prefix")
+        return self
+
+    @model_validator(mode="after")
+    def _vargrad_needs_groups(self):
+        if self.learner.objective.type == "vargrad" and self.batch.samples_per_prompt < 2:
+            raise ValueError("batch.samples_per_prompt: vargrad estimates each record's log Z from its samples in the "
+                             "batch and needs at least 2 per record; set batch.samples_per_prompt >= 2")
         return self
 
     @model_validator(mode="after")

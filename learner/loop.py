@@ -109,7 +109,11 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if with_replay:
         replay = new_replay(cfg)
         seed_replay(replay, cfg, task)
-    learner = Learner(policy, cfg.learner)
+    objective = cfg.learner.objective
+    if objective.type == "tb" and objective.log_z == "scalar" and len(task.train_ids) > 1:
+        raise ConfigError(f"learner.objective.log_z: 'scalar' shares one log Z across the {len(task.train_ids)} training "
+                          f"records of task {task.name}, whose partition functions differ; use per_record (the default)")
+    learner = Learner(policy, cfg.learner, num_records=len(task.records))
     ids = task.train_ids
     if not learner.objective.samples:  # SFT: the records that have a reference Z
         ids = [r for r in ids if task.reference(r) is not None]
@@ -141,9 +145,9 @@ def check_context(cfg: Config, task, model_config) -> None:
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
     """The transformers engine on the learner's model, with the configured tools."""
-    from actors.tools import ToolRunner, make_tools
+    from actors.tools import tool_runner
 
-    tools = ToolRunner.for_tokenizer(make_tools(cfg.sampler.tools), policy.tokenizer) if cfg.sampler.tools else None
+    tools = tool_runner(cfg.sampler.tools, policy.tokenizer)
     return TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed, tools=tools,
                                pad_id=policy.tokenizer.pad_token_id)
 
@@ -396,6 +400,9 @@ def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature
     m.get("gfnlm_learner_update_seconds").observe(out["update_seconds"])
     m.get("gfnlm_loss").set(out["loss"])
     m.get("gfnlm_learning_rate").set(out["lr"])
+    for key in ("log_z", "log_z_spread"):
+        if key in out:
+            m.get(f"gfnlm_{key}").set(out[key])
     m.get("gfnlm_reward_temperature").set(temperature)
     if valid is not None:
         m.get("gfnlm_valid_fraction").set(valid)

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from .objectives import action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_loss, tb_loss
+from .objectives import action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_loss, tb_loss, vargrad_loss
 
 
 @dataclass
@@ -91,10 +91,14 @@ class SubTB(_Stateless):
 
 
 class TB:
+    """Trajectory balance with a learned log Z: one per record (a table indexed by record id) or one
+    shared scalar (`log_z: scalar`, for a task with one record)."""
+
     name, samples, masks_end = "tb", True, True
 
-    def __init__(self, cfg, device):
-        self.log_z = torch.nn.Parameter(torch.zeros((), device=device))
+    def __init__(self, cfg, device, num_records: int = 1):
+        self.per_record = cfg.log_z == "per_record"
+        self.log_z = torch.nn.Parameter(torch.zeros(num_records if self.per_record else (), device=device))
         self.lr = cfg.log_z_lr
 
     def param_groups(self):
@@ -105,15 +109,55 @@ class TB:
 
     def loss(self, terms: PolicyTerms):
         log_r = torch.nan_to_num(terms.log_r, nan=0.0)  # only the final state's reward is used
-        loss = tb_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, self.log_z, tool_mask=terms.tool_mask)
-        return loss, {"log_z": self.log_z.item()}
+        if self.per_record:
+            rows = torch.tensor([t.record_id for t in terms.trajectories], device=self.log_z.device)
+            log_z = self.log_z[rows]
+        else:
+            log_z = self.log_z
+        loss = tb_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, log_z, tool_mask=terms.tool_mask)
+        return loss, log_z_metrics(log_z.detach(), terms)
 
     def state_dict(self):
         return {"log_z": self.log_z.detach().clone()}
 
     def load_state_dict(self, state):
+        saved = state["log_z"]
+        if saved.shape != self.log_z.shape:
+            raise ValueError(f"the checkpoint's log Z has shape {tuple(saved.shape)}, this run's {tuple(self.log_z.shape)} "
+                             f"(learner.objective.log_z or the task's records changed)")
         with torch.no_grad():
-            self.log_z.copy_(state["log_z"])
+            self.log_z.copy_(saved)
+
+
+def log_z_metrics(log_z: torch.Tensor, terms: PolicyTerms) -> dict[str, float]:
+    """log Z of the batch's records: their mean ('log_z') and standard deviation across records
+    ('log_z_spread'; 0 with one record), so a run shows it drift."""
+    if log_z.dim() == 0:
+        return {"log_z": float(log_z), "log_z_spread": 0.0}
+    per = {}
+    for t, v in zip(terms.trajectories, log_z.tolist()):
+        if v == v:  # NaN: no estimate for that record
+            per.setdefault(t.record_id, v)
+    vals = torch.tensor(list(per.values()), dtype=torch.float64)
+    if not len(vals):
+        return {}
+    return {"log_z": float(vals.mean()), "log_z_spread": float(vals.std(unbiased=False))}
+
+
+class VarGrad(_Stateless):
+    """Trajectory balance with each record's log Z estimated from its samples in the batch
+    (`vargrad_loss`): no parameter, no initialisation to get wrong."""
+
+    name, samples, masks_end = "vargrad", True, True
+
+    def __init__(self, cfg, device, num_records: int = 1):
+        pass
+
+    def loss(self, terms: PolicyTerms):
+        log_r = torch.nan_to_num(terms.log_r, nan=0.0)
+        groups = torch.tensor([t.record_id for t in terms.trajectories], device=terms.log_pf.device)
+        loss, log_z = vargrad_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, groups, terms.tool_mask)
+        return loss, log_z_metrics(log_z, terms)
 
 
 class SFT(_Stateless):
@@ -162,7 +206,7 @@ class PPO:
             with torch.no_grad(), policy.model.disable_adapter():
                 for rid, ts in by_record.items():
                     log_pf, log_pterm, lengths, tool = policy.logprobs(task.prompt_ids(rid), ts, task.end_ids,
-                                                                       task.banned_ids, task.ban_penalty, task.min_len)
+                                                                       task.banned_ids, task.ban_penalty, 0, task.can_end)
                     terminated = torch.tensor([t.terminated for t in ts])
                     ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
                     for t, row in zip(ts, ref.tolist()):
@@ -203,6 +247,9 @@ def behaviour_row(t) -> list[float]:
     return list(t.logprobs) + [t.end_logprob if t.terminated and t.end_logprob is not None else 0.0]
 
 
-def make_objective(cfg, device) -> Objective:
-    """The objective of `learner.objective` (a discriminated union in the config)."""
-    return {"subtb": SubTB, "tb": TB, "sft": SFT, "ppo": PPO}[cfg.type](cfg, device)
+def make_objective(cfg, device, num_records: int = 1) -> Objective:
+    """The objective of `learner.objective` (a discriminated union in the config); `num_records`
+    sizes a per-record log Z table (record ids are 0..num_records-1)."""
+    if cfg.type in ("tb", "vargrad"):
+        return {"tb": TB, "vargrad": VarGrad}[cfg.type](cfg, device, num_records)
+    return {"subtb": SubTB, "sft": SFT, "ppo": PPO}[cfg.type](cfg, device)

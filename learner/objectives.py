@@ -11,7 +11,9 @@ Notation (batch of B trajectories padded to T sampled tokens):
   can_end[b,k]   False where the task says s_k cannot end (k < min_len; arithmetic may say more):
                  the samplers never end there, q(⊤ | s_k) is taken out of the policy there
                  (log_pf is the renormalised q, `actors.policy.mask_end`), and the state carries no
-                 flow of its own. None: every state can end. The final state s_n always can.
+                 flow of its own. None: every state can end. The final state of a trajectory the
+                 policy ended always can; one cut at max length where it cannot end has no
+                 terminal (R = 0 there) and takes part through its other states only.
 
 A state that can terminate has log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k): no flow network
 (Hu et al. 2024, eq. 6); sub-trajectories are balanced between such states only, so the optimum is
@@ -42,17 +44,8 @@ def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor 
         token = token & ~tool
         state = state & ~F.pad(tool, (0, 1), value=False)
     if can_end is not None:
-        final = steps[None, :] == lengths[:, None]
-        state = state & (can_end.to(device=log_pf.device, dtype=torch.bool) | final)
+        state = state & can_end.to(device=log_pf.device, dtype=torch.bool)
     return token, state
-
-
-def can_end_mask(lengths: torch.Tensor, width: int, min_len: int) -> torch.Tensor | None:
-    """[B, width] True where s_k may end: k >= min_len (None when min_len <= 0: every state may)."""
-    if min_len <= 0:
-        return None
-    steps = torch.arange(width, device=lengths.device)
-    return (steps >= min_len)[None, :].expand(len(lengths), width)
 
 
 def subtb_loss(
@@ -145,14 +138,45 @@ def tb_loss(
 ) -> torch.Tensor:
     """Trajectory balance with a learned log Z, for rewards known only at the end:
     mean_b (log Z + sum_k log_pf[b,k] + log_pterm[b,n_b] - log_r[b,n_b])^2.
-    Same tensors as `subtb_loss`; only the final state's reward and termination are used."""
+    Same tensors as `subtb_loss`; only the final state's reward and termination are used. A
+    trajectory whose final state cannot end (cut at max length there: log q(⊤) = -inf, R = 0) has no
+    balance to satisfy and is left out of the mean."""
     token, _ = _masks(log_pf, lengths, tool_mask)
     idx = lengths.to(log_pf.device).long()[:, None]
     log_pt = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(dim=1)
-    log_pt = log_pt + log_pterm.gather(1, idx).squeeze(1)
-    resid = log_z + log_pt - log_r.gather(1, idx).squeeze(1)
-    return resid.square().mean()
+    end = log_pterm.gather(1, idx).squeeze(1)
+    ends = torch.isfinite(end)
+    log_pt = log_pt + torch.where(ends, end, torch.zeros_like(end))
+    resid = torch.where(ends, log_z + log_pt - log_r.gather(1, idx).squeeze(1), torch.zeros_like(end))
+    return resid.square().sum() / ends.sum().clamp_min(1)
 
+
+
+def vargrad_loss(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    groups: torch.Tensor,
+    tool_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectory balance with log Z estimated per group (the samples of one record) from the batch:
+    log Z_g = mean over the group's rows of log_r[b,n_b] - log q(Z_b ⊤), without gradient (VarGrad;
+    Richter et al. 2020, TBA), then `tb_loss` with that log Z per row. Rows whose final state cannot end
+    take no part, neither in the estimate nor in the loss. Returns (loss, log Z per row; NaN for a row
+    whose group has no row that can end)."""
+    token, _ = _masks(log_pf, lengths, tool_mask)
+    idx = lengths.to(log_pf.device).long()[:, None]
+    end = log_pterm.gather(1, idx).squeeze(1)
+    ends = torch.isfinite(end)
+    log_q = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(1) + torch.where(ends, end, torch.zeros_like(end))
+    g = torch.where(ends, log_r.gather(1, idx).squeeze(1) - log_q, torch.zeros_like(end)).detach()
+    _, inv = torch.unique(groups.to(log_pf.device), return_inverse=True)
+    n = int(inv.max()) + 1 if inv.numel() else 0
+    num = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, inv, g)
+    den = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, inv, ends.to(g.dtype))
+    log_z = torch.where(den[inv] > 0, num[inv] / den[inv].clamp_min(1), torch.full_like(g, float("nan")))
+    return tb_loss(log_pf, log_pterm, log_r, lengths, torch.nan_to_num(log_z), tool_mask), log_z
 
 
 def sft_loss(

@@ -17,19 +17,18 @@ from actors.trajectory import Trajectory
 from configs import UserError
 from configs.schema import LearnerConfig
 
-from actors.policy import Policy
+from actors.policy import Policy, can_end_mask
 
 from .objective import PolicyTerms, make_objective
-from .objectives import can_end_mask
 
 
 class Learner:
     """Owns the optimizer of the LoRA weights and the objective's own parameters (TB's log Z)."""
 
-    def __init__(self, policy: Policy, cfg: LearnerConfig):
+    def __init__(self, policy: Policy, cfg: LearnerConfig, num_records: int = 1):
         self.policy = policy
         self.cfg = cfg
-        self.objective = make_objective(cfg.objective, policy.device)
+        self.objective = make_objective(cfg.objective, policy.device, num_records)
         groups = [{"params": policy.trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         self.optimizer = torch.optim.AdamW(groups + self.objective.param_groups())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -41,8 +40,8 @@ class Learner:
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.record_id].append(t)
-        min_len = task.min_len if getattr(self.objective, "masks_end", False) else 0
-        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty, min_len)
+        ends = task.can_end if self.objective.masks_end else None
+        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty, 0, ends)
                  for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
@@ -58,7 +57,8 @@ class Learner:
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
         lengths = torch.cat([p[2] for p in parts])
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
-                           state_flows(ordered, task, reward_temperature, log_r), can_end_mask(lengths, T + 1, min_len))
+                           state_flows(ordered, task, reward_temperature, log_r),
+                           None if ends is None else can_end_mask(ordered, ends, T + 1).to(log_pf.device))
 
     def loss(self, trajectories, task, reward_temperature: float):
         return self.objective.loss(self.terms(trajectories, task, reward_temperature))

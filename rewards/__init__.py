@@ -7,6 +7,12 @@ from .records import RecordError
 
 def make_task(cfg, tokenizer) -> Task:
     """The task object of a config (its `task` section; `reward.prefixes` for LM rewards)."""
+    task = _build_task(cfg, tokenizer)
+    task.end_only_after_tool = any(tool.end_only_after for tool in cfg.sampler.tools)
+    return task
+
+
+def _build_task(cfg, tokenizer) -> Task:
     t = cfg.task
     if t.type == "random_number":
         return RandomNumberTask(t, tokenizer)

@@ -26,7 +26,7 @@ import re
 import time
 from collections import Counter
 
-from actors.tools import ToolRunner, make_tools
+from actors.tools import ToolRunner, tool_runner
 from actors.trajectory import Trajectory
 
 from .base import columns_of, eval_mode
@@ -130,7 +130,7 @@ class ArithmeticTask(InfillingTask):
     name = "arithmetic"
 
     def __init__(self, cfg, tokenizer, prefixes: str = "every", tools_cfg=()):
-        self.tools = ToolRunner.for_tokenizer(make_tools(list(tools_cfg)), tokenizer) if tools_cfg else None
+        self.tools = tool_runner(list(tools_cfg), tokenizer)
         if self.tools is None:
             raise ConfigError("task arithmetic: the rationales need the calculator; add sampler.tools: "
                              "[{kind: calculator}]")
@@ -210,7 +210,8 @@ class ArithmeticTask(InfillingTask):
     def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
         return self.lm.score(self.context_ids(record_id), trajectories, suffix_ids=self.suffix_ids(record_id),
                              prefixes=prefixes or self.prefixes, shared=len(self.shot_ids), first=self.min_len,
-                             terminable_only=True)
+                             terminable_only=True,
+                             can_end=self.scored_states())
 
     def reference(self, record_id: int) -> Trajectory | None:
         fields = self.records[record_id].fields
@@ -220,8 +221,9 @@ class ArithmeticTask(InfillingTask):
         tokens, mask = fill_rationale(rationale, self.tokenizer, self.tools)
         if not self.min_len <= len(tokens) <= self.max_len:
             return None
-        return Trajectory(record_id, tokens, terminated=True, tool_mask=mask if any(mask) else [],
-                          temperature=float("nan"), version=-1, source="seed")
+        t = Trajectory(record_id, tokens, terminated=True, tool_mask=mask if any(mask) else [],
+                       temperature=float("nan"), version=-1, source="seed")
+        return t if self.can_end(t)[-1] else None  # a rationale the policy could not end where it does
 
     def reference_text(self, record_id: int) -> str | None:
         ref = self.reference(record_id)

@@ -13,7 +13,7 @@ import math
 import warnings
 from functools import lru_cache
 
-from actors.trajectory import PromptRequest, Trajectory
+from actors.trajectory import PromptRequest, Trajectory, can_end_states
 from configs.tasks import template_fields
 
 from .records import RecordSet
@@ -37,6 +37,8 @@ class Task:
         self.ban_penalty = math.inf
         """How far the banned tokens' logits are lowered (infinite: taken out)."""
         self._prompt_cache = lru_cache(maxsize=65536)(self._encode_prompt)
+        self.end_only_after_tool = False
+        """True when the policy may end only right after a tool's insertion (a tool's `end_only_after`)."""
 
     # -- records -----------------------------------------------------------------------------
 
@@ -66,6 +68,15 @@ class Task:
         if len(ids) != 1:
             raise ConfigError(f"task.end_tokens: {text!r} is {len(ids)} tokens for this tokenizer; expected exactly one")
         return ids[0]
+
+    def can_end(self, t: Trajectory) -> list[bool]:
+        """Whether each state s_0..s_n of t may end (`actors.trajectory.can_end_states`)."""
+        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool)
+
+    def scored_states(self):
+        """What an LM reward's scorer takes as `can_end`: this task's `can_end` when reward.prefixes is
+        'can_end' (only those states are scored), else None (every prefix the scorer would score)."""
+        return self.can_end if getattr(self, "prefixes", "every") == "can_end" else None
 
     def max_prompt_len(self) -> int:
         return max(len(self.prompt_ids(r)) for r in self.train_ids + self.test_ids)

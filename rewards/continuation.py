@@ -76,7 +76,7 @@ class LMTask(Task):
 
     def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
         return self.lm.score(self.context_ids(record_id), trajectories, end_ids=self.end_ids,
-                             prefixes=prefixes or self.prefixes)
+                             prefixes=prefixes or self.prefixes, can_end=self.scored_states())
 
     def log_likelihood(self, record_id: int, trajectories: list[Trajectory]) -> list[float]:
         """The reward LM's log-likelihood of each whole Z (without the closed-form terms)."""
@@ -102,7 +102,7 @@ class LMTask(Task):
             groups[t.record_id].append(t)
         for rid, ts in groups.items():
             for t, row in zip(ts, self.lm_scores(rid, ts)):
-                first = 0 if self.prefixes == "every" else t.length
+                first = t.length if self.prefixes == "final" else 0
                 # prefixes the scorer skipped (too short, or right before a tool token) hold NaN
                 t.log_r = [row[i] if i < first or (self.prefix_ok(rid, t, i) and not math.isnan(row[i])) else self.floor
                            for i in range(t.length + 1)]

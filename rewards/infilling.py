@@ -50,7 +50,8 @@ class InfillingTask(LMTask):
 
     def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:
         return self.lm.score(self.context_ids(record_id), trajectories, suffix_ids=self.suffix_ids(record_id),
-                             prefixes=prefixes or self.prefixes, first=self.min_len, terminable_only=True)
+                             prefixes=prefixes or self.prefixes, first=self.min_len, terminable_only=True,
+                             can_end=self.scored_states())
 
     def reference(self, record_id: int) -> Trajectory | None:
         ids = self._reference(record_id)

@@ -83,11 +83,11 @@ class SubjectivityTask(InfillingTask):
             groups[t.record_id].append(t)
         for rid, ts in groups.items():
             y = self.label(rid)
-            kw = dict(prefixes=self.prefixes, first=self.min_len, terminable_only=True)
+            kw = dict(prefixes=self.prefixes, first=self.min_len, terminable_only=True, can_end=self.scored_states())
             right = self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, y), **kw)
             wrong = self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, 1 - y), **kw)
             for t, r, w in zip(ts, right, wrong):
-                first = 0 if self.prefixes == "every" else t.length
+                first = t.length if self.prefixes == "final" else 0
                 out = []
                 for i in range(t.length + 1):
                     if i < first:

@@ -149,6 +149,36 @@ def test_reward_with_the_few_shot_context_equals_brute_force(tiny_llama, tmp_pat
     assert "a" in banned_text and "7" not in banned_text and "=" not in banned_text
 
 
+def test_a_rationale_ends_only_after_a_completed_step(tiny_llama, tmp_path):
+    """The preset's calculator with end_only_after: the states that can end are those right after a
+    result; only they (and the whole Z) are scored, equal to brute force, the rest get the floor;
+    samples the policy ended stop right after a result; and a short run trains on them (finite)."""
+    import json as _json
+
+    from learner.loop import build, collect
+
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **{"sampler.tools": "[{kind: calculator, end_only_after: true}]",
+                                                     "task.min_len": 3, "task.labelled": 3, "task.max_len": 40})
+    c = build(load_config("arithmetic.yaml", ov))
+    task = c.task
+    refs = [r for r in map(task.reference, task.train_ids) if r is not None]
+    ref = max(refs, key=lambda r: sum(r.tool_mask))  # " 2 + 2 = 4, 4 + 1 = 5"
+    ends = task.can_end(ref)
+    after_result = [k for k in range(1, ref.length + 1) if ref.tool_mask[k - 1] and (k == ref.length or not ref.tool_mask[k])]
+    assert [k for k, e in enumerate(ends) if e] == after_result and len(after_result) == 2
+    task.score([ref])
+    naive = task.lm.score_naive(task.context_ids(ref.record_id), [ref], suffix_ids=task.suffix_ids(ref.record_id))[0]
+    for k in range(ref.length + 1):
+        assert ref.log_r[k] == (pytest.approx(naive[k], abs=2e-4) if ends[k] else task.floor)
+    _, batch = collect(c, task.train_ids[:2], 1.0)
+    for t in batch:
+        if t.terminated:
+            assert task.can_end(t)[-1], task.tokenizer.decode(t.tokens)
+    assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2", "run.evaluate_at_end=false"])]) == 0
+    rows = [_json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+
+
 # -- PPO ------------------------------------------------------------------------------------------
 
 
@@ -226,7 +256,7 @@ def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, 
 # -- runs, sample and predict ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("objective", ["subtb", "ppo", "sft"])
+@pytest.mark.parametrize("objective", ["{type: subtb, states: can_end}", "ppo", "sft"])
 def test_short_arithmetic_run_evaluates_every_test_set(objective, tiny_llama, tmp_path):
     extra = {"learner.objective": objective}
     if objective == "ppo":

@@ -84,6 +84,7 @@ def test_every_field_has_a_docstring():
         ("learner=3", "learner"),
         ("runtime.publish_every=4", "runtime.publish_every (4) exceeds runtime.max_staleness + 1 (3)"),
         ("reward.prefixes=final", "reward.prefixes: 'final' scores only the whole Z"),
+        ("reward.prefixes=can_end", "reward.prefixes: 'can_end' scores only the states that can end"),
         ("learner.objective={type: dpo}", "learner.objective.type: unknown type dpo"),
         ("learner.objective={type: subtb, lam: -1}", "learner.objective.lam"),
         ("task.type=novel", "task.type: unknown type novel"),
@@ -99,6 +100,12 @@ def test_bad_input_is_one_line_naming_the_key(override, key):
         load_config("random_number.yaml", [override])
     msg = str(e.value)
     assert key in msg and "\n" not in msg
+
+
+def test_vargrad_needs_two_samples_per_record():
+    with pytest.raises(ConfigError, match="batch.samples_per_prompt: vargrad estimates each record's log Z"):
+        load_config("random_number.yaml", ["learner.objective=vargrad", "batch.samples_per_prompt=1"])
+    assert load_config("random_number.yaml", ["learner.objective=vargrad"]).learner.objective.type == "vargrad"
 
 
 def test_model_folder_without_config_json(tmp_path):

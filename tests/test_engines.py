@@ -256,6 +256,41 @@ def test_tool_insertions_are_environment_tokens(kind, tiny_llama_vllm, setup, re
     assert subtb_loss(noisy, log_pterm, log_r, lengths, tool_mask=tool) == pytest.approx(float(loss.detach()))
 
 
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_tool_that_ends_steps_is_the_only_place_to_end(kind, tiny_llama_vllm, setup, request):
+    """With `end_only_after` the policy may end only right after a tool's insertion: every sample the
+    policy ended stops right after one, and the behaviour log-probs (every sampled token, and ⊤) are
+    the learner's teacher-forced ones with ⊤ taken out of every other state (`can_end_states`)."""
+    from actors.trajectory import can_end_states
+
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=6)
+    end = [tok.convert_tokens_to_ids(c) for c in ".,;:!?0123456789"]  # ⊤ likely enough on a random model
+    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyz"], tok, end_only_after=True)
+    engine = engine_for(kind, policy, request, tools=runner)
+    trajs = engine.generate(0, prompt, 64, 1.0, 2, 24, end)
+    ended = [t for t in trajs if t.terminated]
+    assert len(ended) >= 3, "after '[v]' the end token is likely enough on this model"
+    for t in ended:
+        assert t.tool_mask and t.tool_mask[-1], tok.decode(t.tokens)
+    with torch.no_grad():
+        log_pf, log_pterm, _, _ = policy.logprobs(prompt, trajs, end, can_end=lambda t: can_end_states(
+            t.length, t.tool_mask, 2, end_only_after_tool=True))
+        plain, _, _, _ = policy.logprobs(prompt, trajs, end)
+    differs = 0
+    for b, t in enumerate(trajs):
+        sampled = [k for k in range(t.length) if not (t.tool_mask and t.tool_mask[k])]
+        got = torch.tensor([t.logprobs[k] for k in sampled])
+        assert torch.allclose(got, log_pf[b, sampled], atol=1e-3), tok.decode(t.tokens)
+        differs += int(not torch.allclose(got, plain[b, sampled], atol=1e-3))
+        if t.terminated:  # ⊤ is a set of tokens: the one drawn is one of them, at the state where it ended
+            with torch.no_grad():
+                logq = torch.log_softmax(policy.model(input_ids=torch.tensor([prompt + t.tokens])).logits[0, -1].float(), -1)
+            assert min(abs(float(logq[e]) - t.end_logprob) for e in end) < 1e-3
+            assert t.end_logprob <= float(log_pterm[b, t.length]) + 1e-3
+    assert differs, "the mask changes q where ⊤ is out"
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_vllm_prefix_scores_equal_the_transformers_forward(tiny_llama_vllm, setup, reward_llm):

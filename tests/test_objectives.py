@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from learner.objectives import subtb_loss, tb_loss
+from learner.objectives import subtb_loss, tb_loss, vargrad_loss
 
 
 def brute_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, tool_mask=None):
@@ -231,20 +231,23 @@ def _tabular_terms(case, table):
     return log_pf, log_pterm
 
 
-@pytest.mark.parametrize("objective", ["subtb", "subtb_lambda", "subtb_batch_root", "tb"])
+def _from_min_len(lengths, width, min_len):
+    """[B, width] True where k >= min_len: the states that can end of a task without tools."""
+    return (torch.arange(width) >= min_len)[None, :].expand(len(lengths), width)
+
+
+@pytest.mark.parametrize("objective", ["subtb", "subtb_lambda", "subtb_batch_root", "tb", "vargrad"])
 def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objective):
     """States before min_len cannot end: ⊤ taken out of q there, no termination term, sub-trajectories
     balanced between states that can end and the first state's learned flow. Trained to convergence on
     every Z of a tiny enumerable task, the policy's q(Z ⊤) is R(Z) / Σ R (brute force) and log Z the
     log of Σ R."""
-    from learner.objectives import can_end_mask
-
     case = _tabular_case()
     table = torch.zeros(len(case["prefixes"]), case["V"] + 1, dtype=torch.float64, requires_grad=True)
     log_z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([table, log_z], lr=0.05)
     lengths, B = case["lengths"], len(case["objects"])
-    can_end = can_end_mask(lengths, case["max_len"] + 1, case["min_len"])
+    can_end = _from_min_len(lengths, case["max_len"] + 1, case["min_len"])
     for it in range(4000):
         if it == 2000:  # settle
             for group in opt.param_groups:
@@ -253,6 +256,8 @@ def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objectiv
         log_pf, log_pterm = _tabular_terms(case, table)
         if objective == "tb":
             loss = tb_loss(log_pf, log_pterm, case["log_r"], lengths, log_z)
+        elif objective == "vargrad":  # log Z: the batch's estimate
+            loss, _ = vargrad_loss(log_pf, log_pterm, case["log_r"], lengths, torch.zeros(B, dtype=torch.long))
         elif objective == "subtb_batch_root":  # the first state's flow: the batch's estimate (what SubTB uses)
             loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, can_end=can_end,
                               root_groups=torch.zeros(B, dtype=torch.long))
@@ -266,15 +271,13 @@ def test_the_optimum_over_states_that_cannot_end_is_q_proportional_to_r(objectiv
         inside = torch.arange(log_pf.shape[1])[None, :] < lengths[:, None]
         log_q = torch.where(inside, log_pf, torch.zeros_like(log_pf)).sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)
     torch.testing.assert_close(log_q.exp(), torch.softmax(case["log_R"], 0), atol=1e-4, rtol=0)
-    if objective != "subtb_batch_root":  # no log Z parameter there
+    if objective not in ("subtb_batch_root", "vargrad"):  # no log Z parameter there
         assert log_z.item() == pytest.approx(torch.logsumexp(case["log_R"], 0).item(), abs=1e-3)
 
 
 def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
     """With can_end, a state before min_len is in no pair of its own: its reward and its (−inf) log q(⊤)
     change neither the value nor the gradients; the first state takes part through log_root."""
-    from learner.objectives import can_end_mask
-
     torch.manual_seed(3)
     B, T = 3, 4
     lengths = torch.tensor([4, 3, 2])
@@ -284,7 +287,7 @@ def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
     log_pterm.requires_grad_(True)
     log_r = torch.randn(B, T + 1, dtype=torch.float64)
     root = torch.randn(B, dtype=torch.float64, requires_grad=True)
-    can_end = can_end_mask(lengths, T + 1, 2)
+    can_end = _from_min_len(lengths, T + 1, 2)
     loss = subtb_loss(log_pf, log_pterm, log_r, lengths, can_end=can_end, log_root=root)
     other = log_r.clone()
     other[:, 1] = 1e6  # a reward at a state that cannot end: unused
@@ -308,8 +311,6 @@ def test_states_that_cannot_end_carry_no_flow_and_no_gradient_of_their_own():
 def test_the_batch_root_is_the_weighted_mean_per_group():
     """root_groups: F_0 of each row is the λ^(j-1)-weighted mean, over the states j >= 1 of its group's
     rows that can end, of F_j - sum_{k<j} log_pf[k]; a brute-force loss with that F_0 agrees."""
-    from learner.objectives import can_end_mask
-
     torch.manual_seed(5)
     B, T, lam = 4, 3, 0.7
     lengths = torch.tensor([3, 2, 3, 1])
@@ -317,7 +318,7 @@ def test_the_batch_root_is_the_weighted_mean_per_group():
     log_pf = torch.randn(B, T, dtype=torch.float64)
     log_pterm = torch.randn(B, T + 1, dtype=torch.float64)
     log_r = torch.randn(B, T + 1, dtype=torch.float64)
-    can_end = can_end_mask(lengths, T + 1, 1)
+    can_end = _from_min_len(lengths, T + 1, 1)
     loss = subtb_loss(log_pf, log_pterm, log_r, lengths, lam=lam, can_end=can_end, root_groups=groups)
     g = {(b, j): (log_r[b, j] - log_pterm[b, j] - log_pf[b, :j].sum()).item()
          for b in range(B) for j in range(1, int(lengths[b]) + 1)}
@@ -336,3 +337,92 @@ def test_the_batch_root_is_the_weighted_mean_per_group():
                     num += w * (flows[i] - flows[j] + log_pf[b, i:j].sum().item()) ** 2
                     den += w
     assert loss.item() == pytest.approx(num / den, rel=1e-10)
+
+
+def test_a_trajectory_cut_where_it_cannot_end_takes_part_through_its_other_states():
+    """Cut at max length at a state that cannot end (arithmetic's tools end steps: log q(⊤) = -inf
+    there): SubTB balances its states that can end and leaves the last one out, TB leaves the row out;
+    both finite with finite gradients, and equal to the losses without that state / row."""
+    torch.manual_seed(7)
+    B, T = 2, 4
+    lengths = torch.tensor([4, 3])
+    log_pf = torch.randn(B, T, dtype=torch.float64, requires_grad=True)
+    log_r = torch.randn(B, T + 1, dtype=torch.float64)
+    can_end = torch.tensor([[False, True, False, True, False], [False, False, True, True, False]])
+    log_pterm = torch.randn(B, T + 1, dtype=torch.float64).masked_fill(~can_end, -float("inf"))
+    root = torch.zeros(B, dtype=torch.float64)
+    loss = subtb_loss(log_pf, log_pterm, log_r, lengths, can_end=can_end, log_root=root)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_pf.grad).all()
+    shorter = subtb_loss(log_pf, log_pterm, log_r, torch.tensor([3, 3]), can_end=can_end, log_root=root)
+    assert loss.item() == pytest.approx(shorter.item(), rel=1e-12)  # row 0's cut state s_4 adds no pair
+    log_z = torch.zeros((), dtype=torch.float64)
+    tb = tb_loss(log_pf, log_pterm, log_r, lengths, log_z)
+    alone = tb_loss(log_pf[1:], log_pterm[1:], log_r[1:], lengths[1:], log_z)
+    assert torch.isfinite(tb) and tb.item() == pytest.approx(alone.item(), rel=1e-12)
+
+
+def _two_records(scale=6.0):
+    """Two records, Z one of 4 tokens then ⊤ (forced): R_1 = e^scale · R_0 in shape and scale, so
+    their partition functions differ by e^6 and a bit. Every (record, Z) in the batch once: an
+    off-policy batch, as replayed and tempered samples make it."""
+    g = torch.Generator().manual_seed(11)
+    log_R = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    log_R[1] += scale
+    rec = torch.arange(2).repeat_interleave(4)
+    z = torch.arange(4).repeat(2)
+    log_r = torch.zeros(8, 2, dtype=torch.float64)
+    log_r[:, 1] = log_R[rec, z]
+    return log_R, rec, z, log_r
+
+
+def _train_two_records(log_z_of, params, table, rec, z, log_r, steps=3000):
+    opt = torch.optim.Adam([table] + params, lr=0.05)
+    for it in range(steps):
+        if it == steps // 2:
+            for group in opt.param_groups:
+                group["lr"] = 0.005
+        opt.zero_grad()
+        log_pf = torch.log_softmax(table, -1)[rec, z][:, None]
+        log_pterm = torch.zeros(8, 2, dtype=torch.float64)  # ⊤ forced after one token
+        loss = tb_loss(log_pf, log_pterm, log_r, torch.ones(8, dtype=torch.long), log_z_of(rec))
+        loss.backward()
+        opt.step()
+    q = torch.softmax(table.detach(), -1)
+    return q
+
+
+def test_tb_with_one_log_z_per_record_settles_at_q_proportional_to_r_where_a_shared_one_cannot():
+    """The bug of issue 24: one scalar log Z for records whose partition functions differ (e^6 here)
+    does not settle at q ∝ R on an off-policy batch; one log Z per record does, at log Z_r = log Σ R_r."""
+    log_R, rec, z, log_r = _two_records()
+    target = torch.softmax(log_R, -1)
+
+    def kl(q):
+        return float((target * (target.log() - q.log())).sum(-1).max())
+
+    shared = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    q_shared = _train_two_records(lambda r: shared, [shared], torch.zeros(2, 4, dtype=torch.float64, requires_grad=True),
+                                  rec, z, log_r)
+    table_z = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    q_per = _train_two_records(lambda r: table_z[r], [table_z], torch.zeros(2, 4, dtype=torch.float64, requires_grad=True),
+                               rec, z, log_r)
+    assert kl(q_per) < 1e-6
+    assert_close(table_z.detach(), torch.logsumexp(log_R, -1), atol=1e-4, rtol=0)
+    assert kl(q_shared) > 0.1, "a shared log Z is off for both records"
+
+
+def test_vargrad_hand_computed():
+    """log Z per group = mean of log R − log q over its rows (no gradient); the loss is TB's with it."""
+    log_pf = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    log_pterm = torch.tensor([[0.0, 0.0, -0.1], [0.0, -0.2, 0.0], [0.0, -0.3, 0.0]], dtype=torch.float64)
+    log_r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0], [0.0, 5.0, 0.0]], dtype=torch.float64)
+    lengths = torch.tensor([2, 1, 1])
+    groups = torch.tensor([7, 7, 3])
+    loss, log_z = vargrad_loss(log_pf, log_pterm, log_r, lengths, groups)
+    g = [1.0 - (-3.1), 2.0 - (-0.7), 5.0 - (-3.3)]  # log R − log q per row
+    z7 = (g[0] + g[1]) / 2
+    assert log_z.tolist() == pytest.approx([z7, z7, g[2]])
+    assert loss.item() == pytest.approx(((z7 - g[0]) ** 2 + (z7 - g[1]) ** 2 + 0.0) / 3)
+    loss.backward()  # the estimate carries no gradient: d/d log_pf[0,0] = 2 (z7 − g0) / 3 · (+1)
+    assert log_pf.grad[0, 0].item() == pytest.approx(2 * (z7 - g[0]) / 3)

@@ -21,7 +21,7 @@ import torch
 
 from actors.tiny import build_model
 from actors.trajectory import Trajectory
-from configs import load_config
+from configs import ConfigError, load_config
 from configs.schema import RewardTemperature
 from learner.loop import build, collect, train
 from learner.objectives import group_advantages
@@ -116,6 +116,26 @@ def test_tb_trains_log_z_at_its_own_rate_and_resumes_it(tiny_digits, tmp_path):
     for r in metrics(part):
         assert r["loss"] == pytest.approx(a[r["step"]]["loss"], rel=1e-5, abs=1e-6), r["step"]
         assert r["log_z"] == pytest.approx(a[r["step"]]["log_z"], rel=1e-5, abs=1e-7), r["step"]
+
+
+def test_tb_and_vargrad_keep_one_log_z_per_record(tiny_digits, tmp_path):
+    """Two prompts: TB learns a table of two log Z (one per record, in metrics.jsonl with their spread),
+    a shared scalar is refused before anything runs, and VarGrad (log Z from each record's samples in
+    the batch) reaches the target with no parameter of its own."""
+    two = 'task.prompts=["5: ", "7: "]'
+    run = str(tmp_path / "tb")
+    c = train(load_config("random_number.yaml", digits_overrides(tiny_digits, run, two, "learner.steps=20",
+                                                                  "learner.objective={type: tb, log_z_lr: 0.05}")), run)
+    assert c.learner.objective.log_z.shape == (2,) and bool((c.learner.objective.log_z != 0).all())
+    assert all("log_z" in r and "log_z_spread" in r for r in metrics(run))
+    with pytest.raises(ConfigError, match="log_z: 'scalar' shares one log Z across the 2 training records"):
+        build(load_config("random_number.yaml", digits_overrides(tiny_digits, run, two, "learner.objective={type: tb, log_z: scalar}")))
+    run = str(tmp_path / "vargrad")
+    c = train(load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.steps=300",
+                                                                  "learner.objective=vargrad")), run)
+    after = exact_distribution(c.policy, c.task, 0)
+    assert kl(c.task.log_p, after["p"]) < 0.1 and after["invalid_mass"] < 0.1, after
+    assert c.learner.objective.param_groups() == [] and "log_z" in metrics(run)[-1]
 
 
 def test_ppo_raises_the_expected_reward(tiny_digits, tmp_path):
@@ -277,7 +297,9 @@ def test_subtb_states_can_end_wires_the_mask_and_the_batch_root(tiny_digits, tmp
     c = build(cfg)
     _, batch = collect(c, [0], 1.0)
     terms = c.learner.terms(batch, c.task, 1.0)
-    assert not terms.can_end[:, :2].any() and terms.can_end[:, 2:].all()
+    assert not terms.can_end[:, :2].any()
+    assert all(terms.can_end[b, 2: t.length + 1].all() and not terms.can_end[b, t.length + 1:].any()
+               for b, t in enumerate(terms.trajectories))
     assert torch.isinf(terms.log_pterm[:, :2]).all()
     loss, _ = c.learner.objective.loss(terms)
     want = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, tool_mask=terms.tool_mask,

@@ -195,6 +195,28 @@ def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_l
             assert f[-1] == pytest.approx(ref[-1], abs=1e-4) and all(math.isnan(x) for x in f[:-1])
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_scorer_scores_only_the_states_that_can_end(kind, tiny_llama, tiny_gpt2):
+    """With `can_end` the suffix pass skips the states that cannot end (NaN there) and scores the others,
+    and the whole Z, as the plain scorer does."""
+    from actors.trajectory import can_end_states
+
+    model, tok = load_model(tiny_llama if kind == "llama" else tiny_gpt2)
+    scorer = PrefixScorer(model, tok.pad_token_id)
+    ctx = tok("The cat").input_ids
+    trajs = [Trajectory(0, list(range(10, 17)), tool_mask=[False, False, True, True, False, True, False]),
+             Trajectory(0, list(range(20, 24)))]
+    suffix = tok.encode(". It slept.", add_special_tokens=False)
+    ends = lambda t: can_end_states(t.length, t.tool_mask, 1, end_only_after_tool=True)
+    every = scorer.score(ctx, trajs, suffix_ids=suffix, first=1, terminable_only=True)
+    some = scorer.score(ctx, trajs, suffix_ids=suffix, first=1, terminable_only=True, can_end=ends)
+    assert ends(trajs[0]) == [False, False, False, False, True, False, True, False]
+    for t, e, g in zip(trajs, every, some):
+        wanted = [i for i, ok in enumerate(ends(t)) if ok or i == t.length]
+        assert [i for i, x in enumerate(g) if not math.isnan(x)] == wanted
+        assert [g[i] for i in wanted] == pytest.approx([e[i] for i in wanted], abs=1e-5)
+
+
 def lm_task(model_dir, tmp_path, task, data, **extra):
     cfg = load_config(f"{task}.yaml", task_overrides(model_dir, tmp_path / "run", task, data, **extra))
     model, tok = load_model(model_dir)

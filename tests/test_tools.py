@@ -64,3 +64,16 @@ def test_a_calculator_limited_to_two_operands_does_one_operation():
     assert tool(" 1 + 1 + 1 =") == " 2"
     with pytest.raises(ValueError):
         CalculatorTool(max_operands=1)
+
+
+def test_the_states_that_can_end():
+    """k >= min_len, never right before a tool token, and with end_only_after_tool only right after an
+    insertion (the last state may end only on the same terms)."""
+    from actors.trajectory import can_end_states
+
+    tool = [False, False, True, False, True, True, False]
+    assert can_end_states(7, tool, 0) == [True, True, False, True, False, False, True, True]
+    assert can_end_states(7, tool, 4) == [False, False, False, False, False, False, True, True]
+    assert can_end_states(7, tool, 0, end_only_after_tool=True) == [False, False, False, True, False, False, True, False]
+    assert can_end_states(3, [], 1, end_only_after_tool=True) == [False] * 4
+    assert can_end_states(2, [], 1) == [False, True, True]
