@@ -14,7 +14,8 @@ import random
 
 import torch
 
-from .objectives import action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_loss, tb_loss, vargrad_loss
+from .objectives import (action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_log_root, subtb_loss, tb_loss,
+                         vargrad_loss)
 
 
 @dataclass
@@ -85,9 +86,10 @@ class SubTB(_Stateless):
         groups = None
         if terms.can_end is not None and not bool(terms.can_end[:, 0].any()):
             groups = torch.tensor([t.record_id for t in terms.trajectories], device=terms.log_pf.device)
-        loss = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, lam=self.lam, tool_mask=terms.tool_mask,
-                          log_flow=terms.log_flow, can_end=terms.can_end, root_groups=groups)
-        return loss, {}
+        kw = dict(lam=self.lam, tool_mask=terms.tool_mask, can_end=terms.can_end, root_groups=groups)
+        loss = subtb_loss(terms.log_pf, terms.log_pterm, terms.log_r, terms.lengths, log_flow=terms.log_flow, **kw)
+        root = subtb_log_root(terms.log_pf.detach(), terms.log_pterm.detach(), terms.log_r, terms.lengths, **kw)
+        return loss, log_z_metrics(root, terms)  # log F(s_0): SubTB's log Z of each record
 
 
 class TB:

@@ -78,11 +78,8 @@ def subtb_loss(
     no flow of their own, are left out; padded and left-out entries may hold anything (even inf)
     without changing the value or its gradients. A batch with no pair gives 0.
     """
-    token, state = _masks(log_pf, lengths, tool_mask, can_end)
+    state, flow, cum = _state_flows(log_pf, log_pterm, log_r, lengths, tool_mask, can_end)
     _, reachable = _masks(log_pf, lengths, tool_mask)
-    pf = torch.where(token, log_pf, torch.zeros_like(log_pf))
-    cum = F.pad(pf.cumsum(dim=1), (1, 0))  # cum[b, k] = sum_{m<k} log_pf[b, m]
-    flow = torch.where(state, log_r - log_pterm, torch.zeros_like(log_r))  # -inf log_pterm where ⊤ is out
     if log_root is None and root_groups is not None:
         log_root, has = _batch_root(flow - cum, state, root_groups, lam)
     else:
@@ -111,6 +108,29 @@ def subtb_loss(
     num = (weight * resid.square()).sum()
     den = weight.sum()
     return num / den.clamp_min(torch.finfo(g.dtype).tiny)
+
+
+def _state_flows(log_pf, log_pterm, log_r, lengths, tool_mask, can_end):
+    """(states with a flow of their own [B,T+1], log F there (0 elsewhere), cum[b,k] = sum_{m<k} log_pf[b,m])."""
+    token, state = _masks(log_pf, lengths, tool_mask, can_end)
+    pf = torch.where(token, log_pf, torch.zeros_like(log_pf))
+    cum = F.pad(pf.cumsum(dim=1), (1, 0))
+    flow = torch.where(state, log_r - log_pterm, torch.zeros_like(log_r))  # -inf log_pterm where ⊤ is out
+    return state, flow, cum
+
+
+def subtb_log_root(log_pf, log_pterm, log_r, lengths, lam: float = 1.0, tool_mask=None, can_end=None,
+                   root_groups=None) -> torch.Tensor:
+    """log F(s_0) per row as `subtb_loss` uses it, without gradient: SubTB's log Z. With `root_groups`
+    the batch's estimate per record (NaN for a record with no state that can end), else
+    log_r[b,0] - log_pterm[b,0] (NaN where s_0 cannot end)."""
+    with torch.no_grad():
+        if root_groups is None:
+            root = log_r[:, 0] - log_pterm[:, 0]
+            return torch.where(torch.isfinite(root), root, torch.full_like(root, float("nan")))
+        state, flow, cum = _state_flows(log_pf, log_pterm, log_r, lengths, tool_mask, can_end)
+        root, has = _batch_root(flow - cum, state, root_groups, lam)
+        return torch.where(has, root, torch.full_like(root, float("nan")))
 
 
 def _batch_root(g: torch.Tensor, state: torch.Tensor, groups: torch.Tensor, lam: float):

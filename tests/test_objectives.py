@@ -326,6 +326,12 @@ def test_the_batch_root_is_the_weighted_mean_per_group():
     for grp in (0, 1):
         pairs = [((b, j), lam ** (j - 1)) for (b, j) in g if groups[b] == grp]
         root[grp] = sum(w * g[k] for k, w in pairs) / sum(w for _, w in pairs)
+    from learner.objectives import subtb_log_root  # what the learner reports as SubTB's log Z
+
+    got = subtb_log_root(log_pf, log_pterm, log_r, lengths, lam=lam, can_end=can_end, root_groups=groups)
+    assert got.tolist() == pytest.approx([root[int(grp)] for grp in groups], rel=1e-7)
+    plain = subtb_log_root(log_pf, log_pterm, log_r, lengths)
+    assert plain.tolist() == pytest.approx((log_r[:, 0] - log_pterm[:, 0]).tolist())
     num = den = 0.0
     for b in range(B):
         n = int(lengths[b])
