@@ -409,10 +409,20 @@ class ArithmeticTask(InfillingTask):
 
 
 class EMConfig(Section):
-    """The alternation of E-steps (q(Z | X), the GFlowNet) and M-steps (the classifier p(Y | X Z))."""
+    """E-steps (q(Z | X), the GFlowNet) and M-steps (the classifier p(Y | X Z), a second adapter)."""
+
+    schedule: Literal["after", "alternate"] = "after"
+    """'after' (the authors'): the E-steps train q against a fixed reward, then one M phase trains the
+    classifier on Z from the trained q; 'alternate': an M phase every `e_steps` learner steps."""
+
+    e_reward: Literal["base", "m"] = "base"
+    """The E-step's reward LM: 'base' the frozen base model (the authors'; the reward never changes),
+    'm' the base with the M adapter (the reward moves after each M phase and the replay is rescored).
+    Prediction always classifies with base + M."""
 
     e_steps: int = Field(20, ge=0)
-    """E-steps (learner steps) between two M phases; 0: no M-step (the reward stays the base LM)."""
+    """With schedule 'alternate': E-steps (learner steps) between two M phases. 0: no M-step at all
+    (prediction then classifies with the base LM)."""
 
     m_steps: int = Field(10, ge=1)
     """Optimizer steps of one M phase."""

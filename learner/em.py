@@ -1,10 +1,12 @@
 """The M-step of latent-rationale classification (paper §4.4): a second adapter learns p(Y | X Z).
 
-The E-step is the ordinary GFlowNet update of the default adapter, q(Z | X). Every `e_steps`
-E-steps, `m_steps` optimizer steps train the adapter "m" on Z sampled from q for the training
-records: a two-way cross-entropy over the label words, log p_m(Y_c | X Z) for each label c. The
-reward LM is the base with adapter "m", so each M phase bumps the task's `reward_version` and the
-replay's older log R is scored again when drawn. Two named adapters in one policy, each with its
+The E-step is the ordinary GFlowNet update of the default adapter, q(Z | X). After the last
+E-step (`schedule: after`, the authors'), or every `e_steps` E-steps (`alternate`), `m_steps`
+optimizer steps train the adapter "m" on Z sampled from q for the training records: a two-way
+cross-entropy over the label words, log p_m(Y_c | X Z) for each label c. Prediction classifies with
+base + "m". The E-step's reward is the frozen base model (`e_reward: base`, the authors'), or base +
+"m" (`e_reward: m`): then each M phase bumps the task's `reward_version` and the replay's older
+log R is scored again when drawn. Two named adapters in one policy, each with its
 own optimizer; the M adapter's weights and optimizer go into every checkpoint.
 """
 
@@ -47,16 +49,24 @@ def label_logits(model, context_ids: list[int], trajectories: list[Trajectory], 
 
 
 class MStep:
-    def __init__(self, policy, task, em_cfg, lora_cfg, seed: int = 0):
+    """M phases: after the last E-step (`schedule: after`) or every `e_steps` steps (`alternate`).
+    Prediction classifies with base + M; the E-step's reward uses M only with `e_reward: m`."""
+
+    def __init__(self, policy, task, em_cfg, lora_cfg, seed: int = 0, total_steps: int = 0):
         self.policy, self.task, self.cfg = policy, task, em_cfg
+        self.total_steps = total_steps
         self.params = policy.add_adapter(M_ADAPTER, lora_cfg)
         self.optimizer = torch.optim.AdamW(self.params, lr=em_cfg.m_lr, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(seed + 104729)
-        task.lm.adapter = M_ADAPTER  # the reward is base + M from now on (equal to the base until trained)
+        use_m(task, em_cfg)
         self.phases = 0
 
     def due(self, step: int) -> bool:
-        return self.cfg.e_steps > 0 and step % self.cfg.e_steps == 0
+        if self.cfg.e_steps <= 0:
+            return False
+        if self.cfg.schedule == "after":
+            return step == self.total_steps
+        return step % self.cfg.e_steps == 0
 
     def run(self, sampler) -> dict:
         """One M phase; the reward changes, so its version is bumped."""
@@ -91,7 +101,8 @@ class MStep:
             losses.append(total / max(n, 1))
             accs.append(right / max(n, 1))
         self.phases += 1
-        task.reward_version += 1
+        if self.cfg.e_reward == "m":  # the reward changed: replayed log R is scored again when drawn
+            task.reward_version += 1
         return {"m_loss": losses[-1], "m_train_accuracy": accs[-1], "m_seconds": time.perf_counter() - t0,
                 "reward_version": task.reward_version}
 
@@ -125,5 +136,12 @@ def load_m_adapter(policy, adapter_dir: str, lora_cfg, task) -> bool:
     if M_ADAPTER not in policy.model.peft_config:
         policy.add_adapter(M_ADAPTER, lora_cfg)
     set_peft_model_state_dict(policy.model, load_file(path, device=str(policy.device)), adapter_name=M_ADAPTER)
-    task.lm.adapter = M_ADAPTER
+    use_m(task, task.cfg.em)
     return True
+
+
+def use_m(task, em_cfg) -> None:
+    """The M adapter classifies (prediction); with `e_reward: m` it is part of the E-step's reward too."""
+    task.classifier_adapter = M_ADAPTER
+    if em_cfg.e_reward == "m":
+        task.lm.adapter = M_ADAPTER  # equal to the base until trained

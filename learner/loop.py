@@ -126,7 +126,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if getattr(cfg.task, "em", None) is not None and cfg.task.em.e_steps and learner.objective.samples:
         from .em import MStep
 
-        em = MStep(policy, task, cfg.task.em, cfg.lora, seed=cfg.learner.seed)
+        em = MStep(policy, task, cfg.task.em, cfg.lora, seed=cfg.learner.seed, total_steps=cfg.learner.steps)
     return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator, em)
 
 

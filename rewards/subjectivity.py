@@ -5,11 +5,12 @@ X is a review inside an instruction ('Classify this movie review as objective or
 E-step: q(Z | X) ∝ p(Z Y | X) for the record's true Y, every prefix scored with the suffix
 (`actors.scoring`), plus `wrong_label_penalty` on prefixes after which the reward LM prefers the
 other label. M-step (`learner/em.py`): a second adapter "m" learns p(Y | X Z) on sampled Z (a
-two-way cross-entropy over the label words); the reward LM is the base with that adapter, so
-every M phase bumps `reward_version`, and replayed trajectories scored by an older one are
-scored again. The replay starts from the base model's own continuations.
+two-way cross-entropy over the label words), once after the E-steps (the authors') or alternating
+with them. The E-step's reward is the frozen base model (the authors'), or the base with the M
+adapter (`em.e_reward: m`: every M phase then bumps `reward_version`, and replayed trajectories
+scored by an older one are scored again). The replay starts from the base model's own continuations.
 
-Prediction: Z from q (greedy, or several sampled and voted), then the label whose Y the reward LM
+Prediction: Z from q (greedy, or several sampled and voted), then the label whose Y the classifier
 (base + M) finds likelier after X Z.
 """
 
@@ -38,6 +39,8 @@ class SubjectivityTask(InfillingTask):
     def __init__(self, cfg, tokenizer, prefixes: str = "every"):
         super().__init__(cfg, tokenizer, prefixes)
         self.reward_version = 0
+        self.classifier_adapter: str | None = None
+        """The adapter that predicts Y from X Z (the M-step's), once there is one; None: the base LM."""
         self._prefers_true: dict[tuple, bool] = {}
         """(record, tokens, reward version) -> whether the reward LM preferred the true label after
         that Z when it was scored (what `is_valid` reads instead of classifying again). Keyed by
@@ -124,17 +127,23 @@ class SubjectivityTask(InfillingTask):
 
     # -- prediction ----------------------------------------------------------------------------
 
-    def classify(self, trajectories: list[Trajectory]) -> list[int]:
-        """The label whose Y the reward LM (base + M) finds likelier after X Z, per trajectory."""
+    def classify(self, trajectories: list[Trajectory], by_reward: bool = False) -> list[int]:
+        """The label whose Y the classifier (base + M, or the base LM before any M-step) finds likelier
+        after X Z, per trajectory; `by_reward`: the E-step's reward LM instead."""
         out = {}
         groups: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.record_id].append(t)
-        for rid, ts in groups.items():
-            scores = [self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, y), prefixes="final")
-                      for y in (0, 1)]
-            for t, s0, s1 in zip(ts, *scores):
-                out[id(t)] = int(s1[-1] > s0[-1])
+        reward_adapter = self.lm.adapter
+        self.lm.adapter = reward_adapter if by_reward else self.classifier_adapter
+        try:
+            for rid, ts in groups.items():
+                scores = [self.lm.score(self.context_ids(rid), ts, suffix_ids=self.label_suffix(rid, y), prefixes="final")
+                          for y in (0, 1)]
+                for t, s0, s1 in zip(ts, *scores):
+                    out[id(t)] = int(s1[-1] > s0[-1])
+        finally:
+            self.lm.adapter = reward_adapter
         return [out[id(t)] for t in trajectories]
 
     def answers(self, trajectories: list[Trajectory]) -> list[int]:
@@ -145,7 +154,7 @@ class SubjectivityTask(InfillingTask):
         if not super().is_valid(t):
             return False
         known = self._prefers_true.get(self._verdict_key(t))
-        return known if known is not None else self.classify([t])[0] == self.label(t.record_id)
+        return known if known is not None else self.classify([t], by_reward=True)[0] == self.label(t.record_id)
 
     def few_shot_prompt(self, record_id: int, k: int) -> list[int]:
         """k labelled training examples ("<X> <label word>.") and then X."""

@@ -31,7 +31,7 @@ def subj_overrides(model_dir, tmp_path, **extra):
     ov = [o for o in tiny_overrides(model_dir, tmp_path / "run") if not o.startswith("task.")]
     settings = {
         "task": "{type: subjectivity, data: {train: %s, test: %s}, prompt_template: 'Review: {text} It is', "
-                "max_len: 4, seed_samples: 2, prompting_shots: 2, em: {e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
+                "max_len: 4, seed_samples: 2, prompting_shots: 2, em: {schedule: alternate, e_reward: m, e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
                 % (train, test),
         "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5, "batch.tempered": 0.25,
         "batch.replay": 0.25, "replay.capacity_per_prompt": 8, "replay.seed_with_support": "true",
@@ -97,6 +97,36 @@ def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama,
     assert state["reward_version"] == 1 and state["weights"]
 
 
+def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_path):
+    """em {schedule: after, e_reward: base} (the preset's): the E-steps' reward is the frozen base model
+    and never changes, one M phase runs after the last E-step, and prediction classifies with base + M."""
+    from learner.loop import LocalDriver
+
+    em = "{schedule: after, e_reward: base, e_steps: 1, m_steps: 3, m_lr: 0.05, m_samples: 2}"
+    d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em": em,
+                                                                                             "learner.steps": 3})))
+    c = d.c
+    assert c.task.lm.adapter is None and c.task.classifier_adapter == "m"
+    probe = [t for rid in c.task.train_ids for t in c.replay.sample_many([(rid, 1)], 1.0)][:2]
+    before = [list(t.log_r) for t in probe]
+    outs = [d.step(1.0)[1] for _ in range(3)]
+    assert ["m_loss" in o for o in outs] == [False, False, True] and math.isfinite(outs[2]["m_loss"])
+    assert c.task.reward_version == 0 and c.em.phases == 1
+    for t, old in zip(probe, before):
+        c.task.score([t])
+        assert t.log_r == pytest.approx(old, abs=1e-5), "the E-step's reward is the frozen base"
+    # prediction: the label the base + M adapter prefers after X Z
+    from learner.em import label_logits
+    from actors.policy import active_adapter
+
+    t = probe[0]
+    with torch.no_grad(), active_adapter(c.policy.model, "m"):
+        logits = label_logits(c.policy.model, c.task.context_ids(t.record_id), [t],
+                              [c.task.label_suffix(t.record_id, 0), c.task.label_suffix(t.record_id, 1)],
+                              c.policy.tokenizer.pad_token_id)
+    assert c.task.classify([t]) == [int(logits[0, 1] > logits[0, 0])]
+
+
 def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_llama, tmp_path, capsys):
     ov = subj_overrides(tiny_llama, tmp_path)
     assert main(["train", "subjectivity.yaml", *flags(ov + ["learner.steps=2"])]) == 0
@@ -156,7 +186,7 @@ def test_the_label_verdict_cache_is_keyed_by_the_trajectory_not_its_id(tiny_llam
     task.score([t])
     calls = []
     real = task.classify
-    task.classify = lambda ts: calls.append(len(ts)) or real(ts)
+    task.classify = lambda ts, **kw: calls.append(len(ts)) or real(ts, **kw)
     task.is_valid(t)
     assert calls == []  # the scoring pass's verdict
     t.tokens = tok.encode(" odd", add_special_tokens=False)
