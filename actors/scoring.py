@@ -36,7 +36,7 @@ class PrefixScorer:
         self.max_rows = max_rows
         """Suffix tokens (over all prefixes) per batched pass; bounds the memory of the logits."""
         self._shared: tuple[tuple[int, ...], list, torch.Tensor] | None = None
-        """(tokens, per-layer keys and values, last logits) of the last shared context prefix."""
+        """((adapter, tokens), per-layer keys and values, last logits) of the last shared context prefix."""
 
     adapter: str | None = None
     """A named adapter of the model that is part of the reward (the M-step's classifier); unset:
@@ -103,9 +103,9 @@ class PrefixScorer:
         if shared <= 0:
             out = self.model(input_ids=torch.tensor([ctx], device=dev), use_cache=True, logits_to_keep=1)
             return out.past_key_values, out.logits[:, -1:, :]
-        head = tuple(ctx[:shared])
+        head = (self.adapter, tuple(ctx[:shared]))  # the cache holds what this adapter computed
         if self._shared is None or self._shared[0] != head:
-            out = self.model(input_ids=torch.tensor([head], device=dev), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([ctx[:shared]], device=dev), use_cache=True, logits_to_keep=1)
             self._shared = (head, [(layer.keys, layer.values) for layer in out.past_key_values.layers], None)
         cache = DynamicCache(list(self._shared[1]))  # the stored tensors are never written to: updates concatenate
         positions = torch.arange(shared, len(ctx), device=dev)[None, :]

@@ -648,6 +648,9 @@ class Config(Section):
                 and self.learner.objective.type != "sft":
             raise ValueError("task.em: the E/M alternation (a reward that learns) runs with runtime.mode=local; "
                              "set runtime.mode=local, or task.em.e_steps=0 for a fixed reward on Ray")
+        if self.task.type == "subjectivity" and self.task.em.z_from == "base" and self.sampler.engine == "vllm":
+            raise ValueError("task.em.z_from: 'base' samples with the adapter switched off, which the vLLM engine "
+                             "cannot; set sampler.engine=transformers")
         return self
 
     @model_validator(mode="after")

@@ -433,6 +433,11 @@ class EMConfig(Section):
     m_samples: int = Field(4, ge=1)
     """Z sampled from q per training record for each M step."""
 
+    z_from: Literal["q", "base"] = "q"
+    """Where the M phase's Z and prediction's Z come from: 'q' the E-step's policy; 'base' the base
+    model (adapter off): the M-only ablation, which says what the E-step earns (give it few learner
+    steps: they train nothing it uses). Needs the transformers engine."""
+
 
 class SubjectivityTask(InfillingTask):
     """Classification with a latent rationale (paper §4.4, SUBJ): X a review in an instruction, Z
@@ -476,8 +481,14 @@ class SubjectivityTask(InfillingTask):
     wrong_label_penalty: float = Field(-20.0, le=0)
     """Added to log R of a prefix after which the reward LM prefers the other label's Y."""
 
-    seed_samples: int = Field(4, ge=0)
-    """Continuations of each training X by the base model put into the replay at the start."""
+    seed_samples: int = Field(20, ge=0)
+    """Rationales per training X that the base model writes into the replay at the start."""
+
+    seed_prompt: str | None = " {label_word} because it is"
+    """Label-conditioned seeds (the authors'): the base model continues X + this text (formatted
+    with the record's fields), each continuation cut before its first token that is not a word or a
+    number, kept when at least `min_len` tokens remain, and scored as a Z of X. None: the base
+    model's own continuations of X."""
 
     seed_replay_with_references: bool = False
     """The label word as Z is not put into the replay (it would teach Z = the answer)."""

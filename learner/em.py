@@ -19,6 +19,7 @@ import torch
 
 from actors.policy import active_adapter
 from actors.trajectory import PromptRequest, Trajectory
+from rewards.subjectivity import z_policy
 
 M_ADAPTER = "m"
 
@@ -77,7 +78,7 @@ class MStep:
         for _ in range(self.cfg.m_steps):
             reqs = [PromptRequest(r, task.prompt_ids(r), self.cfg.m_samples) for r in task.train_ids]
             sampler.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
-            with torch.no_grad():
+            with torch.no_grad(), z_policy(policy.model, self.cfg):
                 samples = sampler.generate_batch(reqs, task.min_len, task.max_len, task.end_ids, sorted(task.banned_ids),
                                                  task.ban_penalty)
             self.optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ Prediction: Z from q (greedy, or several sampled and voted), then the label whos
 from __future__ import annotations
 
 from configs import ConfigError
+import contextlib
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from collections import defaultdict
 import torch
 
 from actors.decoding import hf_generate
+from actors.scoring import PrefixScorer
 from actors.trajectory import Trajectory
 
 from .arithmetic import vote
@@ -109,21 +111,35 @@ class SubjectivityTask(InfillingTask):
         return t.record_id, tuple(t.tokens), self.reward_version
 
     def seed_trajectories(self, record_id: int) -> list[Trajectory]:
-        """The base model's own continuations of X (sampled, adapter off)."""
+        """Rationales by the base model (adapter off): after X + `seed_prompt` for the record's label
+        (cut before the first token that is not a word or a number), or plain continuations of X."""
         n = self.cfg.seed_samples
         if n == 0 or self.lm is None:
             return []
-        model = self.lm.model
+        model, prompt = self.lm.model, self.prompt_ids(record_id)
+        wish = self.cfg.seed_prompt
+        if wish is not None:
+            fields = self.records[record_id].fields
+            prompt = prompt + list(self.tokenizer(wish.format(**fields), add_special_tokens=False).input_ids)
         with torch.random.fork_rng():
             torch.manual_seed(record_id)
             with model.disable_adapter():
-                outs = hf_generate(model, self.prompt_ids(record_id), n, self.max_len, self.min_len, self.end_ids,
-                                   self.tokenizer.pad_token_id, do_sample=True, top_k=0,
+                outs = hf_generate(model, prompt, n, self.max_len, 0 if wish is not None else self.min_len,
+                                   self.end_ids, self.tokenizer.pad_token_id, do_sample=True, top_k=0,
                                    suppress_tokens=sorted(self.banned_ids) or None)
+        if wish is not None:
+            outs = [self.cut_at_symbol(z) for z, _ in outs]
         seeds = [Trajectory(record_id, list(z), terminated=done, temperature=float("nan"), version=-1, source="seed")
                  for z, done in outs if len(z) >= self.min_len]
         self.score(seeds)
         return seeds
+
+    def cut_at_symbol(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """The tokens before the first one that is not a word or a number (then Z ends there)."""
+        for i, tok in enumerate(tokens):
+            if not self.tokenizer.decode([tok]).strip().isalnum():
+                return tokens[:i], True
+        return tokens, False
 
     # -- prediction ----------------------------------------------------------------------------
 
@@ -175,8 +191,9 @@ class SubjectivityTask(InfillingTask):
             for m in methods:
                 t0 = time.perf_counter()
                 if m == "trained":
-                    greedy = self.sample_records(sampler, ids, 1, 1e-4)
-                    sampled = self.sample_records(sampler, ids, k, temp)
+                    with z_policy(policy.model, self.cfg.em):
+                        greedy = self.sample_records(sampler, ids, 1, 1e-4)
+                        sampled = self.sample_records(sampler, ids, k, temp)
                     g = self.classify([greedy[r][0] for r in ids])
                     correct_g = sum(int(p == self.label(r)) for p, r in zip(g, ids))
                     correct_v = 0
@@ -186,6 +203,16 @@ class SubjectivityTask(InfillingTask):
                     figures = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids)}
                     examples[m] = [{"text": self.records[r].fields["text"][:120], "label": self.label(r),
                                     "z": [self.tokenizer.decode(t.tokens) for t in sampled[r][:4]]} for r in ids[:3]]
+                elif m == "classifier":  # X -> Y: the policy's own label word, no Z (the SFT baseline)
+                    correct = 0
+                    scorer = PrefixScorer(policy.model, self.tokenizer.pad_token_id, policy.device)
+                    scorer.adapter = "default"  # the policy's adapter
+                    for r in ids:
+                        empty = Trajectory(r, [], terminated=True)
+                        s = [scorer.score(self.prompt_ids(r), [empty], suffix_ids=self._written_label(r, y),
+                                          prefixes="final")[0][-1] for y in (0, 1)]
+                        correct += int(int(s[1] > s[0]) == self.label(r))
+                    figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
                 elif m == "prompting":
                     correct = 0
                     adapter, self.lm.adapter = self.lm.adapter, None  # the base model alone
@@ -200,7 +227,8 @@ class SubjectivityTask(InfillingTask):
                         self.lm.adapter = adapter
                     figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
                 else:
-                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the subjectivity task; use prompting")
+                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the subjectivity task; "
+                                      "use prompting or classifier")
                 figures.update(records=len(ids), votes=k, seconds=time.perf_counter() - t0)
                 results[m] = figures
                 log(f"gfnlm eval {m:>10}: accuracy greedy {figures['acc_greedy']:.3f}  vote {figures['acc_vote']:.3f}  "
@@ -214,5 +242,16 @@ class SubjectivityTask(InfillingTask):
                 f.write(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n")
         return results
 
+    def _written_label(self, record_id: int, label: int) -> list[int]:
+        """The policy's written label (`reference_template`, what SFT teaches) for label `label`."""
+        fields = {**self.records[record_id].fields, "label_word": self.cfg.label_words[label]}
+        return list(self.tokenizer(self.cfg.reference_template.format(**fields), add_special_tokens=False).input_ids)
+
     def _word(self, label: int) -> list[int]:
         return list(self.tokenizer(" " + self.cfg.label_words[label] + ".", add_special_tokens=False).input_ids)
+
+
+def z_policy(model, em_cfg):
+    """The context in which Z is sampled: q as it is, or the base model with every adapter off
+    (`em.z_from: base`, the M-only ablation)."""
+    return model.disable_adapter() if em_cfg.z_from == "base" else contextlib.nullcontext()

@@ -131,7 +131,8 @@ def test_tb_and_vargrad_keep_one_log_z_per_record(tiny_digits, tmp_path):
     with pytest.raises(ConfigError, match="log_z: 'scalar' shares one log Z across the 2 training records"):
         build(load_config("random_number.yaml", digits_overrides(tiny_digits, run, two, "learner.objective={type: tb, log_z: scalar}")))
     run = str(tmp_path / "vargrad")
-    c = train(load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.steps=300",
+    # at the TB runs' lr 1e-3 VarGrad swung away again after ~450 steps (KL 0.03 at 450, 0.88 at 600): half of it
+    c = train(load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.steps=600", "learner.lr=5e-4",
                                                                   "learner.objective=vargrad")), run)
     after = exact_distribution(c.policy, c.task, 0)
     assert kl(c.task.log_p, after["p"]) < 0.1 and after["invalid_mass"] < 0.1, after

@@ -31,7 +31,7 @@ def subj_overrides(model_dir, tmp_path, **extra):
     ov = [o for o in tiny_overrides(model_dir, tmp_path / "run") if not o.startswith("task.")]
     settings = {
         "task": "{type: subjectivity, data: {train: %s, test: %s}, prompt_template: 'Review: {text} It is', "
-                "max_len: 4, seed_samples: 2, prompting_shots: 2, em: {schedule: alternate, e_reward: m, e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
+                "max_len: 4, seed_samples: 2, seed_prompt: null, prompting_shots: 2, em: {schedule: alternate, e_reward: m, e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
                 % (train, test),
         "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5, "batch.tempered": 0.25,
         "batch.replay": 0.25, "replay.capacity_per_prompt": 8, "replay.seed_with_support": "true",
@@ -64,6 +64,30 @@ def test_reward_is_the_true_labels_likelihood_with_the_wrong_label_penalty(tiny_
         expected = right[i] + (task.cfg.wrong_label_penalty if wrong[i] > right[i] else 0.0)
         assert t.log_r[i] == pytest.approx(expected, abs=2e-4)
     assert task.is_valid(t) == (t.terminated and wrong[t.length] <= right[t.length])
+
+
+def test_replay_seeds_are_the_base_models_rationales_for_the_true_label(tiny_llama, tmp_path, monkeypatch):
+    """The authors' seeds: the base model continues X + " <label> because it is", cut before the first
+    token that is not a word or a number; a continuation cut too short is left out."""
+    import rewards.subjectivity as subj
+    from learner.loop import build
+
+    ov = subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0, "task.seed_prompt": "' {label_word} because it is'"})
+    c = build(load_config("subjectivity.yaml", ov))
+    task, tok = c.task, c.task.tokenizer
+    ids = lambda text: list(tok(text, add_special_tokens=False).input_ids)
+    seen = []
+
+    def fake_generate(model, prompt, n, max_new, min_new, end_ids, pad_id, **kw):
+        seen.append(prompt)
+        return [(ids("silly") + ids(".") + ids("more"), False), (ids("good"), False), (ids(".x"), True)]
+
+    monkeypatch.setattr(subj, "hf_generate", fake_generate)
+    for rid, word in ((0, " objective"), (1, " subjective")):
+        seeds = task.seed_trajectories(rid)
+        assert seen[-1] == task.prompt_ids(rid) + ids(word + " because it is")
+        assert [(t.tokens, t.terminated) for t in seeds] == [(ids("silly"), True), (ids("good"), False)]
+        assert all(t.log_r is not None and t.source == "seed" for t in seeds)
 
 
 def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama, tmp_path):
@@ -127,6 +151,66 @@ def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_pa
     assert c.task.classify([t]) == [int(logits[0, 1] > logits[0, 0])]
 
 
+def test_m_only_learns_from_the_base_models_z_and_predicts_with_it(tiny_llama, tmp_path, monkeypatch):
+    """em.z_from base (the M-only ablation): the M phase's Z and prediction's Z come from the base
+    model with every adapter off, however far the E adapter has moved."""
+    from learner.loop import LocalDriver
+
+    em = "{schedule: after, e_reward: base, e_steps: 1, m_steps: 1, m_lr: 0.05, m_samples: 2, z_from: base}"
+    d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em": em,
+                                                                                             "learner.steps": 1})))
+    c = d.c
+    with torch.no_grad():  # q far from the base model
+        for name, p in c.policy.model.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                p.add_(0.5)
+    probe = torch.tensor([c.task.prompt_ids(0)])
+    with torch.no_grad(), c.policy.model.disable_adapter():
+        base_logits = c.policy.model(input_ids=probe).logits
+    with torch.no_grad():
+        assert not torch.allclose(c.policy.model(input_ids=probe).logits, base_logits)
+    seen = []
+    real = c.sampler.generate_batch
+
+    def watched(*a, **kw):
+        with torch.no_grad():
+            seen.append(torch.allclose(c.policy.model(input_ids=probe).logits, base_logits))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(c.sampler, "generate_batch", watched)
+    c.em.run(c.sampler)
+    assert seen == [True]
+    c.task.evaluate(c.policy, c.sampler, c.cfg.eval, str(tmp_path / "ev"), log=lambda *_: None, methods=["trained"])
+    assert len(seen) > 1 and all(seen)
+
+
+def test_the_classifier_baseline_is_the_policys_own_label_word(tiny_llama, tmp_path):
+    """eval method classifier (the SFT baseline X -> Y): the label whose reference the policy (its
+    adapter on) finds likelier right after X, against a full forward pass per label."""
+    from learner.loop import build
+
+    c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
+    with torch.no_grad():
+        for name, p in c.policy.model.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    task = c.task
+    res = task.evaluate(c.policy, c.sampler, c.cfg.eval, str(tmp_path / "ev"), log=lambda *_: None,
+                        methods=["classifier"])["classifier"]
+    ids = [int(r) for r in json.loads((tmp_path / "ev" / "eval.json").read_text())["records"]]
+    right = 0
+    with torch.no_grad():
+        for r in ids:
+            x = task.prompt_ids(r)
+            lp = []
+            for y in (0, 1):
+                ref = list(task.tokenizer(" " + task.cfg.label_words[y], add_special_tokens=False).input_ids)
+                logp = torch.log_softmax(c.policy.model(input_ids=torch.tensor([x + ref])).logits[0].float(), -1)
+                lp.append(sum(logp[len(x) - 1 + i, tok].item() for i, tok in enumerate(ref)))
+            right += int(int(lp[1] > lp[0]) == task.label(r))
+    assert res["acc_greedy"] == pytest.approx(right / len(ids)) and res["records"] == len(ids)
+
+
 def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_llama, tmp_path, capsys):
     ov = subj_overrides(tiny_llama, tmp_path)
     assert main(["train", "subjectivity.yaml", *flags(ov + ["learner.steps=2"])]) == 0
@@ -153,6 +237,8 @@ def test_em_in_ray_mode_is_refused():
 
     with pytest.raises(ConfigError, match="runs with runtime.mode=local"):
         load_config("subjectivity.yaml", ["runtime.mode=ray"])
+    with pytest.raises(ConfigError, match="task.em.z_from: 'base' samples with the adapter switched off"):
+        load_config("subjectivity.yaml", ["task.em.z_from=base", "sampler.engine=vllm"])
 
 
 def test_after_an_m_phase_the_replay_buffer_keeps_the_rescored_rewards(tiny_llama, tmp_path):
