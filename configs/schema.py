@@ -467,6 +467,12 @@ class EvalConfig(Section):
     max_records: int | None = Field(None, ge=1)
     """Tasks over records: evaluate on at most this many test records (seeded choice)."""
 
+    split: Literal["test", "validation", "train"] = "test"
+    """Tasks over records: the records evaluated. 'test' (held out: `task.data.test` or
+    `test_fraction`), 'validation' (`task.data.validation_fraction`, for choosing settings), or
+    'train' (the records the policy trained on: labelled so in every table). An empty split is an
+    error before anything starts."""
+
     baselines: list[str] = Field(default_factory=lambda: ["sample", "greedy", "nucleus"])
     """Tasks over records: decoding baselines on the base model, compared with the trained policy.
     Names: sample, tempered (T = eval.tempered_temperature), nucleus (p = 0.95), greedy, beam

@@ -166,8 +166,13 @@ class DataConfig(Section):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """With no `test` file: the seeded fraction of `train` held out for evaluation."""
 
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """The seeded fraction of the training records (after the test split) held out for choosing
+    settings: never trained on; `eval.split: validation` evaluates on them."""
+
     subset: int | None = Field(None, ge=1)
-    """Train on a seeded subset of this many records (all when unset)."""
+    """Train on a seeded subset of this many training records (all when unset; more than there are
+    is an error)."""
 
     seed: int = 0
     """Seed of the split and the subset."""
@@ -200,6 +205,10 @@ class ContinuationTask(Section):
     disallowed: list[str] = Field(default_factory=lambda: ["\n"])
     """Tokens whose text contains any of these strings are disallowed: a prefix holding one gets
     the floor."""
+
+    disallowed_tokens: list[str] = Field(default_factory=list)
+    """Tokens whose whole text equals one of these (a leading space counts: "A" is not " A") are
+    disallowed too, e.g. the single capitals that end abbreviations ("U.S.") with a period."""
 
     mask_disallowed: bool = True
     """Also take disallowed tokens out of the policy: never sampled, and the policy's log-probs

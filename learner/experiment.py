@@ -102,7 +102,9 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     first = plan[0][2]
     sample = next(iter(rows.values()))[0] if rows else {}
     sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]
-    evaluated = (f"{sample['records']} evaluation records" if "records" in sample else
+    from rewards.lm_eval import split_label
+
+    evaluated = (f"{sample['records']} {split_label(first.eval.split)} records" if "records" in sample else
                  "questions per test set " + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")
     if "records" in sample or sets or not isinstance(sample.get("samples"), (int, float)):
         drawn = f"{first.eval.samples_per_record} samples per record and method"

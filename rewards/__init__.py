@@ -1,5 +1,6 @@
 """Tasks: records and splits, the policy's prompt vs the reward's context and suffix, log R of every prefix, seeds, evaluation."""
 
+from configs import ConfigError
 from .base import Task
 from .random_number import RandomNumberTask, log_target, number_metrics, parse_number
 from .records import RecordError
@@ -55,8 +56,16 @@ def check_data(cfg) -> str:
            "subjectivity": SubjectivityTask}[t.type]
     checks = {t.label_column: one_of("0", "1")} if t.type == "subjectivity" else None
     records = load_records(t.data, cls.columns(t), checks)
-    return (f"{len(records.train_ids)} train and {len(records.test_ids)} test records "
-            f"(columns {', '.join(cls.columns(t))})")
+    split = cfg.eval.split
+    evaluated = {"train": records.train_ids, "validation": records.validation_ids, "test": records.test_ids}[split]
+    if not evaluated and cfg.run.evaluate_at_end:
+        from .lm_eval import empty_split
+
+        raise ConfigError(empty_split(t.type, split))
+    k = min(len(evaluated), cfg.eval.max_records or len(evaluated))
+    return (f"{len(records.train_ids)} train, {len(records.validation_ids)} validation and {len(records.test_ids)} "
+            f"test records (columns {', '.join(dict.fromkeys(cls.columns(t)))}); evaluates on {k} of the {len(evaluated)} "
+            + ("TRAINING records (eval.split train: not held out)" if split == "train" else f"{split} records"))
 
 
 __all__ = ["check_data", "RandomNumberTask", "RecordError", "Task", "log_target", "make_task", "number_metrics", "parse_number"]

@@ -50,6 +50,14 @@ class Task:
     def test_ids(self) -> list[int]:
         return self.records.test_ids
 
+    @property
+    def validation_ids(self) -> list[int]:
+        return getattr(self.records, "validation_ids", [])
+
+    def split_ids(self, split: str) -> list[int]:
+        """The records of one split: 'train', 'validation' or 'test'."""
+        return {"train": self.train_ids, "validation": self.validation_ids, "test": self.test_ids}[split]
+
     def render(self, template: str, record_id: int) -> str:
         return template.format(**self.records[record_id].fields)
 
@@ -79,7 +87,7 @@ class Task:
         return self.can_end if getattr(self, "prefixes", "every") == "can_end" else None
 
     def max_prompt_len(self) -> int:
-        return max(len(self.prompt_ids(r)) for r in self.train_ids + self.test_ids)
+        return max(len(self.prompt_ids(r)) for r in self.train_ids + self.validation_ids + self.test_ids)
 
     # -- reward --------------------------------------------------------------------------------
 

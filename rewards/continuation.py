@@ -18,15 +18,16 @@ from .base import Task, columns_of
 from .records import load_records
 
 
-def disallowed_token_ids(tokenizer, fragments: list[str]) -> frozenset[int]:
-    """Ids of every token whose text contains one of the fragments."""
-    if not fragments:
+def disallowed_token_ids(tokenizer, fragments: list[str], exact: list[str] = ()) -> frozenset[int]:
+    """Ids of every token whose text contains one of the fragments or equals one of `exact`."""
+    if not fragments and not exact:
         return frozenset()
+    whole = set(exact)
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     out = set()
     for i, piece in enumerate(vocab):
         text = tokenizer.convert_tokens_to_string([piece]) if piece is not None else ""
-        if any(f in text for f in fragments):
+        if text in whole or any(f in text for f in fragments):
             out.add(i)
     return frozenset(out)
 
@@ -56,7 +57,7 @@ class LMTask(Task):
 
     def compute_disallowed(self, tokenizer, cfg) -> frozenset[int]:
         """Tokens that may not appear in Z (besides special tokens)."""
-        return disallowed_token_ids(tokenizer, list(cfg.disallowed))
+        return disallowed_token_ids(tokenizer, list(cfg.disallowed), list(getattr(cfg, "disallowed_tokens", [])))
 
     # -- text of a record ------------------------------------------------------------------------
 

@@ -38,12 +38,30 @@ BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "divers
 
 
 def eval_records(task, eval_cfg, seed: int = 0, ids: list[int] | None = None) -> list[int]:
-    """The records evaluated: `ids`, else the test split (the training records when there is
-    none), at most eval.max_records of them (a seeded choice)."""
-    ids = list(ids if ids is not None else task.test_ids or task.train_ids)
+    """The records evaluated: `ids`, else the split `eval.split` names (an empty one is an error),
+    at most eval.max_records of them (a seeded choice)."""
+    if ids is None:
+        ids = task.split_ids(eval_cfg.split)
+        if not ids:
+            raise ConfigError(empty_split(task.name, eval_cfg.split))
+    ids = list(ids)
     if eval_cfg.max_records and eval_cfg.max_records < len(ids):
         ids = sorted(random.Random(seed).sample(ids, eval_cfg.max_records))
     return ids
+
+
+def empty_split(task_name: str, split: str) -> str:
+    """The one-line error for an evaluation split without records."""
+    how = {"test": "set task.data.test (a file) or task.data.test_fraction",
+           "validation": "set task.data.validation_fraction",
+           "train": "give task.data.train records"}[split]
+    return (f"eval.split: task {task_name} has no {split} records to evaluate on; {how}, or eval.split=train to "
+            f"evaluate on the training records (labelled so)")
+
+
+def split_label(split: str) -> str:
+    """How a table names the records it was measured on."""
+    return {"test": "test", "validation": "validation", "train": "TRAINING (not held out)"}[split]
 
 
 def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) -> list[tuple[list[int], bool]]:
@@ -229,9 +247,11 @@ def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, m
         policy.model.train(was_training)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"task": task.name, "records": rids, "samples_per_record": n, "methods": results, "examples": examples}, f, indent=2)
+        json.dump({"task": task.name, "split": eval_cfg.split, "records": rids, "samples_per_record": n,
+                   "methods": results, "examples": examples}, f, indent=2)
     with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write(markdown_table(results, f"{task.name}: {len(rids)} records, {n} samples per record and method") + "\n")
+        f.write(markdown_table(results, f"{task.name}: {len(rids)} {split_label(eval_cfg.split)} records, {n} samples "
+                                        f"per record and method") + "\n")
     plot_methods(results, os.path.join(out_dir, "eval.png"), task.name)
     return results
 

@@ -25,11 +25,11 @@ class RecordError(UserError, ValueError):
 @dataclass(frozen=True)
 class Record:
     id: int
-    """Position in the task's record list (train records first, then test)."""
+    """Position in the task's record list (train records first, then validation, then test)."""
     fields: dict[str, str]
     """Column name -> value (as text)."""
     split: str
-    """'train' or 'test'."""
+    """'train', 'validation' or 'test'."""
     where: str
     """file:line it came from."""
 
@@ -39,6 +39,7 @@ class RecordSet:
     records: list[Record]
     train_ids: list[int] = field(default_factory=list)
     test_ids: list[int] = field(default_factory=list)
+    validation_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -195,12 +196,29 @@ def load_records(data_cfg, columns: list[str], checks: dict | None = None) -> Re
         train = [r for i, r in enumerate(train) if i not in held]
     else:
         test = []
-    if data_cfg.subset is not None and data_cfg.subset < len(train):
-        keep = sorted(rng.sample(range(len(train)), data_cfg.subset))
-        train = [train[i] for i in keep]
+    validation = []
+    if data_cfg.validation_fraction > 0:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        k = max(1, round(len(train) * data_cfg.validation_fraction))
+        if k >= len(train):
+            raise RecordError(f"{train_path}: task.data.validation_fraction {data_cfg.validation_fraction} holds out "
+                              f"{k} of its {len(train)} training records, leaving none to train on; use a smaller fraction")
+        held = set(order[:k])
+        validation = [train[i] for i in sorted(held)]
+        train = [r for i, r in enumerate(train) if i not in held]
+    if data_cfg.subset is not None:
+        if data_cfg.subset > len(train):
+            raise RecordError(f"{train_path}: task.data.subset {data_cfg.subset} is more than its {len(train)} training "
+                              f"records; use at most {len(train)}, or leave it unset")
+        if data_cfg.subset < len(train):
+            keep = sorted(rng.sample(range(len(train)), data_cfg.subset))
+            train = [train[i] for i in keep]
     records = [Record(i, row, "train", where) for i, (where, row) in enumerate(train)]
-    records += [Record(len(train) + i, row, "test", where) for i, (where, row) in enumerate(test)]
-    return RecordSet(records, [r.id for r in records if r.split == "train"], [r.id for r in records if r.split == "test"])
+    for split, rows in (("validation", validation), ("test", test)):
+        records += [Record(len(records) + i, row, split, where) for i, (where, row) in enumerate(rows)]
+    ids = lambda split: [r.id for r in records if r.split == split]  # noqa: E731
+    return RecordSet(records, ids("train"), ids("test"), ids("validation"))
 
 
 def inline_records(texts: list[str], column: str = "text") -> RecordSet:

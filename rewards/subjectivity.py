@@ -182,7 +182,7 @@ class SubjectivityTask(InfillingTask):
         reward LM (base + M); 'prompting': few-shot prompting of the base model (no Z)."""
         if methods is None:
             methods = ["trained"] + (["prompting"] if eval_cfg.include_base and "prompting" in eval_cfg.baselines else [])
-        from .lm_eval import eval_records
+        from .lm_eval import eval_records, split_label
 
         ids = eval_records(self, eval_cfg)
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
@@ -235,9 +235,11 @@ class SubjectivityTask(InfillingTask):
                     f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {figures['seconds']:.0f} s)")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"task": self.name, "records": ids, "methods": results, "examples": examples}, f, indent=2)
+            json.dump({"task": self.name, "split": eval_cfg.split, "records": ids, "methods": results,
+                       "examples": examples}, f, indent=2)
         with open(os.path.join(out_dir, "eval.md"), "w") as f:
-            f.write(f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n")
+            f.write(f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
+                    f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n")
             for m, fig in results.items():
                 f.write(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n")
         return results

@@ -45,6 +45,7 @@ def task_overrides(model_dir, run_dir, kind: str, data: str, **extra):
         "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5,
         "batch.tempered": 0.25, "batch.replay": 0.25, "replay.seed_with_support": "false",
         "eval.max_records": 2, "eval.samples_per_record": 3, "eval.baselines": "[sample, greedy, beam, diverse_beam]",
+        "eval.split": "train",  # four stories: evaluated on the training records, which every table then says
         **extra}
     return ov + [f"{k}={v}" for k, v in settings.items()]
 
@@ -66,6 +67,19 @@ def test_jsonl_and_csv_records_with_splits_and_subsets(tmp_path, stories):
     assert not {rs[i].fields["text"] for i in rs.train_ids} & {rs[i].fields["text"] for i in rs.test_ids}
     again = load_records(cfg.task.data, ["text"])
     assert [r.fields for r in again.records] == [r.fields for r in rs.records], "seeded split and subset"
+    cfg = load_config("continuation.yaml", [f"task.data={{train: {csv}, test_fraction: 0.3, validation_fraction: 0.3}}"])
+    rs = load_records(cfg.task.data, ["text"])
+    assert (len(rs.train_ids), len(rs.validation_ids), len(rs.test_ids)) == (5, 2, 3)
+    texts = lambda ids: {rs[i].fields["text"] for i in ids}  # noqa: E731
+    assert len(texts(rs.train_ids) | texts(rs.validation_ids) | texts(rs.test_ids)) == 10
+    assert {rs[i].split for i in rs.validation_ids} == {"validation"}
+
+
+def test_a_subset_larger_than_the_training_records_is_refused(tmp_path, stories, capsys):
+    train, test = stories
+    code = main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}, test: {test}, subset: 100000}}"])
+    assert code == 2
+    assert "train.jsonl: task.data.subset 100000 is more than its 3 training records; use at most 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -94,13 +108,44 @@ def test_csv_without_the_column_and_non_utf8(tmp_path):
         read_rows(str(q), ["text"])
 
 
+def test_disallowed_fragments_and_whole_tokens():
+    """`disallowed` bans every token containing a fragment; `disallowed_tokens` only the tokens that
+    are exactly the text ("A" the abbreviation's capital, not " A" the article)."""
+    from rewards.continuation import disallowed_token_ids
+
+    class Vocab:
+        pieces = ["A", " A", "AB", "..", ".", "Mr", " Mr", "x...y"]
+
+        def __len__(self):
+            return len(self.pieces)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.pieces[i] for i in ids]
+
+        def convert_tokens_to_string(self, toks):
+            return "".join(toks)
+
+    assert disallowed_token_ids(Vocab(), [".."], ["A", "Mr"]) == {0, 3, 5, 7}
+    assert disallowed_token_ids(Vocab(), [], []) == frozenset()
+    cfg = load_config("continuation.yaml")
+    assert cfg.task.prompt_template.endswith(" ") and cfg.task.max_len == 30
+    assert {"A", "Z", "Mr", "US"} <= set(cfg.task.disallowed_tokens) and "http" in cfg.task.disallowed
+
+
 def test_check_rejects_a_missing_column_before_anything_loads(tmp_path, stories, capsys):
-    train, _ = stories
+    train, test = stories
     code = main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}", "-o", "task.suffix_template=. {endng}"])
     err = capsys.readouterr().err
     assert code == 2 and "train.jsonl:1: field 'endng' missing" in err
-    assert main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}"]) == 0
-    assert "3 train and 0 test records" in capsys.readouterr().err
+    # no test records: evaluating on the training records must be asked for, and is said
+    assert main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}"]) == 2
+    assert ("eval.split: task infilling has no test records to evaluate on; set task.data.test (a file) or "
+            "task.data.test_fraction, or eval.split=train") in capsys.readouterr().err
+    assert main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}}}", "-o", "eval.split=train"]) == 0
+    err = capsys.readouterr().err
+    assert "3 train, 0 validation and 0 test records" in err and "evaluates on 3 of the 3 TRAINING records" in err
+    assert main(["check", "infilling.yaml", "-o", f"task.data={{train: {train}, test: {test}}}"]) == 0
+    assert "evaluates on 1 of the 1 test records" in capsys.readouterr().err
     # train refuses the same before writing a run folder
     run = tmp_path / "run"
     assert main(["train", "infilling.yaml", "-o", f"task.data={{train: {train}}}", "-o", "task.context_template={nope}",
@@ -304,7 +349,7 @@ def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
     if task in ("infilling", "sft"):
         data, name = f"{train}, test: {test}", "infilling"
         extra = {"task": "{type: infilling, data: {train: %s, test: %s}, min_len: 1, max_len: 20}" % (train, test),
-                 "replay.seed_with_support": "true"}
+                 "replay.seed_with_support": "true", "eval.split": "test"}
     else:
         data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}", "words": "a"} for i in range(5)])
         name, extra = task, {}
@@ -324,6 +369,9 @@ def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
     if name == "infilling":
         assert "bleu4" in result["methods"]["trained"] and result["records"] == [3]
     assert (run / "eval.md").read_text().startswith("**") and (run / "eval.png").stat().st_size > 1000
+    held_out = name == "infilling"  # the others have no test split: evaluated on their training records, and say so
+    assert result["split"] == ("test" if held_out else "train")
+    assert ("TRAINING (not held out)" in (run / "eval.md").read_text()) is not held_out
 
 
 def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
