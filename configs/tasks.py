@@ -300,6 +300,11 @@ class ConstrainedTask(ContinuationTask):
     """The prompt of the 'prompting' baselines in evaluation (the base model told the constraint
     in words); unset uses the policy's prompt."""
 
+    seed_tries: int = Field(0, ge=0)
+    """Replay seeds by rejection sampling: the base model continues each training record's reward
+    context this many times (adapter off, T = 1) and the continuations that end and satisfy c go
+    into the replay at the start; 0: none."""
+
     @field_validator("prompting_template")
     @classmethod
     def _prompting(cls, v):
@@ -532,6 +537,8 @@ def seeds_per_record(task) -> int:
         return support_size(task.target)
     if isinstance(task, SubjectivityTask):
         return task.seed_samples
+    if isinstance(task, ConstrainedTask) and task.seed_tries:
+        return task.seed_tries
     return 1 if getattr(task, "seed_replay_with_references", False) else 0
 
 

@@ -323,6 +323,9 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
     run.report_to are closed at the end unless keep_trackers (the evaluation reports to them too)."""
     from cluster.metrics import for_process
 
+    from .reward_fit import fitted_config
+
+    cfg = fitted_config(cfg, log)  # reward.fit: the fitted model in place (fitted once per content)
     if cfg.metrics.job is None:
         cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
     metrics = for_process(cfg, "learner")

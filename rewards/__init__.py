@@ -56,6 +56,10 @@ def check_data(cfg) -> str:
            "subjectivity": SubjectivityTask}[t.type]
     checks = {t.label_column: one_of("0", "1")} if t.type == "subjectivity" else None
     records = load_records(t.data, cls.columns(t), checks)
+    if cfg.reward.fit is not None:  # its template's columns, in every training record
+        from configs.tasks import template_fields
+
+        load_records(t.data, template_fields(cfg.reward.fit.template))
     split = cfg.eval.split
     evaluated = {"train": records.train_ids, "validation": records.validation_ids, "test": records.test_ids}[split]
     if not evaluated and cfg.run.evaluate_at_end:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from actors.decoding import hf_generate
 from actors.trajectory import Trajectory
 
 from .base import columns_of
@@ -55,3 +58,22 @@ class ConstrainedTask(LMTask):
 
     def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
         return super().prefix_ok(record_id, t, i) and self.constraint_ok(record_id, self.tokenizer.decode(t.tokens[:i]))
+
+    def seed_trajectories(self, record_id: int) -> list[Trajectory]:
+        """Rejection sampling (`seed_tries` tries): the base model's continuations of the reward's
+        context that end and satisfy c, each once."""
+        if not self.cfg.seed_tries or self.lm is None:
+            return []
+        with torch.random.fork_rng(), self.lm._eval():
+            torch.manual_seed(record_id)
+            outs = hf_generate(self.lm.model, self.context_ids(record_id), self.cfg.seed_tries, self.max_len,
+                               self.min_len, self.end_ids, self.tokenizer.pad_token_id, do_sample=True, top_k=0,
+                               suppress_tokens=sorted(self.banned_ids) or None)
+        seeds: list[Trajectory] = []
+        for z, done in outs:
+            t = Trajectory(record_id, list(z), terminated=done, temperature=float("nan"), version=-1, source="seed")
+            if done and self.prefix_ok(record_id, t, t.length) and all(t.tokens != s.tokens for s in seeds):
+                seeds.append(t)
+        if seeds:
+            self.score(seeds)
+        return seeds

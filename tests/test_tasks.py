@@ -374,6 +374,67 @@ def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
     assert ("TRAINING (not held out)" in (run / "eval.md").read_text()) is not held_out
 
 
+def test_the_reward_lm_is_fitted_on_the_training_stories_once_per_content(tiny_llama, tmp_path, stories, monkeypatch):
+    """reward.fit: a LoRA SFT of the base model on the training stories, merged and saved once under
+    $GFNLM_HOME/fitted/<hash>; the run's config then names the fitted model (the policy starts there
+    and the reward shares it), the texts' NLL is lower under it, and the same content is not fitted again."""
+    import learner.reward_fit as rf
+    from configs import ConfigError
+
+    monkeypatch.setenv("GFNLM_HOME", str(tmp_path / "home"))
+    train, test = stories
+    fit = "{template: '{beginning} {middle} {ending}', steps: 40, batch_size: 3, lr: 0.02, r: 4}"
+    ov = task_overrides(tiny_llama, tmp_path / "run", "infilling", train, **{
+        "task": "{type: infilling, data: {train: %s, test: %s}, min_len: 1, max_len: 8}" % (train, test),
+        "reward.fit": fit, "eval.split": "test"})
+    cfg = load_config("infilling.yaml", ov)
+    done = rf.fitted_config(cfg, log=lambda *_: None)
+    folder = done.model.path
+    assert done.reward.fit is None and done.reward.model is None and folder.startswith(str(tmp_path / "home" / "fitted"))
+    info = json.loads(open(f"{folder}/gfnlm_fit.json").read())
+    assert info["texts"] == 3 and info["last_loss"] < info["first_loss"]
+
+    def nll(path):
+        model, tok = load_model(path)
+        total = 0.0
+        with torch.no_grad():
+            for text in rf.fit_texts(cfg):
+                ids = torch.tensor([list(tok(text).input_ids) + [tok.eos_token_id]])
+                total += model(input_ids=ids, labels=ids).loss.item()
+        return total
+
+    assert nll(folder) < nll(tiny_llama) - 0.5  # summed over the 3 stories
+    monkeypatch.setattr(rf, "fit", lambda *a, **k: pytest.fail("fitted again"))
+    assert rf.fitted_config(cfg, log=lambda *_: None).model.path == folder  # the same content: reused
+    other = load_config("infilling.yaml", ov + ["reward.fit.steps=41"])
+    assert rf.fit_key(other, rf.fit_texts(other)) != rf.fit_key(cfg, rf.fit_texts(cfg))
+    beside = rf.fitted_config(load_config("infilling.yaml", ov + ["reward.fit.policy_starts_here=false"]),
+                              log=lambda *_: None)  # the same fit, placed beside the plain base policy
+    assert beside.model.path == tiny_llama and beside.reward.model == folder
+    assert main(["train", "infilling.yaml", *sum([["-o", o] for o in ov + ["learner.steps=2"]], [])]) == 0
+    saved = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert saved.model.path == folder and saved.reward.fit is None
+    with pytest.raises(ConfigError, match="reward.fit: fits the reward LM from the base model itself"):
+        load_config("infilling.yaml", ov + [f"reward.adapter={tmp_path}"])
+
+
+def test_constrained_replay_seeds_are_rejection_samples_that_satisfy_c(tiny_llama, tmp_path):
+    """seed_tries: the base model's continuations of the reward's context, kept when they end and
+    satisfy c, each once, scored; the same record gives the same seeds."""
+    from learner.loop import build
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}", "words": "a"} for i in range(3)])
+    task = ("{type: constrained, data: {train: %s}, min_len: 1, max_len: 6, seed_tries: 40, "
+            "constraint: {exclude: [b], max_words: 2}}" % data)
+    c = build(load_config("constrained.yaml", task_overrides(tiny_llama, tmp_path / "run", "constrained", data, task=task)))
+    seeds = c.task.seed_trajectories(0)
+    assert 0 < len(seeds) <= 40 and len({tuple(t.tokens) for t in seeds}) == len(seeds)
+    for t in seeds:
+        text = c.task.tokenizer.decode(t.tokens)
+        assert t.terminated and c.task.constraint_ok(0, text) and t.log_r[-1] > c.task.floor
+    assert [t.tokens for t in c.task.seed_trajectories(0)] == [t.tokens for t in seeds]
+
+
 def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
     from learner.loop import build, references, train
 
