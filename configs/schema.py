@@ -396,11 +396,24 @@ class TBObjective(Section):
     log_z_lr: float = Field(1e-2, gt=0)
     """Learning rate of log Z."""
 
-    log_z: Literal["per_record", "scalar"] = "per_record"
+    log_z: Literal["per_record", "scalar", "head"] = "per_record"
     """'per_record': one learned log Z per record (a table indexed by record id, checkpointed with
     the run): records of an LM task have different partition functions. 'scalar': one log Z shared
     by every record, refused when the task trains on more than one record (one shared value cannot
-    settle at q ∝ R for all of them once replayed or tempered samples enter the batch)."""
+    settle at q ∝ R for all of them once replayed or tempered samples enter the batch). 'head': a
+    small MLP (FlowRL's and red-teaming's form) on the prompt's mean-pooled last hidden state under
+    the frozen base model, so it also gives a log Z for prompts it never trained on."""
+
+    head_hidden: int = Field(128, ge=1)
+    """Width of the log Z head's hidden layer (log_z: head)."""
+
+    length_normalize: bool = False
+    """FlowRL's residual: log q(Z ⊤) and log R(Z) divided by the actions (tokens the policy chose
+    + ⊤). For Z of one length it is TB rescaled; across lengths its optimum is not q ∝ R."""
+
+    importance_clip: float | None = Field(None, gt=0)
+    """FlowRL's clipped importance weights: each squared residual times min(q_θ(Z) / q_sampler(Z),
+    this), without gradient (their recipe's cap: 10). Unset: no weights (TB needs none off-policy)."""
 
 
 class VarGradObjective(Section):
@@ -410,6 +423,12 @@ class VarGradObjective(Section):
 
     type: Literal["vargrad"] = "vargrad"
     """Discriminator: 'vargrad'."""
+
+    length_normalize: bool = False
+    """As TB's: the estimate and the residuals per action (FlowRL's normalisation)."""
+
+    importance_clip: float | None = Field(None, gt=0)
+    """As TB's: FlowRL's clipped importance weights on the squared residuals."""
 
 
 class SFTObjective(Section):

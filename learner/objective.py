@@ -14,8 +14,8 @@ import random
 
 import torch
 
-from .objectives import (action_logprobs, group_advantages, ppo_loss, sft_loss, subtb_log_root, subtb_loss, tb_loss,
-                         vargrad_loss)
+from .objectives import (action_logprobs, group_advantages, importance_weights, ppo_loss, sft_loss, subtb_log_root,
+                         subtb_loss, tb_loss, tb_parts, vargrad_loss)
 
 
 @dataclass
@@ -36,6 +36,9 @@ class PolicyTerms:
     can_end: torch.Tensor | None = None
     """[B, T+1] False where a state cannot end (before the task's min_len), for objectives that
     `masks_end`; None: every state is treated as one that can end."""
+    prompt_features: object = None
+    """record ids -> [B, d] the prompts' mean-pooled last hidden states under the frozen base model
+    (what a log Z head reads); None where the learner offers none."""
 
 
 class Objective(Protocol):
@@ -92,37 +95,95 @@ class SubTB(_Stateless):
         return loss, log_z_metrics(root, terms)  # log F(s_0): SubTB's log Z of each record
 
 
+class LogZHead(torch.nn.Module):
+    """log Z(x) from the prompt's pooled hidden state: Linear -> GELU -> Linear (FlowRL's and
+    red-teaming's form, smaller); the output layer starts at 0, so log Z starts at 0 as the table does."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.to(self.net[0].weight.dtype)).squeeze(-1)
+
+
+def behaviour_log_q(trajectories, device) -> torch.Tensor:
+    """log q_sampler(Z ⊤) of each trajectory as its sampler drew it (NaN for a seed: no sampler)."""
+    rows = []
+    for t in trajectories:
+        if t.version < 0 or not t.logprobs and t.length:
+            rows.append(float("nan"))
+        else:
+            rows.append(sum(behaviour_row(t)))
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+def flowrl_weights(cfg, terms: PolicyTerms) -> torch.Tensor | None:
+    """FlowRL's clipped importance weights of a micro-batch, or None when `importance_clip` is unset."""
+    if cfg.importance_clip is None:
+        return None
+    log_q, _, _, _ = tb_parts(terms.log_pf.detach(), terms.log_pterm.detach(), terms.log_r, terms.lengths, terms.tool_mask)
+    return importance_weights(log_q, behaviour_log_q(terms.trajectories, log_q.device), cfg.importance_clip)
+
+
 class TB:
-    """Trajectory balance with a learned log Z: one per record (a table indexed by record id) or one
-    shared scalar (`log_z: scalar`, for a task with one record)."""
+    """Trajectory balance with a learned log Z: one per record (a table indexed by record id), one
+    shared scalar (`log_z: scalar`, for a task with one record), or a head on the prompt's pooled
+    hidden state (`log_z: head`). Options: FlowRL's length normalisation and importance weights."""
 
     name, samples, masks_end = "tb", True, True
 
-    def __init__(self, cfg, device, num_records: int = 1):
-        self.per_record = cfg.log_z == "per_record"
-        self.log_z = torch.nn.Parameter(torch.zeros(num_records if self.per_record else (), device=device))
+    def __init__(self, cfg, device, num_records: int = 1, hidden_size: int | None = None):
+        self.cfg = cfg
+        self.mode = cfg.log_z
+        self.head = None
+        if self.mode == "head":
+            if hidden_size is None:
+                raise ValueError("learner.objective.log_z: 'head' needs the policy's hidden size")
+            self.head = LogZHead(hidden_size, cfg.head_hidden).to(device)
+            self.log_z = None
+        else:
+            self.log_z = torch.nn.Parameter(torch.zeros(num_records if self.mode == "per_record" else (), device=device))
         self.lr = cfg.log_z_lr
 
-    def param_groups(self):
-        return [{"params": [self.log_z], "lr": self.lr, "weight_decay": 0.0}]
-
     def extra_parameters(self):
-        return [self.log_z]
+        return list(self.head.parameters()) if self.head is not None else [self.log_z]
+
+    def param_groups(self):
+        return [{"params": self.extra_parameters(), "lr": self.lr, "weight_decay": 0.0}]
+
+    def batch_log_z(self, terms: PolicyTerms) -> torch.Tensor:
+        rows = [t.record_id for t in terms.trajectories]
+        if self.head is not None:
+            if terms.prompt_features is None:
+                raise ValueError("learner.objective.log_z: 'head' needs the prompts' features; this learner offers none")
+            return self.head(terms.prompt_features(rows))
+        if self.mode == "per_record":
+            return self.log_z[torch.tensor(rows, device=self.log_z.device)]
+        return self.log_z
 
     def loss(self, terms: PolicyTerms):
         log_r = torch.nan_to_num(terms.log_r, nan=0.0)  # only the final state's reward is used
-        if self.per_record:
-            rows = torch.tensor([t.record_id for t in terms.trajectories], device=self.log_z.device)
-            log_z = self.log_z[rows]
-        else:
-            log_z = self.log_z
-        loss = tb_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, log_z, tool_mask=terms.tool_mask)
+        log_z = self.batch_log_z(terms)
+        loss = tb_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, log_z, tool_mask=terms.tool_mask,
+                       length_normalize=self.cfg.length_normalize, weights=flowrl_weights(self.cfg, terms))
         return loss, log_z_metrics(log_z.detach(), terms)
 
     def state_dict(self):
+        if self.head is not None:
+            return {"log_z_head": {k: v.detach().clone() for k, v in self.head.state_dict().items()}}
         return {"log_z": self.log_z.detach().clone()}
 
     def load_state_dict(self, state):
+        if self.head is not None:
+            if "log_z_head" not in state:
+                raise ValueError("the checkpoint has no log Z head (learner.objective.log_z changed)")
+            self.head.load_state_dict(state["log_z_head"])
+            return
+        if "log_z" not in state:
+            raise ValueError("the checkpoint has no log Z table (learner.objective.log_z changed)")
         saved = state["log_z"]
         if saved.shape != self.log_z.shape:
             raise ValueError(f"the checkpoint's log Z has shape {tuple(saved.shape)}, this run's {tuple(self.log_z.shape)} "
@@ -152,13 +213,14 @@ class VarGrad(_Stateless):
 
     name, samples, masks_end = "vargrad", True, True
 
-    def __init__(self, cfg, device, num_records: int = 1):
-        pass
+    def __init__(self, cfg, device, num_records: int = 1, hidden_size: int | None = None):
+        self.cfg = cfg
 
     def loss(self, terms: PolicyTerms):
         log_r = torch.nan_to_num(terms.log_r, nan=0.0)
         groups = torch.tensor([t.record_id for t in terms.trajectories], device=terms.log_pf.device)
-        loss, log_z = vargrad_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, groups, terms.tool_mask)
+        loss, log_z = vargrad_loss(terms.log_pf, terms.log_pterm, log_r, terms.lengths, groups, terms.tool_mask,
+                                   self.cfg.length_normalize, flowrl_weights(self.cfg, terms))
         return loss, log_z_metrics(log_z, terms)
 
 
@@ -249,9 +311,9 @@ def behaviour_row(t) -> list[float]:
     return list(t.logprobs) + [t.end_logprob if t.terminated and t.end_logprob is not None else 0.0]
 
 
-def make_objective(cfg, device, num_records: int = 1) -> Objective:
+def make_objective(cfg, device, num_records: int = 1, hidden_size: int | None = None) -> Objective:
     """The objective of `learner.objective` (a discriminated union in the config); `num_records`
-    sizes a per-record log Z table (record ids are 0..num_records-1)."""
+    sizes a per-record log Z table (record ids are 0..num_records-1), `hidden_size` a log Z head."""
     if cfg.type in ("tb", "vargrad"):
-        return {"tb": TB, "vargrad": VarGrad}[cfg.type](cfg, device, num_records)
+        return {"tb": TB, "vargrad": VarGrad}[cfg.type](cfg, device, num_records, hidden_size)
     return {"subtb": SubTB, "sft": SFT, "ppo": PPO}[cfg.type](cfg, device)

@@ -148,6 +148,33 @@ def _batch_root(g: torch.Tensor, state: torch.Tensor, groups: torch.Tensor, lam:
     return torch.where(has, num[idx] / den[idx].clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(num[idx])), has
 
 
+def tb_parts(log_pf: torch.Tensor, log_pterm: torch.Tensor, log_r: torch.Tensor, lengths: torch.Tensor,
+             tool_mask: torch.Tensor | None = None):
+    """Per row: (log q(Z ⊤), log R(Z), whether the final state can end, the policy's actions: tokens
+    it chose plus ⊤). A final state that cannot end (cut at max length there) has log q(⊤) = -inf."""
+    token, _ = _masks(log_pf, lengths, tool_mask)
+    idx = lengths.to(log_pf.device).long()[:, None]
+    end = log_pterm.gather(1, idx).squeeze(1)
+    ends = torch.isfinite(end)
+    log_q = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(dim=1) + torch.where(ends, end, torch.zeros_like(end))
+    actions = token.sum(dim=1).to(log_pf.dtype) + 1.0
+    return log_q, log_r.gather(1, idx).squeeze(1), ends, actions
+
+
+def tb_residuals(log_q, log_r, actions, length_normalize: bool = False):
+    """log q(Z ⊤) - log R(Z) per row, divided by the actions with `length_normalize` (FlowRL's
+    residual: log-probs and log-reward averaged over the sequence, log Z then per action)."""
+    d = log_q - log_r
+    return d / actions if length_normalize else d
+
+
+def importance_weights(log_q: torch.Tensor, log_q_behaviour: torch.Tensor, cap: float) -> torch.Tensor:
+    """FlowRL's clipped importance weights, without gradient: min(q_θ(Z) / q_behaviour(Z), cap) per
+    row; NaN behaviour (a seed, drawn by no sampler) gets weight 1."""
+    w = torch.exp((log_q - log_q_behaviour).detach()).clamp(max=cap)
+    return torch.where(torch.isnan(log_q_behaviour), torch.ones_like(w), w)
+
+
 def tb_loss(
     log_pf: torch.Tensor,
     log_pterm: torch.Tensor,
@@ -155,21 +182,22 @@ def tb_loss(
     lengths: torch.Tensor,
     log_z: torch.Tensor,
     tool_mask: torch.Tensor | None = None,
+    length_normalize: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Trajectory balance with a learned log Z, for rewards known only at the end:
-    mean_b (log Z + sum_k log_pf[b,k] + log_pterm[b,n_b] - log_r[b,n_b])^2.
+    mean_b w_b (log Z + sum_k log_pf[b,k] + log_pterm[b,n_b] - log_r[b,n_b])^2, w_b = 1 unless
+    `weights` (FlowRL's clipped importance weights). With `length_normalize` the log-probs and the
+    log-reward are divided by the row's actions (tokens the policy chose + ⊤) as FlowRL does: for
+    Z of one length that is TB rescaled; across lengths its optimum is no longer q ∝ R.
     Same tensors as `subtb_loss`; only the final state's reward and termination are used. A
     trajectory whose final state cannot end (cut at max length there: log q(⊤) = -inf, R = 0) has no
     balance to satisfy and is left out of the mean."""
-    token, _ = _masks(log_pf, lengths, tool_mask)
-    idx = lengths.to(log_pf.device).long()[:, None]
-    log_pt = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(dim=1)
-    end = log_pterm.gather(1, idx).squeeze(1)
-    ends = torch.isfinite(end)
-    log_pt = log_pt + torch.where(ends, end, torch.zeros_like(end))
-    resid = torch.where(ends, log_z + log_pt - log_r.gather(1, idx).squeeze(1), torch.zeros_like(end))
-    return resid.square().sum() / ends.sum().clamp_min(1)
-
+    log_q, final_r, ends, actions = tb_parts(log_pf, log_pterm, log_r, lengths, tool_mask)
+    resid = log_z + tb_residuals(torch.where(ends, log_q, torch.zeros_like(log_q)), final_r, actions, length_normalize)
+    resid = torch.where(ends, resid, torch.zeros_like(resid))
+    w = torch.ones_like(resid) if weights is None else weights.to(resid.dtype)
+    return (w * resid.square()).sum() / ends.sum().clamp_min(1)
 
 
 def vargrad_loss(
@@ -179,24 +207,24 @@ def vargrad_loss(
     lengths: torch.Tensor,
     groups: torch.Tensor,
     tool_mask: torch.Tensor | None = None,
+    length_normalize: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Trajectory balance with log Z estimated per group (the samples of one record) from the batch:
-    log Z_g = mean over the group's rows of log_r[b,n_b] - log q(Z_b ⊤), without gradient (VarGrad;
-    Richter et al. 2020, TBA), then `tb_loss` with that log Z per row. Rows whose final state cannot end
-    take no part, neither in the estimate nor in the loss. Returns (loss, log Z per row; NaN for a row
-    whose group has no row that can end)."""
-    token, _ = _masks(log_pf, lengths, tool_mask)
-    idx = lengths.to(log_pf.device).long()[:, None]
-    end = log_pterm.gather(1, idx).squeeze(1)
-    ends = torch.isfinite(end)
-    log_q = torch.where(token, log_pf, torch.zeros_like(log_pf)).sum(1) + torch.where(ends, end, torch.zeros_like(end))
-    g = torch.where(ends, log_r.gather(1, idx).squeeze(1) - log_q, torch.zeros_like(end)).detach()
+    log Z_g = mean over the group's rows of log_r[b,n_b] - log q(Z_b ⊤) (each divided by the row's
+    actions with `length_normalize`), without gradient (VarGrad; Richter et al. 2020, TBA), then
+    `tb_loss` with that log Z per row. Rows whose final state cannot end take no part, neither in the
+    estimate nor in the loss. Returns (loss, log Z per row; NaN for a row whose group has no row that
+    can end)."""
+    log_q, final_r, ends, actions = tb_parts(log_pf, log_pterm, log_r, lengths, tool_mask)
+    g = torch.where(ends, -tb_residuals(log_q, final_r, actions, length_normalize), torch.zeros_like(log_q)).detach()
     _, inv = torch.unique(groups.to(log_pf.device), return_inverse=True)
     n = int(inv.max()) + 1 if inv.numel() else 0
     num = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, inv, g)
     den = torch.zeros(n, dtype=g.dtype, device=g.device).index_add(0, inv, ends.to(g.dtype))
     log_z = torch.where(den[inv] > 0, num[inv] / den[inv].clamp_min(1), torch.full_like(g, float("nan")))
-    return tb_loss(log_pf, log_pterm, log_r, lengths, torch.nan_to_num(log_z), tool_mask), log_z
+    loss = tb_loss(log_pf, log_pterm, log_r, lengths, torch.nan_to_num(log_z), tool_mask, length_normalize, weights)
+    return loss, log_z
 
 
 def sft_loss(

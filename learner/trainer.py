@@ -28,7 +28,10 @@ class Learner:
     def __init__(self, policy: Policy, cfg: LearnerConfig, num_records: int = 1):
         self.policy = policy
         self.cfg = cfg
-        self.objective = make_objective(cfg.objective, policy.device, num_records)
+        self.objective = make_objective(cfg.objective, policy.device, num_records,
+                                        getattr(policy.model.config, "hidden_size", None))
+        self._features: dict[tuple, torch.Tensor] = {}
+        """(record id, prompt tokens) -> the prompt's pooled hidden state under the frozen base model."""
         groups = [{"params": policy.trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         self.optimizer = torch.optim.AdamW(groups + self.objective.param_groups())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -58,7 +61,31 @@ class Learner:
         lengths = torch.cat([p[2] for p in parts])
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
                            state_flows(ordered, task, reward_temperature, log_r),
-                           None if ends is None else can_end_mask(ordered, ends, T + 1).to(log_pf.device))
+                           None if ends is None else can_end_mask(ordered, ends, T + 1).to(log_pf.device),
+                           lambda rids: self.prompt_features(task, rids))
+
+    def prompt_features(self, task, record_ids: list[int]) -> torch.Tensor:
+        """[B, d] each record's prompt, mean-pooled last hidden state under the frozen base model
+        (adapter off), computed once per prompt: what a log Z head reads."""
+        out = []
+        for rid in record_ids:
+            prompt = tuple(task.prompt_ids(rid))
+            key = (rid, prompt)
+            if key not in self._features:
+                if len(self._features) > 100_000:
+                    self._features.clear()
+                model = self.policy.model
+                was_training = model.training
+                model.eval()
+                try:
+                    with torch.no_grad(), model.disable_adapter():
+                        hidden = model(input_ids=torch.tensor([prompt], device=self.policy.device),
+                                       output_hidden_states=True).hidden_states[-1]
+                finally:
+                    model.train(was_training)
+                self._features[key] = hidden[0].float().mean(dim=0)
+            out.append(self._features[key])
+        return torch.stack(out)
 
     def loss(self, trajectories, task, reward_temperature: float):
         return self.objective.loss(self.terms(trajectories, task, reward_temperature))

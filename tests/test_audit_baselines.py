@@ -419,7 +419,7 @@ def subjectivity_run_overrides(model_dir, tmp_path) -> list[str]:
     ov = [o for o in tiny_overrides(model_dir, tmp_path / "run") if not o.startswith("task.")]
     settings = {
         "task": "{type: subjectivity, data: {train: %s, test: %s}, prompt_template: 'Review: {text} It is', max_len: 4, "
-                "seed_samples: 2, prompting_shots: 2, em: {e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
+                "seed_samples: 2, seed_prompt: null, prompting_shots: 2, em: {e_steps: 2, m_steps: 2, m_lr: 0.05, m_samples: 2}}"
                 % (tmp_path / "train.jsonl", tmp_path / "test.jsonl"),
         "batch.prompts_per_step": 2, "batch.samples_per_prompt": 4, "batch.on_policy": 0.5, "batch.tempered": 0.25,
         "batch.replay": 0.25, "replay.capacity_per_prompt": 8, "learner.steps": 2, "learner.lr": 0.05,

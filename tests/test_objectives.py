@@ -1,5 +1,6 @@
 """The loss is pure math: hand-computed cases, a brute-force reference, and its properties."""
 
+import math
 import subprocess
 import sys
 
@@ -416,6 +417,34 @@ def test_tb_with_one_log_z_per_record_settles_at_q_proportional_to_r_where_a_sha
     assert kl(q_per) < 1e-6
     assert_close(table_z.detach(), torch.logsumexp(log_R, -1), atol=1e-4, rtol=0)
     assert kl(q_shared) > 0.1, "a shared log Z is off for both records"
+
+
+def test_length_normalised_tb_and_vargrad_with_clipped_importance_weights_hand_computed():
+    """FlowRL's form: residual log Z + (log q(Z ⊤) − log R) / actions (tokens + ⊤), each squared
+    residual times min(q_θ / q_sampler, cap) without gradient, a seed (NaN behaviour) at weight 1."""
+    from learner.objectives import importance_weights
+
+    log_pf = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    log_pterm = torch.tensor([[0.0, 0.0, -0.1], [0.0, -0.2, 0.0], [0.0, -0.3, 0.0]], dtype=torch.float64)
+    log_r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0], [0.0, 5.0, 0.0]], dtype=torch.float64)
+    lengths = torch.tensor([2, 1, 1])
+    log_q = [-3.1, -0.7, -3.3]
+    acts = [3.0, 2.0, 2.0]
+    behaviour = torch.tensor([-3.1 - math.log(2.0), -0.7 + math.log(4.0), float("nan")], dtype=torch.float64)
+    w = importance_weights(torch.tensor(log_q, dtype=torch.float64), behaviour, cap=1.5)
+    assert w.tolist() == pytest.approx([1.5, 0.25, 1.0])  # 2 capped at 1.5; 1/4; a seed
+    log_z = torch.tensor(0.4, dtype=torch.float64)
+    loss = tb_loss(log_pf, log_pterm, log_r, lengths, log_z, length_normalize=True, weights=w)
+    r = [0.4 + (q - lr) / a for q, lr, a in zip(log_q, [1.0, 2.0, 5.0], acts)]
+    assert loss.item() == pytest.approx((1.5 * r[0] ** 2 + 0.25 * r[1] ** 2 + 1.0 * r[2] ** 2) / 3)
+    loss.backward()
+    assert log_pf.grad[0, 0].item() == pytest.approx(2 * 1.5 * r[0] / 3 / 3)  # d resid / d log_pf = 1 / actions
+    groups = torch.tensor([7, 7, 3])
+    loss, est = vargrad_loss(log_pf.detach(), log_pterm, log_r, lengths, groups, length_normalize=True)
+    g = [(lr - q) / a for q, lr, a in zip(log_q, [1.0, 2.0, 5.0], acts)]
+    z7 = (g[0] + g[1]) / 2
+    assert est.tolist() == pytest.approx([z7, z7, g[2]])
+    assert loss.item() == pytest.approx(((z7 - g[0]) ** 2 + (z7 - g[1]) ** 2) / 3)
 
 
 def test_vargrad_hand_computed():
