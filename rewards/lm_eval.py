@@ -142,10 +142,12 @@ class Embedder:
 
 
 def bleu_gleu(hypothesis: str, reference: str) -> tuple[float, float]:
+    """Sentence BLEU-4 (nltk, smoothing method 1) and GLEU-4 of a hypothesis against one reference,
+    as the authors' eval_infill.py calls them: whitespace tokens, case kept (not lowercased)."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from nltk.translate.gleu_score import sentence_gleu
 
-    h, r = hypothesis.lower().split(), reference.lower().split()
+    h, r = hypothesis.split(), reference.split()
     if not h:
         return 0.0, 0.0
     return (sentence_bleu([r], h, smoothing_function=SmoothingFunction().method1),

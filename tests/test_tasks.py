@@ -336,6 +336,8 @@ def test_metrics_on_hand_made_samples():
     assert bleu == pytest.approx(1.0) and gleu == pytest.approx(1.0)
     bleu, gleu = bleu_gleu("dogs bark", "the cat sat on the mat")
     assert bleu < 0.05 and gleu == 0.0
+    bleu, gleu = bleu_gleu("The cat sat on the mat", "the cat sat on the mat")  # case kept, as the authors'
+    assert bleu < 1.0 and gleu < 1.0
     assert satisfies("A Cat sat.", ["cat"], []) and not satisfies("A cat sat.", ["dog"], [])
     assert not satisfies("A cat sat.", [], ["sat"]) and not satisfies("one two three", [], [], max_words=2)
 
