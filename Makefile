@@ -26,6 +26,7 @@ train: $(STAMP)
 	$(VENV)/bin/gfnlm train configs/random_number.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 clean-venv:

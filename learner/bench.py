@@ -161,7 +161,7 @@ def pipeline(args, model: str) -> None:
         cfg = load_config("random_number.yaml", [
             f"model.path={model}", "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"batch.samples_per_prompt={args.batch}",
             "batch.on_policy=1.0", "batch.replay=0", "task.target={type: uniform, low: 0, high: 20}", "task.max_len=2",
-            "runtime.mode=ray", f"samplers.num_actors={n}", "samplers.num_cpus=0.01", f"samplers.in_flight=2",
+            "runtime.mode=ray", f"samplers.num_actors={n}", "samplers.num_cpus=0.01", "samplers.in_flight=2",
             "reward.colocate=false", f"reward.num_actors={n}", "reward.num_cpus=0.01", f"runtime.max_staleness={10 * n}",
             "run.progress=false", "metrics.enabled=false"])
         sampler = type("Sim", (SimulatedSampler,), {"latency": args.latency})

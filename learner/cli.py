@@ -8,6 +8,8 @@ import sys
 
 from configs import ConfigError, load_config
 
+from .runner import TrainingStopped, train_and_evaluate, written  # noqa: F401 (re-exported)
+
 
 def _config(args) -> "Config":  # noqa: F821
     if getattr(args, "resume", None):
@@ -21,43 +23,6 @@ def _config(args) -> "Config":  # noqa: F821
             raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")
         return load_config(saved, args.override)
     return load_config(args.config, args.override)
-
-
-class TrainingStopped(Exception):
-    """Training ended early on a signal, after its checkpoint (the message is the signal's name)."""
-
-
-def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) -> dict | None:
-    """What `gfnlm train` does after the checks: train, then evaluate (run.evaluate_at_end)."""
-    from learner.evaluate import evaluate
-    from learner.loop import eval_sampler, train
-
-    c = train(cfg, run_dir, resume=resume, keep_trackers=True)
-    try:
-        if c.stopped:  # preempted: the checkpoint is written; evaluation waits for the resumed run's end
-            raise TrainingStopped(c.stopped)
-        print(f"gfnlm: trained {c.learner.step} steps; adapter in {os.path.join(run_dir, 'checkpoints')}", file=sys.stderr)
-        results = None
-        if cfg.run.evaluate_at_end:
-            if cfg.runtime.mode == "ray" and not cfg.run.torch_threads:
-                import torch
-
-                torch.set_num_threads(os.cpu_count() or 1)  # the actors are gone: every core is free
-            results = evaluate(c.policy, c.task, eval_sampler(c), cfg.eval, run_dir,
-                               log=lambda m: print(m, file=sys.stderr), methods=methods)
-            print(f"gfnlm: evaluation in {written(run_dir)}", file=sys.stderr)
-        if c.trackers is not None:
-            c.trackers.log_evaluation(results)
-        return results
-    finally:
-        if c.trackers is not None:
-            c.trackers.close()
-
-
-def written(folder: str) -> str:
-    """The evaluation files a task wrote into folder (not every task draws eval.png)."""
-    names = [n for n in ("eval.json", "eval.md", "eval.png") if os.path.isfile(os.path.join(folder, n))]
-    return os.path.join(folder, names[0]) + "".join(f", {n}" for n in names[1:]) if names else folder
 
 
 def check(cfg) -> str:
@@ -107,7 +72,6 @@ def cmd_eval(args) -> int:
     """Evaluate a run's checkpoint with the run's own config.yaml (-o adjusts it), or a stand-alone
     adapter folder with CONFIG."""
     from learner.amortized import locate
-    from learner.evaluate import evaluate
     from learner.loop import build
     from learner.preflight import check_adapter_config
     from learner.trainer import check_adapter_file, load_adapter_weights
@@ -131,7 +95,7 @@ def cmd_eval(args) -> int:
 
     load_m_adapter(c.policy, adapter, cfg.lora, c.task)
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
-    evaluate(c.policy, c.task, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
+    c.task.evaluate(c.policy, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
     print(f"gfnlm: evaluation in {written(out_dir)}", file=sys.stderr)
     return 0
 

@@ -36,7 +36,8 @@ from actors.trajectory import PromptRequest, SampleRequest, Trajectory
 from actors.workers import ReplayWorker, SampledBatch, SamplerWorker
 from rewards.scorer import ScorerWorker, colocated_scorer
 
-from .loop import build, plan_request, replay_wanted, seed_replay
+from .components import build, seed_replay
+from .schedule import plan_request, replay_wanted
 
 
 class ActorFailed(RuntimeError):

@@ -127,7 +127,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
 
 
 def main(args) -> int:
-    from .cli import TrainingStopped, train_and_evaluate
+    from .runner import TrainingStopped, train_and_evaluate
 
     spec = read_spec(args.name)
     name = os.path.splitext(os.path.basename(spec["path"]))[0]

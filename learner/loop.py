@@ -6,177 +6,30 @@
   adapter after every step.
 - RayDriver (learner/distributed.py): sampler, reward and replay actors, sampling overlapped with
   learning.
-Both plan their sample requests with `plan_request` (the one batch mix) from the learner's record
-scheduler. This file also holds what they share: progress, metrics.jsonl and the Prometheus
-figures of the learner, checkpoints.
+Both build their pieces with `components.build` and plan their sample requests with
+`schedule.plan_request` (the one batch mix) from the learner's record scheduler; neither driver
+module imports the other's. This file also holds what they share: progress, metrics.jsonl and the
+Prometheus figures of the learner, checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from actors.engines import context_length, make_sampler
-from actors.policy import Policy
-from actors.replay import Replay
-from actors.sampler import RequestServer, TransformersSampler
-from actors.trajectory import PromptRequest, SampledBatch, SampleRequest, Trajectory
+from actors.sampler import RequestServer
+from actors.trajectory import SampledBatch, Trajectory
 from actors.workers import record_sampling
-from configs import Config, ConfigError, dump_config
-from rewards import make_task
-from rewards.scorer import attach_scorer
+from configs import Config, dump_config
 
-from .schedule import RecordScheduler, batch_mix, reward_temperature
-from .trainer import (Learner, load_adapter_weights, newest_intact, read_trainer_state, rng_state, save_checkpoint,
-                      set_rng_state)
-
-
-@dataclass
-class Components:
-    cfg: Config
-    policy: Policy
-    task: object
-    sampler: object
-    """The engine (`actors.sampler.SamplerEngine`)."""
-    replay: Replay | None
-    learner: Learner
-    scheduler: RecordScheduler
-    """Which records each micro-batch trains on (seeded, checkpointed)."""
-    generator: torch.Generator
-    """The driver's generator: tempered temperatures and per-request seeds (checkpointed)."""
-    em: object = None
-    """The M-step of a task whose reward learns (`learner.em.MStep`), else None."""
-    stopped: str | None = None
-    """The signal that ended training early (SIGTERM, SIGINT), else None."""
-    trackers: object = None
-    """The run's experiment trackers (`learner.trackers.Trackers`, run.report_to), else None."""
-
-
-def torch_threads(cfg: Config) -> int | None:
-    """The learner process's torch threads: run.torch_threads, else every core in runtime.mode local
-    (one process holds the machine: a step of arithmetic ×1.6 faster on 2 cores than with one thread,
-    `gfnlm bench training`), else torch's default (Ray: the actors share the cores)."""
-    if cfg.run.torch_threads:
-        return cfg.run.torch_threads
-    return (os.cpu_count() or 1) if cfg.runtime.mode == "local" else None
-
-
-def setup_torch(cfg: Config) -> None:
-    threads = torch_threads(cfg)
-    if threads:
-        torch.set_num_threads(threads)
-    random.seed(cfg.learner.seed)
-    np.random.seed(cfg.learner.seed)
-    torch.manual_seed(cfg.learner.seed)
-
-
-def seed_replay(replay, cfg: Config, task) -> None:
-    """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`)."""
-    if cfg.replay.seed_with_support and cfg.batch.replay > 0:
-        for rid in task.train_ids:
-            seeds = task.seed_trajectories(rid)
-            if seeds:
-                replay.add(seeds)
-
-
-def new_replay(cfg: Config) -> Replay:
-    return Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
-
-
-def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Components:
-    """The learner's pieces; the Ray driver keeps its buffer in an actor instead (with_replay=False).
-    With engine=False (the Ray driver, `gfnlm eval`) the sampler is the transformers engine on the
-    learner's own model, whatever `sampler.engine` says: it only serves evaluation."""
-    setup_torch(cfg)
-    policy = Policy(cfg.model, cfg.lora)
-    task = make_task(cfg, policy.tokenizer)
-    check_context(cfg, task, policy.model.config)
-    attach_scorer(task, cfg, policy.model, policy.device)
-    if engine:
-        sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
-                               max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
-    else:
-        sampler = eval_engine(policy, cfg)
-    replay = None
-    if with_replay:
-        replay = new_replay(cfg)
-        seed_replay(replay, cfg, task)
-    objective = cfg.learner.objective
-    if objective.type == "tb" and objective.log_z == "scalar" and len(task.train_ids) > 1:
-        raise ConfigError(f"learner.objective.log_z: 'scalar' shares one log Z across the {len(task.train_ids)} training "
-                          f"records of task {task.name}, whose partition functions differ; use per_record (the default)")
-    learner = Learner(policy, cfg.learner, num_records=len(task.records))
-    ids = task.train_ids
-    if not learner.objective.samples:  # SFT: the records that have a reference Z
-        ids = [r for r in ids if task.reference(r) is not None]
-        if not ids:
-            raise ConfigError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
-                             f"has a reference Z to train on")
-    scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
-    generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
-    em = None
-    if getattr(cfg.task, "em", None) is not None and cfg.task.em.e_steps and learner.objective.samples:
-        from .em import MStep
-
-        em = MStep(policy, task, cfg.task.em, cfg.lora, seed=cfg.learner.seed, total_steps=cfg.learner.steps)
-    return Components(cfg, policy, task, sampler, replay, learner, scheduler, generator, em)
-
-
-def check_context(cfg: Config, task, model_config) -> None:
-    """The longest prompt plus task.max_len fits the model's context (GPT-2 would fail mid-run with an
-    IndexError; Llama would silently attend past its trained positions)."""
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if not limit:
-        return
-    longest = task.max_prompt_len()
-    if longest + task.max_len > limit:
-        raise ConfigError(f"task.max_len: the longest prompt of task {task.name} is {longest} tokens; with task.max_len "
-                          f"{task.max_len} that exceeds the {limit} positions of model.path {cfg.model.path}; "
-                          f"shorten the prompts or lower task.max_len")
-
-
-def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
-    """The transformers engine on the learner's model, with the configured tools."""
-    from actors.tools import tool_runner
-
-    tools = tool_runner(cfg.sampler.tools, policy.tokenizer)
-    return TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed, tools=tools,
-                               pad_id=policy.tokenizer.pad_token_id)
-
-
-def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
-    u = torch.rand(n, generator=generator)
-    return (cfg.batch.temper_low + (cfg.batch.temper_high - cfg.batch.temper_low) * u).tolist()
-
-
-def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[int], generator: torch.Generator,
-                 tag: int = 0) -> tuple[SampleRequest, list[int]]:
-    """The sample request for one micro-batch, and how many replayed trajectories each record adds."""
-    prompts, replayed = [], []
-    for rid, available in zip(record_ids, replay_sizes):
-        n_on, n_temp, n_rep = batch_mix(cfg.batch, available)
-        temps = tempered_temperatures(cfg, n_temp, generator) if n_temp else []
-        prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps))
-        replayed.append(n_rep)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
-                        tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
-                        ban_penalty=task.ban_penalty,
-                        seed=seed, tag=tag)
-    return req, replayed
-
-
-def replay_wanted(plan: SampleRequest, counts: list[int]) -> list[tuple[int, int]]:
-    """(record, how many replayed) of a planned request, for `Replay.sample_many`."""
-    return [(p.record_id, n) for p, n in zip(plan.prompts, counts) if n]
+from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
+from .schedule import plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
+from .trainer import load_adapter_weights, newest_intact, read_trainer_state, rng_state, save_checkpoint, set_rng_state
 
 
 def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], list[Trajectory]]:

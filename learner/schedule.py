@@ -1,10 +1,14 @@
-"""Reward temperature annealing, the batch mix, and the record scheduler."""
+"""Reward temperature annealing, the batch mix, the record scheduler, and the sample request of a
+micro-batch (`plan_request`, what both drivers send)."""
 
 from __future__ import annotations
 
-from configs import ConfigError
 import random
 
+import torch
+
+from actors.trajectory import PromptRequest, SampleRequest
+from configs import Config, ConfigError
 from configs.schema import BatchConfig, RewardTemperature
 
 
@@ -61,3 +65,30 @@ class RecordScheduler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._epoch_order(self.epoch)
+
+
+def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
+    u = torch.rand(n, generator=generator)
+    return (cfg.batch.temper_low + (cfg.batch.temper_high - cfg.batch.temper_low) * u).tolist()
+
+
+def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[int], generator: torch.Generator,
+                 tag: int = 0) -> tuple[SampleRequest, list[int]]:
+    """The sample request for one micro-batch, and how many replayed trajectories each record adds."""
+    prompts, replayed = [], []
+    for rid, available in zip(record_ids, replay_sizes):
+        n_on, n_temp, n_rep = batch_mix(cfg.batch, available)
+        temps = tempered_temperatures(cfg, n_temp, generator) if n_temp else []
+        prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps))
+        replayed.append(n_rep)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
+                        tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
+                        ban_penalty=task.ban_penalty,
+                        seed=seed, tag=tag)
+    return req, replayed
+
+
+def replay_wanted(plan: SampleRequest, counts: list[int]) -> list[tuple[int, int]]:
+    """(record, how many replayed) of a planned request, for `Replay.sample_many`."""
+    return [(p.record_id, n) for p, n in zip(plan.prompts, counts) if n]

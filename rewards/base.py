@@ -175,7 +175,3 @@ def columns_of(*templates: str | None) -> list[str]:
             if name not in out:
                 out.append(name)
     return out
-
-
-def finite_or_floor(x: float, floor: float) -> float:
-    return x if math.isfinite(x) else floor

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from actors.tools import Calculator, ToolRunner, evaluate
-from actors.trajectory import Trajectory
 from configs import ConfigError, load_config
 from learner.cli import main
 from learner.objectives import action_logprobs, group_advantages, ppo_loss

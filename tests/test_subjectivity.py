@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def test_replay_seeds_are_the_base_models_rationales_for_the_true_label(tiny_lla
     ov = subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0, "task.seed_prompt": "' {label_word} because it is'"})
     c = build(load_config("subjectivity.yaml", ov))
     task, tok = c.task, c.task.tokenizer
-    ids = lambda text: list(tok(text, add_special_tokens=False).input_ids)
+    ids = lambda text: list(tok(text, add_special_tokens=False).input_ids)  # noqa: E731
     seen = []
 
     def fake_generate(model, prompt, n, max_new, min_new, end_ids, pad_id, **kw):

@@ -252,7 +252,7 @@ def test_the_scorer_scores_only_the_states_that_can_end(kind, tiny_llama, tiny_g
     trajs = [Trajectory(0, list(range(10, 17)), tool_mask=[False, False, True, True, False, True, False]),
              Trajectory(0, list(range(20, 24)))]
     suffix = tok.encode(". It slept.", add_special_tokens=False)
-    ends = lambda t: can_end_states(t.length, t.tool_mask, 1, end_only_after_tool=True)
+    ends = lambda t: can_end_states(t.length, t.tool_mask, 1, end_only_after_tool=True)  # noqa: E731
     every = scorer.score(ctx, trajs, suffix_ids=suffix, first=1, terminable_only=True)
     some = scorer.score(ctx, trajs, suffix_ids=suffix, first=1, terminable_only=True, can_end=ends)
     assert ends(trajs[0]) == [False, False, False, False, True, False, True, False]

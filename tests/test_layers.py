@@ -1,0 +1,58 @@
+"""The layers import one way (configs <- cluster <- actors <- rewards <- learner, DESIGN §4) and no
+module imports itself back through others, function-level imports included."""
+
+import ast
+import os
+
+LAYERS = ["configs", "cluster", "actors", "rewards", "learner"]
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file (relative imports resolved)."""
+    raw = {}
+    for pkg in LAYERS:
+        for name in os.listdir(os.path.join(ROOT, pkg)):
+            if not name.endswith(".py"):
+                continue
+            mod = pkg if name == "__init__.py" else f"{pkg}.{name[:-3]}"
+            deps = set()
+            for node in ast.walk(ast.parse(open(os.path.join(ROOT, pkg, name)).read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = pkg if node.level == 1 else node.module if not node.level else None
+                    module = f"{pkg}.{node.module}" if node.level == 1 and node.module else base
+                    if module and module.split(".")[0] in LAYERS:
+                        deps.add(module)
+                        deps.update(f"{module}.{a.name}" for a in node.names)
+                elif isinstance(node, ast.Import):
+                    deps.update(a.name for a in node.names if a.name.split(".")[0] in LAYERS)
+            raw[mod] = deps
+    return {m: {d for d in deps if d in raw and d != m} for m, deps in raw.items()}
+
+
+def test_the_layers_import_only_downward():
+    rank = {p: i for i, p in enumerate(LAYERS)}
+    graph = import_graph()
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps if rank[d.split(".")[0]] > rank[m.split(".")[0]])
+    assert upward == []
+
+
+def test_no_module_imports_itself_back():
+    graph = import_graph()
+    cycles, state, stack = [], {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert cycles == []
