@@ -275,6 +275,13 @@ class RewardFit(Section):
 
 
 class RewardConfig(Section):
+    function: str | None = None
+    """Task 'custom': your reward, "module:function" (importable from the working directory) or
+    "path/to/file.py:function". It is called as function(texts, records) with the decoded Z strings
+    and each one's record fields (a dict), in batches, and returns one log R (a finite float) per
+    text. Every prefix that can end is scored as a finished Z of its own unless
+    `reward.prefixes: final`."""
+
     fit: RewardFit | None = None
     """Fit the reward LM on the training records first (see RewardFit); unset: no fit. Not with
     `model` or `adapter`."""
@@ -704,6 +711,17 @@ class Config(Section):
                              f"most one policy version of lag; use 0 or 1")
         if self.batch.samples_per_prompt < 2:
             raise ValueError("batch.samples_per_prompt: ppo's group-mean baseline needs at least 2 samples per record")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_function(self):
+        if self.task.type == "custom" and not self.reward.function:
+            raise ValueError('reward.function: task custom needs your reward, e.g. reward: {function: "myreward:log_reward"} '
+                             "(a myreward.py beside the config, defining log_reward(texts, records) -> list of log R)")
+        if self.reward.function and self.task.type != "custom":
+            raise ValueError(f"reward.function: only task custom takes a reward function; task {self.task.type} has its own")
+        if self.reward.function and ":" not in self.reward.function:
+            raise ValueError(f"reward.function: expected 'module:function' or 'file.py:function', got {self.reward.function!r}")
         return self
 
     @model_validator(mode="after")

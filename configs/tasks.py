@@ -514,10 +514,33 @@ class SubjectivityTask(InfillingTask):
     """E/M alternation."""
 
 
-Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask, ArithmeticTask,
-                       SubjectivityTask], Field(discriminator="type")]
+class CustomTask(ContinuationTask):
+    """Your own posterior: R(Z) from a Python function of yours (`reward.function`), over records from
+    your files with templates as every task; with `beta`, times the frozen LM's prior p_LM(Z ⊤ | C)."""
 
-TASK_TYPES = ("random_number", "continuation", "infilling", "constrained", "arithmetic", "subjectivity")
+    type: Literal["custom"] = "custom"
+    """Discriminator: 'custom'."""
+
+    prompt_template: str = "{prompt}"
+    """The policy's prompt X, from a record's columns."""
+
+    beta: float | None = Field(None, gt=0)
+    """None: log R(Z) = the function's value. A number β: log R(Z) = log p_LM(Z ⊤ | C) + value / β,
+    the KL-to-prior form TBA and red-teaming use (the frozen base model as the prior)."""
+
+    @model_validator(mode="after")
+    def _held_out_by_default(self):
+        """With neither `data.test` nor `data.test_fraction`, 10 % of the records (at least one) are
+        held out for evaluation, so the smallest config trains and evaluates on unseen prompts."""
+        if self.data.test is None and self.data.test_fraction == 0:
+            self.data = self.data.model_copy(update={"test_fraction": 0.1})
+        return self
+
+
+Task = Annotated[Union[RandomNumberTask, ContinuationTask, InfillingTask, ConstrainedTask, ArithmeticTask,
+                       SubjectivityTask, CustomTask], Field(discriminator="type")]
+
+TASK_TYPES = ("random_number", "continuation", "infilling", "constrained", "arithmetic", "subjectivity", "custom")
 
 
 def support_size(target) -> int:

@@ -21,6 +21,10 @@ def _build_task(cfg, tokenizer) -> Task:
         from .arithmetic import ArithmeticTask
 
         return ArithmeticTask(t, tokenizer, prefixes=cfg.reward.prefixes, tools_cfg=cfg.sampler.tools)
+    if t.type == "custom":
+        from .custom import CustomTask
+
+        return CustomTask(t, tokenizer, prefixes=cfg.reward.prefixes, function=cfg.reward.function)
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask
@@ -52,8 +56,12 @@ def check_data(cfg) -> str:
     from .records import load_records, one_of
     from .subjectivity import SubjectivityTask
 
+    from .custom import CustomTask, load_reward_function
+
     cls = {"continuation": ContinuationTask, "infilling": InfillingTask, "constrained": ConstrainedTask,
-           "subjectivity": SubjectivityTask}[t.type]
+           "subjectivity": SubjectivityTask, "custom": CustomTask}[t.type]
+    if t.type == "custom":
+        load_reward_function(cfg.reward.function)  # importable, and callable, before anything loads
     checks = {t.label_column: one_of("0", "1")} if t.type == "subjectivity" else None
     records = load_records(t.data, cls.columns(t), checks)
     if cfg.reward.fit is not None:  # its template's columns, in every training record

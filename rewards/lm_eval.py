@@ -207,6 +207,9 @@ def record_figures(task, rid: int, outputs: list[tuple[list[int], bool]], embed,
             fig["bertscore_f1"] = 100 * _mean([bertscore.f1(x, ref) for x in texts])
     if hasattr(task, "constraint_ok"):
         fig["satisfied"] = _mean([float(task.constraint_ok(rid, x)) for x in texts])
+    if hasattr(task, "final_log_r"):  # a user's reward: its log R of each whole Z
+        log_r = task.final_log_r(rid, trajs)
+        fig["log_r_mean"], fig["log_r_max"] = _mean(log_r), max(log_r) if log_r else float("nan")
     return fig
 
 
@@ -258,8 +261,8 @@ def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, m
     return results
 
 
-TABLE_KEYS = ("valid", "loglik_mean", "loglik_max", "diversity", "distinct_1", "distinct_2", "bleu4", "gleu4",
-              "bertscore_f1", "satisfied", "length")
+TABLE_KEYS = ("valid", "log_r_mean", "log_r_max", "loglik_mean", "loglik_max", "diversity", "distinct_1", "distinct_2",
+              "bleu4", "gleu4", "bertscore_f1", "satisfied", "length")
 
 
 def markdown_table(results: dict, title: str) -> str:
@@ -280,12 +283,13 @@ def plot_methods(results: dict, path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for m, r in results.items():
-        x, y = r.get("loglik_max"), r.get("diversity")
+        x, y = r.get("log_r_max", r.get("loglik_max")), r.get("diversity")
         if x is None or y is None or math.isnan(x) or math.isnan(y):
             continue
         ax.scatter([x], [y], s=60, marker="*" if m == "trained" else "o")
         ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("max log-likelihood per record (reward LM)")
+    ax.set_xlabel("max log R per record (your reward)" if any("log_r_max" in r for r in results.values())
+                  else "max log-likelihood per record (reward LM)")
     ax.set_ylabel("diversity (1 − mean pairwise cosine similarity)")
     ax.set_title(title)
     fig.tight_layout()

@@ -69,7 +69,15 @@ def _cell(value, path: str, line: int, name: str) -> str:
     return str(value)
 
 
-def _json_array(path: str, text: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+def _fields(obj: dict, columns: list[str], path: str, line: int, extra: bool) -> dict[str, str]:
+    """The named columns of a JSON object (checked), and with `extra` its other text or number fields."""
+    row = {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}
+    if extra:
+        row.update({k: str(v) for k, v in obj.items() if k not in columns and isinstance(v, (str, int, float, bool))})
+    return row
+
+
+def _json_array(path: str, text: str, columns: list[str], extra: bool = False) -> list[tuple[int, dict[str, str]]]:
     """Rows of a file holding one JSON array of objects, each with the line its object starts on."""
     decoder = json.JSONDecoder()
     rows, pos = [], text.index("[") + 1
@@ -94,7 +102,7 @@ def _json_array(path: str, text: str, columns: list[str]) -> list[tuple[int, dic
             fail(e.pos, e.msg)
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{line}: expected a JSON object of columns, got {type(obj).__name__}")
-        rows.append((line, {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}))
+        rows.append((line, _fields(obj, columns, path, line, extra)))
         pos = skip(pos)
         if pos < len(text) and text[pos] == ",":
             pos = skip(pos + 1)
@@ -106,8 +114,10 @@ def _json_array(path: str, text: str, columns: list[str]) -> list[tuple[int, dic
         fail(pos, "expected ',' or ']'")
 
 
-def read_rows(path: str, columns: list[str], checks: dict | None = None) -> list[tuple[int, dict[str, str]]]:
-    """(line number, {column: text}) for every row; each row must have every named column, non-empty.
+def read_rows(path: str, columns: list[str], checks: dict | None = None,
+              extra: bool = False) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: text}) for every row; each row must have every named column, non-empty;
+    with `extra` a JSON row keeps its other text or number fields too (a CSV row keeps every column).
     A file ending in .json may hold one JSON array of objects instead of one object per line.
     `checks` maps a column to a function of its text returning what was expected when the value is
     wrong (None when it is right)."""
@@ -130,7 +140,7 @@ def read_rows(path: str, columns: list[str], checks: dict | None = None) -> list
                     rows.append((line, {k: v for k, v in row.items()}))
             elif path.endswith(".json") and f.read(4096).lstrip().startswith("["):
                 f.seek(0)
-                rows = _json_array(path, f.read(), columns)
+                rows = _json_array(path, f.read(), columns, extra)
             elif path.endswith(".jsonl") or path.endswith(".json"):
                 f.seek(0)
                 for line, text in enumerate(f, 1):
@@ -142,7 +152,7 @@ def read_rows(path: str, columns: list[str], checks: dict | None = None) -> list
                         raise RecordError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
                     if not isinstance(obj, dict):
                         raise RecordError(f"{path}:{line}: expected a JSON object of columns, got {type(obj).__name__}")
-                    rows.append((line, {k: _cell(v, path, line, k) for k, v in obj.items() if k in columns}))
+                    rows.append((line, _fields(obj, columns, path, line, extra)))
             else:
                 raise RecordError(f"{path}: unknown format; expected a .jsonl, .json or .csv file")
     except UnicodeDecodeError as e:
@@ -179,14 +189,15 @@ def one_of(*values: str):
     return check
 
 
-def load_records(data_cfg, columns: list[str], checks: dict | None = None) -> RecordSet:
-    """Train and test records of a task's `data` section: files read, split and subset (seeded)."""
+def load_records(data_cfg, columns: list[str], checks: dict | None = None, extra: bool = False) -> RecordSet:
+    """Train and test records of a task's `data` section: files read, split and subset (seeded);
+    `extra`: the records keep their other fields too (see `read_rows`)."""
     train_path = resolve_data_path(data_cfg.train)
-    train = [(f"{train_path}:{line}", row) for line, row in read_rows(train_path, columns, checks)]
+    train = [(f"{train_path}:{line}", row) for line, row in read_rows(train_path, columns, checks, extra)]
     rng = random.Random(data_cfg.seed)
     if data_cfg.test:
         test_path = resolve_data_path(data_cfg.test)
-        test = [(f"{test_path}:{line}", row) for line, row in read_rows(test_path, columns, checks)]
+        test = [(f"{test_path}:{line}", row) for line, row in read_rows(test_path, columns, checks, extra)]
     elif data_cfg.test_fraction > 0:
         order = list(range(len(train)))
         rng.shuffle(order)
