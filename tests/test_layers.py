@@ -1,5 +1,6 @@
-"""The layers import one way (configs <- cluster <- actors <- rewards <- learner, DESIGN §4) and no
-module imports itself back through others, function-level imports included."""
+"""The project's shape: the layers import one way (configs <- cluster <- actors <- rewards <- learner,
+DESIGN §4), no module imports itself back through others (function-level imports included), and the
+license file is the one pyproject.toml names."""
 
 import ast
 import os
@@ -56,3 +57,12 @@ def test_no_module_imports_itself_back():
         if m not in state:
             visit(m)
     assert cycles == []
+
+
+def test_the_license_file_is_the_one_pyproject_names():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["license"]["text"]
+    text = open(os.path.join(ROOT, "LICENSE")).read()
+    assert declared == "Apache-2.0" and "Apache License" in text and "Version 2.0, January 2004" in text
