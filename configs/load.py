@@ -38,15 +38,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'learner.lr=1e-4' -> ('learner.lr', 0.0001); the value is read as YAML."""
+    """'learner.lr=1e-4' -> ('learner.lr', 0.0001); the value is read as YAML, except for a template
+    (a key ending in `_template`), which is taken as the text typed: `task.prompt_template={prompt}`
+    and `task.prompt_template=Story: {text}` mean what they say (quotes around it are removed)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. learner.lr=1e-4")
+    key = key.strip()
+    if key.endswith("_template") and raw.strip().lower() not in ("null", "~", "none"):
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return key, raw[1:-1] if quoted else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-    return key.strip(), value
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.problem}); a text holding ': ' or "
+                          f"braces needs quotes inside the shell's, e.g. -o '{key}=\"{raw}\"'") from None
+    return key, value
 
 
 def _describe(err: dict) -> str:

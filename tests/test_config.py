@@ -140,3 +140,20 @@ def test_vllm_rank_defaults_to_the_smallest_that_holds_the_adapter():
     assert load_config("random_number.yaml", ["lora.r=4"]).vllm_lora_rank() == 8
     assert load_config("random_number.yaml", ["lora.r=16"]).vllm_lora_rank() == 16
     assert load_config("random_number.yaml", ["lora.r=16", "sampler.vllm.max_lora_rank=64"]).vllm_lora_rank() == 64
+
+
+def test_a_template_override_is_the_text_typed(capsys):
+    """-o 'task.prompt_template={prompt}' and 'Story: {text}' (not YAML: a mapping, a syntax error)
+    are taken as typed; quotes around one are removed; other values are still YAML."""
+    from configs.load import parse_override
+    from learner.cli import main
+
+    assert parse_override("task.prompt_template={prompt}") == ("task.prompt_template", "{prompt}")
+    assert parse_override("task.prompt_template=Story: {text}") == ("task.prompt_template", "Story: {text}")
+    assert parse_override("task.prompt_template='{text} '") == ("task.prompt_template", "{text} ")
+    assert parse_override("task.context_template=null") == ("task.context_template", None)
+    assert parse_override("learner.steps=20") == ("learner.steps", 20)
+    assert main(["check", "continuation.yaml", "-o", "task.prompt_template=Story: {text}"]) == 0
+    assert "prompt_template: 'Story: {text}'" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="needs quotes inside the shell's"):
+        parse_override("task.end_tokens=[a")
