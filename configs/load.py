@@ -56,11 +56,55 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """'; did you mean lr_schedule?' for a misspelt key, from the fields of the section it sits in."""
+    import difflib
+
+    from .schema import Config
+
+    current = Config
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in _UNION_TAGS:  # the member of a discriminated union
+            current = next((m for m in _sections_in(current) if _tag_of(m) == part), None)
+        else:
+            model = current if _is_section(current) else next(iter(_sections_in(current)), None)
+            field = getattr(model, "model_fields", {}).get(str(part)) if model is not None else None
+            current = field.annotation if field is not None else None
+        if current is None:
+            return ""
+    model = current if _is_section(current) else None
+    fields = list(getattr(model, "model_fields", {}))
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if not close:  # learner.learning_rate -> lr: the key's initials
+        initials = "".join(w[:1] for w in name.split("_") if w)
+        close = [f for f in fields if len(initials) > 1 and f == initials]
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _is_section(a) -> bool:
+    return isinstance(a, type) and hasattr(a, "model_fields")
+
+
+def _sections_in(annotation) -> list:
+    """The section classes an annotation holds, through Optional, unions and Annotated."""
+    import typing
+
+    if _is_section(annotation):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _sections_in(arg)]
+
+
+def _tag_of(model) -> str | None:
+    field = getattr(model, "model_fields", {}).get("type")
+    return field.default if field is not None else None
+
+
 def _describe(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(err["loc"])
     elif err["type"] == "union_tag_not_found":
         tags = _TARGET_TAGS if loc.endswith("target") else _OBJECTIVE_TAGS if loc.endswith("objective") else _TASK_TAGS
         loc, msg = f"{loc}.type", f"missing; expected one of {tags}"
@@ -108,12 +152,17 @@ def resolve_path(path: str) -> str:
     """The config file a name stands for: a path, or the name of a preset in configs/."""
     if os.path.isfile(path):
         return path
-    alt = os.path.join(PRESET_DIR, path)
-    if os.path.isfile(alt):
-        return alt
+    for alt in (os.path.join(PRESET_DIR, path), os.path.join(PRESET_DIR, path + ".yaml")):
+        if os.path.isfile(alt):  # a preset by file name, or by its bare name ("continuation")
+            return alt
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a directory; expected a YAML config file (presets live in {PRESET_DIR})")
-    raise ConfigError(f"{path}: no such config file (presets live in {PRESET_DIR})")
+    raise ConfigError(f"{path}: no such config file; the presets are {', '.join(preset_names())} (in {PRESET_DIR})")
+
+
+def preset_names() -> list[str]:
+    """The configs shipped in configs/ (without .yaml)."""
+    return sorted(n[:-5] for n in os.listdir(PRESET_DIR) if n.endswith(".yaml"))
 
 
 def read_yaml(path: str) -> dict:

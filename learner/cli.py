@@ -62,6 +62,30 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    """The shipped configs (for train / check / submit) and experiments, one line each."""
+    from configs.load import PRESET_DIR, preset_names
+
+    def first_line(path: str, key: str | None = None) -> str:
+        import yaml
+
+        with open(path) as f:
+            text = f.read()
+        if key:
+            return " ".join(str((yaml.safe_load(text) or {}).get(key, "")).split())[:100]
+        line = next((ln for ln in text.splitlines() if ln.startswith("#")), "# ")
+        return line.lstrip("# ").strip()
+
+    print(f"configs ({PRESET_DIR}): gfnlm train|check NAME")
+    for name in preset_names():
+        print(f"  {name:<16} {first_line(os.path.join(PRESET_DIR, name + '.yaml'))}")
+    folder = os.path.join(PRESET_DIR, "experiments")
+    print(f"experiments ({folder}): gfnlm experiment NAME")
+    for name in sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".yaml")):
+        print(f"  {name:<16} {first_line(os.path.join(folder, name + '.yaml'), 'description')}")
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from learner import experiment
 
@@ -145,8 +169,20 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gfnlm")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gfnlm", description="GFlowNet fine-tuning of language models.")
+    p = argparse.ArgumentParser(prog="gfnlm", description="GFlowNet fine-tuning of language models.",
+                                epilog="examples: gfnlm presets; gfnlm check continuation; gfnlm train random_number "
+                                       "-o learner.steps=20; gfnlm sample runs/RUN --prompt '...' -n 8")
+    p.add_argument("--version", action="version", version=f"gfnlm {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_config(sp, required=False):
@@ -190,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     from .amortized import add_parsers
 
     add_parsers(sub)
+
+    ps = sub.add_parser("presets", help="list the shipped configs and experiments, each with its first comment line")
+    ps.set_defaults(func=cmd_presets)
 
     pl = sub.add_parser("plot", help="draw a run's curves.png from its metrics.jsonl (also while it trains)")
     pl.add_argument("run", help="run folder")

@@ -124,7 +124,7 @@ def read_rows(path: str, columns: list[str], checks: dict | None = None,
     path = resolve_data_path(path)
     rows: list[tuple[int, dict[str, str]]] = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel's UTF-8 CSV) is dropped
             if path.endswith(".csv"):
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None:

@@ -157,3 +157,39 @@ def test_a_template_override_is_the_text_typed(capsys):
     assert "prompt_template: 'Story: {text}'" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="needs quotes inside the shell's"):
         parse_override("task.end_tokens=[a")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("learner.lr_scheduler=cosine", "learner.lr_scheduler: unknown key; did you mean lr_schedule?"),
+    ("learner.learning_rate=0.1", "learner.learning_rate: unknown key; did you mean lr?"),
+    ("task.prompt_templat=x", "task.prompt_templat: unknown key; did you mean prompt_template?"),
+    ("learner.objective={type: tb, log_zlr: 1}", "learner.objective.log_zlr: unknown key; did you mean log_z_lr?"),
+])
+def test_an_unknown_key_says_which_it_may_have_meant(capsys, override, hint):
+    from learner.cli import main
+
+    assert main(["check", "continuation", "-o", override]) == 2
+    assert hint in capsys.readouterr().err
+
+
+def test_presets_by_bare_name_the_list_of_them_and_the_version(capsys):
+    from learner.cli import main
+
+    assert main(["check", "continuation"]) == 0  # the bare name, as `gfnlm experiment continuation` takes it
+    capsys.readouterr()
+    assert main(["check", "nothere"]) == 2
+    assert "nothere: no such config file; the presets are arithmetic, cluster, constrained" in capsys.readouterr().err
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "  random_number    The README's main job" in out and "  objectives " in out and "gfnlm experiment NAME" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("gfnlm ")
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    from rewards.records import read_rows
+
+    p = tmp_path / "excel.csv"
+    p.write_bytes("\ufefftext,label\nhello,1\n".encode("utf-8"))
+    assert read_rows(str(p), ["text"]) == [(2, {"text": "hello", "label": "1"})]
