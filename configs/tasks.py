@@ -206,6 +206,10 @@ class ContinuationTask(Section):
     """Tokens whose text contains any of these strings are disallowed: a prefix holding one gets
     the floor."""
 
+    first_token: Literal["any", "word"] = "any"
+    """'word': Z must start with a token that begins with a space, a word of its own; a Z whose
+    first token glues onto X's last word ("years" + ".com") gets the floor. 'any': no rule."""
+
     disallowed_tokens: list[str] = Field(default_factory=list)
     """Tokens whose whole text equals one of these (a leading space counts: "A" is not " A") are
     disallowed too, e.g. the single capitals that end abbreviations ("U.S.") with a period."""

@@ -8,6 +8,7 @@ and prefixes holding a disallowed token (e.g. a newline) get the floor.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from functools import lru_cache
@@ -93,7 +94,17 @@ class LMTask(Task):
 
     def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
         """Closed-form terms: may a Z ending after i tokens have a reward at all?"""
+        if getattr(self.cfg, "first_token", "any") == "word" and i and t.tokens[0] not in self.spaced_ids:
+            return False
         return i >= self.min_len and not any(tok in self.disallowed for tok in t.tokens[:i])
+
+    @functools.cached_property
+    def spaced_ids(self) -> frozenset[int]:
+        """Tokens whose text begins with whitespace (what `first_token: word` asks Z to start with)."""
+        tok = self.tokenizer
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        return frozenset(i for i, p in enumerate(pieces)
+                         if p is not None and tok.convert_tokens_to_string([p])[:1].isspace())
 
     def score(self, trajectories: list[Trajectory]) -> None:
         if self.lm is None:

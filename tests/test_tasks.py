@@ -128,8 +128,24 @@ def test_disallowed_fragments_and_whole_tokens():
     assert disallowed_token_ids(Vocab(), [".."], ["A", "Mr"]) == {0, 3, 5, 7}
     assert disallowed_token_ids(Vocab(), [], []) == frozenset()
     cfg = load_config("continuation.yaml")
-    assert cfg.task.prompt_template.endswith(" ") and cfg.task.max_len == 30
+    assert cfg.task.first_token == "word" and cfg.task.max_len == 30
     assert {"A", "Z", "Mr", "US"} <= set(cfg.task.disallowed_tokens) and "http" in cfg.task.disallowed
+
+
+def test_first_token_word_gives_the_floor_to_a_z_glued_onto_the_prompt(tiny_llama, tmp_path):
+    """first_token: word: a Z whose first token does not begin with a space ("years" + "com.") gets
+    the floor at every prefix; one that starts a word of its own keeps the LM's log-likelihood."""
+    from learner.loop import build
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(3)])
+    task = "{type: continuation, data: {train: %s}, min_len: 1, max_len: 6, first_token: word}" % data
+    c = build(load_config("continuation.yaml", task_overrides(tiny_llama, tmp_path / "run", "continuation", data, task=task)))
+    tok = c.task.tokenizer
+    glued = Trajectory(0, list(tok("com", add_special_tokens=False).input_ids), terminated=True)
+    spaced = Trajectory(0, list(tok(" com", add_special_tokens=False).input_ids), terminated=True)
+    c.task.score([glued, spaced])
+    assert glued.log_r[1:] == [c.task.floor] * glued.length and not c.task.is_valid(glued)
+    assert all(x > c.task.floor for x in spaced.log_r[1:]) and c.task.is_valid(spaced)
 
 
 def test_check_rejects_a_missing_column_before_anything_loads(tmp_path, stories, capsys):
