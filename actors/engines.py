@@ -7,7 +7,7 @@ from .tools import tool_runner
 
 def resolve_engine(name: str) -> str:
     """'auto' takes vLLM where a GPU is visible and vLLM imports; else transformers, which is the
-    faster engine on CPU (see README, "Sampler engines")."""
+    faster engine on CPU (see docs/usage.md, "Sampler engines")."""
     if name != "auto":
         return name
     import torch

@@ -138,7 +138,7 @@ class RandomNumberTask(Section):
     of the support; the prefixes of a peaked target's tails), the known ratio F(s)/F(empty prefix),
     with F(s) = Σ R(x) over the support members x that extend s, instead; elsewhere as 'reward'.
     The terminal distribution is the target either way; 'exact' converges on supports that are not
-    closed under prefixes, where 'reward' asks q(⊤|s) to reach e^floor (see README, levers)."""
+    closed under prefixes, where 'reward' asks q(⊤|s) to reach e^floor (see docs/results.md, levers)."""
 
     @field_validator("prompts")
     @classmethod

@@ -118,7 +118,7 @@ class RandomNumberTask(Task):
         Relative to the empty prefix: the objective adds the root's own derived flow, so the
         known flows fix the ratios F(s)/F(s_0) and leave the scale to the policy, as modified SubTB
         does (anchored absolutely, the ~e^floor flows of invalid text give residuals of tens of
-        nats from the first step, and the run learned valid numbers 4× later; README, levers)."""
+        nats from the first step, and the run learned valid numbers 4× later; docs/results.md, levers)."""
         if self.cfg.state_flow != "exact":
             return None
         flows = self.prefix_log_flows(temperature)
