@@ -79,7 +79,7 @@ def cmd_sample(args) -> int:
     rid = adhoc(task, args.prompt, args.answer)
     sampler.tools = getattr(task, "tools", None) or getattr(sampler, "tools", None)
     trajs = draw(task, sampler, rid, args.n, 1.0 if args.temperature is None else args.temperature)
-    if args.answer is not None:
+    if args.answer is not None or not hasattr(task, "answers"):  # a task without answers scores Z as it is
         task.score(trajs)
     answers = task.answers(trajs) if hasattr(task, "answers") else [None] * len(trajs)
     for t, a in zip(trajs, answers):
@@ -117,8 +117,7 @@ def adhoc(task, prompt: str, answer: str | None) -> int:
     """A record made from the command line's prompt (and answer); its id."""
     make = getattr(task, "adhoc_record", None)
     if make is None:
-        raise ConfigError(f"task {task.name}: building a record from --prompt is not supported; "
-                          f"sample and predict serve the arithmetic and subjectivity tasks")
+        raise ConfigError(f"task {task.name}: building a record from --prompt is not supported")
     return make(prompt, answer)
 
 
@@ -132,7 +131,9 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("sample", help="draw latent Z from a trained adapter, with log q and log R, as JSON lines")
     common(s)
-    s.add_argument("--prompt", required=True, help="the question or text X (a record's prompt column)")
+    s.add_argument("--prompt", required=True, help="X: the text of the prompt's one column (a question, a sentence, a "
+                   "review), or a JSON object of the record's fields when the task uses several (infilling: "
+                   "beginning, ending)")
     s.add_argument("--answer", help="the answer Y; with it each line carries log R(Z)")
     s.add_argument("-n", type=int, default=8, help="samples")
     s.set_defaults(func=cmd_sample)

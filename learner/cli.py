@@ -22,6 +22,9 @@ def _config(args) -> "Config":  # noqa: F821
         if not os.path.isfile(saved):
             raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")
         return load_config(saved, args.override)
+    if not args.config and getattr(args, "func", None) is cmd_train:
+        raise ConfigError("train: give CONFIG, a preset name such as random_number or a YAML file (gfnlm presets "
+                          "lists them), or --resume RUN")
     return load_config(args.config, args.override)
 
 

@@ -74,6 +74,41 @@ class LMTask(Task):
     def text(self, t: Trajectory) -> str:
         return self.tokenizer.decode(t.tokens)
 
+    def adhoc_record(self, prompt: str, answer: str | None) -> int:
+        """A record from the command line: --prompt fills the one column the templates use, or is a
+        JSON object of the record's fields ('{"beginning": "...", "ending": "..."}')."""
+        import json
+
+        from .records import Record, RecordError
+
+        c = self.cfg
+        cols = columns_of(c.prompt_template, c.context_template, getattr(c, "suffix_template", None))
+        extra = getattr(getattr(c, "constraint", None), "include_column", None)
+        cols += [extra] if extra and extra not in cols else []
+        text = prompt.strip()
+        fields = None
+        if text.startswith("{"):
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"--prompt: not valid JSON ({e.msg}); give the text of {{{cols[0]}}}, or a JSON "
+                                  f"object of the fields {', '.join(cols)}") from None
+            if not isinstance(fields, dict):
+                raise RecordError(f"--prompt: expected a JSON object of the fields {', '.join(cols)}")
+            fields = {k: str(v) for k, v in fields.items()}
+        elif len(cols) == 1:
+            fields = {cols[0]: prompt}
+        else:
+            raise RecordError(f"--prompt: task {self.name} uses the fields {', '.join(cols)}; give them as a JSON object, "
+                              f"e.g. --prompt '{json.dumps({c: '...' for c in cols})}'")
+        missing = [c for c in cols if c not in fields]
+        if missing:
+            raise RecordError(f"--prompt: field '{missing[0]}' missing; task {self.name} uses {', '.join(cols)}")
+        fields = {**{k: "" for k in self.columns(c)}, **fields}  # e.g. the reference middle: not needed to sample
+        rid = len(self.records)
+        self.records.records.append(Record(rid, fields, "adhoc", "command line"))
+        return rid
+
     # -- reward ------------------------------------------------------------------------------
 
     def lm_scores(self, record_id: int, trajectories: list[Trajectory], prefixes: str | None = None) -> list[list[float]]:

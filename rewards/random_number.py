@@ -78,6 +78,14 @@ class RandomNumberTask(Task):
     def prompt_text(self, record_id: int) -> str:
         return self.records[record_id].fields["text"]
 
+    def adhoc_record(self, prompt: str, answer: str | None) -> int:
+        """A prompt typed on the command line (the target stays the config's)."""
+        from .records import Record
+
+        rid = len(self.records)
+        self.records.records.append(Record(rid, {"text": prompt}, "adhoc", "command line"))
+        return rid
+
     # -- reward ------------------------------------------------------------------------------
 
     def value(self, tokens: list[int]) -> int | None:

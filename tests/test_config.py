@@ -193,3 +193,12 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(tmp_path):
     p = tmp_path / "excel.csv"
     p.write_bytes("\ufefftext,label\nhello,1\n".encode("utf-8"))
     assert read_rows(str(p), ["text"]) == [(2, {"text": "hello", "label": "1"})]
+
+
+def test_train_without_a_config_says_what_to_give(tmp_path, monkeypatch, capsys):
+    from learner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    assert "train: give CONFIG, a preset name such as random_number" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing started

@@ -453,6 +453,28 @@ def test_constrained_replay_seeds_are_rejection_samples_that_satisfy_c(tiny_llam
     assert [t.tokens for t in c.task.seed_trajectories(0)] == [t.tokens for t in seeds]
 
 
+def test_every_record_task_samples_from_its_trained_adapter(tiny_llama, tmp_path, stories, capsys):
+    """gfnlm sample on a continuation run (--prompt fills its one column) and an infilling run
+    (--prompt is a JSON object of its fields; plain text is refused with the fields to give)."""
+    train_file, test_file = stories
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(3)])
+    runs = {"continuation": (data, None), "infilling": (train_file, test_file)}
+    for kind, (train, test) in runs.items():
+        task = "{type: %s, data: {train: %s%s}, min_len: 1, max_len: 6}" % (kind, train, f", test: {test}" if test else "")
+        ov = task_overrides(tiny_llama, tmp_path / kind, kind, train, task=task, **{"run.evaluate_at_end": "false"})
+        assert main(["train", f"{kind}.yaml", *sum([["-o", o] for o in ov + ["learner.steps=2"]], [])]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "continuation"), "--prompt", "Once upon a time.", "-n", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(x["log_q"]) and math.isfinite(x["log_r"]) for x in lines)
+    story = json.dumps({"beginning": "Ann had a dog. It was old. It liked naps.", "ending": "Ann was glad."})
+    assert main(["sample", str(tmp_path / "infilling"), "--prompt", story, "-n", "2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(x["log_r"]) for x in lines)
+    assert main(["sample", str(tmp_path / "infilling"), "--prompt", "Ann had a dog.", "-n", "2"]) == 2
+    assert "--prompt: task infilling uses the fields beginning, ending" in capsys.readouterr().err
+
+
 def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
     from learner.loop import build, references, train
 
