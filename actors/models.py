@@ -130,3 +130,26 @@ def main_prepare(force: bool = False) -> int:
         return 2
     print(folder)
     return 0
+
+
+def check_lora_targets(cfg) -> None:
+    """lora.target_modules against the model's layers, from its config.json alone (the model is built
+    on the meta device: no weights read), so that `gfnlm check` catches a GPT-2 folder given Llama's
+    q_proj. Skipped for the embedded model before its conversion."""
+    path = cfg.model.path
+    folder = embedded_model_dir() if path == EMBEDDED_MODEL else path
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .policy import check_targets
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.path: cannot read {folder!r}: {first}") from None
+    check_targets(skeleton, list(cfg.lora.target_modules))

@@ -41,6 +41,10 @@ class ModelConfig(Section):
         if os.path.isfile(v):
             raise ValueError(f"{v!r} is a file; expected a Hugging Face model folder (the folder holding config.json)")
         if not os.path.isdir(v):
+            if v.count("/") == 1 and not v.startswith((".", "/")):  # looks like a hub id: gfnlm reads local folders
+                raise ValueError(f"got a model hub id, {v!r}; gfnlm loads local folders only: on a machine with "
+                                 f"the hub run `huggingface-cli download {v} --local-dir DIR` (or save_pretrained) and "
+                                 f"give DIR")
             raise ValueError(f"no such directory {v!r}, expected a Hugging Face model folder or {EMBEDDED_MODEL!r}")
         if not os.path.isfile(os.path.join(v, "config.json")):
             raise ValueError(f"{v!r} has no config.json; expected a Hugging Face model folder")

@@ -28,11 +28,17 @@ def _config(args) -> "Config":  # noqa: F821
     return load_config(args.config, args.override)
 
 
-def check(cfg) -> str:
-    """The config's data files read and checked (no model, no Ray); raises on the first problem."""
+def check(cfg, model: bool = True) -> str:
+    """The config's data files read and checked, and (`model`) its LoRA targets against the model's
+    config.json (no weights, no Ray); raises on the first problem. `train` leaves the model to the
+    policy, which checks the same when it loads, before the run writes anything."""
+    from actors.models import check_lora_targets
     from rewards import check_data
 
-    return check_data(cfg)
+    data = check_data(cfg)
+    if model:
+        check_lora_targets(cfg)
+    return data
 
 
 def cmd_train(args) -> int:
@@ -41,7 +47,7 @@ def cmd_train(args) -> int:
     if args.address:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     cfg = _config(args)
-    check(cfg)
+    check(cfg, model=False)
     run_dir = preflight.run_folder(cfg, args.resume)
     preflight.check_machine(cfg)
     try:

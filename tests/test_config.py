@@ -202,3 +202,18 @@ def test_train_without_a_config_says_what_to_give(tmp_path, monkeypatch, capsys)
     assert main(["train"]) == 2
     assert "train: give CONFIG, a preset name such as random_number" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_check_knows_the_model_from_its_config_json(tiny_gpt2, capsys):
+    """A GPT-2 folder given Llama's LoRA targets fails at check (its layers from config.json, no
+    weights read); a hub id says how to get a local folder."""
+    from learner.cli import main
+
+    ov = ["-o", f"model.path={tiny_gpt2}", "-o", "lora.target_modules=[q_proj, v_proj]"]
+    assert main(["check", "random_number", *ov]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: 'q_proj', 'v_proj' matches no layer of the model" in err and "c_attn" in err
+    assert main(["check", "random_number", "-o", f"model.path={tiny_gpt2}", "-o", "lora.target_modules=[c_attn]"]) == 0
+    capsys.readouterr()
+    assert main(["check", "random_number", "-o", "model.path=HuggingFaceTB/SmolLM2-135M"]) == 2
+    assert "got a model hub id, 'HuggingFaceTB/SmolLM2-135M'; gfnlm loads local folders only" in capsys.readouterr().err
