@@ -177,6 +177,13 @@ class DataConfig(Section):
     seed: int = 0
     """Seed of the split and the subset."""
 
+    @model_validator(mode="after")
+    def _one_test_source(self):
+        if self.test and self.test_fraction:
+            raise ValueError(f"test_fraction: {self.test_fraction} beside a test file ({self.test}) would be ignored; "
+                             f"give one of them")
+        return self
+
 
 class ContinuationTask(Section):
     """Sentence continuation (paper §4.2): R(Z) = p_LM(Z ⊤ | X)^(1/T), ⊤ an end token."""

@@ -217,3 +217,14 @@ def test_check_knows_the_model_from_its_config_json(tiny_gpt2, capsys):
     capsys.readouterr()
     assert main(["check", "random_number", "-o", "model.path=HuggingFaceTB/SmolLM2-135M"]) == 2
     assert "got a model hub id, 'HuggingFaceTB/SmolLM2-135M'; gfnlm loads local folders only" in capsys.readouterr().err
+
+
+def test_the_config_reference_is_current_and_every_key_has_a_docstring():
+    import os
+
+    from configs.reference import reference_markdown
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")
+    assert open(path).read() == reference_markdown(), "regenerate: python -m configs.reference > docs/config.md"
+    rows = [ln for ln in reference_markdown().splitlines() if ln.startswith("| `")]
+    assert len(rows) > 150 and all(not ln.rstrip().endswith("|  |") for ln in rows), "a key without a docstring"
