@@ -66,9 +66,32 @@ def cmd_check(args) -> int:
     cfg = load_config(args.config, args.override)
     data = check(cfg)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    for warning in task_warnings(cfg):
+        print(f"gfnlm check: warning: {warning}", file=sys.stderr)
     print(f"gfnlm check: {args.config or 'defaults'} is valid; task {cfg.task.type}: {data} "
           f"({time.perf_counter() - t0:.2f} s)", file=sys.stderr)
     return 0
+
+
+def task_warnings(cfg) -> list[str]:
+    """What the task says when it is built with the model's tokenizer (e.g. a reward floor that
+    leaves invalid text most of the reward's mass); none before the embedded model is converted."""
+    import warnings
+
+    from actors.models import EMBEDDED_MODEL, embedded_model_dir
+    from rewards import make_task
+
+    folder = embedded_model_dir() if cfg.model.path == EMBEDDED_MODEL else cfg.model.path
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return []
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_task(cfg, tokenizer)
+    return [str(w.message) for w in caught if w.filename.startswith(os.path.dirname(os.path.dirname(__file__)))
+            or "task." in str(w.message)]
 
 
 def cmd_presets(args) -> int:

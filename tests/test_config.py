@@ -228,3 +228,13 @@ def test_the_config_reference_is_current_and_every_key_has_a_docstring():
     assert open(path).read() == reference_markdown(), "regenerate: python -m configs.reference > docs/config.md"
     rows = [ln for ln in reference_markdown().splitlines() if ln.startswith("| `")]
     assert len(rows) > 150 and all(not ln.rstrip().endswith("|  |") for ln in rows), "a key without a docstring"
+
+
+def test_check_says_when_the_floor_leaves_invalid_text_most_of_the_reward(tiny_llama, capsys):
+    from learner.cli import main
+
+    ov = ["-o", f"model.path={tiny_llama}"]
+    assert main(["check", "random_number", *ov, "-o", "task.log_reward_floor=-5"]) == 0
+    assert "gfnlm check: warning: task.log_reward_floor=-5: the ~" in capsys.readouterr().err
+    assert main(["check", "random_number", *ov, "-o", "task.log_reward_floor=-50"]) == 0
+    assert "warning" not in capsys.readouterr().err
