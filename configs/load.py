@@ -176,7 +176,7 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: permission denied; the config file must be readable") from None
     if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
         raise ConfigError(f"{path}: the file is empty; give it sections such as task: and learner: (see "
-                          f"{os.path.join(PRESET_DIR, 'random_number.yaml')}), or leave out CONFIG for the defaults")
+                          f"{os.path.join(PRESET_DIR, 'random_number.yaml')}, and docs/config.md for every key)")
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as e:

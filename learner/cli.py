@@ -228,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster to run on (sets runtime.mode=ray and runtime.address)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a trained adapter against the task's target")
+    e = sub.add_parser("eval", help="evaluate a run's adapter (--run), or an adapter folder with CONFIG, with the "
+                                    "task's own figures and baselines")
     add_config(e)
     e.add_argument("--adapter", help="peft adapter folder (inside a run: evaluated with the run's config)")
     e.add_argument("--run", help="run folder: its latest intact checkpoint, with the run's own config.yaml")
