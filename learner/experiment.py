@@ -64,6 +64,19 @@ def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, o
     return plan
 
 
+NUMBER_KEYS = ("valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass")
+"""The columns of a random-number table (its evaluation nests the exact figures under 'exact')."""
+
+
+def flat(figures: dict) -> dict:
+    """A method's figures with nested ones (random numbers' exact distribution) as exact_<name>."""
+    out = {k: v for k, v in figures.items() if not isinstance(v, dict)}
+    for k, v in figures.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{name}": x for name, x in v.items() if isinstance(x, (int, float))})
+    return out
+
+
 def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
     """{method: {figure: cell}}: the mean ± sample std over the runs that report the figure as a
     number ("0.250", without ±, from one run; NaN counts as no figure). Infinite values (e.g.
@@ -96,8 +109,9 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     """table.md and table.json of the runs done so far; the table's lines."""
     from rewards.lm_eval import TABLE_KEYS
 
-    table = summarize(rows)
-    keys = [k for k in TABLE_KEYS if any(k in r for r in table.values())]
+    table = summarize({m: [flat(r) for r in runs] for m, runs in rows.items()})
+    numbers = any("exact_kl" in r for r in table.values())  # random numbers: their own columns
+    keys = [k for k in (NUMBER_KEYS if numbers else TABLE_KEYS) if any(k in r for r in table.values())]
     keys += sorted({k for r in table.values() for k in r if k.startswith("acc_")})  # answer tasks: accuracy per test set
     first = plan[0][2]
     sample = next(iter(rows.values()))[0] if rows else {}

@@ -323,7 +323,7 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     """main with stand-in training: the base model's row takes its label from spec['labels'], the
     trained policy's its run's name; n counts the runs behind a row; a run stopped by a signal
     leaves the table of the runs before it."""
-    import learner.cli
+    import learner.runner
     from learner.experiment import main
 
     calls = []
@@ -331,14 +331,14 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     def fake(cfg, run_dir, resume=False, methods=None):
         calls.append((run_dir, cfg.learner.seed, cfg.learner.objective.type, cfg.eval.include_base))
         if len(calls) == 4:
-            raise learner.cli.TrainingStopped("SIGTERM")
+            raise learner.runner.TrainingStopped("SIGTERM")
         k = len(calls)
         out = {"trained": {"valid": 0.1 * k, "loglik_mean": -k, "note": "text"}}
         if "base" in methods:
             out["base"] = {"valid": 0.5 + 0.1 * k, "loglik_mean": -10.0 * k}
         return out
 
-    monkeypatch.setattr(learner.cli, "train_and_evaluate", fake)
+    monkeypatch.setattr(learner.runner, "train_and_evaluate", fake)
     out = tmp_path / "out"
     assert main(argparse.Namespace(name=experiment_spec(tmp_path, tiny_llama, seeds=(0, 1)), out=str(out), override=[])) == 0
     assert [(os.path.basename(r), s, o, b) for r, s, o, b in calls] == [
@@ -394,12 +394,14 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path):
         assert len(saved[label]) == 2 and all(same_figures(a, b) for a, b in zip(saved[label], runs)), label
     assert any(isinstance(v, float) and math.isinf(v) for runs in expect.values() for r in runs for v in r.values())
     table = read_table_md(out / "table.md")
-    assert table["|header|"] == ["n", "valid"]  # random_number's only figure among the table's keys
+    # random numbers' own columns: the sampled and the exact distribution's figures
+    assert table["|header|"] == ["n", "valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass"]
     drawn = {r["samples"] for runs in expect.values() for r in runs}
     assert len(drawn) == 1 and f"; {drawn.pop()} samples per method; " in (out / "table.md").read_text()
     for label, runs in expect.items():
-        xs = [r["valid"] for r in runs]
-        assert table[label] == ["2", f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"], label
+        for column, key in ((1, "valid_fraction"), (4, "exact_kl")):
+            xs = [r[key] if key in r else r["exact"][key[len("exact_"):]] for r in runs]
+            assert table[label][column] == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}", (label, key)
 
 
 # -- gfnlm sample: log q is the trained adapter's ----------------------------------------------------
