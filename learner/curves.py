@@ -20,7 +20,7 @@ PANELS = [
     ("quality", [("valid_fraction", "valid fraction"), ("accuracy", "accuracy")], "linear"),
     ("exact distance to the target", [("exact_kl", "KL(target‖policy)"), ("exact_tv", "TV"),
                                       ("invalid_mass", "invalid mass")], "log"),
-    ("log Z (TB, VarGrad)", [("log_z", "mean over the batch's records"), ("log_z_spread", "spread across records")],
+    ("log Z (SubTB's: log F(s0))", [("log_z", "mean over the batch's records"), ("log_z_spread", "spread across records")],
      "linear"),
     ("learning rate", [("lr", "learning rate")], "linear"),
     ("reward temperature", [("reward_temperature", "T")], "linear"),
