@@ -214,8 +214,9 @@ class ContinuationTask(Section):
     the floor."""
 
     first_token: Literal["any", "word"] = "any"
-    """'word': Z must start with a token that begins with a space, a word of its own; a Z whose
-    first token glues onto X's last word ("years" + ".com") gets the floor. 'any': no rule."""
+    """'word': Z must begin with one space and then a visible character, a word of its own; a Z glued
+    onto X's last word ("years" + ".com") or starting with other whitespace ("\x0b") gets the floor.
+    'any': no rule."""
 
     disallowed_tokens: list[str] = Field(default_factory=list)
     """Tokens whose whole text equals one of these (a leading space counts: "A" is not " A") are

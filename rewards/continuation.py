@@ -8,8 +8,8 @@ and prefixes holding a disallowed token (e.g. a newline) get the floor.
 
 from __future__ import annotations
 
-import functools
 import math
+import re
 from collections import defaultdict
 from functools import lru_cache
 
@@ -17,6 +17,8 @@ from actors.trajectory import Trajectory
 
 from .base import Task, columns_of
 from .records import load_records
+
+_WORD_START = re.compile(r" \S")
 
 
 def disallowed_token_ids(tokenizer, fragments: list[str], exact: list[str] = ()) -> frozenset[int]:
@@ -129,17 +131,15 @@ class LMTask(Task):
 
     def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
         """Closed-form terms: may a Z ending after i tokens have a reward at all?"""
-        if getattr(self.cfg, "first_token", "any") == "word" and i and t.tokens[0] not in self.spaced_ids:
+        if getattr(self.cfg, "first_token", "any") == "word" and i and not self.starts_a_word(t.tokens[:i]):
             return False
         return i >= self.min_len and not any(tok in self.disallowed for tok in t.tokens[:i])
 
-    @functools.cached_property
-    def spaced_ids(self) -> frozenset[int]:
-        """Tokens whose text begins with whitespace (what `first_token: word` asks Z to start with)."""
-        tok = self.tokenizer
-        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        return frozenset(i for i, p in enumerate(pieces)
-                         if p is not None and tok.convert_tokens_to_string([p])[:1].isspace())
+    def starts_a_word(self, tokens: list[int]) -> bool:
+        """Whether a Z begins with one space and then a visible character (" The", not "com", "\x0b"
+        or "  "): what `first_token: word` asks. Read from the text of its first few tokens, so it holds
+        for tokenizers that merge the space into the word and for those that keep it apart."""
+        return _WORD_START.match(self.tokenizer.decode(tokens[:4])) is not None
 
     def score(self, trajectories: list[Trajectory]) -> None:
         if self.lm is None:

@@ -133,8 +133,9 @@ def test_disallowed_fragments_and_whole_tokens():
 
 
 def test_first_token_word_gives_the_floor_to_a_z_glued_onto_the_prompt(tiny_llama, tmp_path):
-    """first_token: word: a Z whose first token does not begin with a space ("years" + "com.") gets
-    the floor at every prefix; one that starts a word of its own keeps the LM's log-likelihood."""
+    """first_token: word: a Z that does not begin with a space and a visible character ("years" +
+    "com.", or a lone "\x0b") gets the floor at every prefix; one that starts a word keeps the LM's
+    log-likelihood."""
     from learner.loop import build
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(3)])
@@ -143,9 +144,12 @@ def test_first_token_word_gives_the_floor_to_a_z_glued_onto_the_prompt(tiny_llam
     tok = c.task.tokenizer
     glued = Trajectory(0, list(tok("com", add_special_tokens=False).input_ids), terminated=True)
     spaced = Trajectory(0, list(tok(" com", add_special_tokens=False).input_ids), terminated=True)
-    c.task.score([glued, spaced])
+    blank = Trajectory(0, list(tok("\x0b", add_special_tokens=False).input_ids), terminated=True)
+    c.task.score([glued, spaced, blank])
     assert glued.log_r[1:] == [c.task.floor] * glued.length and not c.task.is_valid(glued)
-    assert all(x > c.task.floor for x in spaced.log_r[1:]) and c.task.is_valid(spaced)
+    assert blank.log_r[1:] == [c.task.floor] * blank.length and not c.task.is_valid(blank)
+    # this tokenizer keeps the space apart: " " alone is no word yet, " c" onwards is
+    assert spaced.log_r[1] == c.task.floor and all(x > c.task.floor for x in spaced.log_r[2:]) and c.task.is_valid(spaced)
 
 
 def test_check_rejects_a_missing_column_before_anything_loads(tmp_path, stories, capsys):
