@@ -65,9 +65,9 @@ def _did_you_mean(loc: tuple) -> str:
     current = Config
     for part in loc[:-1]:
         if isinstance(part, str) and part in _UNION_TAGS:  # the member of a discriminated union
-            current = next((m for m in _sections_in(current) if _tag_of(m) == part), None)
+            current = next((m for m in sections_in(current) if _tag_of(m) == part), None)
         else:
-            model = current if _is_section(current) else next(iter(_sections_in(current)), None)
+            model = current if _is_section(current) else next(iter(sections_in(current)), None)
             field = getattr(model, "model_fields", {}).get(str(part)) if model is not None else None
             current = field.annotation if field is not None else None
         if current is None:
@@ -86,13 +86,13 @@ def _is_section(a) -> bool:
     return isinstance(a, type) and hasattr(a, "model_fields")
 
 
-def _sections_in(annotation) -> list:
+def sections_in(annotation) -> list:
     """The section classes an annotation holds, through Optional, unions and Annotated."""
     import typing
 
     if _is_section(annotation):
         return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _sections_in(arg)]
+    return [m for arg in typing.get_args(annotation) for m in sections_in(arg)]
 
 
 def _tag_of(model) -> str | None:

@@ -5,19 +5,11 @@
 
 from __future__ import annotations
 
-import typing
-
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from .load import sections_in
 from .schema import Config
-
-
-def _sections(annotation) -> list[type[BaseModel]]:
-    """The config sections an annotation holds (through Optional, lists, unions and Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _sections(arg)]
 
 
 def _type_name(annotation) -> str:
@@ -44,7 +36,7 @@ def _one_line(text: str | None) -> str:
 def _walk(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> None:
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        members = _sections(field.annotation)
+        members = sections_in(field.annotation)
         if members:
             for member in members:
                 tag = member.model_fields.get("type")
@@ -56,7 +48,7 @@ def _walk(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> Non
                 out.append("| key | type | default | what it does |\n| --- | --- | --- | --- |")
                 rows = []
                 for sub_name, sub in member.model_fields.items():
-                    if _sections(sub.annotation):
+                    if sections_in(sub.annotation):
                         continue
                     rows.append(f"| `{key}.{sub_name}` | {_one_line(_type_name(sub.annotation))} | "
                                 f"{_one_line(_default(sub))} | {_one_line(sub.description)} |")
