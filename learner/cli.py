@@ -244,7 +244,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("name", help="a preset in configs/experiments/ (e.g. continuation) or a YAML file")
     ex.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted override applied to every run, e.g. -o learner.steps=20")
-    ex.add_argument("--out", help="folder of the experiment (default: runs/experiments/NAME-TIME)")
+    ex.add_argument("--out", help="folder of the experiment (default: runs/experiments/NAME-TIME); runs that "
+                    "finished there with the same config are reused")
+    ex.add_argument("--seeds", help="comma-separated seeds in place of the preset's, e.g. 0,1,2")
     ex.set_defaults(func=cmd_experiment)
 
     sb = sub.add_parser("submit", help="validate a config, then submit it as a job to a Ray cluster")

@@ -5,6 +5,11 @@ the seeds, and the runs to train (e.g. GFlowNet and SFT), each with the evaluati
 contributes, and optional display labels of methods (e.g. sample: prompting). Every run trains into <out>/<run>-seed<k>/ and evaluates itself (eval.json); the rows
 are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json, the
 trained policy's row named after its run.
+
+Running an experiment again into the same --out reuses every run that finished there with the same
+config (its config.yaml) and evaluated the methods asked for (its eval.json): `--seeds 0,1,2` adds
+seeds to a table without training the finished ones again, and an experiment stopped midway resumes
+at the first run that did not finish.
 """
 
 from __future__ import annotations
@@ -46,6 +51,36 @@ def read_spec(name: str) -> dict:
         run.setdefault("overrides", [])
         run.setdefault("methods", ["trained"])
     return spec
+
+
+def finished(cfg, methods: list[str]) -> dict | None:
+    """The figures of a run that already trained and evaluated `methods` in cfg.run.output_dir with
+    this very config (its config.yaml as training saves it: fitted reward model in place, job named,
+    fields added since then at their defaults); None when it has to run."""
+    from .loop import with_job
+    from .reward_fit import fit_folder, with_fitted
+
+    folder = cfg.run.output_dir
+    try:
+        saved = load_config(os.path.join(folder, "config.yaml")).model_dump(mode="json")
+        with open(os.path.join(folder, "eval.json")) as f:
+            evaluated = json.load(f)
+    except (OSError, ValueError, ConfigError):
+        return None
+    expected = with_job(with_fitted(cfg, fit_folder(cfg)) if cfg.reward.fit else cfg, folder)
+    results = evaluated.get("methods", evaluated) if isinstance(evaluated, dict) else None
+    if saved != expected.model_dump(mode="json") or not isinstance(results, dict) or any(m not in results for m in methods):
+        return None
+    return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them
+
+
+def previous_walls(out: str) -> dict[str, float]:
+    """The wall seconds of the runs an earlier table.json in `out` recorded (reused runs keep theirs)."""
+    try:
+        with open(os.path.join(out, "table.json")) as f:
+            return dict(json.load(f).get("wall_seconds", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, object, list[str]]]:
@@ -146,13 +181,32 @@ def main(args) -> int:
     spec = read_spec(args.name)
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
     out = args.out or os.path.join("runs", "experiments", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if getattr(args, "seeds", None):
+        try:
+            spec["seeds"] = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2") from None
     plan = configs_of(spec, out, list(args.override))
     print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
     rows: dict[str, list[dict]] = {}
-    walls = {}
+    walls, before = {}, previous_walls(out)
     t_all = time.perf_counter()
+
+    def add(run: str, results: dict) -> None:
+        for method, figures in (results or {}).items():
+            label = run if method == "trained" else spec.get("labels", {}).get(method, method)
+            rows.setdefault(label, []).append(figures)
+
     for run, seed, cfg, methods in plan:
         t0 = time.perf_counter()
+        results = finished(cfg, methods)
+        if results is not None:
+            print(f"gfnlm experiment {name}: {run}-seed{seed} finished before with this config; its eval.json is reused",
+                  file=sys.stderr)
+            if f"{run}-seed{seed}" in before:
+                walls[f"{run}-seed{seed}"] = before[f"{run}-seed{seed}"]
+            add(run, results)
+            continue
         try:
             results = train_and_evaluate(cfg, cfg.run.output_dir, methods=methods)
         except TrainingStopped as e:
@@ -160,10 +214,9 @@ def main(args) -> int:
                   f"holds the runs that finished", file=sys.stderr)
             return 0
         walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
-        for method, figures in (results or {}).items():
-            label = run if method == "trained" else spec.get("labels", {}).get(method, method)
-            rows.setdefault(label, []).append(figures)
-        lines = write_table(spec, name, out, plan, rows, walls, time.perf_counter() - t_all)  # after every run
+        add(run, results)
+        write_table(spec, name, out, plan, rows, walls, sum(walls.values()))  # after every run
+    lines = write_table(spec, name, out, plan, rows, walls, sum(walls.values()))
     print("\n".join(lines))
     print(f"gfnlm: table in {os.path.join(out, 'table.md')}", file=sys.stderr)
     return 0

@@ -170,6 +170,13 @@ class RunningStats:
         return sum(b[2] for b in self.batches) / secs if secs else 0.0
 
 
+def with_job(cfg: Config, run_dir: str) -> Config:
+    """cfg with metrics.job named after the run folder when unset (the job label of its metrics)."""
+    if cfg.metrics.job is not None:
+        return cfg
+    return cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
+
+
 def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=None, keep_trackers: bool = False,
           **driver_kw) -> Components:
     """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir. The trackers of
@@ -178,9 +185,7 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
 
     from .reward_fit import fitted_config
 
-    cfg = fitted_config(cfg, log)  # reward.fit: the fitted model in place (fitted once per content)
-    if cfg.metrics.job is None:
-        cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"job": os.path.basename(os.path.abspath(run_dir))})})
+    cfg = with_job(fitted_config(cfg, log), run_dir)  # reward.fit: the fitted model in place (fitted once per content)
     metrics = for_process(cfg, "learner")
     c = None
     try:

@@ -84,13 +84,29 @@ def fit(cfg, texts: list[str], folder: str, log=print) -> dict:
     return info
 
 
+def fit_folder(cfg) -> str:
+    """Where the model that cfg's `reward.fit` yields lives (named by the content it is fitted to)."""
+    return os.path.join(gfnlm_home(), "fitted", fit_key(cfg, fit_texts(cfg)))
+
+
+def with_fitted(cfg, folder: str):
+    """cfg with the fitted model in folder in place of `reward.fit`: in `model.path` (policy_starts_here)
+    or in `reward.model`."""
+    if cfg.reward.fit.policy_starts_here:
+        model = cfg.model.model_copy(update={"path": folder})
+        reward = cfg.reward.model_copy(update={"fit": None})
+    else:
+        model = cfg.model
+        reward = cfg.reward.model_copy(update={"fit": None, "model": folder})
+    return cfg.model_copy(update={"model": model, "reward": reward})
+
+
 def fitted_config(cfg, log=print):
-    """cfg with `reward.fit` done: the fitted model in `model.path` (policy_starts_here) or in
-    `reward.model`, and `reward.fit` unset. Fits first when no fitted model of this content exists."""
+    """cfg with `reward.fit` done (`with_fitted`). Fits first when no fitted model of this content exists."""
     if cfg.reward.fit is None:
         return cfg
     texts = fit_texts(cfg)
-    folder = os.path.join(gfnlm_home(), "fitted", fit_key(cfg, texts))
+    folder = fit_folder(cfg)
     if os.path.isfile(os.path.join(folder, "gfnlm_fit.json")):
         log(f"gfnlm: reward fit: reusing {folder}")
     else:
@@ -100,10 +116,4 @@ def fitted_config(cfg, log=print):
         info = fit(cfg, texts, folder, log)
         log(f"gfnlm: reward fit: NLL per token {info['first_loss']:.3f} -> {info['last_loss']:.3f} "
             f"in {info['seconds']:.0f} s")
-    if cfg.reward.fit.policy_starts_here:
-        model = cfg.model.model_copy(update={"path": folder})
-        reward = cfg.reward.model_copy(update={"fit": None})
-    else:
-        model = cfg.model
-        reward = cfg.reward.model_copy(update={"fit": None, "model": folder})
-    return cfg.model_copy(update={"model": model, "reward": reward})
+    return with_fitted(cfg, folder)

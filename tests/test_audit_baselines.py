@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from actors.decoding import group_beam_search, hf_generate
+from configs import ConfigError
 from actors.tiny import build_model
 
 from conftest import tiny_overrides
@@ -371,13 +372,16 @@ def same_figures(table_row: dict, eval_row: dict) -> bool:
     return True
 
 
-def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path):
+def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path, monkeypatch):
     """`gfnlm experiment` trains and evaluates 2 runs × 2 seeds of the random-number preset (whose
     kl_unsmoothed is infinite: 20 samples of 21 values); the table has a row per method (the
     labelled base model, each run) over 2 runs with mean ± std, its header gives the samples each
-    method drew, and table.json holds the very figures of each run's eval.json."""
+    method drew, and table.json holds the very figures of each run's eval.json. Run again into the
+    same folder, the finished runs are reused (nothing trains, the same table); with another config
+    or a new seed only those runs train."""
     import statistics
 
+    import learner.runner
     from learner.experiment import main
 
     out = tmp_path / "out"
@@ -402,6 +406,25 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path):
         for column, key in ((1, "valid_fraction"), (4, "exact_kl")):
             xs = [r[key] if key in r else r["exact"][key[len("exact_"):]] for r in runs]
             assert table[label][column] == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}", (label, key)
+
+    first = (out / "table.md").read_text()
+    trained = []
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        trained.append((os.path.basename(run_dir), cfg.learner.steps))
+        return {m: {"valid_fraction": 0.5} for m in methods}
+
+    monkeypatch.setattr(learner.runner, "train_and_evaluate", fake)
+    spec = experiment_spec(tmp_path, tiny_llama)
+    assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds=None)) == 0
+    assert trained == [] and (out / "table.md").read_text() == first  # walls kept from table.json
+    assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="1,2")) == 0
+    assert trained == [("gfn-seed2", 2), ("tb-seed2", 2)]
+    assert json.loads((out / "table.json").read_text())["seeds"] == [1, 2]
+    assert main(argparse.Namespace(name=spec, out=str(out), override=["learner.steps=3"], seeds="0")) == 0
+    assert trained[2:] == [("gfn-seed0", 3), ("tb-seed0", 3)]
+    with pytest.raises(ConfigError, match="--seeds: 'a,b'"):
+        main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="a,b"))
 
 
 # -- gfnlm sample: log q is the trained adapter's ----------------------------------------------------
