@@ -190,7 +190,6 @@ def main(args) -> int:
     print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
     rows: dict[str, list[dict]] = {}
     walls, before = {}, previous_walls(out)
-    t_all = time.perf_counter()
 
     def add(run: str, results: dict) -> None:
         for method, figures in (results or {}).items():
