@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import contextlib
 import math
 
@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict
 
-from actors.trajectory import Trajectory
-from configs.schema import LoraConfig, ModelConfig
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs.schema import LoraConfig, ModelConfig
 
 from .models import check_targets, load_model, pick_device
 

@@ -12,7 +12,7 @@ anything it cannot parse gets no insertion.
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence

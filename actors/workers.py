@@ -21,7 +21,7 @@ from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (r
 
 
 def actor_metrics(cfg, actor):
-    from cluster.metrics import for_process
+    from gfnlm.cluster.metrics import for_process
 
     return for_process(cfg, actor)
 

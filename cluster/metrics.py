@@ -13,7 +13,7 @@ run into `prometheus_targets.json` (Prometheus file_sd format) in the run folder
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import socket
 import threading
 from dataclasses import dataclass

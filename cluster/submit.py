@@ -16,8 +16,8 @@ import os
 import shlex
 import time
 
-from configs import ConfigError, UserError, load_config
-from configs.load import resolve_path
+from gfnlm.configs import ConfigError, UserError, load_config
+from gfnlm.configs.load import resolve_path
 
 
 class SubmitError(UserError, RuntimeError):
@@ -72,7 +72,7 @@ def submit(config: str, address: str, overrides: list[str] = (), working_dir: st
         raise SubmitError(f"--address: no Ray dashboard answers at {address} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); expected e.g. http://127.0.0.1:8265") from None
     if resource_check:
-        from cluster.ray_session import resource_shortfall
+        from gfnlm.cluster.ray_session import resource_shortfall
 
         available = cluster_resources(address)
         if available is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from typing import Any, Iterable
@@ -200,14 +201,25 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Preset file (or defaults) + dotted overrides, validated as one tree."""
-    tree = read_yaml(path) if path else {}
+def load_config(path: str | dict | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Preset file (a path or a preset's name), or a tree of sections as a YAML file holds it (a dict,
+    which may name a preset as its `base`), or the defaults; then dotted overrides; validated as one tree."""
+    if isinstance(path, dict):
+        tree = copy.deepcopy(path)
+        base = tree.pop("base", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError("config: base: expected the file name of another preset")
+            tree = _merge(read_yaml(base), tree)
+        source = "config"
+    else:
+        tree = read_yaml(path) if path else {}
+        source = path or "config"
     overrides = list(overrides)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return validate(tree, source=path or "config", overrides=overrides)
+    return validate(tree, source=source, overrides=overrides)
 
 
 def dump_config(cfg: Config, path: str) -> None:

@@ -1,6 +1,6 @@
 """The reference of every config key, generated from the field docstrings (docs/config.md).
 
-`python -m configs.reference > docs/config.md` writes it; a test keeps the file current.
+`python -m gfnlm.configs.reference > docs/config.md` writes it; a test keeps the file current.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def reference_markdown() -> str:
     """docs/config.md: every key of the config tree with its type, default and docstring."""
     out = ["# Configuration reference",
            "",
-           "Generated from the field docstrings by `python -m configs.reference > docs/config.md`; "
+           "Generated from the field docstrings by `python -m gfnlm.configs.reference > docs/config.md`; "
            "`tests/test_config.py` keeps it current. Presets in `configs/` set some of these; "
            "`-o KEY=VALUE` sets any of them. A preset may name another as its `base:` and override "
            "it section by section (a section with its own `type:` replaces the parent's whole)."]

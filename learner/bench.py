@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from configs import load_config
+from gfnlm.configs import load_config
 
 
 def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
@@ -47,7 +47,7 @@ def naive_update_seconds(c, batch, repeats: int) -> float:
 
 
 def main(args) -> int:
-    from learner.loop import build, collect
+    from gfnlm.learner.loop import build, collect
 
     cfg = load_config(args.config or "random_number.yaml", list(args.override) + ["run.progress=false"])
     print(f"torch threads: {torch.get_num_threads()}")
@@ -95,10 +95,10 @@ def orchestration(args) -> int:
     import numpy as np
     import ray
 
-    from actors.simulated import SimulatedSampler
-    from learner.distributed import RayDriver
-    from cluster.ray_session import ray_session
-    from actors.tiny import build_model
+    from gfnlm.actors.simulated import SimulatedSampler
+    from gfnlm.learner.distributed import RayDriver
+    from gfnlm.cluster.ray_session import ray_session
+    from gfnlm.actors.tiny import build_model
 
     model = build_model(tempfile.mkdtemp(prefix="gfnlm-bench-"), "llama")
     print(f"simulated sampler: {args.latency:.2f} s per batch of {args.batch} trajectories; learner: tiny model")
@@ -149,9 +149,9 @@ def orchestration(args) -> int:
 
 def pipeline(args, model: str) -> None:
     """A pool of reward actors chained to the samplers against scoring on the driver's path."""
-    from actors.simulated import SimulatedSampler, SimulatedScorer
-    from cluster.ray_session import ray_session
-    from learner.distributed import RayDriver
+    from gfnlm.actors.simulated import SimulatedSampler, SimulatedScorer
+    from gfnlm.cluster.ray_session import ray_session
+    from gfnlm.learner.distributed import RayDriver
 
     n = args.pipeline_actors
     print(f"\nscorer pool: {n} simulated samplers and {n} simulated scorers, {args.latency:.2f} s per batch each")
@@ -238,7 +238,7 @@ def stages(args) -> int:
     scoring, the learner's forward, backward and optimizer step, replay, the rest): seconds per step,
     the tokens and LM-head rows it pushed through the models, the FLOPs they imply (`ModelWork`), and
     that as a fraction of the machine's measured fp32 matmul rate at the same thread count."""
-    from actors.sampler import RequestServer
+    from gfnlm.actors.sampler import RequestServer
 
     from .loop import build, plan_request, replay_wanted
 

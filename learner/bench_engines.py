@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from configs import load_config
+from gfnlm.configs import load_config
 
 
 def _random_adapter(policy, seed: int = 0) -> dict:
@@ -43,11 +43,11 @@ def _time(fn, repeats: int) -> float:
 
 
 def main(args) -> int:
-    from actors.sampler import TransformersSampler
-    from actors.trajectory import PromptRequest
-    from actors.models import resolve_model_path
-    from actors.policy import Policy
-    from rewards import make_task
+    from gfnlm.actors.sampler import TransformersSampler
+    from gfnlm.actors.trajectory import PromptRequest
+    from gfnlm.actors.models import resolve_model_path
+    from gfnlm.actors.policy import Policy
+    from gfnlm.rewards import make_task
 
     cfg = load_config(args.config, args.override)
     torch.set_num_threads(args.threads)
@@ -91,8 +91,8 @@ def main(args) -> int:
                _time(lambda: [eng.generate(0, p, 1, 1.0, L, L, []) for p in prompts], args.repeats), 16)
 
     if "vllm" in args.engines:
-        from actors.engines import context_length
-        from actors.vllm_engine import VLLMSampler, build_llm, peft_config_dict
+        from gfnlm.actors.engines import context_length
+        from gfnlm.actors.vllm_engine import VLLMSampler, build_llm, peft_config_dict
         from vllm import SamplingParams
 
         path = resolve_model_path(cfg.model.path)

@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from configs import load_config
+from gfnlm.configs import load_config
 
 
 def main(args) -> int:
-    from actors.policy import Policy
-    from actors.scoring import PrefixScorer
-    from actors.trajectory import Trajectory
-    from rewards import make_task
+    from gfnlm.actors.policy import Policy
+    from gfnlm.actors.scoring import PrefixScorer
+    from gfnlm.actors.trajectory import Trajectory
+    from gfnlm.rewards import make_task
 
     cfg = load_config(args.config or "infilling.yaml", list(args.override))
     torch.set_num_threads(args.threads)

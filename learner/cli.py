@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from configs import ConfigError, load_config
+from gfnlm.configs import ConfigError, load_config
 
 from .runner import TrainingStopped, train_and_evaluate, written  # noqa: F401 (re-exported)
 
@@ -29,32 +30,23 @@ def _config(args) -> "Config":  # noqa: F821
 
 
 def check(cfg, model: bool = True) -> str:
-    """The config's data files read and checked, and (`model`) its LoRA targets against the model's
-    config.json (no weights, no Ray); raises on the first problem. `train` leaves the model to the
-    policy, which checks the same when it loads, before the run writes anything."""
-    from actors.models import check_lora_targets
-    from rewards import check_data
+    """The config's data files read and checked, and (`model`) its LoRA targets (gfnlm.learner.api.check)."""
+    from .api import check as check_config
 
-    data = check_data(cfg)
-    if model:
-        check_lora_targets(cfg)
-    return data
+    return check_config(cfg, model=model)
 
 
 def cmd_train(args) -> int:
-    from learner import preflight
+    from . import api
 
     if args.address:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
-    cfg = _config(args)
-    check(cfg, model=False)
-    run_dir = preflight.run_folder(cfg, args.resume)
-    preflight.check_machine(cfg)
-    try:
-        train_and_evaluate(cfg, run_dir, resume=bool(args.resume))
-    except TrainingStopped:
-        pass  # the checkpoint and the line saying how to resume are written: a clean exit
-    return 0
+    if getattr(args, "resume", None):
+        _config(args)  # the command line's own refusals (CONFIG and --resume both, no such folder)
+        api.resume(args.resume, args.override)
+    else:
+        api.train(_config(args))
+    return 0  # a stopped run has written its checkpoint and the line saying how to resume: a clean exit
 
 
 def cmd_check(args) -> int:
@@ -78,8 +70,8 @@ def task_warnings(cfg) -> list[str]:
     leaves invalid text most of the reward's mass); none before the embedded model is converted."""
     import warnings
 
-    from actors.models import EMBEDDED_MODEL, embedded_model_dir
-    from rewards import make_task
+    from gfnlm.actors.models import EMBEDDED_MODEL, embedded_model_dir
+    from gfnlm.rewards import make_task
 
     folder = embedded_model_dir() if cfg.model.path == EMBEDDED_MODEL else cfg.model.path
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -96,7 +88,7 @@ def task_warnings(cfg) -> list[str]:
 
 def cmd_presets(args) -> int:
     """The shipped configs (for train / check / submit) and experiments, one line each."""
-    from configs.load import PRESET_DIR, preset_names
+    from gfnlm.configs.load import PRESET_DIR, preset_names
 
     def first_line(path: str, key: str | None = None) -> str:
         import yaml
@@ -119,7 +111,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from learner import experiment
+    from gfnlm.learner import experiment
 
     return experiment.main(args)
 
@@ -127,56 +119,44 @@ def cmd_experiment(args) -> int:
 def cmd_eval(args) -> int:
     """Evaluate a run's checkpoint with the run's own config.yaml (-o adjusts it), or a stand-alone
     adapter folder with CONFIG."""
-    from learner.amortized import locate
-    from learner.loop import build
-    from learner.preflight import check_adapter_config
-    from learner.trainer import check_adapter_file, load_adapter_weights
+    from .amortized import locate
+    from .api import evaluate
 
     if not args.adapter and not args.run:
         raise ConfigError("eval: name the trained run with --run RUN_DIR (or an adapter folder with --adapter DIR)")
-    run, adapter = locate(args.run or args.adapter, need_run=False)
-    if run is not None:
-        if args.config:
-            raise ConfigError(f"eval: {run} is evaluated with its own config.yaml; drop CONFIG "
-                              f"(change one of its values with -o KEY=VALUE)")
-        cfg = load_config(os.path.join(run, "config.yaml"), ["runtime.mode=local", *args.override])
-    else:
-        cfg = load_config(args.config, args.override)
-    if run is None:  # a run's adapter is already checked whole (locate takes its newest intact checkpoint)
-        check_adapter_file(adapter)
-    check_adapter_config(adapter, cfg)
-    c = build(cfg, engine=False)
-    load_adapter_weights(c.policy, adapter)
-    from learner.em import load_m_adapter
+    path = args.run or args.adapter
 
-    load_m_adapter(c.policy, adapter, cfg.lora, c.task)
+    run, adapter = locate(path, need_run=False)
+    if run is not None and args.config:
+        raise ConfigError(f"eval: {run} is evaluated with its own config.yaml; drop CONFIG "
+                          f"(change one of its values with -o KEY=VALUE)")
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
-    c.task.evaluate(c.policy, c.sampler, cfg.eval, out_dir, log=lambda m: print(m, file=sys.stderr))
+    evaluate(path, args.override, out=out_dir, config=args.config)
     print(f"gfnlm: evaluation in {written(out_dir)}", file=sys.stderr)
     return 0
 
 
 def cmd_plot(args) -> int:
-    from learner.curves import cmd_plot as plot
+    from gfnlm.learner.curves import cmd_plot as plot
 
     return plot(args)
 
 
 def cmd_models(args) -> int:
-    from actors.models import main_prepare
+    from gfnlm.actors.models import main_prepare
 
     return main_prepare(force=args.force)
 
 
 def cmd_bench(args) -> int:
-    from learner import bench
+    from gfnlm.learner import bench
 
     if args.bench_command == "scoring":
-        from learner import bench_scoring
+        from gfnlm.learner import bench_scoring
 
         return bench_scoring.main(args)
     if args.bench_command == "engines":
-        from learner import bench_engines
+        from gfnlm.learner import bench_engines
 
         return bench_engines.main(args)
     if args.bench_command == "training":
@@ -185,7 +165,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from cluster.submit import SubmitError, submit, wait
+    from gfnlm.cluster.submit import SubmitError, submit, wait
 
     check(load_config(args.config, args.override))  # the data too, before anything is uploaded
     try:
@@ -199,6 +179,45 @@ def cmd_submit(args) -> int:
         print(f"gfnlm: {job_id} {status}")
         return 0 if status == "SUCCEEDED" else 1
     return 0
+
+
+def cmd_sample(args) -> int:
+    from .api import sample
+
+    for line in sample(args.run, args.prompt, args.n, args.answer, args.temperature, args.engine, args.override):
+        print(json.dumps(line))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .api import predict
+
+    print(json.dumps(predict(args.run, args.question, args.k, args.temperature, args.engine, args.override)))
+    return 0
+
+
+def add_amortized_parsers(sub) -> None:
+    def common(sp):
+        sp.add_argument("run", metavar="RUN_OR_ADAPTER", help="a run folder (its latest checkpoint) or an adapter folder in one")
+        sp.add_argument("--engine", choices=["transformers", "vllm"], help="sampler engine (default: the run's)")
+        sp.add_argument("--temperature", type=float, help="sampling temperature")
+        sp.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the run's config")
+
+    s = sub.add_parser("sample", help="draw latent Z from a trained adapter, with log q and log R, as JSON lines")
+    common(s)
+    s.add_argument("--prompt", required=True, help="X: the text of the prompt's one column (a question, a sentence, a "
+                   "review), or a JSON object of the record's fields when the task uses several (infilling: "
+                   "beginning, ending)")
+    s.add_argument("--answer", help="the answer Y; with it each line carries log R(Z)")
+    s.add_argument("-n", type=int, default=8, help="samples")
+    s.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("predict", help="posterior predictive: sample Z, derive answers, vote")
+    common(p)
+    p.add_argument("--question", required=True, help="the question X")
+    p.add_argument("-k", type=int, default=10, help="samples of Z voted on")
+    p.set_defaults(func=cmd_predict)
 
 
 def _version() -> str:
@@ -258,9 +277,8 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     sb.set_defaults(func=cmd_submit)
 
-    from .amortized import add_parsers
 
-    add_parsers(sub)
+    add_amortized_parsers(sub)
 
     ps = sub.add_parser("presets", help="list the shipped configs and experiments, each with its first comment line")
     ps.set_defaults(func=cmd_presets)
@@ -318,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM logs to stdout by default; `gfnlm sample` and `predict` print JSON there
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = parser().parse_args(argv)
-    from configs import UserError
+    from gfnlm.configs import UserError
 
     try:
         return args.func(args)

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.engines import context_length, make_sampler
-from actors.policy import Policy
-from actors.replay import Replay
-from actors.sampler import TransformersSampler
-from configs import Config, ConfigError
-from rewards import make_task
-from rewards.scorer import attach_scorer
+from gfnlm.actors.engines import context_length, make_sampler
+from gfnlm.actors.policy import Policy
+from gfnlm.actors.replay import Replay
+from gfnlm.actors.sampler import TransformersSampler
+from gfnlm.configs import Config, ConfigError
+from gfnlm.rewards import make_task
+from gfnlm.rewards.scorer import attach_scorer
 
 from .schedule import RecordScheduler
 from .trainer import Learner
@@ -128,7 +128,7 @@ def check_context(cfg: Config, task, model_config) -> None:
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
     """The transformers engine on the learner's model, with the configured tools."""
-    from actors.tools import tool_runner
+    from gfnlm.actors.tools import tool_runner
 
     tools = tool_runner(cfg.sampler.tools, policy.tokenizer)
     return TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed, tools=tools,

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 
 # (title, [(key, label)], y-axis scale): a panel is drawn when one of its keys has a finite value
 PANELS = [

@@ -30,11 +30,11 @@ from dataclasses import asdict
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import max_rss_bytes
-from actors.engines import context_length
-from actors.trajectory import PromptRequest, SampleRequest, Trajectory
-from actors.workers import ReplayWorker, SampledBatch, SamplerWorker
-from rewards.scorer import ScorerWorker, colocated_scorer
+from gfnlm.actors import max_rss_bytes
+from gfnlm.actors.engines import context_length
+from gfnlm.actors.trajectory import PromptRequest, SampleRequest, Trajectory
+from gfnlm.actors.workers import ReplayWorker, SampledBatch, SamplerWorker
+from gfnlm.rewards.scorer import ScorerWorker, colocated_scorer
 
 from .components import build, seed_replay
 from .schedule import plan_request, replay_wanted
@@ -145,7 +145,7 @@ class RayDriver:
         """Count every death Ray's actor table records since the last look (restarts per actor, and a
         death for good), refill a restarted replay buffer, and put a fresh actor in place of one that
         is dead for good while runtime.actor_replacements lasts; past it, raise ActorFailed."""
-        from cluster.ray_session import actor_states
+        from gfnlm.cluster.ray_session import actor_states
 
         self.last_check = time.monotonic()
         self._drain_abandoned()
@@ -234,7 +234,7 @@ class RayDriver:
             self.log("gfnlm: replay refilled from the task's seeds (no checkpoint yet)")
 
     def _wait_alive(self, handle, name: str) -> None:
-        from cluster.ray_session import actor_states
+        from gfnlm.cluster.ray_session import actor_states
 
         deadline = time.monotonic() + self.cfg.runtime.sampler_timeout
         while actor_states([handle])[_actor_id(handle)][0] != "ALIVE":

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from actors.policy import active_adapter
-from actors.trajectory import PromptRequest, Trajectory
-from rewards.subjectivity import z_policy
+from gfnlm.actors.policy import active_adapter
+from gfnlm.actors.trajectory import PromptRequest, Trajectory
+from gfnlm.rewards.subjectivity import z_policy
 
 M_ADAPTER = "m"
 

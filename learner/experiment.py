@@ -24,8 +24,8 @@ import time
 
 import yaml
 
-from configs import ConfigError, load_config
-from configs.load import resolve_path
+from gfnlm.configs import ConfigError, load_config
+from gfnlm.configs.load import resolve_path
 
 
 def read_spec(name: str) -> dict:
@@ -142,7 +142,7 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
 
 def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float) -> list[str]:
     """table.md and table.json of the runs done so far; the table's lines."""
-    from rewards.lm_eval import TABLE_KEYS
+    from gfnlm.rewards.lm_eval import TABLE_KEYS
 
     table = summarize({m: [flat(r) for r in runs] for m, runs in rows.items()})
     numbers = any("exact_kl" in r for r in table.values())  # random numbers: their own columns
@@ -151,7 +151,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     first = plan[0][2]
     sample = next(iter(rows.values()))[0] if rows else {}
     sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]
-    from rewards.lm_eval import split_label
+    from gfnlm.rewards.lm_eval import split_label
 
     evaluated = (f"{sample['records']} {split_label(first.eval.split)} records" if "records" in sample else
                  "questions per test set " + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")

@@ -22,10 +22,10 @@ from collections import deque
 
 import numpy as np
 
-from actors.sampler import RequestServer
-from actors.trajectory import SampledBatch, Trajectory
-from actors.workers import record_sampling
-from configs import Config, dump_config
+from gfnlm.actors.sampler import RequestServer
+from gfnlm.actors.trajectory import SampledBatch, Trajectory
+from gfnlm.actors.workers import record_sampling
+from gfnlm.configs import Config, dump_config
 
 from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
 from .schedule import plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
@@ -181,7 +181,7 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
           **driver_kw) -> Components:
     """Train for cfg.learner.steps optimizer steps, checkpointing into run_dir. The trackers of
     run.report_to are closed at the end unless keep_trackers (the evaluation reports to them too)."""
-    from cluster.metrics import for_process
+    from gfnlm.cluster.metrics import for_process
 
     from .reward_fit import fitted_config
 
@@ -192,7 +192,7 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
         if cfg.runtime.mode == "ray" and cfg.learner.objective.type == "sft":
             log("gfnlm: objective sft trains on the records' references: no samplers needed, running in this process")
         elif cfg.runtime.mode == "ray":
-            from cluster.ray_session import ray_session
+            from gfnlm.cluster.ray_session import ray_session
 
             from .distributed import RayDriver
 

@@ -11,7 +11,7 @@ import datetime
 import json
 import os
 
-from configs import EMBEDDED_MODEL, Config, ConfigError
+from gfnlm.configs import EMBEDDED_MODEL, Config, ConfigError
 
 from .trainer import CheckpointError, intact_checkpoint
 
@@ -112,7 +112,7 @@ def check_machine(cfg: Config, cores: int | None = None, memory: int | None = No
     a config whose actors need more CPUs or memory than it has, before Ray starts any process."""
     if cfg.runtime.mode != "ray" or cfg.runtime.address or os.environ.get("RAY_ADDRESS"):
         return
-    from cluster.ray_session import required_cpus
+    from gfnlm.cluster.ray_session import required_cpus
 
     s, r = cfg.samplers, cfg.reward
     cores = cores or os.cpu_count() or 1

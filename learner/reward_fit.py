@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from actors.models import gfnlm_home, load_model, pick_device, resolve_model_path
-from configs.tasks import template_fields
-from rewards.records import load_records
+from gfnlm.actors.models import gfnlm_home, load_model, pick_device, resolve_model_path
+from gfnlm.configs.tasks import template_fields
+from gfnlm.rewards.records import load_records
 
 
 def fit_texts(cfg) -> list[str]:

@@ -12,7 +12,7 @@ class TrainingStopped(Exception):
 
 def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) -> dict | None:
     """What `gfnlm train` does after the checks: train, then evaluate (run.evaluate_at_end)."""
-    from learner.loop import eval_sampler, train
+    from gfnlm.learner.loop import eval_sampler, train
 
     c = train(cfg, run_dir, resume=resume, keep_trackers=True)
     try:

@@ -7,9 +7,9 @@ import random
 
 import torch
 
-from actors.trajectory import PromptRequest, SampleRequest
-from configs import Config, ConfigError
-from configs.schema import BatchConfig, RewardTemperature
+from gfnlm.actors.trajectory import PromptRequest, SampleRequest
+from gfnlm.configs import Config, ConfigError
+from gfnlm.configs.schema import BatchConfig, RewardTemperature
 
 
 def reward_temperature(step: int, cfg: RewardTemperature) -> float:

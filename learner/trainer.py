@@ -13,11 +13,11 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from actors.trajectory import Trajectory
-from configs import UserError
-from configs.schema import LearnerConfig
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs import UserError
+from gfnlm.configs.schema import LearnerConfig
 
-from actors.policy import Policy, can_end_mask
+from gfnlm.actors.policy import Policy, can_end_mask
 
 from .objective import PolicyTerms, make_objective
 

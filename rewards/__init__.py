@@ -1,6 +1,6 @@
 """Tasks: records and splits, the policy's prompt vs the reward's context and suffix, log R of every prefix, seeds, evaluation."""
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 from .base import Task
 from .random_number import RandomNumberTask, log_target, number_metrics, parse_number
 from .records import RecordError
@@ -65,7 +65,7 @@ def check_data(cfg) -> str:
     checks = {t.label_column: one_of("0", "1")} if t.type == "subjectivity" else None
     records = load_records(t.data, cls.columns(t), checks)
     if cfg.reward.fit is not None:  # its template's columns, in every training record
-        from configs.tasks import template_fields
+        from gfnlm.configs.tasks import template_fields
 
         load_records(t.data, template_fields(cfg.reward.fit.template))
     split = cfg.eval.split

@@ -17,7 +17,7 @@ result its rationale derives, and a question's prediction is the majority vote o
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import contextlib
 import json
 import os
@@ -26,8 +26,8 @@ import re
 import time
 from collections import Counter
 
-from actors.tools import ToolRunner, tool_runner
-from actors.trajectory import Trajectory
+from gfnlm.actors.tools import ToolRunner, tool_runner
+from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of, eval_mode
 from .infilling import InfillingTask

@@ -7,14 +7,14 @@ which trajectories are known to be good, and what "valid" means for it.
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import contextlib
 import math
 import warnings
 from functools import lru_cache
 
-from actors.trajectory import PromptRequest, Trajectory, can_end_states
-from configs.tasks import template_fields
+from gfnlm.actors.trajectory import PromptRequest, Trajectory, can_end_states
+from gfnlm.configs.tasks import template_fields
 
 from .records import RecordSet
 

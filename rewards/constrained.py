@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from actors.decoding import hf_generate
-from actors.trajectory import Trajectory
+from gfnlm.actors.decoding import hf_generate
+from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of
 from .continuation import LMTask

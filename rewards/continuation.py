@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from functools import lru_cache
 
-from actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory
 
 from .base import Task, columns_of
 from .records import load_records

@@ -17,8 +17,8 @@ import os
 import sys
 from collections import defaultdict
 
-from actors.trajectory import Trajectory
-from configs import UserError
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs import UserError
 
 from .continuation import LMTask
 from .records import load_records

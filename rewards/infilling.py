@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of
 from .continuation import LMTask

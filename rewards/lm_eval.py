@@ -20,7 +20,7 @@ constrained generation adds the satisfaction rate of c.
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import contextlib
 import json
 import math
@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from actors.decoding import group_beam_search, hf_generate
-from actors.trajectory import Trajectory
+from gfnlm.actors.decoding import group_beam_search, hf_generate
+from gfnlm.actors.trajectory import Trajectory
 
 BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "diverse_beam", "diverse_beam5", "sample5",
              "rejection5")
@@ -222,7 +222,7 @@ def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, m
     if task.name != "constrained":
         methods = [m for m in methods if m != "rejection5"]
     if eval_cfg.embedding_model:
-        from actors.models import load_model
+        from gfnlm.actors.models import load_model
 
         emb_model, emb_tok = load_model(eval_cfg.embedding_model, policy.device)
         embed = Embedder(emb_model, emb_tok, policy.device)

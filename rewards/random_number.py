@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from actors.trajectory import Trajectory
-from configs.tasks import (
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs.tasks import (
     BinomialTarget,
     GeometricTarget,
     PoissonTarget,

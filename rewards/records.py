@@ -14,8 +14,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from configs import UserError
-from configs.tasks import DATA_DIR
+from gfnlm.configs import UserError
+from gfnlm.configs.tasks import DATA_DIR
 
 
 class RecordError(UserError, ValueError):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 
-from actors import max_rss_bytes
-from actors.scoring import PrefixScorer
-from actors.trajectory import SampledBatch
-from actors.workers import ServesMetrics, actor_metrics
+from gfnlm.actors import max_rss_bytes
+from gfnlm.actors.scoring import PrefixScorer
+from gfnlm.actors.trajectory import SampledBatch
+from gfnlm.actors.workers import ServesMetrics, actor_metrics
 
 from . import make_task
 
@@ -22,7 +22,7 @@ from . import make_task
 def load_reward_lm(cfg, device: str, tokenizer=None):
     """The frozen reward model named by reward.model / reward.adapter (adapter merged). Trajectories
     are token ids of the policy's tokenizer, so a reward model must share it."""
-    from actors.models import ModelError, load_model
+    from gfnlm.actors.models import ModelError, load_model
 
     model, reward_tok = load_model(cfg.reward.model or cfg.model.path, device, cfg.model.dtype)
     if tokenizer is not None and cfg.reward.model and reward_tok.get_vocab() != tokenizer.get_vocab():
@@ -80,7 +80,7 @@ class ScorerWorker(TaskScorer, ServesMetrics):
         import torch
         from transformers import AutoTokenizer
 
-        from actors.models import pick_device, resolve_model_path
+        from gfnlm.actors.models import pick_device, resolve_model_path
 
         torch.set_num_threads(max(1, threads))
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))

@@ -16,7 +16,7 @@ Prediction: Z from q (greedy, or several sampled and voted), then the label whos
 
 from __future__ import annotations
 
-from configs import ConfigError
+from gfnlm.configs import ConfigError
 import contextlib
 import json
 import os
@@ -25,9 +25,9 @@ from collections import defaultdict
 
 import torch
 
-from actors.decoding import hf_generate
-from actors.scoring import PrefixScorer
-from actors.trajectory import Trajectory
+from gfnlm.actors.decoding import hf_generate
+from gfnlm.actors.scoring import PrefixScorer
+from gfnlm.actors.trajectory import Trajectory
 
 from .arithmetic import vote
 from .base import columns_of, eval_mode

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as the gfnlm
 import pytest
 import torch
 
-from actors.tiny import build_model
+from gfnlm.actors.tiny import build_model
 
 torch.set_num_threads(1)
 

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from actors.tools import Calculator, ToolRunner, evaluate
-from configs import ConfigError, load_config
-from learner.cli import main
-from learner.objectives import action_logprobs, group_advantages, ppo_loss
-from rewards.arithmetic import answer_of, fill_rationale, generate_questions, vote
-from rewards.records import RecordError, is_integer, one_of, read_rows
+from gfnlm.actors.tools import Calculator, ToolRunner, evaluate
+from gfnlm.configs import ConfigError, load_config
+from gfnlm.learner.cli import main
+from gfnlm.learner.objectives import action_logprobs, group_advantages, ppo_loss
+from gfnlm.rewards.arithmetic import answer_of, fill_rationale, generate_questions, vote
+from gfnlm.rewards.records import RecordError, is_integer, one_of, read_rows
 
 from conftest import tiny_overrides
 
@@ -91,7 +91,7 @@ def test_check_names_a_bad_answer_before_anything_loads(tiny_llama, tmp_path, ca
 
 
 def test_generated_questions_are_seeded_and_their_answers_right():
-    from configs.tasks import QuestionGenerator
+    from gfnlm.configs.tasks import QuestionGenerator
 
     cfg = QuestionGenerator(count=50, operands=[3, 4], digits=2, operators="+-*", seed=3)
     qs = generate_questions(cfg)
@@ -105,7 +105,7 @@ def test_generated_questions_are_seeded_and_their_answers_right():
 
 
 def test_worked_rationales_become_the_trajectories_the_sampler_would_make(tiny_llama):
-    from actors.models import load_model
+    from gfnlm.actors.models import load_model
 
     _, tok = load_model(tiny_llama, "cpu")
     tools = ToolRunner.for_tokenizer([Calculator()], tok)
@@ -123,7 +123,7 @@ def test_the_vote_takes_the_most_frequent_answer_and_ignores_missing_ones():
 
 
 def test_reward_with_the_few_shot_context_equals_brute_force(tiny_llama, tmp_path):
-    from learner.loop import build
+    from gfnlm.learner.loop import build
 
     cfg = load_config("arithmetic.yaml", arithmetic_overrides(tiny_llama, tmp_path))
     c = build(cfg)
@@ -154,7 +154,7 @@ def test_a_rationale_ends_only_after_a_completed_step(tiny_llama, tmp_path):
     samples the policy ended stop right after a result; and a short run trains on them (finite)."""
     import json as _json
 
-    from learner.loop import build, collect
+    from gfnlm.learner.loop import build, collect
 
     ov = arithmetic_overrides(tiny_llama, tmp_path, **{"sampler.tools": "[{kind: calculator, end_only_after: true}]",
                                                      "task.min_len": 3, "task.labelled": 3, "task.max_len": 40})
@@ -229,7 +229,7 @@ def test_ppo_config_is_on_policy_only(tiny_llama, tmp_path):
 
 
 def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, tmp_path):
-    from learner.loop import LocalDriver
+    from gfnlm.learner.loop import LocalDriver
 
     ov = arithmetic_overrides(tiny_llama, tmp_path, **{"learner.objective": "{type: ppo, epochs: 2, minibatches: 2}",
                                                         "batch.on_policy": 1, "batch.tempered": 0, "batch.replay": 0})
@@ -238,7 +238,7 @@ def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, 
     base = {k: v.clone() for k, v in d.c.policy.model.named_parameters() if not v.requires_grad}
     lora = {k: v.clone() for k, v in d.c.policy.model.named_parameters() if v.requires_grad}
     rids = d.c.scheduler.next()
-    from learner.loop import collect
+    from gfnlm.learner.loop import collect
 
     fresh, mixed = collect(d.c, rids, 1.0, d.serve)
     steps = d.c.learner.objective.plan([mixed], d.c.policy, d.c.task, 1.0)
@@ -289,7 +289,7 @@ def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
 
 @pytest.mark.vllm
 def test_sample_with_the_vllm_engine(tiny_llama_vllm, tmp_path, capsys):
-    from actors.vllm_engine import vllm_available
+    from gfnlm.actors.vllm_engine import vllm_available
 
     if vllm_available():
         pytest.skip(vllm_available())

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from actors.decoding import group_beam_search, hf_generate
-from configs import ConfigError
-from actors.tiny import build_model
+from gfnlm.actors.decoding import group_beam_search, hf_generate
+from gfnlm.configs import ConfigError
+from gfnlm.actors.tiny import build_model
 
 from conftest import tiny_overrides
 
@@ -267,7 +267,7 @@ def test_groups_with_a_diversity_penalty_follow_the_hamming_rule(kind, peaked):
 
 
 def test_summarize_is_mean_and_sample_std_over_the_numeric_figures():
-    from learner.experiment import summarize
+    from gfnlm.learner.experiment import summarize
 
     rows = {
         "gfn": [{"kl": 1.0, "valid": 2, "name": "x", "tv": math.nan, "exact": {"kl": 0.5}},
@@ -287,7 +287,7 @@ def test_summarize_is_mean_and_sample_std_over_the_numeric_figures():
 def test_summarize_survives_an_infinite_figure():
     """An infinite value (random_number's kl_unsmoothed when a target value was never drawn) is
     left out of the mean and std and counted in the cell; a figure infinite in every run says inf."""
-    from learner.experiment import summarize
+    from gfnlm.learner.experiment import summarize
 
     table = summarize({"gfn": [{"kl": math.inf, "tv": 0.5, "all": math.inf, "low": -math.inf},
                                {"kl": 1.0, "tv": 0.7, "all": math.inf, "low": 2.0},
@@ -324,22 +324,22 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     """main with stand-in training: the base model's row takes its label from spec['labels'], the
     trained policy's its run's name; n counts the runs behind a row; a run stopped by a signal
     leaves the table of the runs before it."""
-    import learner.runner
-    from learner.experiment import main
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
 
     calls = []
 
     def fake(cfg, run_dir, resume=False, methods=None):
         calls.append((run_dir, cfg.learner.seed, cfg.learner.objective.type, cfg.eval.include_base))
         if len(calls) == 4:
-            raise learner.runner.TrainingStopped("SIGTERM")
+            raise runner.TrainingStopped("SIGTERM")
         k = len(calls)
         out = {"trained": {"valid": 0.1 * k, "loglik_mean": -k, "note": "text"}}
         if "base" in methods:
             out["base"] = {"valid": 0.5 + 0.1 * k, "loglik_mean": -10.0 * k}
         return out
 
-    monkeypatch.setattr(learner.runner, "train_and_evaluate", fake)
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
     out = tmp_path / "out"
     assert main(argparse.Namespace(name=experiment_spec(tmp_path, tiny_llama, seeds=(0, 1)), out=str(out), override=[])) == 0
     assert [(os.path.basename(r), s, o, b) for r, s, o, b in calls] == [
@@ -381,8 +381,8 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path, monkeypatc
     or a new seed only those runs train."""
     import statistics
 
-    import learner.runner
-    from learner.experiment import main
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
 
     out = tmp_path / "out"
     assert main(argparse.Namespace(name=experiment_spec(tmp_path, tiny_llama), out=str(out), override=[])) == 0
@@ -414,7 +414,7 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path, monkeypatc
         trained.append((os.path.basename(run_dir), cfg.learner.steps))
         return {m: {"valid_fraction": 0.5} for m in methods}
 
-    monkeypatch.setattr(learner.runner, "train_and_evaluate", fake)
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
     spec = experiment_spec(tmp_path, tiny_llama)
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds=None)) == 0
     assert trained == [] and (out / "table.md").read_text() == first  # walls kept from table.json
@@ -456,7 +456,7 @@ def subjectivity_run_overrides(model_dir, tmp_path) -> list[str]:
 def teacher_forced_log_q(model, task, prompt_ids: list[int], tokens: list[int], terminated: bool) -> float:
     """log q(Z | X) of the task's sampling rule, one full forward pass: banned tokens taken out, the
     end tokens too before min_len (both renormalised, as the sampler draws), ⊤ counted if it ended."""
-    from actors.policy import penalize
+    from gfnlm.actors.policy import penalize
 
     ids = torch.tensor([prompt_ids + tokens])
     logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:, :].float()  # the T + 1 next-token rows
@@ -478,10 +478,10 @@ def test_sample_reports_log_q_under_the_runs_trained_adapter(tiny_llama, tmp_pat
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from actors.policy import Policy
-    from configs import load_config
-    from learner.cli import main
-    from rewards import make_task
+    from gfnlm.actors.policy import Policy
+    from gfnlm.configs import load_config
+    from gfnlm.learner.cli import main
+    from gfnlm.rewards import make_task
 
     ov = subjectivity_run_overrides(tiny_llama, tmp_path)
     assert main(["train", "subjectivity.yaml", *sum([["-o", o] for o in ov], [])]) == 0

@@ -15,10 +15,10 @@ import math
 
 import pytest
 
-from actors.sampler import RequestServer, TransformersSampler
-from actors.trajectory import PromptRequest, SampleRequest
-from configs import load_config
-from learner.loop import train
+from gfnlm.actors.sampler import RequestServer, TransformersSampler
+from gfnlm.actors.trajectory import PromptRequest, SampleRequest
+from gfnlm.configs import load_config
+from gfnlm.learner.loop import train
 
 from conftest import tiny_overrides
 from test_engines import PROMPT, VLLM_MISSING, engine_for, llm, make_policy, setup  # noqa: F401  (fixtures)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import LABELS, METRICS, Metrics, exported_names
-from configs import load_config
+from gfnlm.cluster.metrics import LABELS, METRICS, Metrics, exported_names
+from gfnlm.configs import load_config
 
 from conftest import tiny_overrides
 
@@ -124,7 +124,7 @@ def test_metric_name_extraction_catches_unknown_names():
 
 
 def test_live_endpoints_of_a_short_ray_run(tiny_llama, tmp_path):
-    from learner.loop import train
+    from gfnlm.learner.loop import train
 
     run = tmp_path / "run"
     cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, run) + [
@@ -311,7 +311,7 @@ def test_every_pod_exposes_the_ports_prometheus_scrapes():
 
 
 def test_submit_checks_the_config_before_contacting_the_cluster(capsys):
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     # port 9 (discard) on loopback: nothing answers, but the config error comes first
     assert main(["submit", "configs/random_number.yaml", "--address", "http://127.0.0.1:9", "-o", "learner.lr=-1"]) == 2
@@ -323,7 +323,7 @@ def test_submit_checks_the_config_before_contacting_the_cluster(capsys):
 
 
 def test_gfnlm_submit_to_a_local_head(ray_head, tiny_llama, tmp_path, monkeypatch):
-    from cluster.submit import SubmitError, submit, wait
+    from gfnlm.cluster.submit import SubmitError, submit, wait
 
     url, env = ray_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -398,7 +398,7 @@ def prom_query(base: str, expr: str) -> list:
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package prometheus)")
 def test_a_real_prometheus_scrapes_a_ray_run_and_answers_every_panel(tiny_llama, tmp_path):
-    from learner.loop import train
+    from gfnlm.learner.loop import train
 
     # the shipped config, copied into the same layout (cluster/prometheus/ beside runs/), scraping every second
     conf_dir = tmp_path / "cluster" / "prometheus"

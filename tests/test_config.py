@@ -7,8 +7,8 @@ import re
 import pytest
 from pydantic import BaseModel
 
-from configs import Config, ConfigError, dump_config, load_config
-from configs.load import PRESET_DIR
+from gfnlm.configs import Config, ConfigError, dump_config, load_config
+from gfnlm.configs.load import PRESET_DIR
 
 
 def test_presets_validate():
@@ -52,12 +52,11 @@ def every_field(model_cls, prefix=""):
 
 
 def test_every_field_has_a_docstring():
-    import configs.schema
-    import configs.tasks
-    from configs.base import Section
+    from gfnlm.configs import schema, tasks
+    from gfnlm.configs.base import Section
 
     missing = [n for n, f in every_field(Config) if not f.description]
-    sections = {c for m in (configs.schema, configs.tasks) for c in vars(m).values()
+    sections = {c for m in (schema, tasks) for c in vars(m).values()
                 if isinstance(c, type) and issubclass(c, Section) and c is not Section}
     assert len(sections) > 25
     for cls in sections:
@@ -145,8 +144,8 @@ def test_vllm_rank_defaults_to_the_smallest_that_holds_the_adapter():
 def test_a_template_override_is_the_text_typed(capsys):
     """-o 'task.prompt_template={prompt}' and 'Story: {text}' (not YAML: a mapping, a syntax error)
     are taken as typed; quotes around one are removed; other values are still YAML."""
-    from configs.load import parse_override
-    from learner.cli import main
+    from gfnlm.configs.load import parse_override
+    from gfnlm.learner.cli import main
 
     assert parse_override("task.prompt_template={prompt}") == ("task.prompt_template", "{prompt}")
     assert parse_override("task.prompt_template=Story: {text}") == ("task.prompt_template", "Story: {text}")
@@ -166,14 +165,14 @@ def test_a_template_override_is_the_text_typed(capsys):
     ("learner.objective={type: tb, log_zlr: 1}", "learner.objective.log_zlr: unknown key; did you mean log_z_lr?"),
 ])
 def test_an_unknown_key_says_which_it_may_have_meant(capsys, override, hint):
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     assert main(["check", "continuation", "-o", override]) == 2
     assert hint in capsys.readouterr().err
 
 
 def test_presets_by_bare_name_the_list_of_them_and_the_version(capsys):
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     assert main(["check", "continuation"]) == 0  # the bare name, as `gfnlm experiment continuation` takes it
     capsys.readouterr()
@@ -188,7 +187,7 @@ def test_presets_by_bare_name_the_list_of_them_and_the_version(capsys):
 
 
 def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(tmp_path):
-    from rewards.records import read_rows
+    from gfnlm.rewards.records import read_rows
 
     p = tmp_path / "excel.csv"
     p.write_bytes("\ufefftext,label\nhello,1\n".encode("utf-8"))
@@ -196,7 +195,7 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(tmp_path):
 
 
 def test_train_without_a_config_says_what_to_give(tmp_path, monkeypatch, capsys):
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["train"]) == 2
@@ -207,7 +206,7 @@ def test_train_without_a_config_says_what_to_give(tmp_path, monkeypatch, capsys)
 def test_check_knows_the_model_from_its_config_json(tiny_gpt2, capsys):
     """A GPT-2 folder given Llama's LoRA targets fails at check (its layers from config.json, no
     weights read); a hub id says how to get a local folder."""
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     ov = ["-o", f"model.path={tiny_gpt2}", "-o", "lora.target_modules=[q_proj, v_proj]"]
     assert main(["check", "random_number", *ov]) == 2
@@ -222,16 +221,16 @@ def test_check_knows_the_model_from_its_config_json(tiny_gpt2, capsys):
 def test_the_config_reference_is_current_and_every_key_has_a_docstring():
     import os
 
-    from configs.reference import reference_markdown
+    from gfnlm.configs.reference import reference_markdown
 
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")
-    assert open(path).read() == reference_markdown(), "regenerate: python -m configs.reference > docs/config.md"
+    assert open(path).read() == reference_markdown(), "regenerate: python -m gfnlm.configs.reference > docs/config.md"
     rows = [ln for ln in reference_markdown().splitlines() if ln.startswith("| `")]
     assert len(rows) > 150 and all(not ln.rstrip().endswith("|  |") for ln in rows), "a key without a docstring"
 
 
 def test_check_says_when_the_floor_leaves_invalid_text_most_of_the_reward(tiny_llama, capsys):
-    from learner.cli import main
+    from gfnlm.learner.cli import main
 
     ov = ["-o", f"model.path={tiny_llama}"]
     assert main(["check", "random_number", *ov, "-o", "task.log_reward_floor=-5"]) == 0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from learner.cli import main
+from gfnlm.learner.cli import main
 
 from conftest import tiny_overrides
 
@@ -32,9 +32,11 @@ def too_few(texts, records):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A user's folder: their own `configs` package, their reward module, their prompts, a config."""
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "__init__.py").write_text("SETTING = 'the user owns this package'\n")
+    """A user's folder: their own `configs` and `rewards` packages (names gfnlm's layers have too), their
+    reward module, their prompts, a config."""
+    for name in ("configs", "rewards"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("SETTING = 'the user owns this package'\n")
     (tmp_path / "myreward.py").write_text(REWARD)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {c}:", "letter": c}) + "\n"
                                                     for c in "abcd"))
@@ -64,9 +66,9 @@ def test_a_users_reward_function_trains_end_to_end_beside_their_own_configs_pack
     assert result["split"] == "test" and result["records"] == [3] and {"trained", "sample"} <= set(result["methods"])
     assert all(math.isfinite(m["log_r_mean"]) for m in result["methods"].values())
     # log R of every prefix that can end is the user's value of that prefix's text, as a finished Z
-    from configs import load_config
-    from learner.loop import build
-    from actors.trajectory import Trajectory
+    from gfnlm.configs import load_config
+    from gfnlm.learner.loop import build
+    from gfnlm.actors.trajectory import Trajectory
     import myreward
 
     c = build(load_config("custom.yaml", [a for a in flags(tiny_llama, project / "r2") if a != "-o"]))
@@ -112,11 +114,8 @@ def test_a_reward_function_given_by_file_path(tiny_llama, project, capsys):
 
 def test_a_users_reward_function_runs_in_the_ray_actors_that_score(tiny_llama, project):
     """On Ray the sampler actors score (the reward colocated with them): the user's module is imported
-    there from the same folder. (Not yet beside a `configs` package of the user's: Ray puts the working
-    directory first on its workers' path, where it shadows gfnlm's own; the namespace is issue 26's.)"""
-    import shutil
-
-    shutil.rmtree(project / "configs")
+    there from the same folder, where Ray puts the working directory first on its workers' path, beside
+    the user's own `configs` and `rewards` packages (gfnlm's are gfnlm.configs and gfnlm.rewards)."""
     run = project / "run"
     assert main(["train", "custom.yaml", *flags(tiny_llama, run, "runtime.mode=ray", "learner.steps=2",
                                                  "run.evaluate_at_end=false")]) == 0

@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.scoring import PrefixScorer
-from actors.sampler import TransformersSampler
-from actors.tools import ToolRunner
-from actors.trajectory import Trajectory
-from actors.vllm_engine import vllm_available
-from configs.schema import LoraConfig, ModelConfig
-from learner.objectives import subtb_loss
-from actors.policy import Policy
+from gfnlm.actors.scoring import PrefixScorer
+from gfnlm.actors.sampler import TransformersSampler
+from gfnlm.actors.tools import ToolRunner
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.vllm_engine import vllm_available
+from gfnlm.configs.schema import LoraConfig, ModelConfig
+from gfnlm.learner.objectives import subtb_loss
+from gfnlm.actors.policy import Policy
 from conftest import LLAMA_TARGETS, tiny_overrides
 
 VLLM_MISSING = vllm_available()
@@ -51,8 +51,8 @@ class Echo:
 def llm(tiny_llama_vllm):
     if VLLM_MISSING:
         pytest.skip(VLLM_MISSING)
-    from actors.vllm_engine import build_llm
-    from configs.schema import VLLMConfig
+    from gfnlm.actors.vllm_engine import build_llm
+    from gfnlm.configs.schema import VLLMConfig
 
     llm = build_llm(tiny_llama_vllm, VLLMConfig(), "float32", max_model_len=128, seed=0, max_lora_rank=8)
     yield llm
@@ -64,8 +64,8 @@ def reward_llm(tiny_llama_vllm):
     """The frozen reward model's engine: no LoRA (vLLM 0.32 fails prompt_logprobs with LoRA on)."""
     if VLLM_MISSING:
         pytest.skip(VLLM_MISSING)
-    from actors.vllm_engine import build_llm
-    from configs.schema import VLLMConfig
+    from gfnlm.actors.vllm_engine import build_llm
+    from gfnlm.configs.schema import VLLMConfig
 
     yield build_llm(tiny_llama_vllm, VLLMConfig(), "float32", max_model_len=128, seed=0, enable_lora=False)
 
@@ -79,7 +79,7 @@ def setup(tiny_llama_vllm):
 def engine_for(kind, policy, request, tools=None, seed=0):
     if kind == "transformers":
         return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools, pad_id=policy.tokenizer.pad_token_id)
-    from actors.vllm_engine import VLLMSampler, peft_config_dict
+    from gfnlm.actors.vllm_engine import VLLMSampler, peft_config_dict
 
     engine = VLLMSampler(request.getfixturevalue("llm"), peft_config_dict("tiny", LoraConfig(r=8, alpha=16, target_modules=LLAMA_TARGETS)),
                          seed=seed, tools=tools)
@@ -99,7 +99,7 @@ def test_distinct_prompts_in_one_call_and_the_token_mask(kind, tiny_llama_vllm, 
     """Prompts of different lengths in one call (left padding in the transformers engine): each
     sample's log-probs are its own prompt's teacher-forced ones, with banned tokens out of the
     distribution (renormalised), and banned tokens are never drawn."""
-    from actors.trajectory import PromptRequest
+    from gfnlm.actors.trajectory import PromptRequest
 
     tok, _, end = setup
     policy = make_policy(tiny_llama_vllm, seed=2)
@@ -125,7 +125,7 @@ def test_a_finite_token_penalty_is_in_the_sampled_and_the_teacher_forced_logprob
     """A log-probability penalty (arithmetic's `disallowed_penalty`) lowers the penalised tokens'
     logits before the temperature: the engine's log-probs at T = 1 are the learner's with the same
     penalty, and penalised tokens, still possible, are rarer than without it."""
-    from actors.trajectory import PromptRequest
+    from gfnlm.actors.trajectory import PromptRequest
 
     tok, prompt, end = setup
     policy = make_policy(tiny_llama_vllm, seed=2)
@@ -261,7 +261,7 @@ def test_a_tool_that_ends_steps_is_the_only_place_to_end(kind, tiny_llama_vllm, 
     """With `end_only_after` the policy may end only right after a tool's insertion: every sample the
     policy ended stops right after one, and the behaviour log-probs (every sampled token, and ⊤) are
     the learner's teacher-forced ones with ⊤ taken out of every other state (`can_end_states`)."""
-    from actors.trajectory import can_end_states
+    from gfnlm.actors.trajectory import can_end_states
 
     tok, prompt, end = setup
     policy = make_policy(tiny_llama_vllm, seed=6)
@@ -294,7 +294,7 @@ def test_a_tool_that_ends_steps_is_the_only_place_to_end(kind, tiny_llama_vllm, 
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_vllm_prefix_scores_equal_the_transformers_forward(tiny_llama_vllm, setup, reward_llm):
-    from actors.vllm_engine import VLLMRewardModel
+    from gfnlm.actors.vllm_engine import VLLMRewardModel
 
     tok, prompt, end = setup
     end2 = end + [tok.convert_tokens_to_ids("!")]
@@ -318,9 +318,9 @@ def vllm_overrides(model_dir, run_dir, **extra):
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_path):
-    from actors.vllm_engine import VLLMSampler
-    from configs import load_config
-    from learner.loop import train
+    from gfnlm.actors.vllm_engine import VLLMSampler
+    from gfnlm.configs import load_config
+    from gfnlm.learner.loop import train
 
     cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run", **{"learner.steps": 4}))
     c = train(cfg, str(tmp_path / "run"))
@@ -343,10 +343,10 @@ def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_pa
 @pytest.mark.vllm
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_sampler_worker_on_vllm_tags_batches_with_the_version(tiny_llama_vllm, tmp_path):
-    from actors.trajectory import PromptRequest
-    from actors.workers import SampleRequest, SamplerWorker
-    from configs import load_config
-    from rewards.scorer import colocated_scorer
+    from gfnlm.actors.trajectory import PromptRequest
+    from gfnlm.actors.workers import SampleRequest, SamplerWorker
+    from gfnlm.configs import load_config
+    from gfnlm.rewards.scorer import colocated_scorer
 
     cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run"))
     worker = SamplerWorker(cfg, "sampler-0", seed=3, scorer_factory=colocated_scorer)

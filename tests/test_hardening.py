@@ -10,8 +10,8 @@ import socket
 import pytest
 import torch
 
-from configs import ConfigError, load_config, validate
-from learner.cli import main
+from gfnlm.configs import ConfigError, load_config, validate
+from gfnlm.learner.cli import main
 
 from conftest import GPT2_TARGETS, tiny_overrides
 
@@ -44,7 +44,7 @@ def test_too_many_samplers_for_a_private_ray_are_refused_at_once(tiny_llama, tmp
 
 
 def test_samplers_that_need_more_memory_than_the_machine_are_refused(tiny_llama, tmp_path):
-    from learner.preflight import check_machine
+    from gfnlm.learner.preflight import check_machine
 
     cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path) + ["runtime.mode=ray", "samplers.num_actors=64",
                                                                                    "samplers.num_cpus=0.01"])
@@ -170,7 +170,7 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
 
     import numpy as np
 
-    from learner.trainer import rng_state, set_rng_state
+    from gfnlm.learner.trainer import rng_state, set_rng_state
 
     g = torch.Generator().manual_seed(3)
     torch.save(rng_state(g), tmp_path / "rng.pt")

@@ -9,6 +9,32 @@ LAYERS = ["configs", "cluster", "actors", "rewards", "learner"]
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+def bare(name: str | None) -> str | None:
+    """gfnlm.learner.cli -> learner.cli (the layer's name first); other modules as they are."""
+    return name[len("gfnlm."):] if name and name.startswith("gfnlm.") else name
+
+
+def absolute_imports(path: str) -> list[str]:
+    """The absolute module names a file imports."""
+    names = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def test_the_project_is_imported_under_its_one_name():
+    """Every import of a layer goes through gfnlm. (a bare `configs` would be the user's own
+    package outside a checkout, and a second copy of ours inside one)."""
+    files = [os.path.join(d, n) for pkg in [*LAYERS, "tests"] for d, _, ns in os.walk(os.path.join(ROOT, pkg))
+             for n in ns if n.endswith(".py")]
+    assert len(files) > 60
+    bad = [(os.path.relpath(f, ROOT), m) for f in files for m in absolute_imports(f) if m.split(".")[0] in LAYERS]
+    assert bad == []
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its file (relative imports resolved)."""
     raw = {}
@@ -20,13 +46,13 @@ def import_graph() -> dict[str, set[str]]:
             deps = set()
             for node in ast.walk(ast.parse(open(os.path.join(ROOT, pkg, name)).read())):
                 if isinstance(node, ast.ImportFrom):
-                    base = pkg if node.level == 1 else node.module if not node.level else None
+                    base = pkg if node.level == 1 else bare(node.module) if not node.level else None
                     module = f"{pkg}.{node.module}" if node.level == 1 and node.module else base
                     if module and module.split(".")[0] in LAYERS:
                         deps.add(module)
                         deps.update(f"{module}.{a.name}" for a in node.names)
                 elif isinstance(node, ast.Import):
-                    deps.update(a.name for a in node.names if a.name.split(".")[0] in LAYERS)
+                    deps.update(bare(a.name) for a in node.names if bare(a.name).split(".")[0] in LAYERS)
             raw[mod] = deps
     return {m: {d for d in deps if d in raw and d != m} for m, deps in raw.items()}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from learner.objectives import subtb_loss, tb_loss, vargrad_loss
+from gfnlm.learner.objectives import subtb_loss, tb_loss, vargrad_loss
 
 
 def brute_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, tool_mask=None):
@@ -162,7 +162,7 @@ def test_importable_without_ray_vllm_transformers():
     code = (
         "import sys\n"
         "for m in ('ray', 'vllm', 'transformers', 'peft'): sys.modules[m] = None\n"
-        "import learner.objectives as o\n"
+        "import gfnlm.learner.objectives as o\n"
         "import torch\n"
         "print(o.subtb_loss(torch.zeros(1, 1), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1])).item())\n"
     )
@@ -327,7 +327,7 @@ def test_the_batch_root_is_the_weighted_mean_per_group():
     for grp in (0, 1):
         pairs = [((b, j), lam ** (j - 1)) for (b, j) in g if groups[b] == grp]
         root[grp] = sum(w * g[k] for k, w in pairs) / sum(w for _, w in pairs)
-    from learner.objectives import subtb_log_root  # what the learner reports as SubTB's log Z
+    from gfnlm.learner.objectives import subtb_log_root  # what the learner reports as SubTB's log Z
 
     got = subtb_log_root(log_pf, log_pterm, log_r, lengths, lam=lam, can_end=can_end, root_groups=groups)
     assert got.tolist() == pytest.approx([root[int(grp)] for grp in groups], rel=1e-7)
@@ -422,7 +422,7 @@ def test_tb_with_one_log_z_per_record_settles_at_q_proportional_to_r_where_a_sha
 def test_length_normalised_tb_and_vargrad_with_clipped_importance_weights_hand_computed():
     """FlowRL's form: residual log Z + (log q(Z ⊤) − log R) / actions (tokens + ⊤), each squared
     residual times min(q_θ / q_sampler, cap) without gradient, a seed (NaN behaviour) at weight 1."""
-    from learner.objectives import importance_weights
+    from gfnlm.learner.objectives import importance_weights
 
     log_pf = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, 0.0]], dtype=torch.float64, requires_grad=True)
     log_pterm = torch.tensor([[0.0, 0.0, -0.1], [0.0, -0.2, 0.0], [0.0, -0.3, 0.0]], dtype=torch.float64)

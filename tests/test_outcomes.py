@@ -19,14 +19,14 @@ import os
 import pytest
 import torch
 
-from actors.tiny import build_model
-from actors.trajectory import Trajectory
-from configs import ConfigError, load_config
-from configs.schema import RewardTemperature
-from learner.loop import build, collect, train
-from learner.objectives import group_advantages
-from learner.schedule import reward_temperature
-from rewards.random_number import exact_distribution
+from gfnlm.actors.tiny import build_model
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs import ConfigError, load_config
+from gfnlm.configs.schema import RewardTemperature
+from gfnlm.learner.loop import build, collect, train
+from gfnlm.learner.objectives import group_advantages
+from gfnlm.learner.schedule import reward_temperature
+from gfnlm.rewards.random_number import exact_distribution
 
 from conftest import LLAMA_TARGETS, tiny_overrides
 
@@ -255,8 +255,8 @@ def test_sft_is_the_references_nll_and_teaches_the_policy_to_write_them(tiny_lla
     """SFT's loss is the mean negative log-likelihood per action of the records' reference Z and their ⊤
     (checked against plain full forward passes), and after training greedy decoding from each training
     record's prompt writes that record's own reference and ends it."""
-    from actors.decoding import hf_generate
-    from learner.loop import references
+    from gfnlm.actors.decoding import hf_generate
+    from gfnlm.learner.loop import references
 
     rows = [{"beginning": "Ann had a dog.", "middle": "One day it ran.", "ending": "Ann was glad."},
             {"beginning": "Bo got a kite.", "middle": "At noon it blew.", "ending": "The kite flew."},
@@ -298,8 +298,8 @@ def test_ppo_ratios_start_at_one_before_min_len(tiny_digits, tmp_path):
     """The samplers draw tokens before min_len from q with ⊤ taken out and renormalised; the learner's
     q there is the same one, so on fresh samples every action's ratio is exactly 1 (with the
     unmasked q it was 1 − q(⊤ | s) for each token before min_len: ~0.92 on this 13-token model)."""
-    from learner.objective import behaviour_row
-    from learner.objectives import action_logprobs
+    from gfnlm.learner.objective import behaviour_row
+    from gfnlm.learner.objectives import action_logprobs
 
     run = str(tmp_path / "run")
     cfg = load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.objective=ppo", "batch.on_policy=1",
@@ -318,7 +318,7 @@ def test_ppo_ratios_start_at_one_before_min_len(tiny_digits, tmp_path):
 def test_subtb_states_can_end_wires_the_mask_and_the_batch_root(tiny_digits, tmp_path):
     """learner.objective {type: subtb, states: can_end}: the learner's terms take ⊤ out before min_len and
     mark those states, the loss is subtb_loss with the records as root groups, and it trains (finite)."""
-    from learner.objectives import subtb_loss
+    from gfnlm.learner.objectives import subtb_loss
 
     run = str(tmp_path / "run")
     cfg = load_config("random_number.yaml", digits_overrides(tiny_digits, run, "learner.objective={type: subtb, states: can_end}",

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from actors.scoring import PrefixScorer
-from actors.sampler import TransformersSampler
-from actors.trajectory import Trajectory
-from configs.schema import LoraConfig, ModelConfig
-from actors.policy import Policy
+from gfnlm.actors.scoring import PrefixScorer
+from gfnlm.actors.sampler import TransformersSampler
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs.schema import LoraConfig, ModelConfig
+from gfnlm.actors.policy import Policy
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS
 
@@ -153,11 +153,11 @@ def test_a_mostly_banned_vocabulary_samples_through_the_allowed_head_columns(kin
     end = [tok.convert_tokens_to_ids(".")]
     banned = sorted(set(range(len(tok))) - set(allowed))
     engine = TransformersSampler(policy.model, seed=3, pad_id=tok.pad_token_id)
-    from actors.policy import allowed_head
+    from gfnlm.actors.policy import allowed_head
 
     assert allowed_head(engine.model, banned, math.inf) is not None and allowed_head(engine.model, banned[:3], math.inf) is None
     assert allowed_head(engine.model, banned, 5.0) is None  # a finite penalty keeps every token possible
-    from actors.trajectory import PromptRequest
+    from gfnlm.actors.trajectory import PromptRequest
 
     prompts = [tok.encode(PROMPT), tok.encode("x: ")]
     trajs = engine.generate_batch([PromptRequest(0, prompts[0], 12, [1.0, 1.0]), PromptRequest(1, prompts[1], 10)],
@@ -181,7 +181,7 @@ def test_teacher_forcing_through_the_allowed_head_columns_equals_the_masked_full
     """The learner's pass with most of the vocabulary banned (the head's allowed columns only) gives the
     log-probs and the gradients of the full softmax with the banned tokens masked; a banned token in a
     trajectory is impossible (-inf), as before."""
-    from actors.policy import allowed_head, penalize
+    from gfnlm.actors.policy import allowed_head, penalize
 
     policy = make_policy(tiny_llama if kind == "llama" else tiny_gpt2, kind)
     tok = policy.tokenizer

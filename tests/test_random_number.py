@@ -5,8 +5,8 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from configs.tasks import RandomNumberTask as TaskCfg
-from rewards import RandomNumberTask, log_target, number_metrics, parse_number
+from gfnlm.configs.tasks import RandomNumberTask as TaskCfg
+from gfnlm.rewards import RandomNumberTask, log_target, number_metrics, parse_number
 
 
 @pytest.mark.parametrize("target", [
@@ -41,7 +41,7 @@ def task(tiny_llama):
 
 
 def test_every_prefix_is_scored(task):
-    from actors.trajectory import Trajectory
+    from gfnlm.actors.trajectory import Trajectory
 
     tok = task.tokenizer
     t = Trajectory(0, tok("15", add_special_tokens=False).input_ids)
@@ -103,7 +103,7 @@ def test_a_floor_that_lets_invalid_strings_dominate_warns(tiny_llama):
 
 
 def _traj(tok, text):
-    from actors.trajectory import Trajectory
+    from gfnlm.actors.trajectory import Trajectory
 
     return Trajectory(0, tok(text, add_special_tokens=False).input_ids)
 
@@ -150,7 +150,7 @@ def digits_model(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from actors.tiny import build_model
+    from gfnlm.actors.tiny import build_model
 
     folder = str(tmp_path_factory.mktemp("digits"))
     build_model(folder, "llama", seed=4, chars=list("0123456789.x"))
@@ -164,10 +164,10 @@ def digits_model(tmp_path_factory):
 def test_the_exact_distribution_is_the_sampled_histogram(digits_model):
     from collections import Counter
 
-    from actors.policy import Policy
-    from actors.sampler import TransformersSampler
-    from configs.schema import LoraConfig, ModelConfig
-    from rewards.random_number import exact_distribution, exact_figures
+    from gfnlm.actors.policy import Policy
+    from gfnlm.actors.sampler import TransformersSampler
+    from gfnlm.configs.schema import LoraConfig, ModelConfig
+    from gfnlm.rewards.random_number import exact_distribution, exact_figures
 
     tok = AutoTokenizer.from_pretrained(digits_model)
     # 10..30 in at most 2 tokens: "1", "2", "3" are prefixes but no members (⊤ there is early)

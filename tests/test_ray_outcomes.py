@@ -15,12 +15,12 @@ import pytest
 import torch
 from peft import set_peft_model_state_dict
 
-from actors.trajectory import PromptRequest, SampleRequest
-from actors.vllm_engine import vllm_available
-from actors.workers import SamplerWorker
-from configs import load_config
-from learner.loop import train
-from rewards.base import eval_mode
+from gfnlm.actors.trajectory import PromptRequest, SampleRequest
+from gfnlm.actors.vllm_engine import vllm_available
+from gfnlm.actors.workers import SamplerWorker
+from gfnlm.configs import load_config
+from gfnlm.learner.loop import train
+from gfnlm.rewards.base import eval_mode
 
 from conftest import tiny_overrides
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from actors.workers import SamplerWorker
-from configs import load_config
-from learner.loop import train
+from gfnlm.actors.workers import SamplerWorker
+from gfnlm.configs import load_config
+from gfnlm.learner.loop import train
 
 from conftest import tiny_overrides
 
@@ -164,7 +164,7 @@ class UnbuildableSampler(SamplerWorker):
 
 
 def test_an_actor_error_names_the_actor(tiny_llama, tmp_path):
-    from learner.distributed import ActorFailed
+    from gfnlm.learner.distributed import ActorFailed
 
     run = str(tmp_path / "run")
     with pytest.raises(ActorFailed, match=r"^sampler-0 failed: ValueError: engine exploded$"):
@@ -209,7 +209,7 @@ def test_faults_past_max_restarts_are_survived_and_counted(tiny_llama, tmp_path)
 
     import ray
 
-    from cluster.ray_session import actor_states
+    from gfnlm.cluster.ray_session import actor_states
 
     run = str(tmp_path / "run")
     cfg = ray_cfg(tiny_llama, run, "samplers.num_actors=2", "samplers.num_cpus=0.5", "samplers.max_restarts=1",
@@ -248,7 +248,7 @@ def test_sigterm_checkpoints_exits_0_and_the_run_resumes_to_its_end(tiny_llama, 
     import signal
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "learner.cli", "train", "random_number.yaml"]
+    args = [sys.executable, "-m", "gfnlm.learner.cli", "train", "random_number.yaml"]
     for o in tiny_overrides(tiny_llama, run) + ["runtime.mode=ray", "learner.steps=60", "run.checkpoint_every=1000",
                                                  "run.evaluate_at_end=false", "samplers.num_cpus=0.5"]:
         args += ["-o", o]
@@ -268,7 +268,7 @@ def test_sigterm_checkpoints_exits_0_and_the_run_resumes_to_its_end(tiny_llama, 
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
     assert 3 <= step < 60 and os.path.isdir(stopped.group(2)) and "Traceback" not in out
-    resumed = subprocess.run([sys.executable, "-m", "learner.cli", "train", "--resume", str(run)], cwd=REPO, env=env,
+    resumed = subprocess.run([sys.executable, "-m", "gfnlm.learner.cli", "train", "--resume", str(run)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in records(run)] == list(range(1, 61))
@@ -277,9 +277,9 @@ def test_sigterm_checkpoints_exits_0_and_the_run_resumes_to_its_end(tiny_llama, 
 def test_a_sampler_dead_past_its_budget_stops_the_run_after_a_checkpoint(tiny_llama, tmp_path):
     import ray
 
-    from cluster.ray_session import actor_states
-    from learner.distributed import ActorFailed
-    from learner.trainer import latest_checkpoint
+    from gfnlm.cluster.ray_session import actor_states
+    from gfnlm.learner.distributed import ActorFailed
+    from gfnlm.learner.trainer import latest_checkpoint
 
     run = str(tmp_path / "run")
     cfg = ray_cfg(tiny_llama, run, "samplers.max_restarts=0", "runtime.actor_replacements=0", "learner.steps=50",

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from actors.replay import Replay, edit_distance
-from actors.trajectory import Trajectory
+from gfnlm.actors.replay import Replay, edit_distance
+from gfnlm.actors.trajectory import Trajectory
 
 
 def traj(tokens, log_r, record_id=0):
@@ -85,7 +85,7 @@ def test_a_short_buffer_gives_each_trajectory_once(sampling):
 def test_bounded_edit_distance_is_exact_below_its_limit():
     import random
 
-    from actors.replay import edit_distance
+    from gfnlm.actors.replay import edit_distance
 
     def plain(a, b):
         prev = list(range(len(b) + 1))
@@ -115,7 +115,7 @@ def test_unscored_trajectory_is_refused():
 def test_near_duplicate_check_with_the_multiset_bound_is_exact():
     import random
 
-    from actors.replay import edit_distance
+    from gfnlm.actors.replay import edit_distance
 
     rng = random.Random(3)
     r = Replay(capacity_per_prompt=10, dedup_fraction=0.25)

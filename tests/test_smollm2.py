@@ -4,17 +4,17 @@ import os
 
 import pytest
 
-from configs import load_config
-from rewards.random_number import exact_figures, sample_values
-from learner.loop import build, train
-from rewards import number_metrics
+from gfnlm.configs import load_config
+from gfnlm.rewards.random_number import exact_figures, sample_values
+from gfnlm.learner.loop import build, train
+from gfnlm.rewards import number_metrics
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from actors.models import ModelError, prepare_embedded
+    from gfnlm.actors.models import ModelError, prepare_embedded
 
     try:
         return prepare_embedded()
@@ -23,7 +23,7 @@ def smollm2_dir():
 
 
 def test_prepared_folder_loads_and_tokenizes_digits(smollm2_dir):
-    from actors.models import load_model, prepare_embedded
+    from gfnlm.actors.models import load_model, prepare_embedded
 
     assert prepare_embedded() == smollm2_dir  # second call reuses the folder
     model, tok = load_model(smollm2_dir)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from configs import load_config
-from learner.cli import main
+from gfnlm.configs import load_config
+from gfnlm.learner.cli import main
 
 from conftest import tiny_overrides
 
@@ -50,7 +50,7 @@ def test_a_label_outside_zero_and_one_is_refused_before_anything_loads(tiny_llam
 
 
 def test_reward_is_the_true_labels_likelihood_with_the_wrong_label_penalty(tiny_llama, tmp_path):
-    from learner.loop import build
+    from gfnlm.learner.loop import build
 
     c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
     task = c.task
@@ -68,8 +68,8 @@ def test_reward_is_the_true_labels_likelihood_with_the_wrong_label_penalty(tiny_
 def test_replay_seeds_are_the_base_models_rationales_for_the_true_label(tiny_llama, tmp_path, monkeypatch):
     """The authors' seeds: the base model continues X + " <label> because it is", cut before the first
     token that is not a word or a number; a continuation cut too short is left out."""
-    import rewards.subjectivity as subj
-    from learner.loop import build
+    import gfnlm.rewards.subjectivity as subj
+    from gfnlm.learner.loop import build
 
     ov = subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0, "task.seed_prompt": "' {label_word} because it is'"})
     c = build(load_config("subjectivity.yaml", ov))
@@ -90,7 +90,7 @@ def test_replay_seeds_are_the_base_models_rationales_for_the_true_label(tiny_lla
 
 
 def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama, tmp_path):
-    from learner.loop import LocalDriver
+    from gfnlm.learner.loop import LocalDriver
 
     cfg = load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path))
     d = LocalDriver(cfg)
@@ -108,7 +108,7 @@ def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama,
     changed = lambda keys: any(not torch.equal(before[k], after[k]) for k in keys)  # noqa: E731
     assert changed(e_keys) and changed(m_keys)
     assert all(torch.equal(before[k], after[k]) for k in named if k not in e_keys and k not in m_keys)
-    from learner.loop import collect
+    from gfnlm.learner.loop import collect
 
     fresh, mixed = collect(c, c.task.train_ids[:2], 1.0, d.serve)  # replayed ones were scored by version 0
     replayed = [t for t in mixed if not any(t is f for f in fresh)]
@@ -123,7 +123,7 @@ def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama,
 def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_path):
     """em {schedule: after, e_reward: base} (the preset's): the E-steps' reward is the frozen base model
     and never changes, one M phase runs after the last E-step, and prediction classifies with base + M."""
-    from learner.loop import LocalDriver
+    from gfnlm.learner.loop import LocalDriver
 
     em = "{schedule: after, e_reward: base, e_steps: 1, m_steps: 3, m_lr: 0.05, m_samples: 2}"
     d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em": em,
@@ -139,8 +139,8 @@ def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_pa
         c.task.score([t])
         assert t.log_r == pytest.approx(old, abs=1e-5), "the E-step's reward is the frozen base"
     # prediction: the label the base + M adapter prefers after X Z
-    from learner.em import label_logits
-    from actors.policy import active_adapter
+    from gfnlm.learner.em import label_logits
+    from gfnlm.actors.policy import active_adapter
 
     t = probe[0]
     with torch.no_grad(), active_adapter(c.policy.model, "m"):
@@ -153,7 +153,7 @@ def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_pa
 def test_m_only_learns_from_the_base_models_z_and_predicts_with_it(tiny_llama, tmp_path, monkeypatch):
     """em.z_from base (the M-only ablation): the M phase's Z and prediction's Z come from the base
     model with every adapter off, however far the E adapter has moved."""
-    from learner.loop import LocalDriver
+    from gfnlm.learner.loop import LocalDriver
 
     em = "{schedule: after, e_reward: base, e_steps: 1, m_steps: 1, m_lr: 0.05, m_samples: 2, z_from: base}"
     d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em": em,
@@ -186,7 +186,7 @@ def test_m_only_learns_from_the_base_models_z_and_predicts_with_it(tiny_llama, t
 def test_the_classifier_baseline_is_the_policys_own_label_word(tiny_llama, tmp_path):
     """eval method classifier (the SFT baseline X -> Y): the label whose reference the policy (its
     adapter on) finds likelier right after X, against a full forward pass per label."""
-    from learner.loop import build
+    from gfnlm.learner.loop import build
 
     c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
 
 
 def test_em_in_ray_mode_is_refused():
-    from configs import ConfigError
+    from gfnlm.configs import ConfigError
 
     with pytest.raises(ConfigError, match="runs with runtime.mode=local"):
         load_config("subjectivity.yaml", ["runtime.mode=ray"])
@@ -241,7 +241,7 @@ def test_em_in_ray_mode_is_refused():
 
 
 def test_after_an_m_phase_the_replay_buffer_keeps_the_rescored_rewards(tiny_llama, tmp_path):
-    from learner.loop import LocalDriver, collect
+    from gfnlm.learner.loop import LocalDriver, collect
 
     d = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path)))
     c = d.c
@@ -261,8 +261,8 @@ def test_after_an_m_phase_the_replay_buffer_keeps_the_rescored_rewards(tiny_llam
 def test_the_label_verdict_cache_is_keyed_by_the_trajectory_not_its_id(tiny_llama, tmp_path):
     """is_valid reads the verdict the scoring pass left; a different Z (here: the same object with
     other tokens, as a new trajectory that Python gives a collected one's id) is classified anew."""
-    from actors.trajectory import Trajectory
-    from learner.loop import build
+    from gfnlm.actors.trajectory import Trajectory
+    from gfnlm.learner.loop import build
 
     c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em.e_steps": 0})))
     task = c.task

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from actors.models import load_model
-from actors.scoring import PrefixScorer
-from actors.trajectory import Trajectory
-from configs import load_config
-from learner.cli import main
-from learner.schedule import RecordScheduler, batch_mix
-from rewards import make_task
-from rewards.records import RecordError, load_records, read_rows
-from rewards.scorer import attach_scorer
+from gfnlm.actors.models import load_model
+from gfnlm.actors.scoring import PrefixScorer
+from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs import load_config
+from gfnlm.learner.cli import main
+from gfnlm.learner.schedule import RecordScheduler, batch_mix
+from gfnlm.rewards import make_task
+from gfnlm.rewards.records import RecordError, load_records, read_rows
+from gfnlm.rewards.scorer import attach_scorer
 
 from conftest import tiny_overrides
 
@@ -111,7 +111,7 @@ def test_csv_without_the_column_and_non_utf8(tmp_path):
 def test_disallowed_fragments_and_whole_tokens():
     """`disallowed` bans every token containing a fragment; `disallowed_tokens` only the tokens that
     are exactly the text ("A" the abbreviation's capital, not " A" the article)."""
-    from rewards.continuation import disallowed_token_ids
+    from gfnlm.rewards.continuation import disallowed_token_ids
 
     class Vocab:
         pieces = ["A", " A", "AB", "..", ".", "Mr", " Mr", "x...y"]
@@ -136,7 +136,7 @@ def test_first_token_word_gives_the_floor_to_a_z_glued_onto_the_prompt(tiny_llam
     """first_token: word: a Z that does not begin with a space and a visible character ("years" +
     "com.", or a lone "\x0b") gets the floor at every prefix; one that starts a word keeps the LM's
     log-likelihood."""
-    from learner.loop import build
+    from gfnlm.learner.loop import build
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(3)])
     task = "{type: continuation, data: {train: %s}, min_len: 1, max_len: 6, first_token: word}" % data
@@ -183,7 +183,7 @@ def test_every_experiment_preset_plans_valid_runs(tmp_path):
     import glob
     import os
 
-    from learner.experiment import configs_of, read_spec
+    from gfnlm.learner.experiment import configs_of, read_spec
 
     names = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "*.yaml")))
     assert len(names) >= 5
@@ -264,7 +264,7 @@ def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_l
 def test_the_scorer_scores_only_the_states_that_can_end(kind, tiny_llama, tiny_gpt2):
     """With `can_end` the suffix pass skips the states that cannot end (NaN there) and scores the others,
     and the whole Z, as the plain scorer does."""
-    from actors.trajectory import can_end_states
+    from gfnlm.actors.trajectory import can_end_states
 
     model, tok = load_model(tiny_llama if kind == "llama" else tiny_gpt2)
     scorer = PrefixScorer(model, tok.pad_token_id)
@@ -342,8 +342,8 @@ def test_constrained_reward_puts_unsatisfied_prefixes_at_the_floor(tiny_llama, t
 
 
 def test_metrics_on_hand_made_samples():
-    from rewards.constrained import satisfies
-    from rewards.lm_eval import bleu_gleu, distinct_n, pairwise_diversity
+    from gfnlm.rewards.constrained import satisfies
+    from gfnlm.rewards.lm_eval import bleu_gleu, distinct_n, pairwise_diversity
 
     # distinct-1: "a b a" + "a c" -> grams a,b,a,a,c: 3 unique of 5
     assert distinct_n(["a b a", "a c"], 1) == pytest.approx(3 / 5)
@@ -400,8 +400,8 @@ def test_the_reward_lm_is_fitted_on_the_training_stories_once_per_content(tiny_l
     """reward.fit: a LoRA SFT of the base model on the training stories, merged and saved once under
     $GFNLM_HOME/fitted/<hash>; the run's config then names the fitted model (the policy starts there
     and the reward shares it), the texts' NLL is lower under it, and the same content is not fitted again."""
-    import learner.reward_fit as rf
-    from configs import ConfigError
+    import gfnlm.learner.reward_fit as rf
+    from gfnlm.configs import ConfigError
 
     monkeypatch.setenv("GFNLM_HOME", str(tmp_path / "home"))
     train, test = stories
@@ -443,7 +443,7 @@ def test_the_reward_lm_is_fitted_on_the_training_stories_once_per_content(tiny_l
 def test_constrained_replay_seeds_are_rejection_samples_that_satisfy_c(tiny_llama, tmp_path):
     """seed_tries: the base model's continuations of the reward's context, kept when they end and
     satisfy c, each once, scored; the same record gives the same seeds."""
-    from learner.loop import build
+    from gfnlm.learner.loop import build
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}", "words": "a"} for i in range(3)])
     task = ("{type: constrained, data: {train: %s}, min_len: 1, max_len: 6, seed_tries: 40, "
@@ -480,7 +480,7 @@ def test_every_record_task_samples_from_its_trained_adapter(tiny_llama, tmp_path
 
 
 def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
-    from learner.loop import build, references, train
+    from gfnlm.learner.loop import build, references, train
 
     train_file, test_file = stories
     ov = task_overrides(tiny_llama, tmp_path / "run", "infilling", train_file, **{
@@ -498,7 +498,7 @@ def test_sft_lowers_the_loss_of_the_references(tiny_llama, tmp_path, stories):
 
 
 def test_resume_of_an_lm_task_continues_exactly(tiny_llama, tmp_path):
-    from learner.loop import train
+    from gfnlm.learner.loop import train
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}"} for i in range(5)])
 
@@ -514,7 +514,7 @@ def test_resume_of_an_lm_task_continues_exactly(tiny_llama, tmp_path):
 
 
 def test_bertscore_with_a_local_model_folder(tiny_llama):
-    from rewards.lm_eval import BertScore
+    from gfnlm.rewards.lm_eval import BertScore
 
     bs = BertScore(tiny_llama)
     assert bs.f1("the cat sat", "the cat sat") == pytest.approx(1.0, abs=1e-5)
@@ -523,7 +523,7 @@ def test_bertscore_with_a_local_model_folder(tiny_llama):
 
 def test_reward_adapter_is_merged_into_the_frozen_reward_model(tiny_llama, tmp_path):
     """reward.adapter: the reward LM is the base plus that (e.g. SFT-fitted) adapter, merged."""
-    from actors.policy import Policy
+    from gfnlm.actors.policy import Policy
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": "The dog"}])
     cfg0 = load_config("continuation.yaml", task_overrides(tiny_llama, tmp_path / "run", "continuation", data))
@@ -549,7 +549,7 @@ def test_reward_adapter_is_merged_into_the_frozen_reward_model(tiny_llama, tmp_p
 
 
 def test_a_reward_model_with_another_tokenizer_is_refused(tiny_llama, tiny_gpt2, tmp_path):
-    from actors.models import ModelError
+    from gfnlm.actors.models import ModelError
     from transformers import AutoTokenizer
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": "The dog"}])

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from actors.tools import Calculator, ToolRunner, evaluate
+from gfnlm.actors.tools import Calculator, ToolRunner, evaluate
 
 
 @pytest.mark.parametrize("expr, value", [
@@ -44,7 +44,7 @@ def test_runner_fires_on_the_trigger_and_returns_tokens(tiny_llama):
     ("3 - -2", 2, "3 - - 2"), ("-6 + 3 * 2", 2, "3 * 2"), ("1 + 2 +", 2, None), ("", 2, None), ("2 ** 3", 2, None),
 ])
 def test_last_operands(expr, k, part):
-    from actors.tools import last_operands
+    from gfnlm.actors.tools import last_operands
 
     assert last_operands(expr, k) == part
 
@@ -57,8 +57,8 @@ def test_a_calculator_limited_to_two_operands_does_one_operation():
     assert calc(" 2 + 3 * 4 =") == " 12"
     assert calc(" 5 =") == " 5" and calc(" 5 - =") == ""
     assert Calculator()(" 6 - 0 - 4 =") == " 2"  # unlimited: the whole expression
-    from actors.tools import make_tools
-    from configs.schema import CalculatorTool
+    from gfnlm.actors.tools import make_tools
+    from gfnlm.configs.schema import CalculatorTool
 
     tool, = make_tools([CalculatorTool(max_operands=2)])
     assert tool(" 1 + 1 + 1 =") == " 2"
@@ -69,7 +69,7 @@ def test_a_calculator_limited_to_two_operands_does_one_operation():
 def test_the_states_that_can_end():
     """k >= min_len, never right before a tool token, and with end_only_after_tool only right after an
     insertion (the last state may end only on the same terms)."""
-    from actors.trajectory import can_end_states
+    from gfnlm.actors.trajectory import can_end_states
 
     tool = [False, False, True, False, True, True, False]
     assert can_end_states(7, tool, 0) == [True, True, False, True, False, False, True, True]

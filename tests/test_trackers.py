@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from configs import ConfigError, load_config
-from learner.cli import main
+from gfnlm.configs import ConfigError, load_config
+from gfnlm.learner.cli import main
 
 from conftest import tiny_overrides
 

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from configs import load_config
-from learner.cli import main
-from learner.loop import build, collect, train
+from gfnlm.configs import load_config
+from gfnlm.learner.cli import main
+from gfnlm.learner.loop import build, collect, train
 
 from conftest import GPT2_TARGETS, tiny_overrides
 
@@ -103,7 +103,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
 
 
 def test_evaluation_sampler_has_the_configured_tools(tiny_llama, tmp_path):
-    from learner.loop import eval_sampler
+    from gfnlm.learner.loop import eval_sampler
 
     cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run") + [
         "sampler.tools=[{kind: calculator, trigger: '='}]", "sampler.engine=transformers"])
@@ -112,8 +112,8 @@ def test_evaluation_sampler_has_the_configured_tools(tiny_llama, tmp_path):
 
 
 def test_valid_is_one_definition_for_training_and_evaluation(tiny_llama, tmp_path):
-    from actors.trajectory import Trajectory
-    from learner.loop import valid_counts
+    from gfnlm.actors.trajectory import Trajectory
+    from gfnlm.learner.loop import valid_counts
 
     c = build(load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "run")))
     tok = c.policy.tokenizer
@@ -125,7 +125,7 @@ def test_valid_is_one_definition_for_training_and_evaluation(tiny_llama, tmp_pat
 
 
 def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_llama, tmp_path, capsys):
-    from learner.curves import PANELS, read_metrics
+    from gfnlm.learner.curves import PANELS, read_metrics
 
     run = tmp_path / "run"
     train(load_config("random_number.yaml", tiny_overrides(tiny_llama, run) + ["eval.track_every=1"]), str(run))
@@ -147,8 +147,8 @@ def test_every_run_draws_its_curves_and_gfnlm_plot_reads_a_run_in_progress(tiny_
 
 
 def test_learning_rate_schedules():
-    from configs.schema import LearnerConfig
-    from learner.trainer import lr_factor
+    from gfnlm.configs.schema import LearnerConfig
+    from gfnlm.learner.trainer import lr_factor
 
     const = LearnerConfig(steps=100, warmup_steps=10)
     assert [lr_factor(s, const) for s in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
