@@ -121,3 +121,22 @@ def test_a_users_reward_function_runs_in_the_ray_actors_that_score(tiny_llama, p
                                                  "run.evaluate_at_end=false")]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_rationale_preset_trains_on_a_users_csv_without_python(tiny_llama, project, capsys):
+    """configs/rationale.yaml: a latent rationale between the user's question and answer columns,
+    the reward the frozen LM with the preset's templates; a missing CSV is one line naming it."""
+    assert main(["check", "rationale"]) == 2
+    assert "questions.csv: no such data file" in capsys.readouterr().err
+    rows = [("How many legs does a cat have?", "4"), ("Is snow cold?", "yes"), ("What is 2 + 3?", "5"),
+            ("What do cows drink?", "water"), ("Is the moon a planet?", "no"), ("What colour is grass?", "green")]
+    (project / "questions.csv").write_text("question,answer\n" + "".join(f'"{q}",{a}\n' for q, a in rows))
+    assert main(["check", "rationale"]) == 0
+    assert "task infilling: 5 train, 0 validation and 1 test records (columns question, answer)" in capsys.readouterr().err
+    run = project / "run"
+    assert main(["train", "rationale", *flags(tiny_llama, run, "eval.baselines=[sample]", "task.max_len=4")]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["records"] == [5] and {"trained", "sample"} <= set(result["methods"])
+    assert all(math.isfinite(m["loglik_mean"]) for m in result["methods"].values())
