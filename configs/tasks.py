@@ -375,9 +375,15 @@ class ArithmeticTask(InfillingTask):
     """Worked examples (`data.train`: columns of the templates plus the rationale); `data.seed`
     picks the labelled ones and the shots. `data.test` is not used: see `test_sets`."""
 
-    test_sets: dict[str, str] = Field(default_factory=lambda: {
+    test_sets: dict[str, str | QuestionGenerator] = Field(default_factory=lambda: {
         n: f"../shared/data/arithmetic/1digit_{n}_op+-_test.json" for n in ("3", "4", "5")})
-    """Evaluation sets by name (e.g. operand count) -> file of questions and answers."""
+    """Evaluation sets by name (e.g. operand count) -> a file of questions and answers (the authors'),
+    or a generator of questions of that shape, e.g. {count: 500, operands: [5], seed: 105}; a
+    generated set holds no question that a training record holds."""
+
+    worked: QuestionGenerator | None = None
+    """Generated worked examples in place of `data.train`'s file: questions with their left-to-right
+    rationale ("9 + 4 =, 13 - 8 ="; + and - only), e.g. {count: 50, operands: [3, 4], seed: 1}."""
 
     prompt_template: str = "{str_query}"
     """The policy's prompt X."""
@@ -431,6 +437,13 @@ class ArithmeticTask(InfillingTask):
     def _enough_worked_examples(self):
         if not self.test_sets:
             raise ValueError("test_sets: name at least one evaluation set")
+        if self.worked is not None:
+            if set(self.worked.operators) - set("+-"):
+                raise ValueError(f"worked.operators: {self.worked.operators!r}: a generated rationale works left to "
+                                 f"right, so + and - only")
+            if self.worked.count < self.labelled + self.shots:
+                raise ValueError(f"worked.count ({self.worked.count}) must hold labelled ({self.labelled}) + shots "
+                                 f"({self.shots}) examples")
         return self
 
 

@@ -42,13 +42,11 @@ def check_data(cfg) -> str:
     if t.type == "random_number":
         return f"{len(t.prompts)} inline prompt(s)"
     if t.type == "arithmetic":
-        from .arithmetic import ArithmeticTask, read_worked
-        from .records import is_integer, read_rows
+        from .arithmetic import read_test_sets, read_worked
 
         worked = read_worked(t)
-        checks = {t.answer_column: is_integer}
-        tests = {name: len(read_rows(path, ArithmeticTask.columns(t), checks)) for name, path in t.test_sets.items()}
-        return (f"{len(worked)} worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
+        tests = {name: len(rows) for name, rows in read_test_sets(t).items()}
+        return (f"{len(worked)} {'generated ' if t.worked else ''}worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
                 f"questions, test sets " + ", ".join(f"{n}: {k}" for n, k in tests.items()))
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
@@ -75,8 +73,19 @@ def check_data(cfg) -> str:
 
         raise ConfigError(empty_split(t.type, split))
     k = min(len(evaluated), cfg.eval.max_records or len(evaluated))
+    labels = ""
+    if t.type == "subjectivity":  # the label balance per split: what a downloaded copy of SUBJ should show
+        from collections import Counter
+
+        def balance(ids):
+            n = Counter(records[i].fields[t.label_column] for i in ids)
+            return f"{n['0']}/{n['1']}"
+
+        labels = (f"; labels 0/1: train {balance(records.train_ids)}, validation {balance(records.validation_ids)}, "
+                  f"test {balance(records.test_ids)}")
     return (f"{len(records.train_ids)} train, {len(records.validation_ids)} validation and {len(records.test_ids)} "
-            f"test records (columns {', '.join(dict.fromkeys(cls.columns(t)))}); evaluates on {k} of the {len(evaluated)} "
+            f"test records (columns {', '.join(dict.fromkeys(cls.columns(t)))}{labels}); evaluates on {k} of the "
+            f"{len(evaluated)} "
             + ("TRAINING records (eval.split train: not held out)" if split == "train" else f"{split} records"))
 
 

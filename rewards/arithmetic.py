@@ -36,17 +36,35 @@ from .records import Record, RecordError, RecordSet, is_integer, read_rows
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def generate_questions(cfg, query_column: str = "str_query", answer_column: str = "num_sol") -> list[dict[str, str]]:
-    """`cfg.count` seeded questions in the data sets' format ({query, answer} as text)."""
+def generate_questions(cfg, query_column: str = "str_query", answer_column: str = "num_sol",
+                       rationale_column: str | None = None, exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """`cfg.count` seeded questions in the data sets' format ({query, answer} as text), none of whose
+    queries is in `exclude`; with `rationale_column`, each with its left-to-right rationale
+    ("9 + 4 =, 13 - 8 =", whose results the calculator fills in; + and - only)."""
     rng = random.Random(cfg.seed)
-    out = []
-    for _ in range(cfg.count):
+    out, seen = [], set(exclude)
+    for _ in range(200 * cfg.count + 1000):
+        if len(out) == cfg.count:
+            break
         n = rng.choice(cfg.operands)
         nums = [rng.randrange(10 ** cfg.digits) for _ in range(n)]
         ops = [rng.choice(cfg.operators) for _ in range(n - 1)]
         expr = " ".join([str(nums[0])] + [f"{o} {x}" for o, x in zip(ops, nums[1:])])
-        value = _evaluate(nums, ops)
-        out.append({query_column: f"Question: {expr} = ? Answer:", answer_column: str(value)})
+        query = f"Question: {expr} = ? Answer:"
+        if exclude and query in seen:
+            continue
+        seen.add(query)
+        row = {query_column: query, answer_column: str(_evaluate(nums, ops))}
+        if rationale_column:
+            steps, acc = [], nums[0]
+            for o, x in zip(ops, nums[1:]):
+                steps.append(f"{acc} {o} {x} =")
+                acc = _OPS[o](acc, x)
+            row[rationale_column] = ", ".join(steps)
+        out.append(row)
+    if len(out) < cfg.count:
+        raise RecordError(f"generate: only {len(out)} distinct questions of {cfg.operands} operands of {cfg.digits} "
+                          f"digit(s) outside the training records; ask for fewer than {cfg.count}")
     return out
 
 
@@ -117,13 +135,33 @@ def disallowed_by_chars(tokenizer, allowed: str) -> frozenset[int]:
 
 def read_worked(cfg) -> list[tuple[int, dict[str, str]]]:
     """The worked examples of an arithmetic task's config, checked (answers are integers, and there
-    are enough for `labelled` + `shots`)."""
+    are enough for `labelled` + `shots`): (line, row) of `data.train`'s file, or of `worked`'s
+    generated questions (numbered from 1)."""
+    if cfg.worked is not None:
+        query, answer = ArithmeticTask._query_answer(cfg)
+        rows = generate_questions(cfg.worked, query, answer, rationale_column=cfg.rationale_column)
+        return list(enumerate(rows, 1))
     cols = ArithmeticTask.columns(cfg) + [cfg.rationale_column]
     worked = read_rows(cfg.data.train, cols, {cfg.answer_column: is_integer})
     if cfg.labelled + cfg.shots > len(worked):
         raise RecordError(f"{cfg.data.train}: holds {len(worked)} worked examples; task.labelled ({cfg.labelled}) "
                           f"+ task.shots ({cfg.shots}) need {cfg.labelled + cfg.shots}")
     return worked
+
+
+def read_test_sets(cfg, taken: frozenset[str] = frozenset()) -> dict[str, list[tuple[str, dict[str, str]]]]:
+    """Each test set's (where, row) pairs: a file's rows ("file:line"), or a generator's questions
+    ("generated:i"), none of which is a query in `taken` (the training records')."""
+    out = {}
+    query, answer = ArithmeticTask._query_answer(cfg)
+    for name, spec in cfg.test_sets.items():
+        if isinstance(spec, str):
+            out[name] = [(f"{spec}:{line}", row) for line, row in
+                         read_rows(spec, ArithmeticTask.columns(cfg), {cfg.answer_column: is_integer})]
+        else:
+            rows = generate_questions(spec, query, answer, exclude=taken)
+            out[name] = [(f"generated:{i}", row) for i, row in enumerate(rows, 1)]
+    return out
 
 
 class ArithmeticTask(InfillingTask):
@@ -149,12 +187,10 @@ class ArithmeticTask(InfillingTask):
         return columns_of(cfg.prompt_template, cfg.context_template, cfg.suffix_template)
 
     def load_records(self, cfg) -> RecordSet:
-        cols = self.columns(cfg)
-        checks = {cfg.answer_column: is_integer}
         worked = read_worked(cfg)
         order = list(range(len(worked)))
         random.Random(cfg.data.seed).shuffle(order)
-        path = cfg.data.train
+        path = cfg.data.train if cfg.worked is None else "generated"
         labelled = [worked[i] for i in sorted(order[: cfg.labelled])]
         self.shot_records = [Record(-1, worked[i][1], "shot", f"{path}:{worked[i][0]}")
                              for i in order[cfg.labelled: cfg.labelled + cfg.shots]]
@@ -163,10 +199,11 @@ class ArithmeticTask(InfillingTask):
             records.append(Record(len(records), row, "train", "generated"))
         train_ids = [r.id for r in records]
         self.test_sets: dict[str, list[int]] = {}
-        for name, test_path in cfg.test_sets.items():
+        taken = frozenset(r.fields[self._query_answer(cfg)[0]] for r in records + self.shot_records)
+        for name, rows in read_test_sets(cfg, taken).items():
             ids = []
-            for line, row in read_rows(test_path, cols, checks):
-                records.append(Record(len(records), {**row, "set": name}, "test", f"{test_path}:{line}"))
+            for where, row in rows:
+                records.append(Record(len(records), {**row, "set": name}, "test", where))
                 ids.append(records[-1].id)
             self.test_sets[name] = ids
         return RecordSet(records, train_ids, [i for ids in self.test_sets.values() for i in ids])

@@ -101,6 +101,53 @@ def test_generated_questions_are_seeded_and_their_answers_right():
         assert evaluate(expr) == int(q["num_sol"]) and len(expr.split()) in (5, 7)
 
 
+def test_the_preset_runs_from_a_clone_on_generated_sets_of_the_papers_shape(tiny_llama, tmp_path, monkeypatch):
+    """configs/arithmetic.yaml needs no ../shared/data: 50 generated worked examples whose
+    left-to-right rationales the calculator completes to the answer, and 500-question test sets of
+    3, 4 and 5 one-digit operands with + and -, none of them a training question; the authors'
+    files are still read where a path names them."""
+    from gfnlm.learner.loop import build
+
+    monkeypatch.chdir(tmp_path)  # no ../shared here
+    ov = [o for o in arithmetic_overrides(tiny_llama, tmp_path) if not o.startswith("task=")]
+    task = build(load_config("arithmetic", ov), engine=False).task
+    assert len(task.test_sets) == 3 and all(len(ids) == 500 for ids in task.test_sets.values())
+    for name, ids in task.test_sets.items():
+        for rid in ids:
+            expr = task.records[rid].fields["str_query"].removeprefix("Question: ").removesuffix(" = ? Answer:")
+            assert len(expr.split()) == 2 * int(name) - 1 and set(expr) <= set("0123456789 +-")
+            assert evaluate(expr) == int(task.records[rid].fields["num_sol"])
+    train = {task.records[r].fields["str_query"] for r in task.train_ids}
+    shots = {r.fields["str_query"] for r in task.shot_records}
+    tests = [task.records[r].fields["str_query"] for ids in task.test_sets.values() for r in ids]
+    assert not (train | shots) & set(tests) and len(set(tests)) == len(tests) == 1500
+    assert len(task.train_ids) == 10 + 200 and task.records[0].where.startswith("generated:")
+    for rid in task.train_ids[:10]:  # the labelled ones: the calculator completes each rationale to the answer
+        ref = task.reference(rid)
+        assert answer_of(task.tokenizer.decode(ref.tokens)) == task.answer(rid) and task.is_valid(ref)
+    assert "The answer is" in task.shot_text and task.shot_text.count("Question:") == 3
+    # the authors' files where a path names them (the experiment's overrides)
+    if os.path.isdir(os.path.join(SHARED, "arithmetic")):
+        monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from gfnlm.learner.experiment import configs_of, read_spec
+
+        cfg = configs_of(read_spec("arithmetic"), str(tmp_path / "x"), [])[0][2]
+        cfg = load_config(cfg.model_dump(mode="json"), [o for o in ov if not o.startswith("run.output_dir")])
+        authors = build(cfg, engine=False).task
+        assert [len(ids) for ids in authors.test_sets.values()] == [500, 500, 500]
+        assert authors.records[0].where.startswith("../shared/data/arithmetic/1digit_34_op+-_train_50.json:")
+
+
+def test_generated_sets_refuse_what_they_cannot_make():
+    from gfnlm.configs.tasks import QuestionGenerator
+
+    with pytest.raises(ConfigError, match=r"worked.operators: '\+-\*': a generated rationale works left to right"):
+        load_config("arithmetic", ["task.worked={count: 50, operators: '+-*'}"])
+    with pytest.raises(RecordError, match="only 100 distinct questions"):
+        generate_questions(QuestionGenerator(count=150, operands=[2], operators="+", seed=0),
+                           exclude=frozenset({"nothing"}))
+
+
 # -- rationales, answers, the vote ------------------------------------------------------------
 
 

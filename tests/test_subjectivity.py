@@ -277,3 +277,14 @@ def test_the_label_verdict_cache_is_keyed_by_the_trajectory_not_its_id(tiny_llam
     t.tokens = tok.encode(" odd", add_special_tokens=False)
     task.is_valid(t)
     assert calls == [1]  # another Z: classified, not the old verdict
+
+
+def test_check_prints_the_label_balance_of_every_split(tmp_path, capsys):
+    """What a downloaded copy of SUBJ should show (docs/tasks.md): counts and labels 0/1 per split."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"review {i} .", "label": int(i % 3 == 0)}) + "\n" for i in range(9)))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": f"plot {i} .", "label": 0}) + "\n" for i in range(4)))
+    assert main(["check", "subjectivity", "-o", f"task.data.train={train}", "-o", f"task.data.test={test}"]) == 0
+    assert "9 train, 0 validation and 4 test records (columns text, label; labels 0/1: train 6/3, validation 0/0, " \
+           "test 4/0)" in capsys.readouterr().err
