@@ -21,7 +21,7 @@ def locate(path: str, need_run: bool = True) -> tuple[str | None, str]:
     """(run folder holding config.yaml, adapter folder) of a run folder or an adapter folder in one.
     A run's adapter is its newest intact checkpoint's. With need_run=False an adapter outside any
     run gives (None, adapter)."""
-    from .trainer import intact_checkpoint
+    from .checkpoints import intact_checkpoint
 
     path = os.path.abspath(path)
     if not os.path.exists(path):
@@ -52,7 +52,7 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
 
     from .em import load_m_adapter
     from .loop import setup_torch
-    from .trainer import load_adapter_weights
+    from .checkpoints import load_adapter_weights
 
     run, adapter = locate(path)
     ov = ["runtime.mode=local", *([f"sampler.engine={engine}"] if engine else []), *overrides]

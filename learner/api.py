@@ -104,7 +104,7 @@ def evaluate(run: str, overrides: Iterable[str] = (), out: str | None = None, co
     from .components import build
     from .em import load_m_adapter
     from .preflight import check_adapter_config
-    from .trainer import check_adapter_file, load_adapter_weights
+    from .checkpoints import check_adapter_file, load_adapter_weights
 
     folder, adapter = locate(run, need_run=False)
     if folder is not None:

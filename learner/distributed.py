@@ -221,7 +221,7 @@ class RayDriver:
 
     def _refill_replay(self) -> None:
         """A restarted (empty) replay actor gets the last checkpoint's buffer, else the task's seeds."""
-        from .trainer import newest_intact
+        from .checkpoints import newest_intact
 
         self._wait_alive(self.replay, "replay")
         found = newest_intact(self.run_dir, log=self.log) if self.run_dir else None

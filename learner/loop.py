@@ -8,8 +8,8 @@
   learning.
 Both build their pieces with `components.build` and plan their sample requests with
 `schedule.plan_request` (the one batch mix) from the learner's record scheduler; neither driver
-module imports the other's. This file also holds what they share: progress, metrics.jsonl and the
-Prometheus figures of the learner, checkpoints.
+module imports the other's. What they share lives beside it: checkpoints.py (a run's state in
+files and back) and reporting.py (progress, metrics.jsonl, the learner's Prometheus figures, curves).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from collections import deque
 
 import numpy as np
 
@@ -29,7 +28,8 @@ from gfnlm.configs import Config, dump_config
 
 from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
 from .schedule import plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
-from .trainer import load_adapter_weights, newest_intact, read_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import checkpoint, newest_intact, restore
+from .reporting import RunningStats, draw_curves, record_step, trim_metrics, valid_counts, write_targets  # noqa: F401 (re-exported)
 
 
 def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], list[Trajectory]]:
@@ -103,34 +103,6 @@ class LocalDriver:
         pass
 
 
-def checkpoint(driver, run_dir: str) -> str:
-    c = driver.c
-    extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "scheduler": c.scheduler.state_dict(),
-             "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state()}
-    if hasattr(driver, "in_flight_plans"):
-        extra["plans"] = driver.in_flight_plans()
-    if c.em is not None:
-        extra["em"] = c.em.state_dict()
-    return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
-
-
-def restore(driver, ckpt_dir: str, extra: dict | None = None) -> None:
-    """The run's state from a checkpoint; `extra` is its trainer.pt when already read."""
-    c = driver.c
-    load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
-    extra = extra if extra is not None else read_trainer_state(ckpt_dir)
-    c.learner.load_state_dict(extra["learner"])
-    driver.load_replay_state(extra["replay"])
-    set_rng_state(extra["rng"], c.sampler.generator)
-    c.scheduler.load_state_dict(extra["scheduler"])
-    c.generator.set_state(extra["driver_rng"])
-    if hasattr(driver, "restore_plans"):
-        driver.restore_plans(extra.get("plans", []))
-    if c.em is not None and "em" in extra:
-        c.em.load_state_dict(extra["em"])
-    publish(c)
-
-
 def _shares_model(c: Components) -> bool:
     """True when the engine samples from the learner's own model object."""
     return getattr(c.sampler, "model", None) is c.policy.model
@@ -148,26 +120,6 @@ def publish(c: Components) -> None:
     """Hand the learner's current weights to the in-process engine (the transformers engine
     samples from the learner's own model, so it only takes the version number)."""
     c.sampler.load_weights(None if _shares_model(c) else c.policy.adapter_state(), c.learner.step)
-
-
-class RunningStats:
-    """Figures over the last few steps for the progress bar."""
-
-    def __init__(self, window: int = 10):
-        self.batches = deque(maxlen=window)
-
-    def push(self, valid: int, total: int, trajectories: int, seconds: float) -> None:
-        self.batches.append((valid, total, trajectories, seconds))
-
-    @property
-    def valid_fraction(self) -> float:
-        total = sum(b[1] for b in self.batches)
-        return sum(b[0] for b in self.batches) / total if total else 0.0
-
-    @property
-    def samples_per_second(self) -> float:
-        secs = sum(b[3] for b in self.batches)
-        return sum(b[2] for b in self.batches) / secs if secs else 0.0
 
 
 def with_job(cfg: Config, run_dir: str) -> Config:
@@ -217,71 +169,6 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
             c.trackers.close()
 
 
-def write_targets(driver, run_dir: str, log, m=None) -> str | None:
-    """The run's metrics endpoints, for Prometheus (file_sd format) and for people: in the run folder,
-    and as `<job>.json` in metrics.targets_dir, the folder a local Prometheus watches (returned, for
-    removal at the end of the run)."""
-    endpoints = driver.metrics_endpoints()
-    if not endpoints:
-        return None
-    targets = [{"targets": [ep], "labels": {"gfnlm_process": name}} for name, ep in endpoints.items() if ep]
-    _write_json(os.path.join(run_dir, "prometheus_targets.json"), targets)
-    log("gfnlm: metrics at " + ", ".join(f"{name} http://{ep}/metrics" for name, ep in endpoints.items() if ep))
-    if m is None or not m.targets_dir:
-        return None
-    shared = os.path.join(m.targets_dir, f"{m.job or os.path.basename(os.path.abspath(run_dir))}.json")
-    try:
-        os.makedirs(m.targets_dir, exist_ok=True)
-        _write_json(shared, targets)
-    except OSError as e:  # a convenience for a local Prometheus: never a reason to stop training
-        log(f"gfnlm: warning: cannot write {shared} ({e.strerror}); Prometheus finds this run in {run_dir} only")
-        return None
-    return shared
-
-
-def _write_json(path: str, obj) -> None:
-    """Whole or not at all (Prometheus re-reads file_sd files while they change)."""
-    _replace_file(path, json.dumps(obj, indent=1))
-
-
-def _replace_file(path: str, text: str) -> None:
-    """Write a temporary file beside path, then rename it over path: readers see the old or the new whole."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def record_step(m, out: dict, fresh: list[Trajectory], trained: int, temperature: float, valid: float | None,
-                seconds: float) -> None:
-    if m is None:
-        return
-    m.get("gfnlm_learner_steps_total").inc()
-    m.get("gfnlm_trained_trajectories_total").inc(trained)
-    m.get("gfnlm_learner_step_seconds").observe(seconds)
-    m.get("gfnlm_learner_update_seconds").observe(out["update_seconds"])
-    m.get("gfnlm_loss").set(out["loss"])
-    m.get("gfnlm_learning_rate").set(out["lr"])
-    for key in ("log_z", "log_z_spread"):
-        if key in out:
-            m.get(f"gfnlm_{key}").set(out[key])
-    m.get("gfnlm_reward_temperature").set(temperature)
-    if valid is not None:
-        m.get("gfnlm_valid_fraction").set(valid)
-    if fresh:
-        log_r = [t.final_log_r for t in fresh]
-        m.get("gfnlm_log_reward_mean").set(float(np.mean(log_r)))
-        m.get("gfnlm_log_reward_max").set(float(np.max(log_r)))
-
-
-def valid_counts(task, fresh: list[Trajectory]) -> tuple[int, int] | None:
-    """(valid, total) of this step's on-policy samples, by the task's one definition of valid."""
-    on_policy = [t for t in fresh if t.source == "on_policy"]
-    verdicts = [task.is_valid(t) for t in on_policy]
-    if not on_policy or verdicts[0] is None:
-        return None
-    return sum(verdicts), len(verdicts)
-
-
 class StopRequest:
     """SIGTERM/SIGINT while training (a Kubernetes pod being preempted, Ctrl-C): the step under way
     finishes, a checkpoint is written, the run ends cleanly; a second signal exits at once."""
@@ -316,35 +203,6 @@ class StopRequest:
         return False
 
 
-def draw_curves(run_dir: str, log) -> None:
-    """curves.png of the run; a plotting problem is a warning, never the end of a run."""
-    from .curves import plot
-
-    try:
-        plot(run_dir)
-    except Exception as e:
-        log(f"gfnlm: warning: curves.png not drawn ({type(e).__name__}: {e})")
-
-
-def trim_metrics(path: str, step: int) -> None:
-    """Drop metrics.jsonl lines of steps past the checkpoint a run resumes from (a run killed between
-    a step's line and its checkpoint would otherwise show those steps twice)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except ValueError:  # a line cut short by the kill
-            continue
-        kept.append(line)
-    if len(kept) != len(lines):
-        _replace_file(path, "".join(kept))
-
-
 def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
     c = driver.c
     c.stopped = None
@@ -355,6 +213,7 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         ckpt, extra = found
         restore(driver, ckpt, extra)
+        publish(c)
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), c.learner.step)
         log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
     os.makedirs(run_dir, exist_ok=True)

@@ -13,7 +13,7 @@ import os
 
 from gfnlm.configs import EMBEDDED_MODEL, Config, ConfigError
 
-from .trainer import CheckpointError, intact_checkpoint
+from .checkpoints import CheckpointError, intact_checkpoint
 
 RUN_TRACES = ("checkpoints", "config.yaml", "metrics.jsonl")
 """Files any run leaves in its folder from its first second on."""

@@ -170,7 +170,7 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
 
     import numpy as np
 
-    from gfnlm.learner.trainer import rng_state, set_rng_state
+    from gfnlm.learner.checkpoints import rng_state, set_rng_state
 
     g = torch.Generator().manual_seed(3)
     torch.save(rng_state(g), tmp_path / "rng.pt")

@@ -279,7 +279,7 @@ def test_a_sampler_dead_past_its_budget_stops_the_run_after_a_checkpoint(tiny_ll
 
     from gfnlm.cluster.ray_session import actor_states
     from gfnlm.learner.distributed import ActorFailed
-    from gfnlm.learner.trainer import latest_checkpoint
+    from gfnlm.learner.checkpoints import latest_checkpoint
 
     run = str(tmp_path / "run")
     cfg = ray_cfg(tiny_llama, run, "samplers.max_restarts=0", "runtime.actor_replacements=0", "learner.steps=50",

@@ -1,0 +1,177 @@
+"""Checkpoints: a run's state in files and back (the adapter in peft format, trainer.pt with the
+optimizer, scheduler, RNG states, step, replay and in-flight plans), written to a temporary folder
+and renamed so that a crash never leaves half a checkpoint, and read with weights_only."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from gfnlm.actors.policy import Policy
+from gfnlm.configs import UserError
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every RNG state as tensors and plain lists, so trainer.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": py_rng_state(random.getstate()),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "sampler": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(py_rng_from(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+
+
+def py_rng_state(state: tuple) -> list:
+    """random.getstate() as nested lists (what weights_only unpickling allows)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def py_rng_from(state) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read; the message names its file."""
+
+
+def read_trainer_state(ckpt_dir: str) -> dict:
+    """trainer.pt of a checkpoint, unpickling nothing but tensors and plain containers."""
+    path = os.path.join(ckpt_dir, "trainer.pt")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:  # truncated zip, bytes that are not a checkpoint, a pickled object weights_only refuses
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first[:160]})") from None
+
+
+def check_adapter_file(adapter_dir: str) -> None:
+    """Raise CheckpointError unless the adapter's safetensors file is whole: its JSON header reads and
+    the file holds every byte the header promises."""
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if size < 8 + header + end:
+            raise ValueError(f"{size} bytes, the header promises {8 + header + end}")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read ({first[:160]})") from None
+
+
+def newest_intact(run_dir: str, log=print) -> tuple[str, dict] | None:
+    """(path, trainer state) of the newest checkpoint of run_dir whose adapter and trainer state both
+    read; a damaged newer one is named in the log and skipped. None if the run has no checkpoint at
+    all; CheckpointError if every one is damaged."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True) if os.path.isdir(root) else []
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and os.path.basename(latest) in steps:  # the pointer first (normally the newest)
+        steps.remove(os.path.basename(latest))
+        steps.insert(0, os.path.basename(latest))
+    errors = []
+    for name in steps:
+        path = os.path.join(root, name)
+        try:
+            check_adapter_file(os.path.join(path, "adapter"))
+            return path, read_trainer_state(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log(f"gfnlm: warning: {e}; trying the previous checkpoint")
+    if errors:
+        raise CheckpointError(f"{root}: no intact checkpoint ({errors[0]})")
+    return None
+
+
+def intact_checkpoint(run_dir: str, log=print) -> str | None:
+    """The path of `newest_intact`'s checkpoint."""
+    found = newest_intact(run_dir, log)
+    return found[0] if found else None
+
+
+def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: int) -> str:
+    """Write checkpoints/step_N atomically (temp folder, then rename) and point `latest` at it."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    policy.model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save(extra, os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(root, ".latest.tmp"), "w") as f:
+        f.write(name + "\n")
+    os.replace(os.path.join(root, ".latest.tmp"), os.path.join(root, "latest"))
+    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(run_dir, "checkpoints", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_adapter_weights(policy: Policy, adapter_dir: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"), device=str(policy.device))
+    set_peft_model_state_dict(policy.model, state)
+
+
+def checkpoint(driver, run_dir: str) -> str:
+    c = driver.c
+    extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "scheduler": c.scheduler.state_dict(),
+             "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state()}
+    if hasattr(driver, "in_flight_plans"):
+        extra["plans"] = driver.in_flight_plans()
+    if c.em is not None:
+        extra["em"] = c.em.state_dict()
+    return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
+
+
+def restore(driver, ckpt_dir: str, extra: dict | None = None) -> None:
+    """The run's state from a checkpoint; `extra` is its trainer.pt when already read."""
+    c = driver.c
+    load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
+    extra = extra if extra is not None else read_trainer_state(ckpt_dir)
+    c.learner.load_state_dict(extra["learner"])
+    driver.load_replay_state(extra["replay"])
+    set_rng_state(extra["rng"], c.sampler.generator)
+    c.scheduler.load_state_dict(extra["scheduler"])
+    c.generator.set_state(extra["driver_rng"])
+    if hasattr(driver, "restore_plans"):
+        driver.restore_plans(extra.get("plans", []))
+    if c.em is not None and "em" in extra:
+        c.em.load_state_dict(extra["em"])
