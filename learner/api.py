@@ -178,7 +178,7 @@ class TrainedRun:
         """The posterior predictive: k latent Z for the question, their answers, the vote: `prediction`,
         `distribution` (answer: share of the votes), `no_answer`, `samples`. Tasks with answers only
         (arithmetic, subjectivity)."""
-        from gfnlm.rewards.arithmetic import vote
+        from gfnlm.rewards.base import vote
 
         if not hasattr(self.task, "answers"):
             raise ConfigError(f"gfnlm predict: task {self.task.name} has no answers to vote on (arithmetic and "

@@ -24,12 +24,11 @@ import os
 import random
 import re
 import time
-from collections import Counter
 
 from gfnlm.actors.tools import ToolRunner, tool_runner
 from gfnlm.actors.trajectory import Trajectory
 
-from .base import columns_of, eval_mode
+from .base import columns_of, eval_mode, vote
 from .infilling import InfillingTask
 from .records import Record, RecordError, RecordSet, is_integer, read_rows
 
@@ -110,16 +109,6 @@ def answer_of(text: str) -> int | None:
     """The answer a rationale derives: the last result after an `=`, else its last integer."""
     found = _RESULT.findall(text) or _INT.findall(text)
     return int(found[-1]) if found else None
-
-
-def vote(answers: list[int | None]) -> tuple[int | None, dict[int, int]]:
-    """Majority vote (ties: the answer seen first) over the samples that derive an answer."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None, {}
-    best = max(counts.values())
-    winner = next(a for a in answers if a is not None and counts[a] == best)
-    return winner, dict(counts)
 
 
 def disallowed_by_chars(tokenizer, allowed: str) -> frozenset[int]:

@@ -7,13 +7,14 @@ which trajectories are known to be good, and what "valid" means for it.
 
 from __future__ import annotations
 
-from gfnlm.configs import ConfigError
 import contextlib
 import math
 import warnings
+from collections import Counter
 from functools import lru_cache
 
 from gfnlm.actors.trajectory import PromptRequest, Trajectory, can_end_states
+from gfnlm.configs import ConfigError
 from gfnlm.configs.tasks import template_fields
 
 from .records import RecordSet
@@ -175,3 +176,13 @@ def columns_of(*templates: str | None) -> list[str]:
             if name not in out:
                 out.append(name)
     return out
+
+
+def vote(answers: list[int | None]) -> tuple[int | None, dict[int, int]]:
+    """Majority vote (ties: the answer seen first) over the samples that derive an answer."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, {}
+    best = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == best)
+    return winner, dict(counts)

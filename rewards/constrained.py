@@ -16,7 +16,7 @@ from gfnlm.actors.decoding import hf_generate
 from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of
-from .continuation import LMTask
+from .lm_task import LMTask
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs import UserError
 
-from .continuation import LMTask
+from .lm_task import LMTask
 from .records import load_records
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of
-from .continuation import LMTask
+from .lm_task import LMTask
 
 
 class InfillingTask(LMTask):

@@ -29,7 +29,7 @@ from gfnlm.actors.decoding import hf_generate
 from gfnlm.actors.scoring import PrefixScorer
 from gfnlm.actors.trajectory import Trajectory
 
-from .arithmetic import vote
+from .base import vote
 from .base import columns_of, eval_mode
 from .infilling import InfillingTask
 from .records import Record, RecordError, load_records, one_of

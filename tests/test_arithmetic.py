@@ -11,7 +11,8 @@ from gfnlm.actors.tools import Calculator, ToolRunner, evaluate
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.learner.cli import main
 from gfnlm.learner.objectives import action_logprobs, group_advantages, ppo_loss
-from gfnlm.rewards.arithmetic import answer_of, fill_rationale, generate_questions, vote
+from gfnlm.rewards.arithmetic import answer_of, fill_rationale, generate_questions
+from gfnlm.rewards.base import vote
 from gfnlm.rewards.records import RecordError, is_integer, one_of, read_rows
 
 from conftest import tiny_overrides

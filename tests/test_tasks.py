@@ -111,7 +111,7 @@ def test_csv_without_the_column_and_non_utf8(tmp_path):
 def test_disallowed_fragments_and_whole_tokens():
     """`disallowed` bans every token containing a fragment; `disallowed_tokens` only the tokens that
     are exactly the text ("A" the abbreviation's capital, not " A" the article)."""
-    from gfnlm.rewards.continuation import disallowed_token_ids
+    from gfnlm.rewards.lm_task import disallowed_token_ids
 
     class Vocab:
         pieces = ["A", " A", "AB", "..", ".", "Mr", " Mr", "x...y"]
