@@ -56,6 +56,14 @@ class Trajectory:
         return tuple(self.tokens)
 
 
+def by_record(trajectories) -> dict[int, list[Trajectory]]:
+    """The trajectories grouped by their record id, in first-seen order (each group in input order)."""
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajectories:
+        groups.setdefault(t.record_id, []).append(t)
+    return groups
+
+
 def can_end_states(length: int, tool_mask: list[bool], min_len: int, end_only_after_tool: bool = False) -> list[bool]:
     """For k = 0..length, whether state s_k (the prompt and the first k tokens) may end: k >= min_len,
     the next token is not a tool's (an environment step follows), and with `end_only_after_tool`

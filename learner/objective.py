@@ -14,6 +14,8 @@ import random
 
 import torch
 
+from gfnlm.actors.trajectory import by_record
+
 from .objectives import (action_logprobs, group_advantages, importance_weights, ppo_loss, sft_loss, subtb_log_root,
                          subtb_loss, tb_loss, tb_parts, vargrad_loss)
 
@@ -260,15 +262,13 @@ class PPO:
         rewards = torch.tensor([t.final_log_r / reward_temperature for t in batch], dtype=torch.float64)
         groups = torch.tensor([t.record_id for t in batch])
         adv = group_advantages(rewards, groups, self.cfg.normalize_advantages).tolist()
-        by_record: dict[int, list] = {}
-        for t in batch:
-            by_record.setdefault(t.record_id, []).append(t)
+        per_record = by_record(batch)
         self._rows = {}
         was_training = policy.model.training
         policy.model.eval()
         try:
             with torch.no_grad(), policy.model.disable_adapter():
-                for rid, ts in by_record.items():
+                for rid, ts in per_record.items():
                     log_pf, log_pterm, lengths, tool = policy.logprobs(task.prompt_ids(rid), ts, task.end_ids,
                                                                        task.banned_ids, task.ban_penalty, 0, task.can_end)
                     terminated = torch.tensor([t.terminated for t in ts])

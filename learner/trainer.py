@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory, by_record
 from gfnlm.configs.schema import LearnerConfig
 
 from gfnlm.actors.policy import Policy, can_end_mask
@@ -34,9 +34,7 @@ class Learner:
     def terms(self, trajectories: list[Trajectory], task, reward_temperature: float) -> PolicyTerms:
         """The teacher-forced pass over a micro-batch; trajectories are grouped by record so each
         prompt runs once. `task` gives each record's prompt, the end tokens and the banned tokens."""
-        groups: dict[int, list[Trajectory]] = defaultdict(list)
-        for t in trajectories:
-            groups[t.record_id].append(t)
+        groups = by_record(trajectories)
         ends = task.can_end if self.objective.masks_end else None
         parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty, 0, ends)
                  for rid, ts in groups.items()]

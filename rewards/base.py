@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from functools import lru_cache
 
-from gfnlm.actors.trajectory import PromptRequest, Trajectory, can_end_states
+from gfnlm.actors.trajectory import PromptRequest, Trajectory, by_record, can_end_states
 from gfnlm.configs import ConfigError
 from gfnlm.configs.tasks import template_fields
 
@@ -141,13 +141,12 @@ class Task:
         """n samples of each record's Z at one temperature (evaluation, prediction), `chunk` records
         per engine call; `prompt_of` replaces the policy's prompt (e.g. few-shot prompting)."""
         prompt_of = prompt_of or self.prompt_ids
-        out: dict[int, list[Trajectory]] = {}
+        out: list[Trajectory] = []
         for i in range(0, len(record_ids), chunk):
             reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n) for r in record_ids[i: i + chunk]]
-            for t in sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
-                                            self.ban_penalty):
-                out.setdefault(t.record_id, []).append(t)
-        return out
+            out += sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
+                                          self.ban_penalty)
+        return by_record(out)
 
     # -- progress ------------------------------------------------------------------------------
 

@@ -15,9 +15,8 @@ import importlib.util
 import math
 import os
 import sys
-from collections import defaultdict
 
-from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory, by_record
 from gfnlm.configs import UserError
 
 from .lm_task import LMTask
@@ -96,9 +95,7 @@ class CustomTask(LMTask):
         return values
 
     def score(self, trajectories: list[Trajectory]) -> None:
-        groups: dict[int, list[Trajectory]] = defaultdict(list)
-        for t in trajectories:
-            groups[t.record_id].append(t)
+        groups = by_record(trajectories)
         ends = self.scored_states()
         for rid, ts in groups.items():
             prior = self.lm_scores(rid, ts) if self.cfg.beta is not None else None

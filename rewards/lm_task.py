@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from functools import lru_cache
 
-from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory, by_record
 
 from .base import Task, columns_of
 from .records import load_records
@@ -144,9 +143,7 @@ class LMTask(Task):
     def score(self, trajectories: list[Trajectory]) -> None:
         if self.lm is None:
             raise RuntimeError(f"task {self.name}: its reward is a language model, but no scorer is attached")
-        groups: dict[int, list[Trajectory]] = defaultdict(list)
-        for t in trajectories:
-            groups[t.record_id].append(t)
+        groups = by_record(trajectories)
         for rid, ts in groups.items():
             for t, row in zip(ts, self.lm_scores(rid, ts)):
                 first = t.length if self.prefixes == "final" else 0

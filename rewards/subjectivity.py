@@ -21,13 +21,12 @@ import contextlib
 import json
 import os
 import time
-from collections import defaultdict
 
 import torch
 
 from gfnlm.actors.decoding import hf_generate
 from gfnlm.actors.scoring import PrefixScorer
-from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import Trajectory, by_record
 
 from .base import vote
 from .base import columns_of, eval_mode
@@ -83,9 +82,7 @@ class SubjectivityTask(InfillingTask):
         """log p(z_1:i Y | X) for the true Y, plus the penalty where the other Y is likelier."""
         if self.lm is None:
             raise RuntimeError("task subjectivity: its reward is a language model, but no scorer is attached")
-        groups: dict[int, list[Trajectory]] = defaultdict(list)
-        for t in trajectories:
-            groups[t.record_id].append(t)
+        groups = by_record(trajectories)
         for rid, ts in groups.items():
             y = self.label(rid)
             kw = dict(prefixes=self.prefixes, first=self.min_len, terminable_only=True, can_end=self.scored_states())
@@ -147,9 +144,7 @@ class SubjectivityTask(InfillingTask):
         """The label whose Y the classifier (base + M, or the base LM before any M-step) finds likelier
         after X Z, per trajectory; `by_reward`: the E-step's reward LM instead."""
         out = {}
-        groups: dict[int, list[Trajectory]] = defaultdict(list)
-        for t in trajectories:
-            groups[t.record_id].append(t)
+        groups = by_record(trajectories)
         reward_adapter = self.lm.adapter
         self.lm.adapter = reward_adapter if by_reward else self.classifier_adapter
         try:
