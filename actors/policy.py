@@ -11,7 +11,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict
 
 from gfnlm.actors.trajectory import Trajectory
-from gfnlm.configs.schema import LoraConfig, ModelConfig
+from gfnlm.configs.actors import LoraConfig, ModelConfig
 
 from .models import check_targets, load_model, pick_device
 

@@ -230,7 +230,7 @@ class RequestServer:
 
         key = json.dumps(specs, sort_keys=True)
         if key not in self._tools:
-            from gfnlm.configs.schema import CalculatorTool
+            from gfnlm.configs.actors import CalculatorTool
 
             from .tools import tool_runner
 

@@ -1,6 +1,7 @@
 """The configuration tree (pydantic, no torch) and its loader."""
 
 from .load import ConfigError, UserError, dump_config, load_config, parse_override, validate
-from .schema import EMBEDDED_MODEL, Config
+from .actors import EMBEDDED_MODEL
+from .schema import Config
 
 __all__ = ["Config", "ConfigError", "EMBEDDED_MODEL", "UserError", "dump_config", "load_config", "parse_override", "validate"]

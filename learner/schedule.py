@@ -9,7 +9,7 @@ import torch
 
 from gfnlm.actors.trajectory import PromptRequest, SampleRequest
 from gfnlm.configs import Config, ConfigError
-from gfnlm.configs.schema import BatchConfig, RewardTemperature
+from gfnlm.configs.learner import BatchConfig, RewardTemperature
 
 
 def reward_temperature(step: int, cfg: RewardTemperature) -> float:

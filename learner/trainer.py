@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 
 from gfnlm.actors.trajectory import Trajectory, by_record
-from gfnlm.configs.schema import LearnerConfig
+from gfnlm.configs.learner import LearnerConfig
 
 from gfnlm.actors.policy import Policy, can_end_mask
 
