@@ -193,11 +193,18 @@ def read_yaml(path: str) -> dict:
     return tree
 
 
+ATOMIC = ("data",)
+"""Sections a preset gives whole: a child's `task.data` replaces its parent's, so that a new train
+file never pairs silently with the parent's test file."""
+
+
 def _merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section (a preset may name another as its `base`)."""
+    """`over` on top of `base`, section by section (a preset may name another as its `base`); a
+    section with its own `type:` and the ATOMIC ones replace the parent's whole."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and "type" not in v else v
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and "type" not in v and k not in ATOMIC
+        out[k] = _merge(out[k], v) if deep else v
     return out
 
 

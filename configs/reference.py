@@ -63,7 +63,7 @@ def reference_markdown() -> str:
            "Generated from the field docstrings by `python -m gfnlm.configs.reference > docs/config.md`; "
            "`tests/test_config.py` keeps it current. Presets in `configs/` set some of these; "
            "`-o KEY=VALUE` sets any of them. A preset may name another as its `base:` and override "
-           "it section by section (a section with its own `type:` replaces the parent's whole)."]
+           "it section by section (a section with its own `type:` replaces the parent's whole, and so does `task.data`: a new train file never keeps the parent's test file)."]
     _walk(Config, "", out, set())
     return "\n".join(out) + "\n"
 

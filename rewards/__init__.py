@@ -86,7 +86,8 @@ def check_data(cfg) -> str:
     return (f"{len(records.train_ids)} train, {len(records.validation_ids)} validation and {len(records.test_ids)} "
             f"test records (columns {', '.join(dict.fromkeys(cls.columns(t)))}{labels}); evaluates on {k} of the "
             f"{len(evaluated)} "
-            + ("TRAINING records (eval.split train: not held out)" if split == "train" else f"{split} records"))
+            + ("TRAINING records (eval.split train: not held out)" if split == "train" else f"{split} records")
+            + f"; train file {t.data.train}" + (f", test file {t.data.test}" if t.data.test else ""))
 
 
 __all__ = ["check_data", "RandomNumberTask", "RecordError", "Task", "log_target", "make_task", "number_metrics", "parse_number"]

@@ -1,6 +1,7 @@
 """The config tree: presets load, overrides apply, bad input is one line naming the key."""
 
 import glob
+import json
 import os
 import re
 
@@ -237,3 +238,20 @@ def test_check_says_when_the_floor_leaves_invalid_text_most_of_the_reward(tiny_l
     assert "gfnlm check: warning: task.log_reward_floor=-5: the ~" in capsys.readouterr().err
     assert main(["check", "random_number", *ov, "-o", "task.log_reward_floor=-50"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_child_presets_data_replaces_its_parents_and_check_names_the_files(tmp_path, capsys):
+    """task.data is given whole: a child preset with its own train file does not inherit the parent's
+    test file (the run would evaluate on data the user never named); check names the files it reads."""
+    from gfnlm.learner.cli import main
+
+    train = tmp_path / "mine.jsonl"
+    train.write_text("".join(json.dumps({"text": f"it is {i} .", "label": i % 2}) + "\n" for i in range(6)))
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: subjectivity\ntask: {{data: {{train: {train}}}}}\n")
+    cfg = load_config(str(child))
+    assert cfg.task.data.train == str(train) and cfg.task.data.test is None and cfg.task.type == "subjectivity"
+    assert cfg.task.prompt_template == load_config("subjectivity").task.prompt_template  # the rest is inherited
+    child.write_text(f"base: subjectivity\ntask: {{data: {{train: {train}, test: {train}}}}}\n")
+    assert main(["check", str(child)]) == 0
+    assert f"; train file {train}, test file {train} (" in capsys.readouterr().err
