@@ -17,10 +17,20 @@ def resolve_engine(name: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() is None else "transformers"
 
 
+TOOL_TOKENS_PER_CHOSEN = 4
+"""Bound on a tool's inserted tokens per token the policy chooses (a calculator's " -13" after
+" 7 - 9 - 4 =" is fewer): task.max_len counts the policy's tokens only."""
+
+
+def longest_z(cfg, max_len: int) -> int:
+    """Most tokens a Z can hold: max_len chosen tokens, and with tools their insertions."""
+    return max_len * (1 + TOOL_TOKENS_PER_CHOSEN) if cfg.sampler.tools else max_len
+
+
 def context_length(cfg, longest_prompt: int, max_len: int) -> int:
     """Context length the vLLM engine plans for: sampler.vllm.max_model_len, else the longest
     prompt + the longest Z + slack."""
-    return cfg.sampler.vllm.max_model_len or longest_prompt + max_len + 16
+    return cfg.sampler.vllm.max_model_len or longest_prompt + longest_z(cfg, max_len) + 16
 
 
 def make_sampler(cfg, tokenizer, seed: int, policy=None, max_model_len: int | None = None):

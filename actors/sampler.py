@@ -9,6 +9,7 @@ tool's text follows as forced environment tokens (log-prob 0, tool mask set, no 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Protocol, Sequence
 
@@ -151,9 +152,10 @@ class TransformersSampler(PromptRows):
         tool: list[list[bool]] = [[] for _ in range(n)]
         forced: list[list[int]] = [[] for _ in range(n)]  # tool tokens still to be fed, per sample
         end_lp: list[float | None] = [None] * n
+        chosen = [0] * n  # tokens the policy chose: max_new counts these (a tool's insertions are the environment's)
         alive = torch.arange(n)
         after_tool = bool(self.tools) and self.tools.end_only_after
-        for step in range(max_new):
+        for step in itertools.count():
             scaled = penalize(logits, banned, ban_penalty) / temps[alive, None]
             if step < min_new:
                 scaled[:, end] = -float("inf")
@@ -179,11 +181,13 @@ class TransformersSampler(PromptRows):
                     tokens[row].append(tok_l[i])
                     lps[row].append(lp_l[i])
                     tool[row].append(False)
+                    chosen[row] += 1
                     if self.tools:
                         forced[row] = self.tools.insertion(tokens[row]) or []
             tok, is_end = torch.tensor(tok_l, dtype=torch.long), torch.tensor(end_l, dtype=torch.bool)
-            keep = ~is_end
-            if not keep.any() or step == max_new - 1:
+            full = torch.tensor([chosen[r] >= max_new and not forced[r] for r in alive.tolist()], dtype=torch.bool)
+            keep = ~is_end & ~full  # ended by ⊤, or max_new chosen tokens and every insertion fed
+            if not keep.any():
                 break
             alive = alive[keep]
             if not keep.all():

@@ -133,6 +133,11 @@ class _Row:
     end_logprob: float | None = None
     done: bool = False
 
+    @property
+    def chosen(self) -> int:
+        """Tokens the policy chose (a tool's insertions do not count against max_new)."""
+        return self.tool.count(False)
+
 
 _LORA_IDS = itertools.count(1)
 """lora_int_id of every adapter this process hands to vLLM: one counter for the process, so that
@@ -194,8 +199,9 @@ class VLLMSampler(PromptRows):
         return self._allowed
 
     def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int],
-                banned: list[int] = (), ban_penalty: float = math.inf, after_tool: bool = False):
-        """Parameters of the next request for samples that hold `done` tokens. Before min_new the
+                banned: list[int] = (), ban_penalty: float = math.inf, after_tool: bool = False, chosen: int | None = None):
+        """Parameters of the next request for samples that hold `done` tokens, `chosen` of them the
+        policy's (max_new counts those only; min_new counts every token, as `can_end_states`). Before min_new the
         end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
         shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
         (tool triggers) are checked from the first token. When the tools let the policy end only
@@ -203,6 +209,7 @@ class VLLMSampler(PromptRows):
         right after one (`after_tool`) draws one token with ⊤ allowed, then resumes."""
         from vllm import SamplingParams
 
+        room = max_new - (done if chosen is None else chosen)
         stop = sorted({t.trigger for t in self.tools.tools}) if self.tools else None
         common = dict(n=n, temperature=temperature, ignore_eos=True, logprobs=0, seed=self._seed(), stop=stop,
                       include_stop_str_in_output=True, detokenize=bool(self.tools), skip_special_tokens=False)
@@ -213,13 +220,13 @@ class VLLMSampler(PromptRows):
             if after_tool and done >= min_new:
                 allowed = {"allowed_token_ids": self._allowed_ids(masked)} if masked else {}
                 return SamplingParams(max_tokens=1, stop_token_ids=list(end_ids), **allowed, **common)
-            return SamplingParams(max_tokens=max_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
+            return SamplingParams(max_tokens=room, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
                                   **common)
         if done < min_new and end_ids:
             return SamplingParams(max_tokens=min_new - done, allowed_token_ids=self._allowed_ids(list(end_ids) + masked),
                                   **common)
         allowed = {"allowed_token_ids": self._allowed_ids(masked)} if masked else {}
-        return SamplingParams(max_tokens=max_new - done, min_tokens=max(0, min_new - done),
+        return SamplingParams(max_tokens=room, min_tokens=max(0, min(min_new - done, room)),
                               stop_token_ids=list(end_ids), **allowed, **common)
 
     def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
@@ -244,7 +251,7 @@ class VLLMSampler(PromptRows):
                     if not r.done:
                         follow.append((prompts[rows_spec[i][0]] + r.tokens, self._params(
                             1, r.temperature, len(r.tokens), min_new_tokens, max_new_tokens, end_ids, banned,
-                            ban_penalty, bool(r.tool) and r.tool[-1]), [i]))
+                            ban_penalty, bool(r.tool) and r.tool[-1], chosen=r.chosen), [i]))
             requests = follow
         return [Trajectory(record_id=spec[1], tokens=r.tokens, terminated=r.end_logprob is not None,
                            logprobs=r.logprobs, end_logprob=r.end_logprob,
@@ -268,17 +275,16 @@ class VLLMSampler(PromptRows):
                     row.tokens += toks[: k + 1]
                     row.logprobs += lps[: k + 1]
                     row.tool += [False] * (k + 1)
-                    room = max_new - len(row.tokens)
-                    row.tokens += insert[:room]
-                    row.logprobs += [0.0] * len(insert[:room])
-                    row.tool += [True] * len(insert[:room])
-                    row.done = len(row.tokens) >= max_new
+                    row.tokens += insert  # an insertion is the environment's: whole, and not counted in max_new
+                    row.logprobs += [0.0] * len(insert)
+                    row.tool += [True] * len(insert)
+                    row.done = row.chosen >= max_new
                     return
         row.tokens += toks
         row.logprobs += lps
         row.tool += [False] * len(toks)
         # otherwise: the min-tokens boundary, or a trigger string that did not end a token: carry on
-        row.done = terminated or len(row.tokens) >= max_new
+        row.done = terminated or row.chosen >= max_new
 
 
 class VLLMRewardModel:

@@ -124,7 +124,8 @@ class RandomNumberTask(Section):
     """Fewest tokens of Z before termination is allowed."""
 
     max_len: int = Field(3, ge=1)
-    """Most tokens of Z; a trajectory that reaches it is terminated."""
+    """Most tokens of Z the policy chooses (a tool's insertions do not count); a trajectory that
+    reaches it stops there, unended."""
 
     log_reward_floor: float = -50.0
     """log R of anything that is not a canonical integer of the support followed by ⊤. Keep
@@ -207,7 +208,8 @@ class ContinuationTask(Section):
     """Fewest tokens of Z before ⊤ may be chosen; shorter prefixes get the floor."""
 
     max_len: int = Field(30, ge=1)
-    """Most tokens of Z; a trajectory that reaches it is terminated."""
+    """Most tokens of Z the policy chooses (a tool's insertions do not count); a trajectory that
+    reaches it stops there, unended."""
 
     disallowed: list[str] = Field(default_factory=lambda: ["\n"])
     """Tokens whose text contains any of these strings are disallowed: a prefix holding one gets
@@ -269,7 +271,8 @@ class InfillingTask(ContinuationTask):
     """Fewest tokens of Z before ⊤ may be chosen; shorter prefixes get the floor."""
 
     max_len: int = Field(25, ge=1)
-    """Most tokens of Z; a trajectory that reaches it is terminated."""
+    """Most tokens of Z the policy chooses (a tool's insertions do not count); a trajectory that
+    reaches it stops there, unended."""
 
     seed_replay_with_references: bool = True
     """Put each training record's reference Z into the replay at the start."""
@@ -431,7 +434,13 @@ class ArithmeticTask(InfillingTask):
     """Fewest tokens of Z."""
 
     max_len: int = Field(40, ge=1)
-    """Most tokens of Z (four operands take about 25)."""
+    """Most tokens of Z the policy chooses in training; the calculator's insertions do not count
+    (the authors: 18 GPT-J tokens, a 4-operand rationale; SmolLM2 spells " 6" as two tokens, so the
+    same rationale takes 20-22 here)."""
+
+    eval_max_len: int | None = Field(None, ge=1)
+    """Most tokens of Z the policy chooses at evaluation (None: max_len): a 5-operand rationale
+    takes more than a 3- or 4-operand one (about 28 SmolLM2 tokens)."""
 
     @model_validator(mode="after")
     def _enough_worked_examples(self):

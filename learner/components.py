@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gfnlm.actors.engines import context_length, make_sampler
+from gfnlm.actors.engines import context_length, longest_z, make_sampler
 from gfnlm.actors.policy import Policy
 from gfnlm.actors.replay import Replay
 from gfnlm.actors.sampler import TransformersSampler
@@ -120,10 +120,10 @@ def check_context(cfg: Config, task, model_config) -> None:
     if not limit:
         return
     longest = task.max_prompt_len()
-    if longest + task.max_len > limit:
+    if longest + longest_z(cfg, task.max_len) > limit:
         raise ConfigError(f"task.max_len: the longest prompt of task {task.name} is {longest} tokens; with task.max_len "
-                          f"{task.max_len} that exceeds the {limit} positions of model.path {cfg.model.path}; "
-                          f"shorten the prompts or lower task.max_len")
+                          f"{task.max_len} (and the tools' insertions) that exceeds the {limit} positions of model.path "
+                          f"{cfg.model.path}; shorten the prompts or lower task.max_len")
 
 
 def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:

@@ -245,7 +245,7 @@ class ArithmeticTask(InfillingTask):
         if self.records[record_id].split != "train" or not rationale:
             return None
         tokens, mask = fill_rationale(rationale, self.tokenizer, self.tools)
-        if not self.min_len <= len(tokens) <= self.max_len:
+        if not self.min_len <= len(tokens) or mask.count(False) > self.max_len:  # max_len counts the policy's tokens
             return None
         t = Trajectory(record_id, tokens, terminated=True, tool_mask=mask if any(mask) else [],
                        temperature=float("nan"), version=-1, source="seed")
@@ -286,7 +286,9 @@ class ArithmeticTask(InfillingTask):
         sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
         results, examples = {}, {}
         sampler.tools = self.tools
-        with eval_mode(policy.model):
+        trained_len, self.max_len = self.max_len, self.cfg.eval_max_len or self.max_len  # 5 operands need more
+        with eval_mode(policy.model), contextlib.ExitStack() as restore:
+            restore.callback(setattr, self, "max_len", trained_len)
             for m in methods:
                 t0 = time.perf_counter()
                 if m == "trained":

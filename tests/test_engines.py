@@ -257,6 +257,31 @@ def test_tool_insertions_are_environment_tokens(kind, tiny_llama_vllm, setup, re
 
 
 @pytest.mark.parametrize("kind", ENGINES)
+def test_max_tokens_count_the_policys_tokens_only(kind, tiny_llama_vllm, setup, request):
+    """task.max_len counts the tokens the policy chooses: a tool's insertions come whole on top, so a
+    sample that stops unended holds exactly max_new chosen tokens, and no insertion is cut short."""
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=6)
+    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"], tok)
+    insert = tok.encode("[v]", add_special_tokens=False)
+    engine = engine_for(kind, policy, request, tools=runner)
+    trajs = engine.generate(0, prompt, 24, 1.0, 1, 6, end)
+    chosen = [t.tool_mask.count(False) if t.tool_mask else t.length for t in trajs]
+    assert all(n <= 6 for n in chosen)
+    unended = [(t, n) for t, n in zip(trajs, chosen) if not t.terminated]
+    assert unended and all(n == 6 for _, n in unended)
+    assert any(t.length > 6 for t, _ in unended), "insertions add to the chosen tokens"
+    for t in trajs:  # every insertion whole, the last one included
+        k = 0
+        while k < t.length:
+            if t.tool_mask and t.tool_mask[k]:
+                assert t.tokens[k: k + len(insert)] == insert and all(t.tool_mask[k: k + len(insert)])
+                k += len(insert)
+            else:
+                k += 1
+
+
+@pytest.mark.parametrize("kind", ENGINES)
 def test_a_tool_that_ends_steps_is_the_only_place_to_end(kind, tiny_llama_vllm, setup, request):
     """With `end_only_after` the policy may end only right after a tool's insertion: every sample the
     policy ended stops right after one, and the behaviour log-probs (every sampled token, and ⊤) are
