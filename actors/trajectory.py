@@ -127,6 +127,9 @@ class SampledBatch:
     score_seconds: float = 0.0
     tag: int = 0
     """The request's tag."""
+    plan: tuple | None = None
+    """(request, replay counts) of the request that made it, attached by the Ray driver when the batch
+    arrives (the replayed share the learner then draws); None on the actors' side."""
 
     @property
     def record_ids(self) -> list[int]:

@@ -14,12 +14,9 @@ files and back) and reporting.py (progress, metrics.jsonl, the learner's Prometh
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-import numpy as np
 
 from gfnlm.actors.sampler import RequestServer
 from gfnlm.actors.trajectory import SampledBatch, Trajectory
@@ -29,7 +26,8 @@ from gfnlm.configs import Config, dump_config
 from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
 from .schedule import plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
 from .checkpoints import checkpoint, newest_intact, restore
-from .reporting import RunningStats, draw_curves, record_step, trim_metrics, valid_counts, write_targets  # noqa: F401 (re-exported)
+from .reporting import (Progress, RunningStats, draw_curves, record_step, step_record, trim_metrics,  # noqa: F401 (re-exported)
+                        valid_counts, write_line, write_targets)
 
 
 def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], list[Trajectory]]:
@@ -203,76 +201,72 @@ class StopRequest:
         return False
 
 
-def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
+def resume_from(driver, run_dir: str, log) -> None:
+    """The run's state from its newest intact checkpoint, the version published, metrics.jsonl cut
+    back to it."""
     c = driver.c
-    c.stopped = None
-    driver.run_dir = run_dir
-    if resume:
-        found = newest_intact(run_dir, log)
-        if found is None:
-            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
-        ckpt, extra = found
-        restore(driver, ckpt, extra)
-        publish(c)
-        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), c.learner.step)
-        log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
+    found = newest_intact(run_dir, log)
+    if found is None:
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+    ckpt, extra = found
+    restore(driver, ckpt, extra)
+    publish(c)
+    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), c.learner.step)
+    log(f"gfnlm: resumed from {ckpt} at step {c.learner.step}")
+
+
+def open_run_folder(c: Components, cfg: Config, run_dir: str) -> None:
+    """The run folder with its config.yaml, and the trackers of run.report_to."""
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     if cfg.run.report_to:
         from .trackers import Trackers
 
         c.trackers = Trackers(cfg, run_dir)
+
+
+def guarded_step(driver, temperature: float, metrics, run_dir: str, log):
+    """driver.step, with an error counted, and a checkpoint first where the error asks for one (an
+    actor gone for good: the run cannot go on, but what it learnt is kept)."""
+    try:
+        return driver.step(temperature)
+    except Exception as e:
+        if metrics is not None:
+            metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
+        if getattr(e, "checkpoint_first", False):
+            try:
+                log(f"gfnlm: checkpoint before stopping: {checkpoint(driver, run_dir)}")
+            except Exception as ce:  # e.g. the replay actor is gone too: the last checkpoint stays
+                log(f"gfnlm: no checkpoint could be written ({type(ce).__name__}: {ce}); the run resumes from its last one")
+        raise
+
+
+def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
+    c = driver.c
+    c.stopped, driver.run_dir = None, run_dir
+    if resume:
+        resume_from(driver, run_dir, log)
+    open_run_folder(c, cfg, run_dir)
     shared_targets = write_targets(driver, run_dir, log, cfg.metrics)  # before any work is queued: the actors answer at once
     driver.start()
     metrics = getattr(driver, "metrics", None)
-    stats, bar = RunningStats(), None
-    if cfg.run.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.learner.steps, initial=c.learner.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    stats, progress = RunningStats(), Progress(cfg, c.learner.step)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics_file, StopRequest(log) as stop:
         try:
             while c.learner.step < cfg.learner.steps and stop.signal is None:
                 t0 = time.perf_counter()
                 temp = reward_temperature(c.learner.step, cfg.reward_temperature)
-                try:
-                    fresh, out = driver.step(temp)
-                except Exception as e:
-                    if metrics is not None:
-                        metrics.get("gfnlm_errors_total", kind=type(e).__name__).inc()
-                    if getattr(e, "checkpoint_first", False):  # the run cannot go on, but what it learnt is kept
-                        try:
-                            log(f"gfnlm: checkpoint before stopping: {checkpoint(driver, run_dir)}")
-                        except Exception as ce:  # e.g. the replay actor is gone too: the last checkpoint stays
-                            log(f"gfnlm: no checkpoint could be written ({type(ce).__name__}: {ce}); "
-                                f"the run resumes from its last one")
-                    raise
+                fresh, out = guarded_step(driver, temp, metrics, run_dir, log)
                 counts = valid_counts(c.task, fresh)
-                valid = counts[0] / counts[1] if counts else None
                 stats.push(*(counts or (0, 0)), len(fresh), time.perf_counter() - t0)
-                record = {
-                    "step": c.learner.step, **out, "reward_temperature": temp,
-                    "mean_log_r": float(np.mean([t.final_log_r for t in fresh])) if fresh else float("nan"),
-                    "max_log_r": float(np.max([t.final_log_r for t in fresh])) if fresh else float("nan"),
-                    "valid_fraction": valid, "samples_per_second": stats.samples_per_second,
-                    "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
-                }
-                if cfg.eval.track_every and c.learner.step % cfg.eval.track_every == 0:
-                    record.update(c.task.track(c.policy))
-                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, valid, record["step_seconds"])
+                record = step_record(c, driver, out, fresh, temp, counts, stats, t0)
+                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, record["valid_fraction"],
+                            record["step_seconds"])
                 if on_step is not None:
                     on_step(c.learner.step, driver)
                 if c.learner.step % cfg.run.log_every == 0:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    if c.trackers is not None:
-                        c.trackers.log_step(record)
-                if bar is not None:
-                    bar.update(1)
-                    shown = {"loss": f"{out['loss']:.3f}", "logR": f"{record['mean_log_r']:.2f}"}
-                    if counts is not None:
-                        shown["valid"] = f"{100 * stats.valid_fraction:.0f}%"
-                    bar.set_postfix(**shown, sps=f"{stats.samples_per_second:.1f}")
+                    write_line(metrics_file, c.trackers, record)
+                progress.update(out, record, counts, stats)
                 if c.learner.step % cfg.run.checkpoint_every == 0 and c.learner.step < cfg.learner.steps:
                     checkpoint(driver, run_dir)
             ckpt = checkpoint(driver, run_dir)
@@ -282,8 +276,7 @@ def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> C
                 log(f"gfnlm: stopped by {stop.signal} at step {c.learner.step} of {cfg.learner.steps}; checkpoint in {ckpt}; "
                     f"continue with: gfnlm train --resume {run_dir}")
         finally:
-            if bar is not None:
-                bar.close()
+            progress.close()
             if shared_targets and os.path.exists(shared_targets):
                 os.remove(shared_targets)  # the endpoints close with the run: Prometheus drops them
     return c

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import deque
 
 import numpy as np
@@ -124,3 +125,54 @@ def trim_metrics(path: str, step: int) -> None:
         kept.append(line)
     if len(kept) != len(lines):
         _replace_file(path, "".join(kept))
+
+
+def step_record(c, driver, out: dict, fresh: list[Trajectory], temperature: float, counts, stats: RunningStats,
+                t0: float) -> dict:
+    """A step's line of metrics.jsonl: the update's figures, the fresh samples' log R, the valid
+    fraction, throughput, the driver's counters, and the task's tracked figures every eval.track_every."""
+    cfg = c.cfg
+    record = {
+        "step": c.learner.step, **out, "reward_temperature": temperature,
+        "mean_log_r": float(np.mean([t.final_log_r for t in fresh])) if fresh else float("nan"),
+        "max_log_r": float(np.max([t.final_log_r for t in fresh])) if fresh else float("nan"),
+        "valid_fraction": counts[0] / counts[1] if counts else None, "samples_per_second": stats.samples_per_second,
+        "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
+    }
+    if cfg.eval.track_every and c.learner.step % cfg.eval.track_every == 0:
+        record.update(c.task.track(c.policy))
+    return record
+
+
+def write_line(metrics_file, trackers, record: dict) -> None:
+    """One line of metrics.jsonl, flushed (curves.png and `gfnlm plot` read it mid-run), and the trackers'."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if trackers is not None:
+        trackers.log_step(record)
+
+
+class Progress:
+    """The progress bar of run.progress (tqdm on stderr): loss, mean log R, valid fraction, samples/s."""
+
+    def __init__(self, cfg, initial: int):
+        self.bar = None
+        if cfg.run.progress:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.learner.steps, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, out: dict, record: dict, counts, stats: RunningStats) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        shown = {"loss": f"{out['loss']:.3f}", "logR": f"{record['mean_log_r']:.2f}"}
+        if counts is not None:
+            shown["valid"] = f"{100 * stats.valid_fraction:.0f}%"
+        self.bar.set_postfix(**shown, sps=f"{stats.samples_per_second:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
