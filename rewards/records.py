@@ -60,7 +60,11 @@ def resolve_data_path(path: str) -> str:
             return candidate
     if os.path.isdir(path):
         raise RecordError(f"{path}: is a directory; expected a .jsonl, .json or .csv file")
-    raise RecordError(f"{path}: no such data file (looked in the working directory, in {DATA_DIR} and under {repo})")
+    hint = ""
+    if "shared/data/" in path.replace(os.sep, "/"):  # the authors' sets, which gfnlm does not ship
+        hint = ("; the authors' SUBJ and arithmetic files are not shipped with gfnlm: docs/tasks.md (\"Where the data "
+                "comes from\") says where they come from, and the arithmetic preset generates its own")
+    raise RecordError(f"{path}: no such data file (looked in the working directory, in {DATA_DIR} and under {repo}){hint}")
 
 
 def _cell(value, path: str, line: int, name: str) -> str:

@@ -288,3 +288,9 @@ def test_check_prints_the_label_balance_of_every_split(tmp_path, capsys):
     assert main(["check", "subjectivity", "-o", f"task.data.train={train}", "-o", f"task.data.test={test}"]) == 0
     assert "9 train, 0 validation and 4 test records (columns text, label; labels 0/1: train 6/3, validation 0/0, " \
            "test 4/0)" in capsys.readouterr().err
+
+
+def test_a_missing_copy_of_the_authors_data_says_where_it_comes_from(capsys):
+    assert main(["check", "subjectivity", "-o", "task.data.train=../shared/data/subj/missing.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl: no such data file" in err and "docs/tasks.md (\"Where the data comes from\")" in err
