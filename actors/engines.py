@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tools import tool_runner
+from .tools import TOOL_TOKENS_PER_CHOSEN, tool_runner
 
 
 def resolve_engine(name: str) -> str:
@@ -17,13 +17,10 @@ def resolve_engine(name: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() is None else "transformers"
 
 
-TOOL_TOKENS_PER_CHOSEN = 4
-"""Bound on a tool's inserted tokens per token the policy chooses (a calculator's " -13" after
-" 7 - 9 - 4 =" is fewer): task.max_len counts the policy's tokens only."""
-
-
 def longest_z(cfg, max_len: int) -> int:
-    """Most tokens a Z can hold: max_len chosen tokens, and with tools their insertions."""
+    """Most tokens a Z can hold: max_len chosen tokens (or task.eval_max_len, where larger), and with
+    tools their insertions."""
+    max_len = max(max_len, getattr(cfg.task, "eval_max_len", None) or 0)
     return max_len * (1 + TOOL_TOKENS_PER_CHOSEN) if cfg.sampler.tools else max_len
 
 

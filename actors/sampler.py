@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .policy import allowed_head, penalize
-from .tools import ToolRunner
+from .tools import TOOL_TOKENS_PER_CHOSEN, ToolRunner
 from .trajectory import PromptRequest, SampleRequest, Trajectory
 
 
@@ -153,6 +153,7 @@ class TransformersSampler(PromptRows):
         forced: list[list[int]] = [[] for _ in range(n)]  # tool tokens still to be fed, per sample
         end_lp: list[float | None] = [None] * n
         chosen = [0] * n  # tokens the policy chose: max_new counts these (a tool's insertions are the environment's)
+        longest = max_new * (1 + TOOL_TOKENS_PER_CHOSEN) if self.tools else max_new  # a hard cap, insertions included
         alive = torch.arange(n)
         after_tool = bool(self.tools) and self.tools.end_only_after
         for step in itertools.count():
@@ -185,8 +186,9 @@ class TransformersSampler(PromptRows):
                     if self.tools:
                         forced[row] = self.tools.insertion(tokens[row]) or []
             tok, is_end = torch.tensor(tok_l, dtype=torch.long), torch.tensor(end_l, dtype=torch.bool)
-            full = torch.tensor([chosen[r] >= max_new and not forced[r] for r in alive.tolist()], dtype=torch.bool)
-            keep = ~is_end & ~full  # ended by ⊤, or max_new chosen tokens and every insertion fed
+            full = torch.tensor([(chosen[r] >= max_new and not forced[r]) or len(tokens[r]) >= longest
+                                 for r in alive.tolist()], dtype=torch.bool)
+            keep = ~is_end & ~full  # ended by ⊤, or max_new chosen tokens and every insertion fed (or the hard cap)
             if not keep.any():
                 break
             alive = alive[keep]

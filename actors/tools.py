@@ -12,10 +12,15 @@ anything it cannot parse gets no insertion.
 
 from __future__ import annotations
 
-from gfnlm.configs import ConfigError
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
+
+from gfnlm.configs import ConfigError
+
+TOOL_TOKENS_PER_CHOSEN = 4
+"""Bound on a tool's inserted tokens per token the policy chooses (task.max_len counts the chosen
+ones only): a Z holds at most max_len · (1 + this) tokens, and the samplers stop a row there."""
 
 
 class Tool(Protocol):

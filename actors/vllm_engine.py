@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .sampler import PromptRows
-from .tools import ToolRunner
+from .tools import TOOL_TOKENS_PER_CHOSEN, ToolRunner
 from .trajectory import Trajectory
 
 def vllm_available() -> str | None:
@@ -275,10 +275,12 @@ class VLLMSampler(PromptRows):
                     row.tokens += toks[: k + 1]
                     row.logprobs += lps[: k + 1]
                     row.tool += [False] * (k + 1)
-                    row.tokens += insert  # an insertion is the environment's: whole, and not counted in max_new
+                    room = max_new * (1 + TOOL_TOKENS_PER_CHOSEN) - len(row.tokens)  # the hard cap
+                    insert = insert[:max(room, 0)]  # an insertion is the environment's: not counted in max_new
+                    row.tokens += insert
                     row.logprobs += [0.0] * len(insert)
                     row.tool += [True] * len(insert)
-                    row.done = row.chosen >= max_new
+                    row.done = row.chosen >= max_new or room <= len(insert)
                     return
         row.tokens += toks
         row.logprobs += lps

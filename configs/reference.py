@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import typing
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -38,10 +40,15 @@ def _walk(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> Non
         key = f"{prefix}{name}"
         members = sections_in(field.annotation)
         if members:
+            if typing.get_origin(field.annotation) is dict:  # a mapping of named sections: task.test_sets.<name>
+                key = f"{key}.<name>"
             for member in members:
                 tag = member.model_fields.get("type")
                 label = f"{key} (type: {tag.default})" if tag is not None and len(members) > 1 else key
-                out.append(f"\n### `{label}`\n\n{_one_line(member.__doc__ or field.description)}\n")
+                text = member.__doc__ or field.description
+                if len(members) == 1 and field.description and field.description.strip() not in (member.__doc__ or ""):
+                    text = f"{field.description} {member.__doc__ or ''}"  # what this field is, then what the section is
+                out.append(f"\n### `{label}`\n\n{_one_line(text)}\n")
                 if (label, member) in seen:
                     continue
                 seen.add((label, member))

@@ -334,7 +334,8 @@ class ConstrainedTask(ContinuationTask):
 
 
 class QuestionGenerator(Section):
-    """Seeded arithmetic questions without rationales: unlabelled training questions."""
+    """Seeded arithmetic questions of a shape (operand counts, digits, operators), distinct, each with
+    its answer."""
 
     count: int = Field(0, ge=0)
     """Questions to generate (0: none)."""
@@ -446,6 +447,11 @@ class ArithmeticTask(InfillingTask):
     def _enough_worked_examples(self):
         if not self.test_sets:
             raise ValueError("test_sets: name at least one evaluation set")
+        for name, spec in self.test_sets.items():
+            if not isinstance(spec, str) and spec.count < 1:
+                raise ValueError(f"test_sets.{name}.count: a generated test set needs at least one question")
+        if self.eval_max_len is not None and self.eval_max_len < self.min_len:
+            raise ValueError(f"eval_max_len ({self.eval_max_len}) must not be below min_len ({self.min_len})")
         if self.worked is not None:
             if set(self.worked.operators) - set("+-"):
                 raise ValueError(f"worked.operators: {self.worked.operators!r}: a generated rationale works left to "

@@ -64,8 +64,9 @@ def train(config: str | dict | Config | None, overrides: Iterable[str] = (), run
     from . import preflight
     from .runner import TrainingStopped, train_and_evaluate
 
-    ov = [*overrides, *([f"run.output_dir={run_dir}"] if run_dir else [])]
-    cfg = load_config(config, ov)
+    cfg = load_config(config, overrides)
+    if run_dir:  # as typed, not read as YAML (a folder named 123 stays a string)
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir)})})
     check(cfg, model=False)  # the policy checks its LoRA targets when it loads, before the run writes anything
     folder = preflight.run_folder(cfg, None)
     preflight.check_machine(cfg)
@@ -151,7 +152,8 @@ class TrainedRun:
         return make(json.dumps(prompt) if isinstance(prompt, dict) else prompt, answer)
 
     def _draw(self, rid: int, n: int, temperature: float):
-        return self.task.sample_records(self.sampler, [rid], n, temperature)[rid]
+        with self.task.evaluation_lengths():  # as evaluation samples (task.eval_max_len)
+            return self.task.sample_records(self.sampler, [rid], n, temperature)[rid]
 
     def sample(self, prompt: str | dict, n: int = 8, answer: str | None = None,
                temperature: float | None = None) -> list[dict]:

@@ -9,7 +9,8 @@ trained policy's row named after its run.
 Running an experiment again into the same --out reuses every run that finished there with the same
 config (its config.yaml) and evaluated the methods asked for (its eval.json): `--seeds 0,1,2` adds
 seeds to a table without training the finished ones again, and an experiment stopped midway resumes
-at the first run that did not finish.
+the run it stopped in from its last checkpoint. A run folder that holds anything else is moved aside
+(`<run>.replaced-<time>`) before the run trains there.
 """
 
 from __future__ import annotations
@@ -53,25 +54,52 @@ def read_spec(name: str) -> dict:
     return spec
 
 
-def finished(cfg, methods: list[str]) -> dict | None:
-    """The figures of a run that already trained and evaluated `methods` in cfg.run.output_dir with
-    this very config (its config.yaml as training saves it: fitted reward model in place, job named,
-    fields added since then at their defaults); None when it has to run."""
+def same_config(cfg) -> bool:
+    """cfg.run.output_dir holds a run of this very config: its config.yaml as training saves it
+    (fitted reward model in place, job named, fields added since then at their defaults)."""
     from .loop import with_job
     from .reward_fit import fit_folder, with_fitted
 
     folder = cfg.run.output_dir
     try:
         saved = load_config(os.path.join(folder, "config.yaml")).model_dump(mode="json")
-        with open(os.path.join(folder, "eval.json")) as f:
-            evaluated = json.load(f)
     except (OSError, ValueError, ConfigError):
-        return None
+        return False
     expected = with_job(with_fitted(cfg, fit_folder(cfg)) if cfg.reward.fit else cfg, folder)
+    return saved == expected.model_dump(mode="json")
+
+
+def finished(cfg, methods: list[str]) -> dict | None:
+    """The figures of a run that already trained and evaluated `methods` in cfg.run.output_dir with
+    this very config (`same_config`); None when it has to run."""
+    try:
+        with open(os.path.join(cfg.run.output_dir, "eval.json")) as f:
+            evaluated = json.load(f)
+    except (OSError, ValueError):
+        return None
     results = evaluated.get("methods", evaluated) if isinstance(evaluated, dict) else None
-    if saved != expected.model_dump(mode="json") or not isinstance(results, dict) or any(m not in results for m in methods):
+    if not isinstance(results, dict) or any(m not in results for m in methods) or not same_config(cfg):
         return None
     return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them
+
+
+def prepare_folder(cfg, log) -> bool:
+    """Whether the run resumes: a folder that holds an unfinished run of this config with an intact
+    checkpoint continues from it; a folder that holds anything else of a run is moved aside whole
+    (nothing written is lost), so that no old metrics, checkpoint or eval.json mixes with the new run."""
+    from .checkpoints import intact_checkpoint
+    from .preflight import RUN_TRACES
+
+    folder = cfg.run.output_dir
+    if not any(os.path.exists(os.path.join(folder, n)) for n in (*RUN_TRACES, "eval.json")):
+        return False
+    if same_config(cfg) and not os.path.exists(os.path.join(folder, "eval.json")) and intact_checkpoint(folder, log):
+        log(f"gfnlm experiment: {folder} holds an unfinished run of this config: resuming it")
+        return True
+    aside = f"{folder.rstrip(os.sep)}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    os.replace(folder, aside)
+    log(f"gfnlm experiment: {folder} held another run (or an evaluation of another config); moved to {aside}")
+    return False
 
 
 def previous_walls(out: str) -> dict[str, float]:
@@ -207,7 +235,8 @@ def main(args) -> int:
             add(run, results)
             continue
         try:
-            results = train_and_evaluate(cfg, cfg.run.output_dir, methods=methods)
+            resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
+            results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
         except TrainingStopped as e:
             print(f"gfnlm experiment {name}: stopped by {e} during {run}-seed{seed}; {os.path.join(out, 'table.md')} "
                   f"holds the runs that finished", file=sys.stderr)

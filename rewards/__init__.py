@@ -42,10 +42,10 @@ def check_data(cfg) -> str:
     if t.type == "random_number":
         return f"{len(t.prompts)} inline prompt(s)"
     if t.type == "arithmetic":
-        from .arithmetic import read_test_sets, read_worked
+        from .arithmetic import arithmetic_sets
 
-        worked = read_worked(t)
-        tests = {name: len(rows) for name, rows in read_test_sets(t).items()}
+        worked, sets, _ = arithmetic_sets(t)  # as training reads them: the same refusals
+        tests = {name: len(rows) for name, rows in sets.items()}
         return (f"{len(worked)} {'generated ' if t.worked else ''}worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
                 f"questions, test sets " + ", ".join(f"{n}: {k}" for n, k in tests.items()))
     from .constrained import ConstrainedTask

@@ -37,8 +37,8 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * 
 
 def generate_questions(cfg, query_column: str = "str_query", answer_column: str = "num_sol",
                        rationale_column: str | None = None, exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
-    """`cfg.count` seeded questions in the data sets' format ({query, answer} as text), none of whose
-    queries is in `exclude`; with `rationale_column`, each with its left-to-right rationale
+    """`cfg.count` seeded distinct questions in the data sets' format ({query, answer} as text), none
+    of whose queries is in `exclude`; with `rationale_column`, each with its left-to-right rationale
     ("9 + 4 =, 13 - 8 =", whose results the calculator fills in; + and - only)."""
     rng = random.Random(cfg.seed)
     out, seen = [], set(exclude)
@@ -50,7 +50,7 @@ def generate_questions(cfg, query_column: str = "str_query", answer_column: str 
         ops = [rng.choice(cfg.operators) for _ in range(n - 1)]
         expr = " ".join([str(nums[0])] + [f"{o} {x}" for o, x in zip(ops, nums[1:])])
         query = f"Question: {expr} = ? Answer:"
-        if exclude and query in seen:
+        if query in seen:
             continue
         seen.add(query)
         row = {query_column: query, answer_column: str(_evaluate(nums, ops))}
@@ -63,7 +63,7 @@ def generate_questions(cfg, query_column: str = "str_query", answer_column: str 
         out.append(row)
     if len(out) < cfg.count:
         raise RecordError(f"generate: only {len(out)} distinct questions of {cfg.operands} operands of {cfg.digits} "
-                          f"digit(s) outside the training records; ask for fewer than {cfg.count}")
+                          f"digit(s) besides those already taken; ask for fewer than {cfg.count}")
     return out
 
 
@@ -140,7 +140,7 @@ def read_worked(cfg) -> list[tuple[int, dict[str, str]]]:
 
 def read_test_sets(cfg, taken: frozenset[str] = frozenset()) -> dict[str, list[tuple[str, dict[str, str]]]]:
     """Each test set's (where, row) pairs: a file's rows ("file:line"), or a generator's questions
-    ("generated:i"), none of which is a query in `taken` (the training records')."""
+    ("generated:i"), none of which is a query in `taken`."""
     out = {}
     query, answer = ArithmeticTask._query_answer(cfg)
     for name, spec in cfg.test_sets.items():
@@ -150,7 +150,21 @@ def read_test_sets(cfg, taken: frozenset[str] = frozenset()) -> dict[str, list[t
         else:
             rows = generate_questions(spec, query, answer, exclude=taken)
             out[name] = [(f"generated:{i}", row) for i, row in enumerate(rows, 1)]
+            taken = taken | {row[query] for row in rows}
     return out
+
+
+def arithmetic_sets(cfg):
+    """(worked examples, test sets, unlabelled training questions) of a config, in an order that
+    keeps them apart whatever a run trains on: generated test questions avoid every worked example,
+    and generated training questions avoid every test question, so runs that differ only in
+    `generate` (e.g. SFT with none) are evaluated on the same questions."""
+    query, answer = ArithmeticTask._query_answer(cfg)
+    worked = read_worked(cfg)
+    tests = read_test_sets(cfg, frozenset(row[query] for _, row in worked))
+    taken = frozenset(row[query] for _, row in worked) | {row[query] for rows in tests.values() for _, row in rows}
+    unlabelled = generate_questions(cfg.generate, query, answer, exclude=taken)
+    return worked, tests, unlabelled
 
 
 class ArithmeticTask(InfillingTask):
@@ -176,7 +190,7 @@ class ArithmeticTask(InfillingTask):
         return columns_of(cfg.prompt_template, cfg.context_template, cfg.suffix_template)
 
     def load_records(self, cfg) -> RecordSet:
-        worked = read_worked(cfg)
+        worked, tests, unlabelled = arithmetic_sets(cfg)
         order = list(range(len(worked)))
         random.Random(cfg.data.seed).shuffle(order)
         path = cfg.data.train if cfg.worked is None else "generated"
@@ -184,12 +198,11 @@ class ArithmeticTask(InfillingTask):
         self.shot_records = [Record(-1, worked[i][1], "shot", f"{path}:{worked[i][0]}")
                              for i in order[cfg.labelled: cfg.labelled + cfg.shots]]
         records = [Record(i, row, "train", f"{path}:{line}") for i, (line, row) in enumerate(labelled)]
-        for row in generate_questions(cfg.generate, *self._query_answer(cfg)):
+        for row in unlabelled:
             records.append(Record(len(records), row, "train", "generated"))
         train_ids = [r.id for r in records]
         self.test_sets: dict[str, list[int]] = {}
-        taken = frozenset(r.fields[self._query_answer(cfg)[0]] for r in records + self.shot_records)
-        for name, rows in read_test_sets(cfg, taken).items():
+        for name, rows in tests.items():
             ids = []
             for where, row in rows:
                 records.append(Record(len(records), {**row, "set": name}, "test", where))
@@ -286,9 +299,7 @@ class ArithmeticTask(InfillingTask):
         sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
         results, examples = {}, {}
         sampler.tools = self.tools
-        trained_len, self.max_len = self.max_len, self.cfg.eval_max_len or self.max_len  # 5 operands need more
-        with eval_mode(policy.model), contextlib.ExitStack() as restore:
-            restore.callback(setattr, self, "max_len", trained_len)
+        with eval_mode(policy.model), self.evaluation_lengths():  # 5 operands need more room
             for m in methods:
                 t0 = time.perf_counter()
                 if m == "trained":

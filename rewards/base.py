@@ -155,6 +155,17 @@ class Task:
         definition for training figures and evaluation."""
         return None
 
+    @contextlib.contextmanager
+    def evaluation_lengths(self):
+        """max_len as evaluation and prediction sample Z: `task.eval_max_len` where the task has one
+        (arithmetic: 5 operands need more room than training gives), restored afterwards."""
+        trained = self.max_len
+        self.max_len = getattr(self.cfg, "eval_max_len", None) or trained
+        try:
+            yield
+        finally:
+            self.max_len = trained
+
 
 @contextlib.contextmanager
 def eval_mode(model):

@@ -128,6 +128,10 @@ def test_the_preset_runs_from_a_clone_on_generated_sets_of_the_papers_shape(tiny
         ref = task.reference(rid)
         assert answer_of(task.tokenizer.decode(ref.tokens)) == task.answer(rid) and task.is_valid(ref)
     assert "The answer is" in task.shot_text and task.shot_text.count("Question:") == 3
+    # a run that trains on other questions (SFT: none generated) is evaluated on the very same ones
+    sft = build(load_config("arithmetic", [*ov, "task.generate.count=0"]), engine=False).task
+    assert [sft.records[r].fields for ids in sft.test_sets.values() for r in ids] == \
+        [task.records[r].fields for ids in task.test_sets.values() for r in ids]
     # the authors' files where a path names them (the experiment's overrides)
     if os.path.isdir(os.path.join(SHARED, "arithmetic")):
         monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,8 +144,16 @@ def test_the_preset_runs_from_a_clone_on_generated_sets_of_the_papers_shape(tiny
         assert authors.records[0].where.startswith("../shared/data/arithmetic/1digit_34_op+-_train_50.json:")
 
 
-def test_generated_sets_refuse_what_they_cannot_make():
+def test_generated_sets_refuse_what_they_cannot_make(capsys):
     from gfnlm.configs.tasks import QuestionGenerator
+
+    # 1-digit a + b: 100 distinct questions; check refuses 150 as training does
+    assert main(["check", "arithmetic", "-o", "task.test_sets={a: {count: 150, operands: [2], operators: '+'}}"]) == 2
+    assert "only 100 distinct questions" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="test_sets.a.count: a generated test set needs at least one question"):
+        load_config("arithmetic", ["task.test_sets={a: {count: 0}}"])
+    with pytest.raises(ConfigError, match=r"eval_max_len \(3\) must not be below min_len \(5\)"):
+        load_config("arithmetic", ["task.eval_max_len=3"])
 
     with pytest.raises(ConfigError, match=r"worked.operators: '\+-\*': a generated rationale works left to right"):
         load_config("arithmetic", ["task.worked={count: 50, operators: '+-*'}"])

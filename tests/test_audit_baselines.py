@@ -411,18 +411,28 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path, monkeypatc
     trained = []
 
     def fake(cfg, run_dir, resume=False, methods=None):
-        trained.append((os.path.basename(run_dir), cfg.learner.steps))
+        trained.append((os.path.basename(run_dir), cfg.learner.steps) + (("resumed",) if resume else ()))
         return {m: {"valid_fraction": 0.5} for m in methods}
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
     spec = experiment_spec(tmp_path, tiny_llama)
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds=None)) == 0
     assert trained == [] and (out / "table.md").read_text() == first  # walls kept from table.json
+    # a run stopped before its evaluation resumes from its checkpoint; a folder of another run moves aside
+    evaluated = (out / "tb-seed1" / "eval.json").read_text()
+    (out / "tb-seed1" / "eval.json").unlink()
+    assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="1")) == 0
+    assert trained == [("tb-seed1", 2, "resumed")]
+    (out / "tb-seed1" / "eval.json").write_text(evaluated)  # what the resumed run's evaluation would write
+    trained.clear()
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="1,2")) == 0
     assert trained == [("gfn-seed2", 2), ("tb-seed2", 2)]
     assert json.loads((out / "table.json").read_text())["seeds"] == [1, 2]
     assert main(argparse.Namespace(name=spec, out=str(out), override=["learner.steps=3"], seeds="0")) == 0
     assert trained[2:] == [("gfn-seed0", 3), ("tb-seed0", 3)]
+    aside = [p.name for p in out.iterdir() if ".replaced-" in p.name]
+    assert sorted(n.split(".replaced-")[0] for n in aside) == ["gfn-seed0", "tb-seed0"]
+    assert all((out / n / "eval.json").exists() for n in aside)  # nothing written is lost
     with pytest.raises(ConfigError, match="--seeds: 'a,b'"):
         main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="a,b"))
 
