@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from gfnlm.configs import ConfigError
 import contextlib
-import json
-import os
 import random
 import re
 import time
@@ -28,7 +26,7 @@ import time
 from gfnlm.actors.tools import ToolRunner, tool_runner
 from gfnlm.actors.trajectory import Trajectory
 
-from .base import columns_of, eval_mode, vote
+from .base import columns_of, eval_mode, save_evaluation, vote
 from .infilling import InfillingTask
 from .records import Record, RecordError, RecordSet, is_integer, read_rows
 
@@ -328,14 +326,11 @@ class ArithmeticTask(InfillingTask):
                 log(f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {figures[f'acc_{n}']:.3f}" for n in sets)
                     + f"  ({', '.join(f'{len(v)}' for v in sets.values())} questions, vote of {k} at T={temp:g}, "
                       f"{figures['seconds']:.0f} s)")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"task": self.name, "sets": {n: v for n, v in sets.items()}, "methods": results,
-                       "examples": examples}, f, indent=2)
-        with open(os.path.join(out_dir, "eval.md"), "w") as f:
-            names = list(sets)
-            f.write("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n")
-            f.write("| --- |" + " --- |" * len(names) + "\n")
-            for m, fig in results.items():
-                f.write(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n")
+        names = list(sets)
+        table = ("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n"
+                 + "| --- |" + " --- |" * len(names) + "\n"
+                 + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n"
+                           for m, fig in results.items()))
+        save_evaluation(out_dir, {"task": self.name, "sets": {n: v for n, v in sets.items()}, "methods": results,
+                                  "examples": examples}, table)
         return results

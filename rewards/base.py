@@ -167,6 +167,22 @@ class Task:
             self.max_len = trained
 
 
+def save_evaluation(out_dir: str, payload: dict, table: str | None = None) -> None:
+    """The one place an evaluation is written: eval.json (the payload) and eval.md (the table, a
+    Markdown text), each written beside and renamed, so a reader never sees half a file."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in (("eval.json", json.dumps(payload, indent=2)), ("eval.md", table)):
+        if text is None:
+            continue
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text if text.endswith("\n") or name == "eval.json" else text + "\n")
+        os.replace(path + ".tmp", path)
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """The model in eval mode for the block, its training flag restored afterwards."""

@@ -20,9 +20,7 @@ constrained generation adds the satisfaction rate of c.
 
 from __future__ import annotations
 
-from gfnlm.configs import ConfigError
 import contextlib
-import json
 import math
 import os
 import random
@@ -32,6 +30,9 @@ import torch
 
 from gfnlm.actors.decoding import group_beam_search, hf_generate
 from gfnlm.actors.trajectory import Trajectory
+from gfnlm.configs import ConfigError
+
+from .base import save_evaluation
 
 BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "diverse_beam", "diverse_beam5", "sample5",
              "rejection5")
@@ -250,13 +251,10 @@ def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, m
                 + f"  ({len(rids)} records, {figures['seconds']:.0f} s)")
     finally:
         policy.model.train(was_training)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"task": task.name, "split": eval_cfg.split, "records": rids, "samples_per_record": n,
-                   "methods": results, "examples": examples}, f, indent=2)
-    with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write(markdown_table(results, f"{task.name}: {len(rids)} {split_label(eval_cfg.split)} records, {n} samples "
-                                        f"per record and method") + "\n")
+    save_evaluation(out_dir, {"task": task.name, "split": eval_cfg.split, "records": rids, "samples_per_record": n,
+                              "methods": results, "examples": examples},
+                    markdown_table(results, f"{task.name}: {len(rids)} {split_label(eval_cfg.split)} records, {n} "
+                                            f"samples per record and method"))
     plot_methods(results, os.path.join(out_dir, "eval.png"), task.name)
     return results
 

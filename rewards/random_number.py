@@ -9,7 +9,6 @@ is scored: the prefix "2" of "25" is itself the number 2.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from gfnlm.configs.tasks import (
     UniformTarget,
 )
 
-from .base import Task, eval_mode
+from .base import Task, eval_mode, save_evaluation
 from .records import inline_records
 
 _CANONICAL = re.compile(r"0|[1-9][0-9]*")
@@ -335,9 +334,7 @@ def evaluate_numbers(policy, task, sampler, eval_cfg, out_dir: str, log=print) -
             f"gfnlm eval {name:>7}: exact: valid {100 * exact['valid_mass']:.2f}%  KL(target‖policy) {exact['kl']:.4f}  "
             f"TV {exact['tv']:.3f}  invalid mass {exact['invalid_mass']:.4f} (⊤ early {exact['early_mass']:.4f})"
         )
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    save_evaluation(out_dir, results)
     plot_histogram(histograms, task.log_p, os.path.join(out_dir, "eval.png"))
     return results
 

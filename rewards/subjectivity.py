@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from gfnlm.configs import ConfigError
 import contextlib
-import json
-import os
 import time
 
 import torch
@@ -28,8 +26,7 @@ from gfnlm.actors.decoding import hf_generate
 from gfnlm.actors.scoring import PrefixScorer
 from gfnlm.actors.trajectory import Trajectory, by_record
 
-from .base import vote
-from .base import columns_of, eval_mode
+from .base import columns_of, eval_mode, save_evaluation, vote
 from .infilling import InfillingTask
 from .records import Record, RecordError, load_records, one_of
 
@@ -228,15 +225,12 @@ class SubjectivityTask(InfillingTask):
                 results[m] = figures
                 log(f"gfnlm eval {m:>10}: accuracy greedy {figures['acc_greedy']:.3f}  vote {figures['acc_vote']:.3f}  "
                     f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {figures['seconds']:.0f} s)")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"task": self.name, "split": eval_cfg.split, "records": ids, "methods": results,
-                       "examples": examples}, f, indent=2)
-        with open(os.path.join(out_dir, "eval.md"), "w") as f:
-            f.write(f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
-                    f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n")
-            for m, fig in results.items():
-                f.write(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n")
+        table = (f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
+                 f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n"
+                 + "".join(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n"
+                           for m, fig in results.items()))
+        save_evaluation(out_dir, {"task": self.name, "split": eval_cfg.split, "records": ids, "methods": results,
+                                  "examples": examples}, table)
         return results
 
     def _written_label(self, record_id: int, label: int) -> list[int]:
