@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tools import TOOL_TOKENS_PER_CHOSEN, tool_runner
+from .tools import longest_with_tools, tool_runner
 
 
 def resolve_engine(name: str) -> str:
@@ -21,7 +21,7 @@ def longest_z(cfg, max_len: int) -> int:
     """Most tokens a Z can hold: max_len chosen tokens (or task.eval_max_len, where larger), and with
     tools their insertions."""
     max_len = max(max_len, getattr(cfg.task, "eval_max_len", None) or 0)
-    return max_len * (1 + TOOL_TOKENS_PER_CHOSEN) if cfg.sampler.tools else max_len
+    return longest_with_tools(max_len, cfg.sampler.tools)
 
 
 def context_length(cfg, longest_prompt: int, max_len: int) -> int:

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .policy import allowed_head, penalize
-from .tools import TOOL_TOKENS_PER_CHOSEN, ToolRunner
+from .tools import ToolRunner, longest_with_tools
 from .trajectory import PromptRequest, SampleRequest, Trajectory
 
 
@@ -153,7 +153,7 @@ class TransformersSampler(PromptRows):
         forced: list[list[int]] = [[] for _ in range(n)]  # tool tokens still to be fed, per sample
         end_lp: list[float | None] = [None] * n
         chosen = [0] * n  # tokens the policy chose: max_new counts these (a tool's insertions are the environment's)
-        longest = max_new * (1 + TOOL_TOKENS_PER_CHOSEN) if self.tools else max_new  # a hard cap, insertions included
+        longest = longest_with_tools(max_new, self.tools)  # a hard cap, insertions included
         alive = torch.arange(n)
         after_tool = bool(self.tools) and self.tools.end_only_after
         for step in itertools.count():

@@ -23,6 +23,11 @@ TOOL_TOKENS_PER_CHOSEN = 4
 ones only): a Z holds at most max_len · (1 + this) tokens, and the samplers stop a row there."""
 
 
+def longest_with_tools(max_chosen: int, tools) -> int:
+    """Most tokens a Z of `max_chosen` chosen tokens may hold: their insertions on top where there are tools."""
+    return max_chosen * (1 + TOOL_TOKENS_PER_CHOSEN) if tools else max_chosen
+
+
 class Tool(Protocol):
     trigger: str
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .sampler import PromptRows
-from .tools import TOOL_TOKENS_PER_CHOSEN, ToolRunner
+from .tools import ToolRunner, longest_with_tools
 from .trajectory import Trajectory
 
 def vllm_available() -> str | None:
@@ -275,7 +275,7 @@ class VLLMSampler(PromptRows):
                     row.tokens += toks[: k + 1]
                     row.logprobs += lps[: k + 1]
                     row.tool += [False] * (k + 1)
-                    room = max_new * (1 + TOOL_TOKENS_PER_CHOSEN) - len(row.tokens)  # the hard cap
+                    room = longest_with_tools(max_new, self.tools) - len(row.tokens)  # the hard cap
                     insert = insert[:max(room, 0)]  # an insertion is the environment's: not counted in max_new
                     row.tokens += insert
                     row.logprobs += [0.0] * len(insert)

@@ -184,13 +184,19 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return with_base(tree, path, os.path.dirname(path))
+
+
+def with_base(tree: dict, source: str, folder: str = ".") -> dict:
+    """The tree on top of the preset its `base:` names (looked up beside `folder` first, then as a
+    preset), section by section; the tree as it is without one."""
     base = tree.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: base: expected the file name of another preset")
-        here = os.path.join(os.path.dirname(path), base)
-        tree = _merge(read_yaml(here if os.path.isfile(here) else base), tree)
-    return tree
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{source}: base: expected the file name of another preset")
+    here = os.path.join(folder, base)
+    return _merge(read_yaml(here if os.path.isfile(here) else base), tree)
 
 
 ATOMIC = ("data",)
@@ -212,13 +218,7 @@ def load_config(path: str | dict | None = None, overrides: Iterable[str] = ()) -
     """Preset file (a path or a preset's name), or a tree of sections as a YAML file holds it (a dict,
     which may name a preset as its `base`), or the defaults; then dotted overrides; validated as one tree."""
     if isinstance(path, dict):
-        tree = copy.deepcopy(path)
-        base = tree.pop("base", None)
-        if base is not None:
-            if not isinstance(base, str):
-                raise ConfigError("config: base: expected the file name of another preset")
-            tree = _merge(read_yaml(base), tree)
-        source = "config"
+        tree, source = with_base(copy.deepcopy(path), "config"), "config"
     else:
         tree = read_yaml(path) if path else {}
         source = path or "config"

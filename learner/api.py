@@ -99,19 +99,25 @@ def evaluate(run: str, overrides: Iterable[str] = (), out: str | None = None, co
     """The task's figures per method (the trained policy and cfg.eval.baselines) for a run folder (its
     latest intact checkpoint, with its own config.yaml) or an adapter folder (with `config`), as
     `gfnlm eval` computes them; eval.json and eval.md go to `out` (default: beside the adapter)."""
+    from .amortized import locate
+
+    folder, adapter = locate(run, need_run=False)
+    return evaluate_located(folder, adapter, overrides, out or os.path.dirname(os.path.abspath(adapter)), config, log)
+
+
+def evaluate_located(folder: str | None, adapter: str, overrides: Iterable[str], out: str, config=None, log=None) -> dict:
+    """`evaluate` of an adapter already found (`amortized.locate`): in its run `folder`, or alone."""
     import sys
 
-    from .amortized import locate
+    from .checkpoints import check_adapter_file, load_adapter_weights
     from .components import build
     from .em import load_m_adapter
     from .preflight import check_adapter_config
-    from .checkpoints import check_adapter_file, load_adapter_weights
 
-    folder, adapter = locate(run, need_run=False)
     if folder is not None:
         if config is not None:
-            raise ConfigError(f"eval: {folder} is evaluated with its own config.yaml; drop the config "
-                              f"(change one of its values with an override)")
+            raise ConfigError(f"eval: {folder} is evaluated with its own config.yaml; drop CONFIG "
+                              f"(change one of its values with -o KEY=VALUE)")
         cfg = load_config(os.path.join(folder, "config.yaml"), ["runtime.mode=local", *overrides])
     else:
         cfg = load_config(config, overrides)
@@ -120,8 +126,7 @@ def evaluate(run: str, overrides: Iterable[str] = (), out: str | None = None, co
     c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)
     load_m_adapter(c.policy, adapter, cfg.lora, c.task)
-    out_dir = out or os.path.dirname(os.path.abspath(adapter))
-    return c.task.evaluate(c.policy, c.sampler, cfg.eval, out_dir, log=log or (lambda m: print(m, file=sys.stderr)))
+    return c.task.evaluate(c.policy, c.sampler, cfg.eval, out, log=log or (lambda m: print(m, file=sys.stderr)))
 
 
 class TrainedRun:

@@ -13,27 +13,22 @@ from .runner import TrainingStopped, train_and_evaluate, written  # noqa: F401 (
 
 
 def _config(args) -> "Config":  # noqa: F821
-    if getattr(args, "resume", None):
-        if args.config:
-            raise ConfigError(f"train: give CONFIG or --resume RUN, not both; a resumed run keeps {args.resume}/config.yaml "
-                              f"(change one of its values with -o KEY=VALUE)")
-        if not os.path.isdir(args.resume):
-            raise ConfigError(f"--resume: {args.resume} is not a folder; expected the folder of an earlier run")
-        saved = os.path.join(args.resume, "config.yaml")
-        if not os.path.isfile(saved):
-            raise ConfigError(f"--resume: {saved} not found; expected the folder of an earlier run")
-        return load_config(saved, args.override)
     if not args.config and getattr(args, "func", None) is cmd_train:
         raise ConfigError("train: give CONFIG, a preset name such as random_number or a YAML file (gfnlm presets "
                           "lists them), or --resume RUN")
     return load_config(args.config, args.override)
 
 
-def check(cfg, model: bool = True) -> str:
-    """The config's data files read and checked, and (`model`) its LoRA targets (gfnlm.learner.api.check)."""
-    from .api import check as check_config
-
-    return check_config(cfg, model=model)
+def _check_resume(args) -> None:
+    """The command line's refusals of --resume, in its own words, before the run is read."""
+    if args.config:
+        raise ConfigError(f"train: give CONFIG or --resume RUN, not both; a resumed run keeps {args.resume}/config.yaml "
+                          f"(change one of its values with -o KEY=VALUE)")
+    if not os.path.isdir(args.resume):
+        raise ConfigError(f"--resume: {args.resume} is not a folder; expected the folder of an earlier run")
+    if not os.path.isfile(os.path.join(args.resume, "config.yaml")):
+        raise ConfigError(f"--resume: {os.path.join(args.resume, 'config.yaml')} not found; expected the folder of an "
+                          f"earlier run")
 
 
 def cmd_train(args) -> int:
@@ -42,7 +37,7 @@ def cmd_train(args) -> int:
     if args.address:
         args.override = [*args.override, "runtime.mode=ray", f"runtime.address={args.address}"]
     if getattr(args, "resume", None):
-        _config(args)  # the command line's own refusals (CONFIG and --resume both, no such folder)
+        _check_resume(args)
         api.resume(args.resume, args.override)
     else:
         api.train(_config(args))
@@ -55,6 +50,8 @@ def cmd_check(args) -> int:
     import yaml
 
     t0 = time.perf_counter()
+    from .api import check
+
     cfg = load_config(args.config, args.override)
     data = check(cfg)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
@@ -120,18 +117,13 @@ def cmd_eval(args) -> int:
     """Evaluate a run's checkpoint with the run's own config.yaml (-o adjusts it), or a stand-alone
     adapter folder with CONFIG."""
     from .amortized import locate
-    from .api import evaluate
+    from .api import evaluate_located
 
     if not args.adapter and not args.run:
         raise ConfigError("eval: name the trained run with --run RUN_DIR (or an adapter folder with --adapter DIR)")
-    path = args.run or args.adapter
-
-    run, adapter = locate(path, need_run=False)
-    if run is not None and args.config:
-        raise ConfigError(f"eval: {run} is evaluated with its own config.yaml; drop CONFIG "
-                          f"(change one of its values with -o KEY=VALUE)")
+    run, adapter = locate(args.run or args.adapter, need_run=False)
     out_dir = args.out or os.path.dirname(os.path.abspath(adapter))
-    evaluate(path, args.override, out=out_dir, config=args.config)
+    evaluate_located(run, adapter, args.override, out_dir, args.config)
     print(f"gfnlm: evaluation in {written(out_dir)}", file=sys.stderr)
     return 0
 
@@ -167,7 +159,9 @@ def cmd_bench(args) -> int:
 def cmd_submit(args) -> int:
     from gfnlm.cluster.submit import SubmitError, submit, wait
 
-    check(load_config(args.config, args.override))  # the data too, before anything is uploaded
+    from .api import check
+
+    check(args.config, args.override)  # the data too, before anything is uploaded
     try:
         job_id = submit(args.config, args.address, args.override, args.working_dir, not args.no_resource_check,
                         args.submission_id, log=print)

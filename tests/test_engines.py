@@ -217,13 +217,18 @@ def test_lora_swap_serves_the_new_adapter_under_a_new_id(tiny_llama_vllm, setup,
                           torch.cat([pf[b, : t.length] for b, t in enumerate(trajs)]), atol=1e-3)
 
 
+def echo_engine(kind, model_dir, setup, request):
+    """(policy, engine, the insertion's tokens) of an engine whose tool inserts '[v]' after every letter."""
+    tok, _, _ = setup
+    policy = make_policy(model_dir, seed=6)
+    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"], tok)
+    return policy, engine_for(kind, policy, request, tools=runner), tok.encode("[v]", add_special_tokens=False)
+
+
 @pytest.mark.parametrize("kind", ENGINES)
 def test_tool_insertions_are_environment_tokens(kind, tiny_llama_vllm, setup, request):
     tok, prompt, end = setup
-    policy = make_policy(tiny_llama_vllm, seed=6)
-    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"], tok)
-    insert = tok.encode("[v]", add_special_tokens=False)
-    engine = engine_for(kind, policy, request, tools=runner)
+    policy, engine, insert = echo_engine(kind, tiny_llama_vllm, setup, request)
     trajs = engine.generate(0, prompt, 16, 1.0, 2, 14, end)
     with_tool = [t for t in trajs if t.tool_mask]
     assert len(with_tool) >= 8, "letters are a third of the vocabulary: most samples call the tool"
@@ -232,7 +237,7 @@ def test_tool_insertions_are_environment_tokens(kind, tiny_llama_vllm, setup, re
         for k, (m, lp) in enumerate(zip(t.tool_mask, t.logprobs)):
             if m:
                 assert lp == 0.0
-        # every sampled letter is followed by the insertion (cut only by max length)
+        # every sampled letter is followed by its whole insertion
         for k, tk in enumerate(t.tokens):
             if not t.tool_mask[k] and tok.decode([tk]).isalpha() and tok.decode([tk]).isascii():
                 follow = t.tokens[k + 1 : k + 1 + len(insert)]
@@ -261,10 +266,7 @@ def test_max_tokens_count_the_policys_tokens_only(kind, tiny_llama_vllm, setup, 
     """task.max_len counts the tokens the policy chooses: a tool's insertions come whole on top, so a
     sample that stops unended holds exactly max_new chosen tokens, and no insertion is cut short."""
     tok, prompt, end = setup
-    policy = make_policy(tiny_llama_vllm, seed=6)
-    runner = ToolRunner.for_tokenizer([Echo(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"], tok)
-    insert = tok.encode("[v]", add_special_tokens=False)
-    engine = engine_for(kind, policy, request, tools=runner)
+    _, engine, insert = echo_engine(kind, tiny_llama_vllm, setup, request)
     trajs = engine.generate(0, prompt, 24, 1.0, 1, 6, end)
     chosen = [t.tool_mask.count(False) if t.tool_mask else t.length for t in trajs]
     assert all(n <= 6 for n in chosen)
