@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from gfnlm.configs.actors import LoraConfig, ModelConfig, SamplerConfig
+from gfnlm.configs.cluster import MetricsConfig
+
 from .tools import longest_with_tools, tool_runner
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a sampler is built from: the sections it reads, cut out of the Config by the learner
+    (a sampler actor receives this, never the whole Config)."""
+
+    model: ModelConfig
+    lora: LoraConfig
+    sampler: SamplerConfig
+    metrics: MetricsConfig
+    task: str
+    """The task's type: the label of the actor's Prometheus series."""
+    max_lora_rank: int
+    """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`)."""
+
+    @classmethod
+    def of(cls, cfg) -> "SamplerSpec":
+        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank())
 
 
 def resolve_engine(name: str) -> str:
@@ -30,9 +54,10 @@ def context_length(cfg, longest_prompt: int, max_len: int) -> int:
     return cfg.sampler.vllm.max_model_len or longest_prompt + longest_z(cfg, max_len) + 16
 
 
-def make_sampler(cfg, tokenizer, seed: int, policy=None, max_model_len: int | None = None):
+def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model_len: int | None = None):
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
+    cfg = spec
     engine = resolve_engine(cfg.sampler.engine)
     tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
@@ -51,6 +76,5 @@ def make_sampler(cfg, tokenizer, seed: int, policy=None, max_model_len: int | No
     if why:
         raise RuntimeError(f"sampler.engine=vllm: {why}")
     path = resolve_model_path(cfg.model.path)
-    llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len, seed,
-                    max_lora_rank=cfg.vllm_lora_rank())
+    llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len, seed, max_lora_rank=spec.max_lora_rank)
     return VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=seed, tools=tools)

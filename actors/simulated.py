@@ -17,7 +17,7 @@ class SimulatedSampler:
     length = 3
     """Tokens per synthetic trajectory."""
 
-    def __init__(self, cfg=None, name: str = "sim", seed: int = 0, scorer_factory=None, threads: int = 1, max_model_len: int = 0):
+    def __init__(self, spec=None, name: str = "sim", seed: int = 0, scorer_factory=None, threads: int = 1, max_model_len: int = 0):
         # same signature as SamplerWorker, so the Ray driver can start either
         self.name = name
         self.version = 0

@@ -115,6 +115,50 @@ class SampleRequest:
     tag: int = 0
     """The driver's number for the request (step and micro-batch), echoed in the batch."""
 
+    @property
+    def end_only_after_tool(self) -> bool:
+        """True when a tool lets the policy end only right after its insertion."""
+        return any(tool.get("end_only_after", False) for tool in self.tools)
+
+    def can_end(self, t: Trajectory) -> list[bool]:
+        """Whether each state s_0..s_n of t may end under this request's rules (`can_end_states`)."""
+        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool)
+
+    def prompt_ids(self, record_id: int) -> list[int]:
+        for p in self.prompts:
+            if p.record_id == record_id:
+                return p.prompt_ids
+        raise KeyError(f"record {record_id} is not among this request's prompts")
+
+
+@dataclass
+class MicroBatch:
+    """What the learner trains on: scored trajectories and the request they answer. The request
+    carries each record's prompt, the end and banned tokens and which states may end, so the
+    teacher-forced pass applies the very rules the sampler did and never asks the task again."""
+
+    request: SampleRequest
+    trajectories: list[Trajectory]
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def __iter__(self):
+        return iter(self.trajectories)
+
+    def subset(self, trajectories: list[Trajectory]) -> "MicroBatch":
+        return MicroBatch(self.request, trajectories)
+
+
+def joined(batches: list[MicroBatch]) -> MicroBatch:
+    """One micro-batch of several (PPO reshuffles a step's trajectories into its own minibatches):
+    their trajectories, and the first request's rules with every request's prompts."""
+    first = batches[0].request
+    prompts = list({p.record_id: p for b in batches for p in b.request.prompts}.values())
+    request = SampleRequest(prompts, first.min_len, first.max_len, first.end_ids, first.tools, first.banned_ids,
+                            first.ban_penalty, first.seed, first.tag)
+    return MicroBatch(request, [t for b in batches for t in b.trajectories])
+
 
 @dataclass
 class SampledBatch:

@@ -15,15 +15,17 @@ import time
 import torch
 
 from . import max_rss_bytes
+from .engines import SamplerSpec
 from .replay import Replay
 from .sampler import RequestServer
 from .trajectory import SampledBatch, SampleRequest, Trajectory  # noqa: F401 (re-exported)
 
 
-def actor_metrics(cfg, actor):
+def actor_metrics(metrics_cfg, task: str, actor: str):
+    """The actor's Prometheus figures (None with metrics off): the `metrics` section, the task's type."""
     from gfnlm.cluster.metrics import for_process
 
-    return for_process(cfg, actor)
+    return for_process(metrics_cfg, actor, task)
 
 
 class ServesMetrics:
@@ -35,9 +37,12 @@ class ServesMetrics:
 
 
 class SamplerWorker(ServesMetrics):
-    """One sampler: an engine with its own copy of the policy (+ a colocated scorer)."""
+    """One sampler: an engine with its own copy of the policy (+ a colocated scorer). Built from a
+    `SamplerSpec` (the sections it reads); `scorer_factory(tokenizer, model, device, metrics)` is the
+    reward layer's, bound to its own settings by the learner."""
 
-    def __init__(self, cfg, name: str, seed: int, scorer_factory=None, threads: int = 1, max_model_len: int | None = None):
+    def __init__(self, spec: SamplerSpec, name: str, seed: int, scorer_factory=None, threads: int = 1,
+                 max_model_len: int | None = None):
         from transformers import AutoTokenizer
 
         from .engines import make_sampler
@@ -45,14 +50,14 @@ class SamplerWorker(ServesMetrics):
 
         torch.set_num_threads(max(1, threads))
         self.name = name
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        self.metrics = actor_metrics(cfg, name)
-        self.engine = make_sampler(cfg, tokenizer, seed=seed, max_model_len=max_model_len)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.model.path))
+        self.metrics = actor_metrics(spec.metrics, spec.task, name)
+        self.engine = make_sampler(spec, tokenizer, seed=seed, max_model_len=max_model_len)
         self.serve = RequestServer(self.engine, tokenizer)
         self.scorer = None
         if scorer_factory is not None:
             model = getattr(self.engine, "model", None)  # the transformers engine's peft model; vLLM has none here
-            self.scorer = scorer_factory(cfg, tokenizer, model, pick_device(cfg.model.device), self.metrics)
+            self.scorer = scorer_factory(tokenizer, model, pick_device(spec.model.device), self.metrics)
         self.pid = os.getpid()
 
     @property
@@ -95,6 +100,6 @@ def record_sampling(metrics, batch: SampledBatch, actor: str | None = None) -> N
 class ReplayWorker(Replay, ServesMetrics):
     """The replay buffer as an actor: serves its metrics (actor=replay)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling,
-                         cfg.learner.seed, metrics=actor_metrics(cfg, "replay"))
+    def __init__(self, replay_cfg, seed: int, metrics_cfg, task: str):
+        super().__init__(replay_cfg.capacity_per_prompt, replay_cfg.dedup_fraction, replay_cfg.sampling, seed,
+                         metrics=actor_metrics(metrics_cfg, task, "replay"))

@@ -163,10 +163,11 @@ class Metrics:
             self.server = None
 
 
-def for_process(cfg, actor: str, job: str | None = None) -> Metrics | None:
-    """The process's Metrics, serving on the configured host/port; None when metrics are off."""
-    if not cfg.metrics.enabled:
+def for_process(metrics_cfg, actor: str, task: str, job: str | None = None) -> Metrics | None:
+    """The process's Metrics (the `metrics` section; `task` labels every series), serving on the
+    configured host/port; None when metrics are off."""
+    if not metrics_cfg.enabled:
         return None
-    m = Metrics(job or cfg.metrics.job or "gfnlm", actor, cfg.task.type)
-    m.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.port_range)
+    m = Metrics(job or metrics_cfg.job or "gfnlm", actor, task)
+    m.serve(metrics_cfg.host, metrics_cfg.port, metrics_cfg.port_range)
     return m

@@ -45,7 +45,7 @@ def locate(path: str, need_run: bool = True) -> tuple[str | None, str]:
 
 def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     """(config, policy with the adapter, task with its reward, sampler) of a trained run."""
-    from gfnlm.actors.engines import context_length, make_sampler
+    from gfnlm.actors.engines import SamplerSpec, context_length, make_sampler
     from gfnlm.actors.policy import Policy
     from gfnlm.rewards import make_task
     from gfnlm.rewards.scorer import attach_scorer
@@ -63,7 +63,7 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     task = make_task(cfg, policy.tokenizer)
     attach_scorer(task, cfg, policy.model, policy.device)
     load_m_adapter(policy, adapter, cfg.lora, task)  # the M-step's adapter, part of the reward, where there is one
-    sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
+    sampler = make_sampler(SamplerSpec.of(cfg), policy.tokenizer, seed=cfg.learner.seed, policy=policy,
                            max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     if getattr(sampler, "model", None) is not policy.model:
         sampler.load_weights(policy.adapter_state(), 1)

@@ -59,19 +59,19 @@ def main(args) -> int:
     t0 = time.perf_counter()
     _, batch = collect(c, c.task.train_ids[:1], 1.0)
     sample_s = time.perf_counter() - t0
-    fresh = [t for t in batch if t.source != "replay"]
+    fresh = [t for t in batch.trajectories if t.source != "replay"]
     print(f"sampler: {len(fresh)} samples, {sum(t.length + t.terminated for t in fresh)} tokens in {sample_s:.2f} s "
           f"({sum(t.length + t.terminated for t in fresh) / sample_s:.1f} tokens/s, prompt computed once)")
 
     P = len(c.task.prompt_ids(c.task.train_ids[0]))
-    z_tokens = sum(t.length for t in batch)
+    z_tokens = sum(t.length for t in batch.trajectories)
     seq_tokens = len(batch) * P + z_tokens  # what each trajectory means: prompt + Z
     computed = P + z_tokens  # what the shared-prompt pass actually runs
 
-    c.learner.update([batch], c.task, 1.0)  # warm-up
+    c.learner.update([batch], 1.0)  # warm-up
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        c.learner.update([batch], c.task, 1.0)
+        c.learner.update([batch], 1.0)
     shared = (time.perf_counter() - t0) / args.steps
     # forward 2·N·tokens; backward through frozen weights to the adapters ≈ 2·N·tokens more
     achieved = 4 * n_params * computed / shared
@@ -79,7 +79,7 @@ def main(args) -> int:
           f"in {shared:.3f} s/update -> {len(batch) / shared:.1f} trajectories/s, {seq_tokens / shared:.0f} tokens/s "
           f"(~{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / flops:.0f}% of the matmul rate)")
 
-    naive = naive_update_seconds(c, batch, max(1, args.steps // 2))
+    naive = naive_update_seconds(c, batch.trajectories, max(1, args.steps // 2))
     achieved_naive = 4 * n_params * seq_tokens / naive
     print(f"learner, prompt repeated per sample: {naive:.3f} s/update -> {len(batch) / naive:.1f} trajectories/s, "
           f"{seq_tokens / naive:.0f} tokens/s (~{achieved_naive / 1e9:.1f} GFLOP/s = {100 * achieved_naive / flops:.0f}%)")
@@ -239,6 +239,7 @@ def stages(args) -> int:
     the tokens and LM-head rows it pushed through the models, the FLOPs they imply (`ModelWork`), and
     that as a fraction of the machine's measured fp32 matmul rate at the same thread count."""
     from gfnlm.actors.sampler import RequestServer
+    from gfnlm.actors.trajectory import MicroBatch
 
     from .loop import build, plan_request, replay_wanted
 
@@ -265,10 +266,10 @@ def stages(args) -> int:
         t2 = time.perf_counter()
         got["score"] = work.take()
         c.replay.add(fresh)
-        mixed = fresh + c.replay.sample_many(replay_wanted(req, counts), 1.0)
+        mixed = MicroBatch(req, fresh + c.replay.sample_many(replay_wanted(req, counts), 1.0))
         t3 = time.perf_counter()
         got["replay"] = work.take()
-        out = c.learner.update([mixed], task, 1.0)
+        out = c.learner.update([mixed], 1.0)
         t4 = time.perf_counter()
         got["forward"] = work.take()
         if step == 0:

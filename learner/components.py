@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gfnlm.actors.engines import context_length, longest_z, make_sampler
+from gfnlm.actors.engines import SamplerSpec, context_length, longest_z, make_sampler
 from gfnlm.actors.policy import Policy
 from gfnlm.actors.replay import Replay
 from gfnlm.actors.sampler import TransformersSampler
@@ -84,7 +84,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     check_context(cfg, task, policy.model.config)
     attach_scorer(task, cfg, policy.model, policy.device)
     if engine:
-        sampler = make_sampler(cfg, policy.tokenizer, seed=cfg.learner.seed, policy=policy,
+        sampler = make_sampler(SamplerSpec.of(cfg), policy.tokenizer, seed=cfg.learner.seed, policy=policy,
                                max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     else:
         sampler = eval_engine(policy, cfg)
@@ -96,7 +96,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if objective.type == "tb" and objective.log_z == "scalar" and len(task.train_ids) > 1:
         raise ConfigError(f"learner.objective.log_z: 'scalar' shares one log Z across the {len(task.train_ids)} training "
                           f"records of task {task.name}, whose partition functions differ; use per_record (the default)")
-    learner = Learner(policy, cfg.learner, num_records=len(task.records))
+    learner = Learner(policy, cfg.learner, num_records=len(task.records), state_flows=task.state_log_flows)
     ids = task.train_ids
     if not learner.objective.samples:  # SFT: the records that have a reference Z
         ids = [r for r in ids if task.reference(r) is not None]

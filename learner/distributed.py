@@ -35,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from gfnlm.actors import max_rss_bytes
 from gfnlm.actors.engines import context_length
-from gfnlm.actors.trajectory import Trajectory
+from gfnlm.actors.trajectory import MicroBatch, Trajectory
 from gfnlm.actors.workers import SamplerWorker
 from gfnlm.rewards.scorer import ScorerWorker
 
@@ -154,8 +154,8 @@ class RayDriver(ActorSupervision, RequestPipeline):
             req, counts = b.plan
             replayed = self._replay_get("sample_many", replay_wanted(req, counts), temperature)
             fresh += b.trajectories
-            mixed.append(b.trajectories + replayed)
-        out = c.learner.update(mixed, c.task, temperature)
+            mixed.append(MicroBatch(req, b.trajectories + replayed))
+        out = c.learner.update(mixed, temperature)
         out["trained"] = sum(len(m) for m in mixed)
         if c.learner.step % cfg.runtime.publish_every == 0:
             self.publish()

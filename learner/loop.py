@@ -19,19 +19,19 @@ import time
 
 
 from gfnlm.actors.sampler import RequestServer
-from gfnlm.actors.trajectory import SampledBatch, Trajectory
+from gfnlm.actors.trajectory import MicroBatch, SampledBatch, Trajectory
 from gfnlm.actors.workers import record_sampling
 from gfnlm.configs import Config, dump_config
 
 from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
-from .schedule import plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
+from .schedule import micro_batch, plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
 from .checkpoints import checkpoint, newest_intact, restore
 from .reporting import (Progress, RunningStats, draw_curves, record_step, step_record, trim_metrics,  # noqa: F401 (re-exported)
                         valid_counts, write_line, write_targets)
 
 
-def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], list[Trajectory]]:
-    """One micro-batch in this process: (fresh samples, the whole mixed batch)."""
+def collect(c: Components, record_ids: list[int], temperature: float, serve=None) -> tuple[list[Trajectory], MicroBatch]:
+    """One micro-batch in this process: (fresh samples, the whole mixed batch and its request)."""
     req, counts = plan_request(c.cfg, c.task, record_ids, [c.replay.size(r) for r in record_ids], c.generator)
     fresh = (serve or RequestServer(c.sampler, c.policy.tokenizer))(req)
     c.task.score(fresh)
@@ -42,13 +42,13 @@ def collect(c: Components, record_ids: list[int], temperature: float, serve=None
     if stale:  # scored by a reward that has changed since (the M-step's): score them again, and keep
         c.task.score(stale)  # the new values in the buffer (its priorities and eviction compare them)
         c.replay.refresh(stale)
-    return fresh, fresh + replayed
+    return fresh, MicroBatch(req, fresh + replayed)
 
 
-def references(c: Components, record_ids: list[int]) -> list[Trajectory]:
+def references(c: Components, record_ids: list[int]) -> MicroBatch:
     """SFT's micro-batch: the records' reference Z."""
     refs = [c.task.reference(r) for r in record_ids]
-    return [t for t in refs if t is not None]
+    return micro_batch(c.cfg, c.task, [t for t in refs if t is not None])
 
 
 class LocalDriver:
@@ -81,7 +81,7 @@ class LocalDriver:
                                                        sample_seconds=time.perf_counter() - t0))
             fresh += new
             batches.append(mixed)
-        out = c.learner.update(batches, c.task, temperature)
+        out = c.learner.update(batches, temperature)
         if c.em is not None and c.em.due(c.learner.step):
             out.update(c.em.run(c.sampler))
         publish(c)
@@ -136,7 +136,7 @@ def train(cfg: Config, run_dir: str, resume: bool = False, log=print, on_step=No
     from .reward_fit import fitted_config
 
     cfg = with_job(fitted_config(cfg, log), run_dir)  # reward.fit: the fitted model in place (fitted once per content)
-    metrics = for_process(cfg, "learner")
+    metrics = for_process(cfg.metrics, "learner", cfg.task.type)
     c = None
     try:
         if cfg.runtime.mode == "ray" and cfg.learner.objective.type == "sft":

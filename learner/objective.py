@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from gfnlm.actors.trajectory import by_record
+from gfnlm.actors.trajectory import by_record, joined
 
 from .objectives import (action_logprobs, group_advantages, importance_weights, ppo_loss, sft_loss, subtb_log_root,
                          subtb_loss, tb_loss, tb_parts, vargrad_loss)
@@ -255,10 +255,11 @@ class PPO:
     def extra_parameters(self):
         return []
 
-    def plan(self, micro_batches, policy, task, reward_temperature: float) -> list[list[list]]:
+    def plan(self, micro_batches, policy, reward_temperature: float) -> list[list]:
         """Advantages and reference log-probs of the whole batch, then the optimizer steps: each
         epoch shuffles the batch into `minibatches` parts, one step each."""
-        batch = [t for mb in micro_batches for t in mb]
+        whole = joined(micro_batches)
+        req, batch = whole.request, whole.trajectories
         rewards = torch.tensor([t.final_log_r / reward_temperature for t in batch], dtype=torch.float64)
         groups = torch.tensor([t.record_id for t in batch])
         adv = group_advantages(rewards, groups, self.cfg.normalize_advantages).tolist()
@@ -269,8 +270,8 @@ class PPO:
         try:
             with torch.no_grad(), policy.model.disable_adapter():
                 for rid, ts in per_record.items():
-                    log_pf, log_pterm, lengths, tool = policy.logprobs(task.prompt_ids(rid), ts, task.end_ids,
-                                                                       task.banned_ids, task.ban_penalty, 0, task.can_end)
+                    log_pf, log_pterm, lengths, tool = policy.logprobs(req.prompt_ids(rid), ts, req.end_ids,
+                                                                       req.banned_ids, req.ban_penalty, 0, req.can_end)
                     terminated = torch.tensor([t.terminated for t in ts])
                     ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
                     for t, row in zip(ts, ref.tolist()):
@@ -284,7 +285,7 @@ class PPO:
         for _ in range(self.cfg.epochs):
             order = list(batch)
             self.rng.shuffle(order)
-            steps += [[order[i::parts]] for i in range(parts)]
+            steps += [[whole.subset(order[i::parts])] for i in range(parts)]
         return steps
 
     def loss(self, terms: PolicyTerms):

@@ -10,11 +10,13 @@ pipeline (`_submit`, learner/ray_requests.py).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from gfnlm.actors.engines import SamplerSpec
 from gfnlm.actors.workers import ReplayWorker
 from gfnlm.rewards.scorer import colocated_scorer
 
@@ -67,7 +69,8 @@ class ActorSupervision:
     def _new_replay(self):
         rt = self.cfg.runtime
         return ray.remote(ReplayWorker).options(name=self._ray_name("replay"), num_cpus=0, max_restarts=rt.replay_max_restarts,
-                                                 max_task_retries=0).remote(self.cfg)
+                                                 max_task_retries=0).remote(
+            self.cfg.replay, self.cfg.learner.seed, self.cfg.metrics, self.cfg.task.type)
 
     def _new_sampler(self, i: int):
         s, r = self.cfg.samplers, self.cfg.reward
@@ -76,7 +79,8 @@ class ActorSupervision:
         if s.memory_mb:
             options["memory"] = s.memory_mb * 2**20
         return ray.remote(self.worker_cls).options(name=self._ray_name(self.names[i]), **options).remote(
-            self.cfg, self.names[i], self.cfg.learner.seed + 1 + i, scorer_factory=colocated_scorer if r.colocate else None,
+            SamplerSpec.of(self.cfg), self.names[i], self.cfg.learner.seed + 1 + i,
+            scorer_factory=functools.partial(colocated_scorer, self.cfg) if r.colocate else None,
             threads=int(s.num_cpus), max_model_len=self.ctx)
 
     def _new_scorer(self, k: int):

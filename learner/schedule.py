@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from gfnlm.actors.trajectory import PromptRequest, SampleRequest
+from gfnlm.actors.trajectory import MicroBatch, PromptRequest, SampleRequest, Trajectory, by_record
 from gfnlm.configs import Config, ConfigError
 from gfnlm.configs.learner import BatchConfig, RewardTemperature
 
@@ -82,11 +82,22 @@ def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[in
         prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps))
         replayed.append(n_rep)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    req = SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
-                        tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
-                        ban_penalty=task.ban_penalty,
-                        seed=seed, tag=tag)
-    return req, replayed
+    return request(cfg, task, prompts, seed, tag), replayed
+
+
+def request(cfg: Config, task, prompts: list[PromptRequest], seed: int | None = None, tag: int = 0) -> SampleRequest:
+    """The one place a request's rules come from the task: its end and banned tokens, min and max
+    length, and the tools (which say where a state may end)."""
+    return SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
+                         tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
+                         ban_penalty=task.ban_penalty, seed=seed, tag=tag)
+
+
+def micro_batch(cfg: Config, task, trajectories: list[Trajectory]) -> MicroBatch:
+    """Trajectories that no sampler drew this step (SFT's references, a test's hand-made batch) as a
+    micro-batch: a request for their records that asks for no samples."""
+    prompts = [PromptRequest(rid, task.prompt_ids(rid), 0) for rid in by_record(trajectories)]
+    return MicroBatch(request(cfg, task, prompts), list(trajectories))
 
 
 def replay_wanted(plan: SampleRequest, counts: list[int]) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from gfnlm.actors.trajectory import Trajectory, by_record
+from gfnlm.actors.trajectory import MicroBatch, by_record
 from gfnlm.configs.learner import LearnerConfig
 
 from gfnlm.actors.policy import Policy, can_end_mask
@@ -19,9 +19,12 @@ from .objective import PolicyTerms, make_objective
 class Learner:
     """Owns the optimizer of the LoRA weights and the objective's own parameters (TB's log Z)."""
 
-    def __init__(self, policy: Policy, cfg: LearnerConfig, num_records: int = 1):
+    def __init__(self, policy: Policy, cfg: LearnerConfig, num_records: int = 1, state_flows=None):
         self.policy = policy
         self.cfg = cfg
+        self.state_flows = state_flows
+        """(trajectory, reward temperature) -> known log F of its states, or None: what a task that knows
+        its states' flows (random numbers) adds to log R; None when no task does."""
         self.objective = make_objective(cfg.objective, policy.device, num_records,
                                         getattr(policy.model.config, "hidden_size", None))
         self._features: dict[tuple, torch.Tensor] = {}
@@ -31,12 +34,13 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
 
-    def terms(self, trajectories: list[Trajectory], task, reward_temperature: float) -> PolicyTerms:
-        """The teacher-forced pass over a micro-batch; trajectories are grouped by record so each
-        prompt runs once. `task` gives each record's prompt, the end tokens and the banned tokens."""
-        groups = by_record(trajectories)
-        ends = task.can_end if self.objective.masks_end else None
-        parts = [self.policy.logprobs(task.prompt_ids(rid), ts, task.end_ids, task.banned_ids, task.ban_penalty, 0, ends)
+    def terms(self, batch: MicroBatch, reward_temperature: float) -> PolicyTerms:
+        """The teacher-forced pass over a micro-batch, under the rules of the request it answers;
+        trajectories are grouped by record so each prompt runs once."""
+        req = batch.request
+        groups = by_record(batch.trajectories)
+        ends = req.can_end if self.objective.masks_end else None
+        parts = [self.policy.logprobs(req.prompt_ids(rid), ts, req.end_ids, req.banned_ids, req.ban_penalty, 0, ends)
                  for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)
@@ -52,16 +56,16 @@ class Learner:
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
         lengths = torch.cat([p[2] for p in parts])
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
-                           state_flows(ordered, task, reward_temperature, log_r),
+                           state_flows(ordered, self.state_flows, reward_temperature, log_r),
                            None if ends is None else can_end_mask(ordered, ends, T + 1).to(log_pf.device),
-                           lambda rids: self.prompt_features(task, rids))
+                           lambda rids: self.prompt_features(req, rids))
 
-    def prompt_features(self, task, record_ids: list[int]) -> torch.Tensor:
+    def prompt_features(self, request, record_ids: list[int]) -> torch.Tensor:
         """[B, d] each record's prompt, mean-pooled last hidden state under the frozen base model
         (adapter off), computed once per prompt: what a log Z head reads."""
         out = []
         for rid in record_ids:
-            prompt = tuple(task.prompt_ids(rid))
+            prompt = tuple(request.prompt_ids(rid))
             key = (rid, prompt)
             if key not in self._features:
                 if len(self._features) > 100_000:
@@ -79,17 +83,17 @@ class Learner:
             out.append(self._features[key])
         return torch.stack(out)
 
-    def loss(self, trajectories, task, reward_temperature: float):
-        return self.objective.loss(self.terms(trajectories, task, reward_temperature))
+    def loss(self, batch: MicroBatch, reward_temperature: float):
+        return self.objective.loss(self.terms(batch, reward_temperature))
 
-    def update(self, micro_batches: list[list[Trajectory]], task, reward_temperature: float) -> dict:
+    def update(self, micro_batches: list[MicroBatch], reward_temperature: float) -> dict:
         """One collected batch: one optimizer step over its micro-batches (gradients accumulated),
         or, for an objective that plans its own (PPO: epochs of minibatches), each step it plans."""
         t0 = time.perf_counter()
         clock = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
         self.policy.model.train()
         plan = getattr(self.objective, "plan", None)
-        steps = plan(micro_batches, self.policy, task, reward_temperature) if plan else [micro_batches]
+        steps = plan(micro_batches, self.policy, reward_temperature) if plan else [micro_batches]
         clock["forward_seconds"] += time.perf_counter() - t0  # PPO's reference pass counts as forward
         params = self.policy.trainable_parameters() + self.objective.extra_parameters()
         totals: dict[str, float] = defaultdict(float)
@@ -98,7 +102,7 @@ class Learner:
             loss_sum, extra = 0.0, {}
             for mb in step:
                 t1 = time.perf_counter()
-                loss, extra = self.loss(mb, task, reward_temperature)
+                loss, extra = self.loss(mb, reward_temperature)
                 t2 = time.perf_counter()
                 (loss / len(step)).backward()
                 loss_sum += loss.item() / len(step)
@@ -148,10 +152,12 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def state_flows(trajectories, task, reward_temperature: float, like: torch.Tensor) -> torch.Tensor | None:
-    """[B, T+1] known log F(s_k) - log F(s_0) of each prefix (tempered), NaN where the task knows
-    none; None when it knows no state's flow."""
-    rows = [task.state_log_flows(t, reward_temperature) for t in trajectories]
+def state_flows(trajectories, known, reward_temperature: float, like: torch.Tensor) -> torch.Tensor | None:
+    """[B, T+1] known log F(s_k) - log F(s_0) of each prefix (tempered) from `known(t, T)`, NaN where
+    it knows none; None when it knows no state's flow (or there is no `known`)."""
+    if known is None:
+        return None
+    rows = [known(t, reward_temperature) for t in trajectories]
     if all(r is None for r in rows):
         return None
     out = torch.full_like(like, float("nan"))

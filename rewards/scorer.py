@@ -67,7 +67,9 @@ class TaskScorer:
 
 
 def colocated_scorer(cfg, tokenizer, model, device: str, metrics) -> TaskScorer:
-    """A sampler actor's own scorer: the task, with the sampler's base model (adapter off)."""
+    """A sampler actor's own scorer: the task, with the sampler's base model (adapter off). The
+    learner binds `cfg` (functools.partial): the task is built from its sections here, in the reward
+    layer, and the sampler passes the rest."""
     task = make_task(cfg, tokenizer)
     attach_scorer(task, cfg, model, device)
     return TaskScorer(task, metrics)
@@ -87,7 +89,7 @@ class ScorerWorker(TaskScorer, ServesMetrics):
         task = make_task(cfg, tokenizer)
         device = pick_device(cfg.model.device)
         attach_scorer(task, cfg, None, device)
-        super().__init__(task, actor_metrics(cfg, name))
+        super().__init__(task, actor_metrics(cfg.metrics, cfg.task.type, name))
 
     def memory(self) -> int:
         return max_rss_bytes()

@@ -302,12 +302,12 @@ def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, 
     from gfnlm.learner.loop import collect
 
     fresh, mixed = collect(d.c, rids, 1.0, d.serve)
-    steps = d.c.learner.objective.plan([mixed], d.c.policy, d.c.task, 1.0)
+    steps = d.c.learner.objective.plan([mixed], d.c.policy, 1.0)
     assert len(steps) == 4 and sorted(id(t) for s in steps[:2] for t in s[0]) == sorted(id(t) for t in mixed)
     d.c.policy.model.train()
-    _, info = d.c.learner.loss(mixed, d.c.task, 1.0)
+    _, info = d.c.learner.loss(mixed, 1.0)
     assert info["clip_fraction"] == 0.0 and info["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh samples, zero adapter
-    out = d.c.learner.update([mixed], d.c.task, 1.0)
+    out = d.c.learner.update([mixed], 1.0)
     assert math.isfinite(out["loss"]) and "kl" in out
     changed = [k for k, v in d.c.policy.model.named_parameters() if v.requires_grad and not torch.equal(v, lora[k])]
     assert changed and all(torch.equal(v, base[k]) for k, v in d.c.policy.model.named_parameters() if not v.requires_grad)

@@ -371,12 +371,15 @@ def test_training_on_the_vllm_engine_follows_the_learner(tiny_llama_vllm, tmp_pa
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=str(VLLM_MISSING))
 def test_sampler_worker_on_vllm_tags_batches_with_the_version(tiny_llama_vllm, tmp_path):
     from gfnlm.actors.trajectory import PromptRequest
+    import functools
+
+    from gfnlm.actors.engines import SamplerSpec
     from gfnlm.actors.workers import SampleRequest, SamplerWorker
     from gfnlm.configs import load_config
     from gfnlm.rewards.scorer import colocated_scorer
 
     cfg = load_config("random_number.yaml", vllm_overrides(tiny_llama_vllm, tmp_path / "run"))
-    worker = SamplerWorker(cfg, "sampler-0", seed=3, scorer_factory=colocated_scorer)
+    worker = SamplerWorker(SamplerSpec.of(cfg), "sampler-0", seed=3, scorer_factory=functools.partial(colocated_scorer, cfg))
     policy = make_policy(tiny_llama_vllm, seed=9)
     assert worker.set_weights(policy.adapter_state(), 5) >= 0 and worker.version == 5
     prompts = [PromptRequest(0, policy.tokenizer.encode("7 + 5 ="), 4, [1.5, 2.0]),

@@ -24,6 +24,7 @@ from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.configs.schema import RewardTemperature
 from gfnlm.learner.loop import build, collect, train
+from gfnlm.learner.schedule import micro_batch
 from gfnlm.learner.objectives import group_advantages
 from gfnlm.learner.schedule import reward_temperature
 from gfnlm.rewards.random_number import exact_distribution
@@ -195,7 +196,7 @@ def test_ppo_advantages_see_the_reward_temperature(tiny_digits, tmp_path):
     for i, t in enumerate(batch):  # distinct final rewards in the record's group
         t.log_r = t.log_r[:-1] + [-1.5 * i]
     for T in (1.0, 0.25):
-        c.learner.objective.plan([batch], c.policy, c.task, T)
+        c.learner.objective.plan([batch], c.policy, T)
         got = [c.learner.objective._rows[id(t)][0] for t in batch]
         want = group_advantages(torch.tensor([t.final_log_r / T for t in batch], dtype=torch.float64),
                                 torch.tensor([t.record_id for t in batch]), normalize=False).tolist()
@@ -218,7 +219,7 @@ def test_learner_terms_equal_hand_built_tensors(tiny_digits, tmp_path):
     trajs = [traj(0, "12"), traj(1, "3"), traj(0, "25", [False, True]), traj(1, "")]
     c.task.score(trajs)
     T = 2.0
-    terms = c.learner.terms(trajs, c.task, T)
+    terms = c.learner.terms(micro_batch(c.cfg, c.task, trajs), T)
     order = [trajs[0], trajs[2], trajs[1], trajs[3]]  # by record, in order of first appearance
     assert [id(t) for t in terms.trajectories] == [id(t) for t in order]
     width = max(t.length for t in trajs)
@@ -246,7 +247,7 @@ def test_learner_terms_equal_hand_built_tensors(tiny_digits, tmp_path):
     # over 10..30 (equal rewards: log 10/21 at any T)
     assert terms.log_flow[0, 1].item() == pytest.approx(math.log(10 / 21), abs=1e-5)
     # gradients reach the adapter through every row
-    loss, _ = c.learner.objective.loss(c.learner.terms(trajs, c.task, T))
+    loss, _ = c.learner.objective.loss(c.learner.terms(micro_batch(c.cfg, c.task, trajs), T))
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in c.policy.trainable_parameters())
 
@@ -283,7 +284,7 @@ def test_sft_is_the_references_nll_and_teaches_the_policy_to_write_them(tiny_lla
             nll -= sum(float(logp[k, tok]) for k, tok in enumerate(t.tokens))
             nll -= float(torch.logsumexp(logp[len(t.tokens), c.task.end_ids], 0))
             count += len(t.tokens) + 1
-        assert c.learner.loss(refs, c.task, 1.0)[0].item() == pytest.approx(nll / count, rel=1e-5)
+        assert c.learner.loss(refs, 1.0)[0].item() == pytest.approx(nll / count, rel=1e-5)
 
     c = train(cfg, str(tmp_path / "run"))
     tok = c.policy.tokenizer
@@ -308,7 +309,7 @@ def test_ppo_ratios_start_at_one_before_min_len(tiny_digits, tmp_path):
     c = build(cfg)
     fresh, _ = collect(c, [0], 1.0)
     with torch.no_grad():
-        terms = c.learner.terms(fresh, c.task, 1.0)
+        terms = c.learner.terms(micro_batch(c.cfg, c.task, fresh), 1.0)
         lp, actions = action_logprobs(terms.log_pf, terms.log_pterm, terms.lengths, terms.tool_mask, terms.terminated)
     for b, t in enumerate(terms.trajectories):
         n = int(actions[b].sum())
@@ -326,7 +327,7 @@ def test_subtb_states_can_end_wires_the_mask_and_the_batch_root(tiny_digits, tmp
                                                              "task.target={type: uniform, low: 10, high: 40}"))
     c = build(cfg)
     _, batch = collect(c, [0], 1.0)
-    terms = c.learner.terms(batch, c.task, 1.0)
+    terms = c.learner.terms(batch, 1.0)
     assert not terms.can_end[:, :2].any()
     assert all(terms.can_end[b, 2: t.length + 1].all() and not terms.can_end[b, t.length + 1:].any()
                for b, t in enumerate(terms.trajectories))
