@@ -15,6 +15,8 @@ import torch
 from gfnlm.actors.policy import Policy
 from gfnlm.configs import UserError
 
+from .driver import Driver
+
 
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG state as tensors and plain lists, so trainer.pt loads with weights_only=True."""
@@ -150,18 +152,17 @@ def load_adapter_weights(policy: Policy, adapter_dir: str) -> None:
     set_peft_model_state_dict(policy.model, state)
 
 
-def checkpoint(driver, run_dir: str) -> str:
+def checkpoint(driver: Driver, run_dir: str) -> str:
     c = driver.c
     extra = {"learner": c.learner.state_dict(), "replay": driver.replay_state(), "scheduler": c.scheduler.state_dict(),
-             "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state()}
-    if hasattr(driver, "in_flight_plans"):
-        extra["plans"] = driver.in_flight_plans()
+             "rng": rng_state(c.sampler.generator), "driver_rng": c.generator.get_state(),
+             "plans": driver.in_flight_plans()}
     if c.em is not None:
         extra["em"] = c.em.state_dict()
     return save_checkpoint(run_dir, c.learner.step, c.policy, extra, c.cfg.run.keep_checkpoints)
 
 
-def restore(driver, ckpt_dir: str, extra: dict | None = None) -> None:
+def restore(driver: Driver, ckpt_dir: str, extra: dict | None = None) -> None:
     """The run's state from a checkpoint; `extra` is its trainer.pt when already read."""
     c = driver.c
     load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
@@ -171,7 +172,6 @@ def restore(driver, ckpt_dir: str, extra: dict | None = None) -> None:
     set_rng_state(extra["rng"], c.sampler.generator)
     c.scheduler.load_state_dict(extra["scheduler"])
     c.generator.set_state(extra["driver_rng"])
-    if hasattr(driver, "restore_plans"):
-        driver.restore_plans(extra.get("plans", []))
+    driver.restore_plans(extra.get("plans", []))
     if c.em is not None and "em" in extra:
         c.em.load_state_dict(extra["em"])

@@ -47,7 +47,8 @@ from .schedule import replay_wanted
 
 class RayDriver(ActorSupervision, RequestPipeline):
     """Sampler, reward and replay actors around the learner: ActorSupervision (its actors),
-    RequestPipeline (its requests), and here the weights, the step, the replay's state and shutdown."""
+    RequestPipeline (its requests), and here the weights, the step, the replay's state and shutdown.
+    Implements `driver.Driver`."""
 
     def __init__(self, cfg, log=print, worker_cls=SamplerWorker, metrics=None, scorer_cls=ScorerWorker, chain: bool = True):
         self.cfg, self.log = cfg, log

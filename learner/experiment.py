@@ -27,6 +27,7 @@ import yaml
 
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.configs.load import resolve_path
+from gfnlm.rewards.evaluation import methods_of
 
 
 def read_spec(name: str) -> dict:
@@ -77,7 +78,7 @@ def finished(cfg, methods: list[str]) -> dict | None:
             evaluated = json.load(f)
     except (OSError, ValueError):
         return None
-    results = evaluated.get("methods", evaluated) if isinstance(evaluated, dict) else None
+    results = methods_of(evaluated) if isinstance(evaluated, dict) else None
     if not isinstance(results, dict) or any(m not in results for m in methods) or not same_config(cfg):
         return None
     return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them

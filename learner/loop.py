@@ -26,6 +26,7 @@ from gfnlm.configs import Config, dump_config
 from .components import Components, build, check_context, eval_engine, new_replay, seed_replay, setup_torch, torch_threads  # noqa: F401 (re-exported)
 from .schedule import micro_batch, plan_request, replay_wanted, reward_temperature, tempered_temperatures  # noqa: F401 (re-exported)
 from .checkpoints import checkpoint, newest_intact, restore
+from .driver import Driver
 from .reporting import (Progress, RunningStats, draw_curves, record_step, step_record, trim_metrics,  # noqa: F401 (re-exported)
                         valid_counts, write_line, write_targets)
 
@@ -52,11 +53,12 @@ def references(c: Components, record_ids: list[int]) -> MicroBatch:
 
 
 class LocalDriver:
-    """Every piece in this process."""
+    """Every piece in this process (implements `driver.Driver`)."""
 
     def __init__(self, cfg: Config, log=print, metrics=None):
         self.c = build(cfg)
         self.counters: dict[str, float] = {}
+        self.run_dir: str | None = None
         self.metrics = metrics
         self.c.replay.metrics = metrics
         self.serve = RequestServer(self.c.sampler, self.c.policy.tokenizer)
@@ -96,6 +98,12 @@ class LocalDriver:
 
     def replay_size(self) -> int:
         return self.c.replay.size()
+
+    def in_flight_plans(self) -> list[dict]:
+        return []  # every request of a step is trained on within the step
+
+    def restore_plans(self, plans: list[dict]) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -201,7 +209,7 @@ class StopRequest:
         return False
 
 
-def resume_from(driver, run_dir: str, log) -> None:
+def resume_from(driver: Driver, run_dir: str, log) -> None:
     """The run's state from its newest intact checkpoint, the version published, metrics.jsonl cut
     back to it."""
     c = driver.c
@@ -225,7 +233,7 @@ def open_run_folder(c: Components, cfg: Config, run_dir: str) -> None:
         c.trackers = Trackers(cfg, run_dir)
 
 
-def guarded_step(driver, temperature: float, metrics, run_dir: str, log):
+def guarded_step(driver: Driver, temperature: float, metrics, run_dir: str, log):
     """driver.step, with an error counted, and a checkpoint first where the error asks for one (an
     actor gone for good: the run cannot go on, but what it learnt is kept)."""
     try:
@@ -241,7 +249,7 @@ def guarded_step(driver, temperature: float, metrics, run_dir: str, log):
         raise
 
 
-def run(driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
+def run(driver: Driver, cfg: Config, run_dir: str, resume: bool, log, on_step=None) -> Components:
     c = driver.c
     c.stopped, driver.run_dir = None, run_dir
     if resume:

@@ -21,12 +21,12 @@ from gfnlm.configs import ConfigError
 import contextlib
 import random
 import re
-import time
 
 from gfnlm.actors.tools import ToolRunner, tool_runner
 from gfnlm.actors.trajectory import Trajectory
 
-from .base import columns_of, eval_mode, save_evaluation, vote
+from .base import columns_of, eval_mode, vote
+from .evaluation import Evaluation
 from .infilling import InfillingTask
 from .records import Record, RecordError, RecordSet, is_integer, read_rows
 
@@ -286,51 +286,57 @@ class ArithmeticTask(InfillingTask):
         text = "".join(self.worked_text(r) + self.cfg.shot_separator for r in pool[:k])
         return list(self.tokenizer(text + self.prompt_text(record_id)).input_ids)
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+    def evaluation(self, policy, sampler, eval_cfg, methods=None) -> Evaluation:
         """Accuracy of the majority vote per test set, for the trained policy (0-shot prompt) and
         k-shot prompting of the base model (methods 'prompt0', 'prompt3', ...)."""
         if methods is None:
             methods = ["trained"] + ([m for m in eval_cfg.baselines if m.startswith("prompt")] if eval_cfg.include_base else [])
+        for m in methods:
+            if m != "trained" and not re.fullmatch(r"prompt\d+", m):
+                raise ConfigError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
+                                  f"(k-shot prompting of the base model, e.g. prompt0, prompt3)")
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
         from .lm_eval import eval_records
 
         sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
-        results, examples = {}, {}
-        sampler.tools = self.tools
-        with eval_mode(policy.model), self.evaluation_lengths():  # 5 operands need more room
-            for m in methods:
-                t0 = time.perf_counter()
-                if m == "trained":
-                    prompt_of, ctx = self.prompt_ids, contextlib.nullcontext()
-                elif re.fullmatch(r"prompt\d+", m):
-                    shots = int(m[len("prompt"):])
-                    prompt_of, ctx = (lambda r, s=shots: self.shots_prompt_ids(r, s)), policy.model.disable_adapter()
-                else:
-                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
-                                     f"(k-shot prompting of the base model, e.g. prompt0, prompt3)")
-                figures, shown = {}, []
-                with ctx:
-                    for name, ids in sets.items():
-                        samples = self.sample_records(sampler, ids, k, temp, prompt_of)
-                        correct = 0
-                        for rid in ids:
-                            winner, counts = vote(self.answers(samples[rid]))
-                            correct += winner == self.answer(rid)
-                            if len(shown) < 3:
-                                shown.append({"record": rid, "question": self.prompt_text(rid), "answer": self.answer(rid),
-                                              "vote": winner, "samples": [self.tokenizer.decode(t.tokens) for t in samples[rid][:3]]})
-                        figures[f"acc_{name}"] = correct / len(ids) if ids else float("nan")
-                        figures[f"questions_{name}"] = len(ids)
-                figures.update(seconds=time.perf_counter() - t0, votes=k, vote_temperature=temp)
-                results[m], examples[m] = figures, shown
-                log(f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {figures[f'acc_{n}']:.3f}" for n in sets)
+
+        def figures(m: str) -> tuple[dict, list]:
+            if m == "trained":
+                prompt_of, ctx = self.prompt_ids, contextlib.nullcontext()
+            else:
+                shots = int(m[len("prompt"):])
+                prompt_of, ctx = (lambda r: self.shots_prompt_ids(r, shots)), policy.model.disable_adapter()
+            fig, shown = {}, []
+            with ctx:
+                for name, ids in sets.items():
+                    samples = self.sample_records(sampler, ids, k, temp, prompt_of)
+                    correct = 0
+                    for rid in ids:
+                        winner, counts = vote(self.answers(samples[rid]))
+                        correct += winner == self.answer(rid)
+                        if len(shown) < 3:
+                            shown.append({"record": rid, "question": self.prompt_text(rid), "answer": self.answer(rid),
+                                          "vote": winner, "samples": [self.tokenizer.decode(t.tokens) for t in samples[rid][:3]]})
+                    fig[f"acc_{name}"] = correct / len(ids) if ids else float("nan")
+                    fig[f"questions_{name}"] = len(ids)
+            return {**fig, "votes": k, "vote_temperature": temp}, shown
+
+        def line(m: str, fig: dict) -> str:
+            return (f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {fig[f'acc_{n}']:.3f}" for n in sets)
                     + f"  ({', '.join(f'{len(v)}' for v in sets.values())} questions, vote of {k} at T={temp:g}, "
-                      f"{figures['seconds']:.0f} s)")
-        names = list(sets)
-        table = ("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n"
-                 + "| --- |" + " --- |" * len(names) + "\n"
-                 + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n"
-                           for m, fig in results.items()))
-        save_evaluation(out_dir, {"task": self.name, "sets": {n: v for n, v in sets.items()}, "methods": results,
-                                  "examples": examples}, table)
-        return results
+                      f"{fig['seconds']:.0f} s)")
+
+        def table(results: dict) -> str:
+            names = list(sets)
+            return ("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n"
+                    + "| --- |" + " --- |" * len(names) + "\n"
+                    + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n"
+                              for m, fig in results.items()))
+
+        @contextlib.contextmanager
+        def context():
+            sampler.tools = self.tools
+            with eval_mode(policy.model), self.evaluation_lengths():  # 5 operands need more room
+                yield
+
+        return Evaluation(methods, figures, line, table, header={"task": self.name, "sets": dict(sets)}, context=context)

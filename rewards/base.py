@@ -100,10 +100,17 @@ class Task:
         """Known-good trajectories of a record for the replay (scored); none by default."""
         return []
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
-        """The task's own evaluation (figures, eval.json, plots); `methods` picks baselines where
-        the task has them."""
+    def evaluation(self, policy, sampler, eval_cfg, methods=None):
+        """The task's evaluation, declared (`rewards.evaluation.Evaluation`): its methods (`methods`
+        picks baselines where the task has them), one method's figures, the log line, table and plot."""
         raise NotImplementedError
+
+    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+        """Run the task's evaluation through the one runner: eval.json, eval.md (and eval.png) in
+        out_dir; name -> figures of every method."""
+        from .evaluation import run_evaluation
+
+        return run_evaluation(self.evaluation(policy, sampler, eval_cfg, methods), out_dir, log)
 
     def track(self, policy) -> dict:
         """Cheap figures of the policy for metrics.jsonl every eval.track_every steps (none by default)."""
@@ -165,22 +172,6 @@ class Task:
             yield
         finally:
             self.max_len = trained
-
-
-def save_evaluation(out_dir: str, payload: dict, table: str | None = None) -> None:
-    """The one place an evaluation is written: eval.json (the payload) and eval.md (the table, a
-    Markdown text), each written beside and renamed, so a reader never sees half a file."""
-    import json
-    import os
-
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("eval.json", json.dumps(payload, indent=2)), ("eval.md", table)):
-        if text is None:
-            continue
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text if text.endswith("\n") or name == "eval.json" else text + "\n")
-        os.replace(path + ".tmp", path)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,9 @@ class Evaluation:
     """Draws eval.png from every method's figures (path given); None: no plot."""
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """Entered around all the methods (eval mode, evaluation lengths, the task's tools)."""
+    flat: bool = False
+    """eval.json holds the methods at its top level and nothing else: the random-number task's layout
+    since its first version, kept so that scripts reading eval.json["trained"] go on working."""
 
 
 def run_evaluation(ev: Evaluation, out_dir: str, log=print) -> dict:
@@ -47,7 +50,8 @@ def run_evaluation(ev: Evaluation, out_dir: str, log=print) -> dict:
             figures["seconds"] = time.perf_counter() - t0
             results[method], examples[method] = figures, shown
             log(ev.line(method, figures))
-    save_evaluation(out_dir, {**ev.header, "methods": results, "examples": examples}, ev.table(results))
+    payload = results if ev.flat else {**ev.header, "methods": results, "examples": examples}
+    save_evaluation(out_dir, payload, ev.table(results))
     if ev.plot is not None:
         ev.plot(results, os.path.join(out_dir, "eval.png"))
     return results

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import time
 
 import torch
 
@@ -32,7 +30,8 @@ from gfnlm.actors.decoding import group_beam_search, hf_generate
 from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs import ConfigError
 
-from .base import save_evaluation
+from .base import eval_mode
+from .evaluation import Evaluation
 
 BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "diverse_beam", "diverse_beam5", "sample5",
              "rejection5")
@@ -214,14 +213,17 @@ def record_figures(task, rid: int, outputs: list[tuple[list[int], bool]], embed,
     return fig
 
 
-def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None, seed: int = 0) -> dict:
-    """Every method on the evaluation records; writes eval.json, eval.md, eval.png into out_dir."""
+def lm_evaluation(task, policy, sampler, eval_cfg, methods=None, seed: int = 0) -> Evaluation:
+    """Every method on the evaluation records, `samples_per_record` Z each: the LM tasks' evaluation."""
     rids = eval_records(task, eval_cfg, seed)
     n = eval_cfg.samples_per_record
     if methods is None:
         methods = ["trained"] + (list(eval_cfg.baselines) if eval_cfg.include_base else [])
     if task.name != "constrained":
         methods = [m for m in methods if m != "rejection5"]
+    unknown = [m for m in methods if m != "trained" and m not in BASELINES]
+    if unknown:
+        raise ConfigError(f"eval.baselines: unknown method {unknown[0]!r}; expected one of {', '.join(BASELINES)}")
     if eval_cfg.embedding_model:
         from gfnlm.actors.models import load_model
 
@@ -230,33 +232,27 @@ def evaluate_lm_task(task, policy, sampler, eval_cfg, out_dir: str, log=print, m
     else:
         embed = Embedder(policy.model, policy.tokenizer, policy.device)
     bertscore = BertScore(eval_cfg.bertscore_model, policy.device) if eval_cfg.bertscore_model and hasattr(task, "reference_text") else None
-    results, examples = {}, {}
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
-        for m in methods:
-            t0 = time.perf_counter()
-            per_record, shown = [], []
-            for rid in rids:
-                outputs = _generate(m, task, policy, sampler, rid, n, eval_cfg)
-                per_record.append(record_figures(task, rid, outputs, embed, bertscore))
-                if len(shown) < 3:
-                    shown.append({"record": rid, "prompt": task.prompt_text(rid),
-                                  "samples": [task.tokenizer.decode(z) for z, _ in outputs[:3]]})
-            keys = sorted({k for f in per_record for k in f})
-            figures = {k: _mean([f.get(k) for f in per_record]) for k in keys}
-            figures.update(records=len(rids), seconds=time.perf_counter() - t0)
-            results[m], examples[m] = figures, shown
-            log(f"gfnlm eval {m:>14}: " + "  ".join(f"{k} {figures[k]:.3f}" for k in TABLE_KEYS if k in figures)
-                + f"  ({len(rids)} records, {figures['seconds']:.0f} s)")
-    finally:
-        policy.model.train(was_training)
-    save_evaluation(out_dir, {"task": task.name, "split": eval_cfg.split, "records": rids, "samples_per_record": n,
-                              "methods": results, "examples": examples},
-                    markdown_table(results, f"{task.name}: {len(rids)} {split_label(eval_cfg.split)} records, {n} "
-                                            f"samples per record and method"))
-    plot_methods(results, os.path.join(out_dir, "eval.png"), task.name)
-    return results
+
+    def figures(m: str) -> tuple[dict, list]:
+        per_record, shown = [], []
+        for rid in rids:
+            outputs = _generate(m, task, policy, sampler, rid, n, eval_cfg)
+            per_record.append(record_figures(task, rid, outputs, embed, bertscore))
+            if len(shown) < 3:
+                shown.append({"record": rid, "prompt": task.prompt_text(rid),
+                              "samples": [task.tokenizer.decode(z) for z, _ in outputs[:3]]})
+        keys = sorted({k for f in per_record for k in f})
+        return {**{k: _mean([f.get(k) for f in per_record]) for k in keys}, "records": len(rids)}, shown
+
+    def line(m: str, fig: dict) -> str:
+        return (f"gfnlm eval {m:>14}: " + "  ".join(f"{k} {fig[k]:.3f}" for k in TABLE_KEYS if k in fig)
+                + f"  ({len(rids)} records, {fig['seconds']:.0f} s)")
+
+    title = f"{task.name}: {len(rids)} {split_label(eval_cfg.split)} records, {n} samples per record and method"
+    return Evaluation(methods, figures, line, lambda results: markdown_table(results, title),
+                      header={"task": task.name, "split": eval_cfg.split, "records": rids, "samples_per_record": n},
+                      plot=lambda results, path: plot_methods(results, path, task.name),
+                      context=lambda: eval_mode(policy.model))
 
 
 TABLE_KEYS = ("valid", "log_r_mean", "log_r_max", "loglik_mean", "loglik_max", "diversity", "distinct_1", "distinct_2",

@@ -157,7 +157,7 @@ class LMTask(Task):
         """Ended by the policy itself, long enough, no disallowed token."""
         return t.terminated and self.prefix_ok(t.record_id, t, t.length)
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
-        from .lm_eval import evaluate_lm_task
+    def evaluation(self, policy, sampler, eval_cfg, methods=None):
+        from .lm_eval import lm_evaluation
 
-        return evaluate_lm_task(self, policy, sampler, eval_cfg, out_dir, log, methods=methods)
+        return lm_evaluation(self, policy, sampler, eval_cfg, methods)

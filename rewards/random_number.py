@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import time
 
 import torch
 
@@ -26,7 +24,8 @@ from gfnlm.configs.tasks import (
     UniformTarget,
 )
 
-from .base import Task, eval_mode, save_evaluation
+from .base import Task, eval_mode
+from .evaluation import Evaluation
 from .records import inline_records
 
 _CANONICAL = re.compile(r"0|[1-9][0-9]*")
@@ -159,10 +158,10 @@ class RandomNumberTask(Task):
     def is_valid(self, t: Trajectory) -> bool:
         return self.sample_value(t) is not None
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+    def evaluation(self, policy, sampler, eval_cfg, methods=None) -> Evaluation:
         """The base model and the trained policy against the target (`methods` does not apply:
         this task has no decoding baselines)."""
-        return evaluate_numbers(policy, self, sampler, eval_cfg, out_dir, log)
+        return number_evaluation(policy, self, sampler, eval_cfg)
 
     def track(self, policy) -> dict:
         """Cheap exact figures for metrics.jsonl while training (one teacher-forced pass)."""
@@ -309,34 +308,40 @@ def sample_values(sampler, task, n: int, batch_size: int) -> list[int | None]:
     return values
 
 
-def evaluate_numbers(policy, task, sampler, eval_cfg, out_dir: str, log=print) -> dict:
-    """Samples of the base model and the trained policy against the target: figures, eval.json, eval.png."""
+def number_evaluation(policy, task, sampler, eval_cfg) -> Evaluation:
+    """Samples of the base model and the trained policy against the target, and each one's exact
+    terminal distribution: figures, eval.json (its methods at the top level), eval.md, eval.png."""
     variants = {"trained": contextlib.nullcontext}
     if eval_cfg.include_base:
         variants = {"base": policy.model.disable_adapter, **variants}
-    results, histograms = {}, {}
-    for name, ctx in variants.items():
-        t0 = time.perf_counter()
-        with ctx():
+    histograms = {}
+
+    def figures(name: str) -> tuple[dict, list]:
+        with variants[name]():
             values = sample_values(sampler, task, eval_cfg.num_samples, eval_cfg.batch_size)
             exact = exact_figures(policy, task)
-        figures = number_metrics(values, task.log_p)
-        figures["seconds"] = time.perf_counter() - t0
-        figures["exact"] = exact
-        results[name] = figures
         histograms[name] = values
-        log(
-            f"gfnlm eval {name:>7}: valid {100 * figures['valid_fraction']:.1f}%  KL(target‖empirical) {figures['kl']:.4f}  "
-            f"TV {figures['tv']:.3f}  distinct {figures['distinct']}/{figures['support_size']}  "
-            f"({figures['samples']} samples, {figures['seconds']:.0f} s)"
-        )
-        log(
-            f"gfnlm eval {name:>7}: exact: valid {100 * exact['valid_mass']:.2f}%  KL(target‖policy) {exact['kl']:.4f}  "
-            f"TV {exact['tv']:.3f}  invalid mass {exact['invalid_mass']:.4f} (⊤ early {exact['early_mass']:.4f})"
-        )
-    save_evaluation(out_dir, results)
-    plot_histogram(histograms, task.log_p, os.path.join(out_dir, "eval.png"))
-    return results
+        return {**number_metrics(values, task.log_p), "exact": exact}, []
+
+    def line(name: str, fig: dict) -> str:
+        exact = fig["exact"]
+        return (f"gfnlm eval {name:>7}: valid {100 * fig['valid_fraction']:.1f}%  KL(target‖empirical) {fig['kl']:.4f}  "
+                f"TV {fig['tv']:.3f}  distinct {fig['distinct']}/{fig['support_size']}  "
+                f"({fig['samples']} samples, {fig['seconds']:.0f} s)\n"
+                f"gfnlm eval {name:>7}: exact: valid {100 * exact['valid_mass']:.2f}%  KL(target‖policy) {exact['kl']:.4f}  "
+                f"TV {exact['tv']:.3f}  invalid mass {exact['invalid_mass']:.4f} (⊤ early {exact['early_mass']:.4f})")
+
+    def table(results: dict) -> str:
+        n = eval_cfg.num_samples
+        rows = "".join(f"| {m} | {100 * r['valid_fraction']:.1f} | {r['kl']:.4f} | {r['tv']:.3f} | "
+                       f"{r['exact']['kl']:.4f} | {r['exact']['tv']:.3f} | {r['exact']['invalid_mass']:.4f} |\n"
+                       for m, r in results.items())
+        return (f"**{task.name}: {n} samples per method, and the exact distribution**\n\n"
+                "| method | valid % | KL (sampled) | TV | exact KL | exact TV | exact invalid mass |\n"
+                "| --- | --- | --- | --- | --- | --- | --- |\n" + rows)
+
+    return Evaluation(list(variants), figures, line, table,
+                      plot=lambda results, path: plot_histogram(histograms, task.log_p, path), flat=True)
 
 
 def plot_histogram(samples: dict[str, list], log_p: dict[int, float], path: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from gfnlm.configs import ConfigError
 import contextlib
-import time
 
 import torch
 
@@ -26,7 +25,8 @@ from gfnlm.actors.decoding import hf_generate
 from gfnlm.actors.scoring import PrefixScorer
 from gfnlm.actors.trajectory import Trajectory, by_record
 
-from .base import columns_of, eval_mode, save_evaluation, vote
+from .base import columns_of, eval_mode, vote
+from .evaluation import Evaluation
 from .infilling import InfillingTask
 from .records import Record, RecordError, load_records, one_of
 
@@ -169,69 +169,73 @@ class SubjectivityTask(InfillingTask):
         shots = [self.prompt_text(r) + " " + self.records[r].fields["label_word"] + ".\n" for r in self.train_ids[:k]]
         return list(self.tokenizer("".join(shots) + self.prompt_text(record_id)).input_ids)
 
-    def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
+    def evaluation(self, policy, sampler, eval_cfg, methods=None) -> Evaluation:
         """Test accuracy: the policy's greedy Z and a vote over sampled Z, each classified by the
-        reward LM (base + M); 'prompting': few-shot prompting of the base model (no Z)."""
+        reward LM (base + M); 'prompting': few-shot prompting of the base model (no Z);
+        'classifier': the policy's own label word after X (the SFT baseline)."""
         if methods is None:
             methods = ["trained"] + (["prompting"] if eval_cfg.include_base and "prompting" in eval_cfg.baselines else [])
+        for m in methods:
+            if m not in ("trained", "classifier", "prompting"):
+                raise ConfigError(f"eval.baselines: {m!r} is not a method of the subjectivity task; "
+                                  "use prompting or classifier")
         from .lm_eval import eval_records, split_label
 
         ids = eval_records(self, eval_cfg)
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
-        results, examples = {}, {}
-        with eval_mode(policy.model):
-            for m in methods:
-                t0 = time.perf_counter()
-                if m == "trained":
-                    with z_policy(policy.model, self.cfg.em):
-                        greedy = self.sample_records(sampler, ids, 1, 1e-4)
-                        sampled = self.sample_records(sampler, ids, k, temp)
-                    g = self.classify([greedy[r][0] for r in ids])
-                    correct_g = sum(int(p == self.label(r)) for p, r in zip(g, ids))
-                    correct_v = 0
+
+        def figures(m: str) -> tuple[dict, list]:
+            shown = []
+            if m == "trained":
+                with z_policy(policy.model, self.cfg.em):
+                    greedy = self.sample_records(sampler, ids, 1, 1e-4)
+                    sampled = self.sample_records(sampler, ids, k, temp)
+                g = self.classify([greedy[r][0] for r in ids])
+                correct_g = sum(int(p == self.label(r)) for p, r in zip(g, ids))
+                correct_v = 0
+                for r in ids:
+                    winner, _ = vote(self.classify(sampled[r]))
+                    correct_v += int(winner == self.label(r))
+                fig = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids)}
+                shown = [{"text": self.records[r].fields["text"][:120], "label": self.label(r),
+                          "z": [self.tokenizer.decode(t.tokens) for t in sampled[r][:4]]} for r in ids[:3]]
+            elif m == "classifier":  # X -> Y: the policy's own label word, no Z (the SFT baseline)
+                correct = 0
+                scorer = PrefixScorer(policy.model, self.tokenizer.pad_token_id, policy.device)
+                scorer.adapter = "default"  # the policy's adapter
+                for r in ids:
+                    empty = Trajectory(r, [], terminated=True)
+                    s = [scorer.score(self.prompt_ids(r), [empty], suffix_ids=self._written_label(r, y),
+                                      prefixes="final")[0][-1] for y in (0, 1)]
+                    correct += int(int(s[1] > s[0]) == self.label(r))
+                fig = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
+            else:  # prompting
+                correct = 0
+                adapter, self.lm.adapter = self.lm.adapter, None  # the base model alone
+                try:
                     for r in ids:
-                        winner, _ = vote(self.classify(sampled[r]))
-                        correct_v += int(winner == self.label(r))
-                    figures = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids)}
-                    examples[m] = [{"text": self.records[r].fields["text"][:120], "label": self.label(r),
-                                    "z": [self.tokenizer.decode(t.tokens) for t in sampled[r][:4]]} for r in ids[:3]]
-                elif m == "classifier":  # X -> Y: the policy's own label word, no Z (the SFT baseline)
-                    correct = 0
-                    scorer = PrefixScorer(policy.model, self.tokenizer.pad_token_id, policy.device)
-                    scorer.adapter = "default"  # the policy's adapter
-                    for r in ids:
+                        prompt = self.few_shot_prompt(r, self.cfg.prompting_shots)
                         empty = Trajectory(r, [], terminated=True)
-                        s = [scorer.score(self.prompt_ids(r), [empty], suffix_ids=self._written_label(r, y),
-                                          prefixes="final")[0][-1] for y in (0, 1)]
+                        s = [self.lm.score(prompt, [empty], suffix_ids=self._word(y), prefixes="final")[0][-1]
+                             for y in (0, 1)]
                         correct += int(int(s[1] > s[0]) == self.label(r))
-                    figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
-                elif m == "prompting":
-                    correct = 0
-                    adapter, self.lm.adapter = self.lm.adapter, None  # the base model alone
-                    try:
-                        for r in ids:
-                            prompt = self.few_shot_prompt(r, self.cfg.prompting_shots)
-                            empty = Trajectory(r, [], terminated=True)
-                            s = [self.lm.score(prompt, [empty], suffix_ids=self._word(y), prefixes="final")[0][-1]
-                                 for y in (0, 1)]
-                            correct += int(int(s[1] > s[0]) == self.label(r))
-                    finally:
-                        self.lm.adapter = adapter
-                    figures = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
-                else:
-                    raise ConfigError(f"eval.baselines: {m!r} is not a method of the subjectivity task; "
-                                      "use prompting or classifier")
-                figures.update(records=len(ids), votes=k, seconds=time.perf_counter() - t0)
-                results[m] = figures
-                log(f"gfnlm eval {m:>10}: accuracy greedy {figures['acc_greedy']:.3f}  vote {figures['acc_vote']:.3f}  "
-                    f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {figures['seconds']:.0f} s)")
-        table = (f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
-                 f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n"
-                 + "".join(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n"
-                           for m, fig in results.items()))
-        save_evaluation(out_dir, {"task": self.name, "split": eval_cfg.split, "records": ids, "methods": results,
-                                  "examples": examples}, table)
-        return results
+                finally:
+                    self.lm.adapter = adapter
+                fig = {"acc_greedy": correct / len(ids), "acc_vote": correct / len(ids)}
+            return {**fig, "records": len(ids), "votes": k}, shown
+
+        def line(m: str, fig: dict) -> str:
+            return (f"gfnlm eval {m:>10}: accuracy greedy {fig['acc_greedy']:.3f}  vote {fig['acc_vote']:.3f}  "
+                    f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {fig['seconds']:.0f} s)")
+
+        def table(results: dict) -> str:
+            return (f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
+                    f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n"
+                    + "".join(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n"
+                              for m, fig in results.items()))
+
+        return Evaluation(methods, figures, line, table, header={"task": self.name, "split": eval_cfg.split, "records": ids},
+                          context=lambda: eval_mode(policy.model))
 
     def _written_label(self, record_id: int, label: int) -> list[int]:
         """The policy's written label (`reference_template`, what SFT teaches) for label `label`."""

@@ -85,6 +85,24 @@ def test_no_module_imports_itself_back():
     assert cycles == []
 
 
+def test_both_drivers_implement_the_driver_protocol():
+    """The loop, checkpoints and reporting ask a driver only what `learner.driver.Driver` writes down;
+    both drivers have every member (methods on the class, attributes set when it is built)."""
+    import inspect
+
+    from gfnlm.learner.distributed import RayDriver
+    from gfnlm.learner.driver import MEMBERS, Driver
+    from gfnlm.learner.loop import LocalDriver
+
+    declared = {n for n in vars(Driver) if not n.startswith("_")} | set(Driver.__annotations__)
+    assert declared == set(MEMBERS)
+    for cls in (LocalDriver, RayDriver):
+        built = "".join(inspect.getsource(k.__init__) for k in cls.__mro__ if "__init__" in vars(k) and k is not object)
+        missing = [n for n in MEMBERS if not callable(getattr(cls, n, None)) and f"self.{n} =" not in built
+                   and f"self.{n}:" not in built]
+        assert missing == [], (cls.__name__, missing)
+
+
 def test_the_license_file_is_the_one_pyproject_names():
     import tomllib
 
