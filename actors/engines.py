@@ -21,12 +21,16 @@ class SamplerSpec:
     metrics: MetricsConfig
     task: str
     """The task's type: the label of the actor's Prometheus series."""
-    max_lora_rank: int
-    """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`)."""
+    max_lora_rank: int | None
+    """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`); None where vLLM has none that large."""
 
     @classmethod
     def of(cls, cfg) -> "SamplerSpec":
-        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank())
+        try:
+            rank = cfg.vllm_lora_rank()
+        except StopIteration:  # lora.r above every rank vLLM offers: refused only where the engine is vLLM
+            rank = None
+        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, rank)
 
 
 def resolve_engine(name: str) -> str:

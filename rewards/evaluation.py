@@ -26,7 +26,7 @@ class Evaluation:
     figures: Callable[[str], tuple[dict, list]]
     """One method -> (its figures, a few examples to read)."""
     line: Callable[[str, dict], str]
-    """One method's log line from its figures (which hold `seconds`)."""
+    """One method's log line(s) from its figures (which hold `seconds`); each line is logged apart."""
     table: Callable[[dict], str]
     """eval.md, a Markdown table, from every method's figures."""
     header: dict = field(default_factory=dict)
@@ -48,8 +48,11 @@ def run_evaluation(ev: Evaluation, out_dir: str, log=print) -> dict:
             t0 = time.perf_counter()
             figures, shown = ev.figures(method)
             figures["seconds"] = time.perf_counter() - t0
-            results[method], examples[method] = figures, shown
-            log(ev.line(method, figures))
+            results[method] = figures
+            if shown:
+                examples[method] = shown
+            for text in ev.line(method, figures).splitlines():
+                log(text)
     payload = results if ev.flat else {**ev.header, "methods": results, "examples": examples}
     save_evaluation(out_dir, payload, ev.table(results))
     if ev.plot is not None:

@@ -142,6 +142,16 @@ def test_vllm_rank_defaults_to_the_smallest_that_holds_the_adapter():
     assert load_config("random_number.yaml", ["lora.r=16", "sampler.vllm.max_lora_rank=64"]).vllm_lora_rank() == 64
 
 
+def test_a_sampler_spec_holds_the_rank_vllm_would_take_and_none_above_its_ranks():
+    """A sampler actor is built from a SamplerSpec; the transformers engine takes any LoRA rank, so a
+    rank above vLLM's largest builds a spec too (it had crashed every local run before it sampled)."""
+    from gfnlm.actors.engines import SamplerSpec
+
+    assert SamplerSpec.of(load_config("random_number.yaml", ["lora.r=4"])).max_lora_rank == 8
+    spec = SamplerSpec.of(load_config("random_number.yaml", ["lora.r=1024", "sampler.engine=transformers"]))
+    assert spec.max_lora_rank is None and spec.lora.r == 1024
+
+
 def test_a_template_override_is_the_text_typed(capsys):
     """-o 'task.prompt_template={prompt}' and 'Story: {text}' (not YAML: a mapping, a syntax error)
     are taken as typed; quotes around one are removed; other values are still YAML."""
