@@ -78,7 +78,7 @@ def finished(cfg, methods: list[str]) -> dict | None:
             evaluated = json.load(f)
     except (OSError, ValueError):
         return None
-    results = methods_of(evaluated) if isinstance(evaluated, dict) else None
+    results = methods_of(evaluated)
     if not isinstance(results, dict) or any(m not in results for m in methods) or not same_config(cfg):
         return None
     return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them

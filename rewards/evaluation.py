@@ -73,8 +73,10 @@ def save_evaluation(out_dir: str, payload: dict, table: str | None = None) -> No
         os.replace(path + ".tmp", path)
 
 
-def methods_of(evaluated: dict) -> dict:
-    """name -> figures of an eval.json's content (also the flat layout random numbers wrote before
-    every task used this runner: the methods at the top level)."""
-    inner = evaluated.get("methods") if isinstance(evaluated, dict) else None
+def methods_of(evaluated) -> dict | None:
+    """name -> figures of an eval.json's content: its `methods`, or the whole of it in the flat
+    layout the random-number task writes (`Evaluation.flat`); None for anything else."""
+    if not isinstance(evaluated, dict):
+        return None
+    inner = evaluated.get("methods")
     return inner if isinstance(inner, dict) else evaluated
