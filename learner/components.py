@@ -88,15 +88,16 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
                                max_model_len=context_length(cfg, task.max_prompt_len(), task.max_len))
     else:
         sampler = eval_engine(policy, cfg)
-    replay = None
-    if with_replay:
-        replay = new_replay(cfg)
-        seed_replay(replay, cfg, task)
     objective = cfg.learner.objective
     if objective.type == "tb" and objective.log_z == "scalar" and len(task.train_ids) > 1:
         raise ConfigError(f"learner.objective.log_z: 'scalar' shares one log Z across the {len(task.train_ids)} training "
                           f"records of task {task.name}, whose partition functions differ; use per_record (the default)")
     learner = Learner(policy, cfg.learner, num_records=len(task.records), state_flows=task.state_log_flows)
+    replay = None
+    if with_replay:
+        replay = new_replay(cfg)
+        if learner.objective.samples:  # SFT never draws from the buffer: scoring its seeds would be wasted
+            seed_replay(replay, cfg, task)
     ids = task.train_ids
     if not learner.objective.samples:  # SFT: the records that have a reference Z
         ids = [r for r in ids if task.reference(r) is not None]
