@@ -367,6 +367,18 @@ class QuestionGenerator(Section):
         return v
 
 
+class ArithmeticData(DataConfig):
+    """The arithmetic task's `data`: the same fields, with the authors' worked examples as the
+    default `train`, so `-o task.data.validation_fraction=0.1` needs nothing else."""
+
+    train: str = "../shared/data/arithmetic/1digit_34_op+-_train_50.json"
+    """Worked examples (used unless `worked` generates them)."""
+
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """The seeded fraction of the generated training questions (`generate`) held out for choosing
+    settings: never trained on; `eval.split: validation` evaluates them as one set."""
+
+
 class ArithmeticTask(InfillingTask):
     """Arithmetic with a latent chain of thought (paper §4.5): X a question, Z a rationale whose
     results a calculator inserts, Y ". The answer is N."; R(Z) = p_LM(Z Y | shots X), the reward
@@ -375,7 +387,7 @@ class ArithmeticTask(InfillingTask):
     type: Literal["arithmetic"] = "arithmetic"
     """Discriminator: 'arithmetic'."""
 
-    data: DataConfig = Field(default_factory=lambda: DataConfig(train="../shared/data/arithmetic/1digit_34_op+-_train_50.json"))
+    data: ArithmeticData = Field(default_factory=ArithmeticData)
     """Worked examples (`data.train`: columns of the templates plus the rationale); `data.seed`
     picks the labelled ones and the shots. `data.test` is not used: see `test_sets`."""
 

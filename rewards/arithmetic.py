@@ -195,10 +195,19 @@ class ArithmeticTask(InfillingTask):
         labelled = [worked[i] for i in sorted(order[: cfg.labelled])]
         self.shot_records = [Record(-1, worked[i][1], "shot", f"{path}:{worked[i][0]}")
                              for i in order[cfg.labelled: cfg.labelled + cfg.shots]]
+        held = set()
+        if cfg.data.validation_fraction > 0:  # generated questions held out for choosing settings
+            k = round(len(unlabelled) * cfg.data.validation_fraction)
+            if not 0 < k < len(unlabelled):
+                raise ConfigError(f"task.data.validation_fraction {cfg.data.validation_fraction} of the "
+                                  f"{len(unlabelled)} generated questions (task.generate.count) holds out {k}; "
+                                  f"generate more questions or choose a fraction that keeps some of each")
+            held = set(random.Random(cfg.data.seed + 1).sample(range(len(unlabelled)), k))
         records = [Record(i, row, "train", f"{path}:{line}") for i, (line, row) in enumerate(labelled)]
-        for row in unlabelled:
-            records.append(Record(len(records), row, "train", "generated"))
-        train_ids = [r.id for r in records]
+        for i, row in enumerate(unlabelled):
+            records.append(Record(len(records), row, "validation" if i in held else "train", f"generated:{i + 1}"))
+        train_ids = [r.id for r in records if r.split == "train"]
+        validation_ids = [r.id for r in records if r.split == "validation"]
         self.test_sets: dict[str, list[int]] = {}
         for name, rows in tests.items():
             ids = []
@@ -206,7 +215,7 @@ class ArithmeticTask(InfillingTask):
                 records.append(Record(len(records), {**row, "set": name}, "test", where))
                 ids.append(records[-1].id)
             self.test_sets[name] = ids
-        return RecordSet(records, train_ids, [i for ids in self.test_sets.values() for i in ids])
+        return RecordSet(records, train_ids, [i for ids in self.test_sets.values() for i in ids], validation_ids)
 
     @staticmethod
     def _query_answer(cfg) -> tuple[str, str]:
@@ -298,7 +307,10 @@ class ArithmeticTask(InfillingTask):
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
         from .lm_eval import eval_records
 
-        sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
+        if eval_cfg.split == "test":
+            sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
+        else:  # the held-out generated questions (validation), or the training questions, as one set
+            sets = {eval_cfg.split: eval_records(self, eval_cfg)}
 
         def figures(m: str) -> tuple[dict, list]:
             if m == "trained":

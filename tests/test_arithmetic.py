@@ -132,6 +132,13 @@ def test_the_preset_runs_from_a_clone_on_generated_sets_of_the_papers_shape(tiny
     sft = build(load_config("arithmetic", [*ov, "task.generate.count=0"]), engine=False).task
     assert [sft.records[r].fields for ids in sft.test_sets.values() for r in ids] == \
         [task.records[r].fields for ids in task.test_sets.values() for r in ids]
+    # a validation split for choosing settings: generated questions held out, never trained on
+    val = build(load_config("arithmetic", [*ov, "task.data.validation_fraction=0.1"]), engine=False).task
+    held = {val.records[r].fields["str_query"] for r in val.validation_ids}
+    trained = {val.records[r].fields["str_query"] for r in val.train_ids}
+    assert len(held) == len(val.validation_ids) == 20 and len(val.train_ids) == 10 + 180
+    assert not held & trained and not held & set(tests) and held | trained == train
+    assert all(val.answer(r) is not None for r in val.validation_ids)
     # the authors' files where a path names them (the experiment's overrides)
     if os.path.isdir(os.path.join(SHARED, "arithmetic")):
         monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -328,6 +335,22 @@ def test_short_arithmetic_run_evaluates_every_test_set(objective, tiny_llama, tm
     for figures in result["methods"].values():
         assert 0.0 <= figures["acc_a"] <= 1.0 and figures["questions_a"] == 2 and figures["questions_b"] == 2
     assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | a (2 q.) | b (2 q.) |")
+
+
+def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path):
+    """eval.split=validation evaluates the generated questions that task.data.validation_fraction
+    held out, as one set, and never the test sets; a fraction that holds out none is refused."""
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **{"task.generate.count": 6, "task.data.validation_fraction": 0.5,
+                                                       "eval.split": "validation", "eval.baselines": "[prompt0]"})
+    assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=1"])]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for figures in result["methods"].values():
+        assert figures["questions_validation"] == 3 and "acc_a" not in figures
+    assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | validation (3 q.) |")
+    from gfnlm.learner.loop import build
+
+    with pytest.raises(ConfigError, match="task.data.validation_fraction 0.01 of the 6 generated questions .* holds out 0"):
+        build(load_config("arithmetic.yaml", ov + ["task.data.validation_fraction=0.01"]), engine=False)
 
 
 def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
