@@ -1,0 +1,57 @@
+"""`gfnlm bench` prints the figures the notes quote: each benchmark runs end to end on a tiny
+model and its table adds up (no timing is asserted: speed lives in the printed figures)."""
+
+import re
+
+import pytest
+
+from gfnlm.learner.cli import main
+
+from conftest import tiny_overrides
+
+
+def tiny_bench(model_dir, tmp_path, config="infilling.yaml") -> list[str]:
+    ov = tiny_overrides(model_dir, tmp_path / "run", targets=["q_proj", "v_proj"])
+    if config == "infilling.yaml":  # its stories, shorter middles, the base model as the reward
+        ov = [o for o in ov if not o.startswith("task.")]
+        ov += ["task.log_reward_floor=-500", "task.min_len=1", "task.max_len=6", "reward.fit=null"]
+    return [a for o in ov for a in ("-o", o)]
+
+
+def figure(text: str, pattern: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in:\n{text}"
+    return float(m.group(1))
+
+
+def test_bench_learner_prints_the_prompt_sharing_speed_up(tiny_llama, tmp_path, capsys):
+    assert main(["bench", "learner", "random_number.yaml", *tiny_bench(tiny_llama, tmp_path, "random_number.yaml"),
+                 "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert figure(out, r"fp32 matmul 1024\^3: ([\d.]+) GFLOP/s") > 0
+    shared = figure(out, r"prompt once per batch: .* in [\d.]+ s/update -> ([\d.]+) trajectories/s")
+    repeated = figure(out, r"prompt repeated per sample: [\d.]+ s/update -> ([\d.]+) trajectories/s")
+    assert figure(out, r"speed-up: x([\d.]+)") == pytest.approx(shared / repeated, rel=0.01)
+
+
+def test_bench_training_accounts_for_every_stage_of_a_step(tiny_llama, tmp_path, capsys):
+    assert main(["bench", "training", "infilling.yaml", *tiny_bench(tiny_llama, tmp_path), "-o", "runtime.mode=local",
+                 "-o", "batch.prompts_per_step=2", "-o", "batch.samples_per_prompt=4", "--steps", "1",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): [float(x) for x in m.group(2, 3, 4)]
+            for m in re.finditer(r"^  (\w+) +([\d.]+) +([\d.]+)% +(\d+) ", out, re.M)}
+    assert set(rows) == {"sample", "score", "forward", "backward", "optimizer", "replay", "other"}
+    assert sum(share for _, share, _ in rows.values()) == pytest.approx(100, abs=1)
+    assert sum(s for s, _, _ in rows.values()) == pytest.approx(figure(out, r"step ([\d.]+) s;"), abs=0.05)
+    assert rows["forward"][2] == rows["backward"][2] > 0 and rows["sample"][2] > 0 and rows["score"][2] > 0
+    steps = figure(out, r"1 steps of 2 records × 4 trajectories \((\d+) fresh")
+    assert figure(out, r"trained trajectories/s ([\d.]+)") > 0 and steps > 0
+
+
+def test_bench_scoring_matches_the_naive_reward(tiny_llama, tmp_path, capsys):
+    assert main(["bench", "scoring", "infilling.yaml", *tiny_bench(tiny_llama, tmp_path), "--trajectories", "3",
+                 "--length", "5", "--threads", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert figure(out, r"speed-up of shared over naive: ([\d.]+)x") > 0
+    assert figure(out, r"largest difference ([\d.e+-]+) nats") < 1e-4
