@@ -26,11 +26,7 @@ class SamplerSpec:
 
     @classmethod
     def of(cls, cfg) -> "SamplerSpec":
-        try:
-            rank = cfg.vllm_lora_rank()
-        except StopIteration:  # lora.r above every rank vLLM offers: refused only where the engine is vLLM
-            rank = None
-        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, rank)
+        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank())
 
 
 def resolve_engine(name: str) -> str:

@@ -166,9 +166,10 @@ class Config(Section):
             raise ValueError(f"lora.r ({self.lora.r}) exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
         return self
 
-    def vllm_lora_rank(self) -> int:
-        """max_lora_rank for the engine: the configured one, or the smallest allowed >= lora.r."""
-        return self.sampler.vllm.max_lora_rank or next(r for r in VLLM_LORA_RANKS if r >= self.lora.r)
+    def vllm_lora_rank(self) -> int | None:
+        """max_lora_rank for the engine: the configured one, or the smallest allowed >= lora.r; None
+        where lora.r exceeds every rank vLLM offers (a vLLM sampler is refused then)."""
+        return self.sampler.vllm.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= self.lora.r), None)
 
     @model_validator(mode="after")
     def _replay_holds_seeds(self):

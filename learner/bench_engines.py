@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from gfnlm.configs import load_config
+from gfnlm.configs import ConfigError, load_config
 
 
 def _random_adapter(policy, seed: int = 0) -> dict:
@@ -95,6 +95,8 @@ def main(args) -> int:
         from gfnlm.actors.vllm_engine import VLLMSampler, build_llm, peft_config_dict
         from vllm import SamplingParams
 
+        if cfg.vllm_lora_rank() is None:
+            raise ConfigError(f"lora.r ({cfg.lora.r}) exceeds vLLM's largest LoRA rank; bench vLLM with a smaller lora.r")
         path = resolve_model_path(cfg.model.path)
         t0 = time.perf_counter()
         llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, context_length(cfg, task.max_prompt_len(), task.max_len) + 32, 0,

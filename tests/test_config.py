@@ -140,6 +140,7 @@ def test_vllm_rank_defaults_to_the_smallest_that_holds_the_adapter():
     assert load_config("random_number.yaml", ["lora.r=4"]).vllm_lora_rank() == 8
     assert load_config("random_number.yaml", ["lora.r=16"]).vllm_lora_rank() == 16
     assert load_config("random_number.yaml", ["lora.r=16", "sampler.vllm.max_lora_rank=64"]).vllm_lora_rank() == 64
+    assert load_config("random_number.yaml", ["lora.r=1024"]).vllm_lora_rank() is None  # the transformers engine needs none
 
 
 def test_a_sampler_spec_holds_the_rank_vllm_would_take_and_none_above_its_ranks():
