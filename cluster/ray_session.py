@@ -102,11 +102,16 @@ def resource_shortfall(cfg, available: dict, with_driver: bool = False) -> str |
 def actor_states(handles) -> dict[str, tuple[str, int]]:
     """actor id (hex) -> (state, restarts) as Ray's actor table records them, for the given handles.
     States: ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD."""
+    import ray
     from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
 
     wanted = {h._actor_id.hex() for h in handles}
+    # one request for this job's actors (the driver asks every step: one request per actor made the
+    # step's cost grow with the sampler count), then one per actor the job's table does not hold
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = state.actors(job_id=job) if len(wanted) > 1 else {}
     out = {}
     for aid in wanted:
-        info = state.actors(actor_id=aid) or {}
+        info = table.get(aid) or state.actors(actor_id=aid) or {}
         out[aid] = (info.get("State", "UNKNOWN"), int(info.get("NumRestarts", 0)))
     return out
