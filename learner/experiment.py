@@ -183,7 +183,8 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     from gfnlm.rewards.lm_eval import split_label
 
     evaluated = (f"{sample['records']} {split_label(first.eval.split)} records" if "records" in sample else
-                 "questions per test set " + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")
+                 ("questions per test set " if first.eval.split == "test" else f"{split_label(first.eval.split)} questions ")
+                 + ", ".join(f"{n}: {sample['questions_' + n]}" for n in sets) if sets else "")
     if "records" in sample or sets or not isinstance(sample.get("samples"), (int, float)):
         drawn = f"{first.eval.samples_per_record} samples per record and method"
     else:  # a task without records (random_number draws eval.num_samples per prompt): its rows say how many

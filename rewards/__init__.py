@@ -42,12 +42,19 @@ def check_data(cfg) -> str:
     if t.type == "random_number":
         return f"{len(t.prompts)} inline prompt(s)"
     if t.type == "arithmetic":
-        from .arithmetic import arithmetic_sets
+        from .arithmetic import arithmetic_sets, validation_questions
 
-        worked, sets, _ = arithmetic_sets(t)  # as training reads them: the same refusals
+        worked, sets, unlabelled = arithmetic_sets(t)  # as training reads them: the same refusals
+        held = validation_questions(t, len(unlabelled))
+        if cfg.eval.split == "validation" and not held and cfg.run.evaluate_at_end:
+            from .lm_eval import empty_split
+
+            raise ConfigError(empty_split(t.type, "validation"))
         tests = {name: len(rows) for name, rows in sets.items()}
-        return (f"{len(worked)} {'generated ' if t.worked else ''}worked examples ({t.labelled} labelled, {t.shots} shots), {t.generate.count} generated "
-                f"questions, test sets " + ", ".join(f"{n}: {k}" for n, k in tests.items()))
+        return (f"{len(worked)} {'generated ' if t.worked else ''}worked examples ({t.labelled} labelled, {t.shots} shots), "
+                f"{len(unlabelled)} generated questions ({len(held)} of them held out for validation), test sets "
+                + ", ".join(f"{n}: {k}" for n, k in tests.items())
+                + (f"; evaluated on the {cfg.eval.split} questions" if cfg.eval.split != "test" else ""))
     from .constrained import ConstrainedTask
     from .continuation import ContinuationTask
     from .infilling import InfillingTask

@@ -165,6 +165,20 @@ def arithmetic_sets(cfg):
     return worked, tests, unlabelled
 
 
+def validation_questions(cfg, generated: int) -> set[int]:
+    """Indices of the generated training questions that `task.data.validation_fraction` holds out
+    for choosing settings (seeded; none at fraction 0); a fraction that holds out none or all of
+    them is refused."""
+    if cfg.data.validation_fraction <= 0:
+        return set()
+    k = round(generated * cfg.data.validation_fraction)
+    if not 0 < k < generated:
+        raise ConfigError(f"task.data.validation_fraction {cfg.data.validation_fraction} of the {generated} generated "
+                          f"questions (task.generate.count) holds out {k}; generate more questions or choose a "
+                          f"fraction that keeps some of each")
+    return set(random.Random(cfg.data.seed + 1).sample(range(generated), k))
+
+
 class ArithmeticTask(InfillingTask):
     name = "arithmetic"
 
@@ -195,14 +209,7 @@ class ArithmeticTask(InfillingTask):
         labelled = [worked[i] for i in sorted(order[: cfg.labelled])]
         self.shot_records = [Record(-1, worked[i][1], "shot", f"{path}:{worked[i][0]}")
                              for i in order[cfg.labelled: cfg.labelled + cfg.shots]]
-        held = set()
-        if cfg.data.validation_fraction > 0:  # generated questions held out for choosing settings
-            k = round(len(unlabelled) * cfg.data.validation_fraction)
-            if not 0 < k < len(unlabelled):
-                raise ConfigError(f"task.data.validation_fraction {cfg.data.validation_fraction} of the "
-                                  f"{len(unlabelled)} generated questions (task.generate.count) holds out {k}; "
-                                  f"generate more questions or choose a fraction that keeps some of each")
-            held = set(random.Random(cfg.data.seed + 1).sample(range(len(unlabelled)), k))
+        held = validation_questions(cfg, len(unlabelled))
         records = [Record(i, row, "train", f"{path}:{line}") for i, (line, row) in enumerate(labelled)]
         for i, row in enumerate(unlabelled):
             records.append(Record(len(records), row, "validation" if i in held else "train", f"generated:{i + 1}"))
@@ -305,7 +312,7 @@ class ArithmeticTask(InfillingTask):
                 raise ConfigError(f"eval.baselines: {m!r} is not a method of the arithmetic task; use prompt<k> "
                                   f"(k-shot prompting of the base model, e.g. prompt0, prompt3)")
         k, temp = eval_cfg.samples_per_record, eval_cfg.vote_temperature
-        from .lm_eval import eval_records
+        from .lm_eval import eval_records, split_label
 
         if eval_cfg.split == "test":
             sets = {name: eval_records(self, eval_cfg, ids=ids) for name, ids in self.test_sets.items()}
@@ -340,7 +347,7 @@ class ArithmeticTask(InfillingTask):
 
         def table(results: dict) -> str:
             names = list(sets)
-            return ("| method | " + " | ".join(f"{n} ({len(sets[n])} q.)" for n in names) + " |\n"
+            return ("| method | " + " | ".join(f"{split_label(n) if n == 'train' else n} ({len(sets[n])} q.)" for n in names) + " |\n"
                     + "| --- |" + " --- |" * len(names) + "\n"
                     + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n"
                               for m, fig in results.items()))

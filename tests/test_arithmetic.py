@@ -138,7 +138,9 @@ def test_the_preset_runs_from_a_clone_on_generated_sets_of_the_papers_shape(tiny
     trained = {val.records[r].fields["str_query"] for r in val.train_ids}
     assert len(held) == len(val.validation_ids) == 20 and len(val.train_ids) == 10 + 180
     assert not held & trained and not held & set(tests) and held | trained == train
-    assert all(val.answer(r) is not None for r in val.validation_ids)
+    for rid in val.validation_ids:  # questions with their right answers, as every generated one
+        expr = val.records[rid].fields["str_query"].removeprefix("Question: ").removesuffix(" = ? Answer:")
+        assert evaluate(expr) == val.answer(rid)
     # the authors' files where a path names them (the experiment's overrides)
     if os.path.isdir(os.path.join(SHARED, "arithmetic")):
         monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -337,9 +339,10 @@ def test_short_arithmetic_run_evaluates_every_test_set(objective, tiny_llama, tm
     assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | a (2 q.) | b (2 q.) |")
 
 
-def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path):
+def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path, capsys):
     """eval.split=validation evaluates the generated questions that task.data.validation_fraction
-    held out, as one set, and never the test sets; a fraction that holds out none is refused."""
+    held out, as one set, and never the test sets; a fraction that holds out none is refused, and
+    so, before training, is evaluating a validation split that does not exist."""
     ov = arithmetic_overrides(tiny_llama, tmp_path, **{"task.generate.count": 6, "task.data.validation_fraction": 0.5,
                                                        "eval.split": "validation", "eval.baselines": "[prompt0]"})
     assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=1"])]) == 0
@@ -351,6 +354,11 @@ def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path
 
     with pytest.raises(ConfigError, match="task.data.validation_fraction 0.01 of the 6 generated questions .* holds out 0"):
         build(load_config("arithmetic.yaml", ov + ["task.data.validation_fraction=0.01"]), engine=False)
+    # no validation split to evaluate: refused by the check before training, nothing written
+    run = tmp_path / "run2"
+    ov = [o for o in ov if not o.startswith(("task.data.validation_fraction", "run.output_dir"))]
+    assert main(["train", "arithmetic.yaml", *flags(ov + [f"run.output_dir={run}"])]) == 2
+    assert "eval.split: task arithmetic has no validation records" in capsys.readouterr().err and not run.exists()
 
 
 def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
