@@ -59,6 +59,8 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     cfg = spec
     engine = resolve_engine(cfg.sampler.engine)
+    if engine == "vllm" and spec.max_lora_rank is None:  # 'auto' on a GPU, lora.r above every rank vLLM
+        engine = "transformers"                          # serves ('vllm' itself is refused by the config)
     tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
         from .sampler import TransformersSampler

@@ -153,6 +153,19 @@ def test_a_sampler_spec_holds_the_rank_vllm_would_take_and_none_above_its_ranks(
     assert spec.max_lora_rank is None and spec.lora.r == 1024
 
 
+def test_auto_on_a_gpu_takes_transformers_for_a_rank_vllm_cannot_serve(tiny_llama, monkeypatch):
+    from gfnlm.actors import engines
+    from gfnlm.actors.sampler import TransformersSampler
+
+    monkeypatch.setattr(engines, "resolve_engine", lambda name: "vllm")  # what 'auto' says where a GPU and vLLM are
+    cfg = load_config("random_number.yaml", [f"model.path={tiny_llama}", "lora.r=1024", "lora.target_modules=[q_proj]"])
+    from gfnlm.actors.policy import Policy
+
+    policy = Policy(cfg.model, cfg.lora)
+    sampler = engines.make_sampler(engines.SamplerSpec.of(cfg), policy.tokenizer, seed=0, policy=policy, max_model_len=64)
+    assert isinstance(sampler, TransformersSampler)
+
+
 def test_a_template_override_is_the_text_typed(capsys):
     """-o 'task.prompt_template={prompt}' and 'Story: {text}' (not YAML: a mapping, a syntax error)
     are taken as typed; quotes around one are removed; other values are still YAML."""
