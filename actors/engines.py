@@ -29,11 +29,14 @@ class SamplerSpec:
         return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank())
 
 
-def resolve_engine(name: str) -> str:
-    """'auto' takes vLLM where a GPU is visible and vLLM imports; else transformers, which is the
-    faster engine on CPU (see docs/usage.md, "Sampler engines")."""
+def resolve_engine(name: str, max_lora_rank: int | None = None) -> str:
+    """'auto' takes vLLM where a GPU is visible, vLLM imports and it serves the LoRA rank
+    (`max_lora_rank` not None); else transformers, which is the faster engine on CPU (see
+    docs/usage.md, "Sampler engines")."""
     if name != "auto":
         return name
+    if max_lora_rank is None:  # lora.r above every rank vLLM serves ('vllm' itself is refused by the config)
+        return "transformers"
     import torch
 
     from .vllm_engine import vllm_available
@@ -58,9 +61,7 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     cfg = spec
-    engine = resolve_engine(cfg.sampler.engine)
-    if engine == "vllm" and spec.max_lora_rank is None:  # 'auto' on a GPU, lora.r above every rank vLLM
-        engine = "transformers"                          # serves ('vllm' itself is refused by the config)
+    engine = resolve_engine(cfg.sampler.engine, spec.max_lora_rank)
     tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
         from .sampler import TransformersSampler

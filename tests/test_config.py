@@ -154,14 +154,17 @@ def test_a_sampler_spec_holds_the_rank_vllm_would_take_and_none_above_its_ranks(
 
 
 def test_auto_on_a_gpu_takes_transformers_for_a_rank_vllm_cannot_serve(tiny_llama, monkeypatch):
-    from gfnlm.actors import engines
+    import torch
+
+    from gfnlm.actors import engines, vllm_engine
+    from gfnlm.actors.policy import Policy
     from gfnlm.actors.sampler import TransformersSampler
 
-    monkeypatch.setattr(engines, "resolve_engine", lambda name: "vllm")  # what 'auto' says where a GPU and vLLM are
     cfg = load_config("random_number.yaml", [f"model.path={tiny_llama}", "lora.r=1024", "lora.target_modules=[q_proj]"])
-    from gfnlm.actors.policy import Policy
-
-    policy = Policy(cfg.model, cfg.lora)
+    policy = Policy(cfg.model, cfg.lora)  # on the CPU, before a GPU is made to look visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where a GPU is visible and vLLM imports
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: None)
+    assert engines.resolve_engine("auto", 64) == "vllm"
     sampler = engines.make_sampler(engines.SamplerSpec.of(cfg), policy.tokenizer, seed=0, policy=policy, max_model_len=64)
     assert isinstance(sampler, TransformersSampler)
 
