@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gfnlm.configs.actors import LoraConfig, ModelConfig, SamplerConfig
 from gfnlm.configs.cluster import MetricsConfig
+from gfnlm.configs.tasks import text_end_rules
 
 from .tools import longest_with_tools, tool_runner
 
@@ -23,19 +24,23 @@ class SamplerSpec:
     """The task's type: the label of the actor's Prometheus series."""
     max_lora_rank: int | None
     """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`); None where vLLM has none that large."""
+    text_end_rules: bool = False
+    """True when the task's prompts carry text end rules (`PromptRequest.end_rule`), which only the
+    transformers engine applies."""
 
     @classmethod
     def of(cls, cfg) -> "SamplerSpec":
-        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank())
+        return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank(),
+                   text_end_rules(cfg.task))
 
 
-def resolve_engine(name: str, max_lora_rank: int | None = None) -> str:
-    """'auto' takes vLLM where a GPU is visible, vLLM imports and it serves the LoRA rank
-    (`max_lora_rank` not None); else transformers, which is the faster engine on CPU (see
-    docs/usage.md, "Sampler engines")."""
+def resolve_engine(name: str, max_lora_rank: int | None = None, text_end_rules: bool = False) -> str:
+    """'auto' takes vLLM where a GPU is visible, vLLM imports, it serves the LoRA rank
+    (`max_lora_rank` not None) and the prompts carry no text end rules; else transformers, which is
+    the faster engine on CPU (see docs/usage.md, "Sampler engines")."""
     if name != "auto":
         return name
-    if max_lora_rank is None:  # lora.r above every rank vLLM serves ('vllm' itself is refused by the config)
+    if max_lora_rank is None or text_end_rules:  # ('vllm' itself is refused by the config in both cases)
         return "transformers"
     import torch
 
@@ -61,7 +66,7 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     cfg = spec
-    engine = resolve_engine(cfg.sampler.engine, spec.max_lora_rank)
+    engine = resolve_engine(cfg.sampler.engine, spec.max_lora_rank, spec.text_end_rules)
     tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
         from .sampler import TransformersSampler
@@ -70,7 +75,8 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
             from .policy import Policy
 
             policy = Policy(cfg.model, cfg.lora)
-        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools, pad_id=tokenizer.pad_token_id or 0)
+        return TransformersSampler(policy.model, policy.device, seed=seed, tools=tools, pad_id=tokenizer.pad_token_id or 0,
+                                   decode=tokenizer.decode)
     from .models import resolve_model_path
 
     from .vllm_engine import VLLMSampler, build_llm, peft_config_dict, vllm_available

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .end_rules import WordRule, rule_states
 from .policy import allowed_head, penalize
 from .tools import ToolRunner, longest_with_tools
 from .trajectory import PromptRequest, SampleRequest, Trajectory
@@ -35,6 +36,7 @@ class SamplerEngine(Protocol):
         source: str = "on_policy",
         banned_ids: Sequence[int] = (),
         ban_penalty: float = math.inf,
+        end_rule: dict | None = None,
     ) -> list[Trajectory]: ...
 
     def generate_batch(self, prompts: Sequence[PromptRequest], min_new_tokens: int, max_new_tokens: int,
@@ -60,12 +62,14 @@ class PromptRows:
     the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids, ban_penalty)`."""
 
     def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
-                 banned_ids=(), ban_penalty=math.inf):
-        """n samples of one prompt, at one temperature or one per sample."""
+                 banned_ids=(), ban_penalty=math.inf, end_rule: dict | None = None):
+        """n samples of one prompt, at one temperature or one per sample; `end_rule` as
+        `PromptRequest.end_rule`."""
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
+        rules = None if end_rule is None else [end_rule]
         return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids, banned_ids, ban_penalty)
+                            max_new_tokens, end_ids, banned_ids, ban_penalty, end_rules=rules)
 
     def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
         """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
@@ -73,8 +77,9 @@ class PromptRows:
         for i, p in enumerate(prompts):
             rows += [(i, p.record_id, 1.0, "on_policy")] * p.n_on_policy
             rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
+        rules = [p.end_rule for p in prompts]
         return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
-                            banned_ids, ban_penalty)
+                            banned_ids, ban_penalty, end_rules=rules if any(r is not None for r in rules) else None)
 
 
 class TransformersSampler(PromptRows):
@@ -86,11 +91,14 @@ class TransformersSampler(PromptRows):
     loads the published adapter state.
     """
 
-    def __init__(self, model, device: str = "cpu", seed: int = 0, tools: ToolRunner | None = None, pad_id: int = 0):
+    def __init__(self, model, device: str = "cpu", seed: int = 0, tools: ToolRunner | None = None, pad_id: int = 0,
+                 decode=None):
         self.model = model
         self.device = device
         self.tools = tools
         self.pad_id = pad_id
+        self.decode = decode
+        """token ids -> text (the tokenizer's decode): what prompts' text rules (`end_rule`) judge."""
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
 
@@ -102,13 +110,19 @@ class TransformersSampler(PromptRows):
         self.version = version
 
     @torch.no_grad()
-    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=(), ban_penalty=math.inf):
+    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=(), ban_penalty=math.inf, end_rules=None):
         if not rows:
             return []
+        rules = None
+        if end_rules is not None:
+            if self.decode is None:
+                raise ValueError("a prompt has a text end rule (end_rule) but this sampler has no decode: "
+                                 "build TransformersSampler with decode=tokenizer.decode")
+            rules = [WordRule.of(r) for r in end_rules]
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids), ban_penalty)
+            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids), ban_penalty, rules)
         finally:
             self.model.train(was_training)
 
@@ -122,7 +136,7 @@ class TransformersSampler(PromptRows):
         logits = torch.nn.functional.linear(out.last_hidden_state[:, -1, :], weight, bias)
         return logits.float().cpu(), out.past_key_values
 
-    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf):
+    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf, rules=None):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         head = allowed_head(self.model, banned, ban_penalty)  # most of the vocabulary banned: its allowed columns
@@ -162,6 +176,10 @@ class TransformersSampler(PromptRows):
                 scaled[:, end] = -float("inf")
             elif after_tool:  # ⊤ only right after a tool's insertion (`can_end_states`)
                 no_end = torch.tensor([not (tool[r] and tool[r][-1] and not forced[r]) for r in alive.tolist()])
+                scaled[no_end[:, None] & torch.isin(torch.arange(scaled.shape[1]), end)[None, :]] = -float("inf")
+            if rules is not None and step >= min_new:  # ⊤ only where the prompt's text rule allows it
+                no_end = torch.tensor([rules[rows[r][0]] is not None and not rules[rows[r][0]].allows(self.decode(tokens[r]))
+                                       for r in alive.tolist()])
                 scaled[no_end[:, None] & torch.isin(torch.arange(scaled.shape[1]), end)[None, :]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
@@ -216,6 +234,8 @@ class TransformersSampler(PromptRows):
                 temperature=rows[i][2],
                 version=self.version,
                 source=rows[i][3],
+                end_allowed=None if rules is None or rules[rows[i][0]] is None
+                else rule_states(rules[rows[i][0]], tokens[i], self.decode),
             )
             for i in range(n)
         ]

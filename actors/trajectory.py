@@ -43,6 +43,10 @@ class Trajectory:
     """Version of the reward that scored it (a reward that learns, like the M-step's, bumps it;
     replayed trajectories of an older version are scored again)."""
 
+    end_allowed: list[bool] | None = None
+    """Per state s_0..s_n, whether its prompt's text rule (`PromptRequest.end_rule`) lets it end,
+    as the sampler judged it; None: its prompt has no such rule."""
+
     @property
     def length(self) -> int:
         return len(self.tokens)
@@ -64,17 +68,21 @@ def by_record(trajectories) -> dict[int, list[Trajectory]]:
     return groups
 
 
-def can_end_states(length: int, tool_mask: list[bool], min_len: int, end_only_after_tool: bool = False) -> list[bool]:
+def can_end_states(length: int, tool_mask: list[bool], min_len: int, end_only_after_tool: bool = False,
+                   end_allowed: list[bool] | None = None) -> list[bool]:
     """For k = 0..length, whether state s_k (the prompt and the first k tokens) may end: k >= min_len,
-    the next token is not a tool's (an environment step follows), and with `end_only_after_tool`
-    the last token ends a tool's insertion (arithmetic: right after a calculator result). The one
-    definition the samplers, the learner's teacher-forced pass and the scorer share."""
+    the next token is not a tool's (an environment step follows), with `end_only_after_tool`
+    the last token ends a tool's insertion (arithmetic: right after a calculator result), and where
+    `end_allowed` is given (a trajectory's text-rule verdicts, `actors.end_rules`) that says so. The
+    one definition the samplers, the learner's teacher-forced pass and the scorer share."""
     mask = list(tool_mask) or [False] * length
     out = []
     for k in range(length + 1):
         ok = k >= min_len and not (k < length and mask[k])
         if end_only_after_tool:
             ok = ok and k > 0 and mask[k - 1]
+        if end_allowed is not None:
+            ok = ok and bool(end_allowed[k])
         out.append(ok)
     return out
 
@@ -88,6 +96,9 @@ class PromptRequest:
     n_on_policy: int
     temperatures: list[float] = field(default_factory=list)
     """One sampling temperature per tempered sample."""
+    end_rule: dict | None = None
+    """Where this prompt's Z may end, judged on its text (`actors.end_rules.WordRule` as a dict);
+    None: no text rule."""
 
     @property
     def size(self) -> int:
@@ -122,7 +133,7 @@ class SampleRequest:
 
     def can_end(self, t: Trajectory) -> list[bool]:
         """Whether each state s_0..s_n of t may end under this request's rules (`can_end_states`)."""
-        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool)
+        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool, t.end_allowed)
 
     def prompt_ids(self, record_id: int) -> list[int]:
         for p in self.prompts:

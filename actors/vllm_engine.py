@@ -229,7 +229,11 @@ class VLLMSampler(PromptRows):
         return SamplingParams(max_tokens=room, min_tokens=max(0, min(min_new - done, room)),
                               stop_token_ids=list(end_ids), **allowed, **common)
 
-    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
+    def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf,
+                end_rules=None):
+        if end_rules is not None:
+            raise NotImplementedError("a prompt has a text end rule (task.constraint.end_when_satisfied), which the vLLM "
+                                      "engine does not apply: set sampler.engine=transformers")
         banned = list(banned_ids)
         rows = [_Row(t) for _, _, t, _ in rows_spec]
         # first round: one request per (prompt, distinct temperature), n samples each (the prompt is

@@ -121,7 +121,9 @@ class EvalConfig(Section):
     """Tasks over records: decoding baselines on the base model, compared with the trained policy.
     Names: sample, tempered (T = eval.tempered_temperature), nucleus (p = 0.95), greedy, beam
     (n beams), beam5 (5n beams), diverse_beam (n beams in n groups), diverse_beam5 (5n beams),
-    sample5 (5n samples: 5× the compute)."""
+    sample5 (5n samples: 5× the compute); constrained generation also rejection5 (up to 5 samples of
+    p_LM(Z | X) per output, the first that satisfies c) and, with constraint.end_when_satisfied,
+    sample_rule (sample under the same rule on where Z may end as the trained policy)."""
 
     tempered_temperature: float = Field(0.7, gt=0)
     """Temperature of the 'tempered' baseline."""

@@ -19,7 +19,7 @@ from .cluster import MetricsConfig, RuntimeConfig, SamplersConfig, SubmitConfig 
 from .learner import (BatchConfig, LearnerConfig, Objective, PPOObjective, RewardTemperature, RunConfig,  # noqa: F401
                       SFTObjective, SubTBObjective, TBObjective, VarGradObjective)
 from .rewards import EvalConfig, RewardConfig, RewardFit  # noqa: F401
-from .tasks import RandomNumberTask, Task, has_references, seeds_per_record
+from .tasks import RandomNumberTask, Task, has_references, seeds_per_record, text_end_rules
 
 
 class Config(Section):
@@ -164,6 +164,19 @@ class Config(Section):
                              f"vLLM would refuse the adapter. Raise it or leave it unset")
         if self.lora.r > VLLM_LORA_RANKS[-1] and self.sampler.engine == "vllm":
             raise ValueError(f"lora.r ({self.lora.r}) exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+        return self
+
+    @model_validator(mode="after")
+    def _text_end_rules(self):
+        if not text_end_rules(self.task):
+            return self
+        if self.sampler.engine == "vllm":
+            raise ValueError("sampler.engine: vllm does not apply task.constraint.end_when_satisfied (a rule on Z's "
+                             "text); use sampler.engine transformers or auto")
+        objective = self.learner.objective
+        if objective.type == "subtb" and objective.states != "can_end":
+            raise ValueError("learner.objective.states: task.constraint.end_when_satisfied makes the states without "
+                             "the required words states that cannot end; set learner.objective.states: can_end")
         return self
 
     def vllm_lora_rank(self) -> int | None:

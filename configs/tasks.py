@@ -299,6 +299,13 @@ class ConstraintConfig(Section):
     include_column: str | None = None
     """A record column holding more required words (space-separated), per record."""
 
+    end_when_satisfied: bool = False
+    """Let Z end (⊤) only where its text satisfies c: the states before the required word (or
+    with an excluded one) become states that cannot end. The samplers take ⊤ out of q there, and
+    with learner.objective `{type: subtb, states: can_end}` the loss balances only states that can
+    end, so prefixes without the word no longer pin it at the floor. Needs sampler.engine
+    transformers (or auto, which then takes it)."""
+
 
 class ConstrainedTask(ContinuationTask):
     """Constrained generation: R(Z) = p_LM(Z ⊤ | X) · c(Z). A finished Z with c = 0 gets the floor;
@@ -623,3 +630,10 @@ def has_references(task) -> bool:
     if isinstance(task, ArithmeticTask):
         return task.labelled > 0
     return getattr(task, "reference_template", None) is not None
+
+
+def text_end_rules(task) -> bool:
+    """True when the task's prompts carry text end rules (`PromptRequest.end_rule`): constrained
+    generation with `constraint.end_when_satisfied`."""
+    constraint = getattr(task, "constraint", None)
+    return bool(constraint is not None and constraint.end_when_satisfied)

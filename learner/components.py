@@ -133,4 +133,4 @@ def eval_engine(policy: Policy, cfg: Config) -> TransformersSampler:
 
     tools = tool_runner(cfg.sampler.tools, policy.tokenizer)
     return TransformersSampler(policy.model, policy.device, seed=cfg.learner.seed, tools=tools,
-                               pad_id=policy.tokenizer.pad_token_id)
+                               pad_id=policy.tokenizer.pad_token_id, decode=policy.tokenizer.decode)

@@ -12,8 +12,10 @@ Notation (batch of B trajectories padded to T sampled tokens):
                  the samplers never end there, q(⊤ | s_k) is taken out of the policy there
                  (log_pf is the renormalised q, `actors.policy.mask_end`), and the state carries no
                  flow of its own. None: every state can end. The final state of a trajectory the
-                 policy ended always can; one cut at max length where it cannot end has no
-                 terminal (R = 0 there) and takes part through its other states only.
+                 policy ended always can; one cut at max length where it cannot end (a dead end:
+                 the required word never came) is given its terminal by `forced_cap_ends`: the
+                 samplers stopped it there, so ⊤ is forced (log q = 0) with the reward the task gives
+                 that state (the floor), and the loss pushes such dead ends down.
 
 A state that can terminate has log F(s_k) = log R(s_k ⊤) - log q(⊤ | s_k): no flow network
 (Hu et al. 2024, eq. 6); sub-trajectories are balanced between such states only, so the optimum is
@@ -29,6 +31,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def forced_cap_ends(log_pterm: torch.Tensor, can_end: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor):
+    """(log_pterm, can_end) where every trajectory cut at max length whose last state cannot end
+    (not `terminated`, can_end False at its length) ends there by force: log q(⊤ | s_n) = 0 and s_n
+    can end, with whatever log R the task gave it (the floor). Without this a dead end would carry no
+    term at all, and a policy that leaks mass to Z that never may end would cost the loss nothing."""
+    idx = lengths.to(can_end.device)[:, None]
+    dead = ~terminated.to(device=can_end.device, dtype=torch.bool) & ~can_end.gather(1, idx).squeeze(1)
+    if not bool(dead.any()):
+        return log_pterm, can_end
+    at = torch.zeros_like(can_end).scatter(1, idx, dead[:, None])
+    return log_pterm.masked_fill(at.to(log_pterm.device), 0.0), can_end | at
 
 
 def _masks(log_pf: torch.Tensor, lengths: torch.Tensor, tool_mask: torch.Tensor | None,

@@ -79,7 +79,7 @@ def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[in
     for rid, available in zip(record_ids, replay_sizes):
         n_on, n_temp, n_rep = batch_mix(cfg.batch, available)
         temps = tempered_temperatures(cfg, n_temp, generator) if n_temp else []
-        prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps))
+        prompts.append(PromptRequest(rid, task.prompt_ids(rid), n_on, temps, end_rule=task.end_rule(rid)))
         replayed.append(n_rep)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     return request(cfg, task, prompts, seed, tag), replayed
@@ -96,7 +96,7 @@ def request(cfg: Config, task, prompts: list[PromptRequest], seed: int | None = 
 def micro_batch(cfg: Config, task, trajectories: list[Trajectory]) -> MicroBatch:
     """Trajectories that no sampler drew this step (SFT's references, a test's hand-made batch) as a
     micro-batch: a request for their records that asks for no samples."""
-    prompts = [PromptRequest(rid, task.prompt_ids(rid), 0) for rid in by_record(trajectories)]
+    prompts = [PromptRequest(rid, task.prompt_ids(rid), 0, end_rule=task.end_rule(rid)) for rid in by_record(trajectories)]
     return MicroBatch(request(cfg, task, prompts), list(trajectories))
 
 

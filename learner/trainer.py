@@ -14,6 +14,7 @@ from gfnlm.configs.learner import LearnerConfig
 from gfnlm.actors.policy import Policy, can_end_mask
 
 from .objective import PolicyTerms, make_objective
+from .objectives import forced_cap_ends
 
 
 class Learner:
@@ -55,9 +56,12 @@ class Learner:
                 log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
         lengths = torch.cat([p[2] for p in parts])
+        can_end = None
+        if ends is not None:  # dead ends (cut where they cannot end) end there by force, at their reward
+            log_pterm, can_end = forced_cap_ends(log_pterm, can_end_mask(ordered, ends, T + 1).to(log_pf.device),
+                                                 lengths, terminated)
         return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
-                           state_flows(ordered, self.state_flows, reward_temperature, log_r),
-                           None if ends is None else can_end_mask(ordered, ends, T + 1).to(log_pf.device),
+                           state_flows(ordered, self.state_flows, reward_temperature, log_r), can_end,
                            lambda rids: self.prompt_features(req, rids))
 
     def prompt_features(self, request, record_ids: list[int]) -> torch.Tensor:

@@ -80,7 +80,11 @@ class Task:
 
     def can_end(self, t: Trajectory) -> list[bool]:
         """Whether each state s_0..s_n of t may end (`actors.trajectory.can_end_states`)."""
-        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool)
+        return can_end_states(t.length, t.tool_mask, self.min_len, self.end_only_after_tool, t.end_allowed)
+
+    def end_rule(self, record_id: int) -> dict | None:
+        """Where the record's Z may end, judged on its text (`PromptRequest.end_rule`); None: no rule."""
+        return None
 
     def scored_states(self):
         """What an LM reward's scorer takes as `can_end`: this task's `can_end` when reward.prefixes is
@@ -150,7 +154,8 @@ class Task:
         prompt_of = prompt_of or self.prompt_ids
         out: list[Trajectory] = []
         for i in range(0, len(record_ids), chunk):
-            reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n) for r in record_ids[i: i + chunk]]
+            reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n, end_rule=self.end_rule(r))
+                    for r in record_ids[i: i + chunk]]
             out += sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
                                           self.ban_penalty)
         return by_record(out)

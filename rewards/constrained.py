@@ -8,29 +8,19 @@ prefixes that do keep their LM likelihood.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from gfnlm.actors.decoding import hf_generate
+from gfnlm.actors.end_rules import WordRule, rule_states, words  # noqa: F401  (words: part of this module's API)
 from gfnlm.actors.trajectory import Trajectory
 
 from .base import columns_of
 from .lm_task import LMTask
 
-_WORD = re.compile(r"[A-Za-z0-9']+")
-
-
-def words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
-
 
 def satisfies(text: str, include: list[str], exclude: list[str], min_words: int = 0, max_words: int | None = None) -> bool:
     """c(Z) of a text: required words present, excluded words absent, word count in the window."""
-    ws = words(text)
-    have = set(ws)
-    return (all(w.lower() in have for w in include) and not any(w.lower() in have for w in exclude)
-            and len(ws) >= min_words and (max_words is None or len(ws) <= max_words))
+    return WordRule(tuple(include), tuple(exclude), min_words, max_words).allows(text)
 
 
 class ConstrainedTask(LMTask):
@@ -52,9 +42,17 @@ class ConstrainedTask(LMTask):
         own = self.records[record_id].fields[c.include_column].split() if c.include_column else []
         return list(c.include) + own
 
-    def constraint_ok(self, record_id: int, text: str) -> bool:
+    def rule(self, record_id: int) -> WordRule:
+        """c of a record as a rule on Z's text."""
         c = self.cfg.constraint
-        return satisfies(text, self.required(record_id), c.exclude, c.min_words, c.max_words)
+        return WordRule(tuple(self.required(record_id)), tuple(c.exclude), c.min_words, c.max_words)
+
+    def constraint_ok(self, record_id: int, text: str) -> bool:
+        return self.rule(record_id).allows(text)
+
+    def end_rule(self, record_id: int) -> dict | None:
+        """With `constraint.end_when_satisfied`, c itself: Z may end only where its text satisfies c."""
+        return self.rule(record_id).as_dict() if self.cfg.constraint.end_when_satisfied else None
 
     def prefix_ok(self, record_id: int, t: Trajectory, i: int) -> bool:
         return super().prefix_ok(record_id, t, i) and self.constraint_ok(record_id, self.tokenizer.decode(t.tokens[:i]))
@@ -73,6 +71,8 @@ class ConstrainedTask(LMTask):
         for z, done in outs:
             t = Trajectory(record_id, list(z), terminated=done, temperature=float("nan"), version=-1, source="seed")
             if done and self.prefix_ok(record_id, t, t.length) and all(t.tokens != s.tokens for s in seeds):
+                if self.cfg.constraint.end_when_satisfied:  # the verdicts a sampler would have stamped
+                    t.end_allowed = rule_states(self.rule(record_id), t.tokens, self.tokenizer.decode)
                 seeds.append(t)
         if seeds:
             self.score(seeds)

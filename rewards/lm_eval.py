@@ -7,7 +7,9 @@ model (adapter off) from the task's baseline prompt (continuation: X itself; inf
 sample (T = 1), tempered, nucleus (p = 0.95), greedy, beam / beam5 (n / 5n beams, best n kept),
 diverse_beam / diverse_beam5 (n / 5n beams in n groups), sample5 (5n samples: 5× the compute), and
 for constrained generation rejection5 (up to 5 samples of p_LM(Z | C) per output, the first that
-satisfies c; 5× the compute).
+satisfies c; 5× the compute) and, where the task has a text end rule
+(`constraint.end_when_satisfied`), sample_rule (sample with the trained policy's rule: ⊤ only where
+Z's text satisfies c, what the rule alone does for the base model).
 
 Figures, averaged over records: valid (the task's own definition), log-likelihood under the reward
 LM (log p(Z ⊤ | C), or log p(Z Y | C) with a suffix) as the mean and the max over a record's
@@ -34,7 +36,7 @@ from .base import eval_mode
 from .evaluation import Evaluation
 
 BASELINES = ("sample", "tempered", "nucleus", "greedy", "beam", "beam5", "diverse_beam", "diverse_beam5", "sample5",
-             "rejection5")
+             "rejection5", "sample_rule")
 
 
 def eval_records(task, eval_cfg, seed: int = 0, ids: list[int] | None = None) -> list[int]:
@@ -70,16 +72,18 @@ def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) ->
     lo, hi, end = task.min_len, task.max_len, task.end_ids
     banned = sorted(task.banned_ids)  # the baselines get the policy's token mask too
     hf = {"suppress_tokens": banned} if banned else {}
-    if method == "trained":
-        trajs = sampler.generate(rid, task.prompt_ids(rid), n, 1.0, lo, hi, end, source="eval", banned_ids=banned)
+    if method == "trained":  # the policy as trained: with the task's text end rule, where it has one
+        trajs = sampler.generate(rid, task.prompt_ids(rid), n, 1.0, lo, hi, end, source="eval", banned_ids=banned,
+                                 end_rule=task.end_rule(rid))
         return [(t.tokens, t.terminated) for t in trajs]
     prompt = task.baseline_prompt_ids(rid)
     pad = tok.pad_token_id
     with model.disable_adapter():
-        if method in ("sample", "tempered", "sample5"):
+        if method in ("sample", "tempered", "sample5", "sample_rule"):
             k = 5 * n if method == "sample5" else n
             temp = eval_cfg.tempered_temperature if method == "tempered" else 1.0
-            trajs = sampler.generate(rid, prompt, k, temp, lo, hi, end, source="eval", banned_ids=banned)
+            rule = task.end_rule(rid) if method == "sample_rule" else None
+            trajs = sampler.generate(rid, prompt, k, temp, lo, hi, end, source="eval", banned_ids=banned, end_rule=rule)
             return [(t.tokens, t.terminated) for t in trajs]
         if method == "rejection5":
             # proposals from the reward's own prior p_LM(Z | C): accepted ones are posterior samples
@@ -221,6 +225,8 @@ def lm_evaluation(task, policy, sampler, eval_cfg, methods=None, seed: int = 0) 
         methods = ["trained"] + (list(eval_cfg.baselines) if eval_cfg.include_base else [])
     if task.name != "constrained":
         methods = [m for m in methods if m != "rejection5"]
+    if task.end_rule(rids[0]) is None:  # no text end rule: sample_rule would be sample again
+        methods = [m for m in methods if m != "sample_rule"]
     unknown = [m for m in methods if m != "trained" and m not in BASELINES]
     if unknown:
         raise ConfigError(f"eval.baselines: unknown method {unknown[0]!r}; expected one of {', '.join(BASELINES)}")

@@ -461,3 +461,85 @@ def test_vargrad_hand_computed():
     assert loss.item() == pytest.approx(((z7 - g[0]) ** 2 + (z7 - g[1]) ** 2 + 0.0) / 3)
     loss.backward()  # the estimate carries no gradient: d/d log_pf[0,0] = 2 (z7 − g0) / 3 · (+1)
     assert log_pf.grad[0, 0].item() == pytest.approx(2 * (z7 - g[0]) / 3)
+
+
+def _word_rule_case(V=2, max_len=3, seed=1, floor=-30.0):
+    """Every Z over V tokens of at most max_len that may end only once it holds token 1 (as a
+    constrained Z may end only once it uses the required word), and the dead ends: the Z of max_len
+    without it, which the samplers cut there. A random reward on the first, the floor on the second,
+    and a tabular policy's index tensors (⊤ out where a prefix may not end, forced at max_len)."""
+    import itertools
+
+    prefixes = [p for n in range(max_len + 1) for p in itertools.product(range(V), repeat=n)]
+    index = {p: i for i, p in enumerate(prefixes)}
+    objects = [p for p in prefixes if 1 in p]
+    dead = [p for p in prefixes if len(p) == max_len and 1 not in p]
+    trajs = objects + dead
+    B, T = len(trajs), max_len
+    pf_row, pf_tok = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    pt_row = torch.zeros(B, T + 1, dtype=torch.long)
+    can_end = torch.zeros(B, T + 1, dtype=torch.bool)
+    for b, x in enumerate(trajs):
+        for k in range(len(x)):
+            pf_row[b, k], pf_tok[b, k] = index[x[:k]], x[k]
+        for k in range(len(x) + 1):
+            pt_row[b, k], can_end[b, k] = index[x[:k]], 1 in x[:k]
+    log_R = torch.randn(len(objects), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5
+    log_r = torch.full((B, T + 1), floor, dtype=torch.float64)
+    for b, x in enumerate(objects):
+        for k in range(len(x) + 1):
+            if can_end[b, k]:
+                log_r[b, k] = log_R[objects.index(x[:k])]
+    no_end = torch.tensor([1 not in p for p in prefixes])
+    depth = torch.tensor([len(p) for p in prefixes])
+    return dict(n_objects=len(objects), pf_row=pf_row, pf_tok=pf_tok, pt_row=pt_row, log_R=log_R, log_r=log_r,
+                lengths=torch.tensor([len(x) for x in trajs]), can_end=can_end, no_end=no_end, depth=depth, V=V,
+                max_len=max_len, prefixes=prefixes, terminated=torch.arange(B) < len(objects))
+
+
+@pytest.mark.parametrize("objective", ["subtb", "subtb_batch_root", "tb"])
+def test_the_optimum_under_a_word_rule_with_dead_ends_is_q_proportional_to_r(objective):
+    """A Z may end only once it holds a given token (constrained generation's rule on the required
+    word): ⊤ out of q elsewhere, and the Z cut at max length without it (dead ends) end there by force
+    at the floor (`forced_cap_ends`). Trained to convergence on every Z, q(Z ⊤) over the Z that may
+    end is R(Z) / Σ R (brute force), and the dead ends keep no mass. Without the forced ends a dead
+    end carries no term, and the mass they take would cost nothing."""
+    from gfnlm.learner.objectives import forced_cap_ends
+
+    case = _word_rule_case()
+    V, lengths, B = case["V"], case["lengths"], len(case["lengths"])
+    table = torch.zeros(len(case["prefixes"]), V + 1, dtype=torch.float64, requires_grad=True)
+    log_z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([table, log_z], lr=0.05)
+    end_col = torch.arange(V + 1) == V
+    at_cap = case["depth"] == case["max_len"]
+
+    def terms():
+        mask = (case["no_end"] & ~at_cap)[:, None] & end_col[None, :] | at_cap[:, None] & ~end_col[None, :]
+        logp = torch.log_softmax(table.masked_fill(mask, -float("inf")), -1)
+        log_pterm = logp[case["pt_row"], V]
+        log_pterm, can_end = forced_cap_ends(log_pterm, case["can_end"], lengths, case["terminated"])
+        return logp[case["pf_row"], case["pf_tok"]], log_pterm, can_end
+
+    for it in range(4000):
+        if it == 2000:
+            for group in opt.param_groups:
+                group["lr"] = 0.005
+        opt.zero_grad()
+        log_pf, log_pterm, can_end = terms()
+        if objective == "tb":
+            loss = tb_loss(log_pf, log_pterm, case["log_r"], lengths, log_z)
+        elif objective == "subtb_batch_root":
+            loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, can_end=can_end,
+                              root_groups=torch.zeros(B, dtype=torch.long))
+        else:
+            loss = subtb_loss(log_pf, log_pterm, case["log_r"], lengths, can_end=can_end, log_root=log_z.expand(B))
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        log_pf, log_pterm, _ = terms()
+        inside = torch.arange(log_pf.shape[1])[None, :] < lengths[:, None]
+        log_q = torch.where(inside, log_pf, torch.zeros_like(log_pf)).sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)
+    n = case["n_objects"]
+    torch.testing.assert_close(log_q[:n].exp(), torch.softmax(case["log_R"], 0), atol=1e-4, rtol=0)
+    assert log_q[n:].exp().sum() < 1e-4, "the dead ends keep mass"
