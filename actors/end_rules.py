@@ -53,3 +53,15 @@ class WordRule:
 def rule_states(rule: WordRule, tokens: Sequence[int], decode: Callable[[list[int]], str]) -> list[bool]:
     """For k = 0..len(tokens), whether the rule lets state s_k (the first k tokens) end."""
     return [rule.allows(decode(list(tokens[:k]))) for k in range(len(tokens) + 1)]
+
+
+def restamp(trajectories, rules: dict, decode: Callable[[list[int]], str]) -> None:
+    """Make each trajectory's verdicts those of its record's rule now (`rules`: record id -> rule
+    dict or None), in place: a trajectory from a replay or checkpoint written before the rule was on
+    gets them, and one whose rule is now off loses them. Trajectories already stamped are kept."""
+    for t in trajectories:
+        rule = rules.get(t.record_id)
+        if rule is None:
+            t.end_allowed = None
+        elif t.end_allowed is None or len(t.end_allowed) != t.length + 1:
+            t.end_allowed = rule_states(WordRule.of(rule), t.tokens, decode)

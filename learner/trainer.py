@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import torch
 
+from gfnlm.actors.end_rules import restamp
 from gfnlm.actors.trajectory import MicroBatch, by_record
 from gfnlm.configs.learner import LearnerConfig
 
@@ -39,6 +40,8 @@ class Learner:
         """The teacher-forced pass over a micro-batch, under the rules of the request it answers;
         trajectories are grouped by record so each prompt runs once."""
         req = batch.request
+        if any(p.end_rule is not None for p in req.prompts) or any(t.end_allowed is not None for t in batch.trajectories):
+            restamp(batch.trajectories, {p.record_id: p.end_rule for p in req.prompts}, self.policy.tokenizer.decode)
         groups = by_record(batch.trajectories)
         ends = req.can_end if self.objective.masks_end else None
         parts = [self.policy.logprobs(req.prompt_ids(rid), ts, req.end_ids, req.banned_ids, req.ban_penalty, 0, ends)

@@ -111,11 +111,12 @@ class CustomTask(LMTask):
             got = {key: v for key, v in zip(wanted, values)}
             for b, t in enumerate(ts):
                 first = t.length if self.prefixes == "final" else 0
+                can = self.can_end(t)  # a state that cannot end (a dead end's last one among them): the floor
                 row = []
                 for i in range(t.length + 1):
                     if i < first:
                         row.append(float("nan"))
-                    elif (b, i) not in got:
+                    elif (b, i) not in got or not can[i]:
                         row.append(self.floor)
                     elif prior is None:
                         row.append(got[(b, i)])

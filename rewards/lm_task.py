@@ -147,9 +147,11 @@ class LMTask(Task):
         for rid, ts in groups.items():
             for t, row in zip(ts, self.lm_scores(rid, ts)):
                 first = t.length if self.prefixes == "final" else 0
-                # prefixes the scorer skipped (too short, or right before a tool token) hold NaN
-                t.log_r = [row[i] if i < first or (self.prefix_ok(rid, t, i) and not math.isnan(row[i])) else self.floor
-                           for i in range(t.length + 1)]
+                ends = self.can_end(t)
+                # prefixes the scorer skipped (too short, or right before a tool token) hold NaN; a state
+                # that cannot end (a dead end's last state among them) is worth the floor
+                t.log_r = [row[i] if i < first or (ends[i] and self.prefix_ok(rid, t, i) and not math.isnan(row[i]))
+                           else self.floor for i in range(t.length + 1)]
 
     # -- progress ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gfnlm.actors.tools import Calculator, ToolRunner, evaluate
+from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.learner.cli import main
 from gfnlm.learner.objectives import action_logprobs, group_advantages, ppo_loss
@@ -243,6 +244,12 @@ def test_a_rationale_ends_only_after_a_completed_step(tiny_llama, tmp_path):
     for t in batch:
         if t.terminated:
             assert task.can_end(t)[-1], task.tokenizer.decode(t.tokens)
+    # a dead end (cut before a completed step): its last state cannot end, so it is worth the floor,
+    # where the learner ends it by force (`forced_cap_ends`), not the reward of a rationale cut short
+    before = ref.tool_mask.index(True) - 1  # " 2 + 2", the "=" not yet written
+    cut = Trajectory(ref.record_id, ref.tokens[:before], terminated=False)
+    task.score([cut])
+    assert not any(task.can_end(cut)) and cut.log_r == [task.floor] * (cut.length + 1)
     assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2", "run.evaluate_at_end=false"])]) == 0
     rows = [_json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)

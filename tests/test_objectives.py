@@ -503,7 +503,9 @@ def test_the_optimum_under_a_word_rule_with_dead_ends_is_q_proportional_to_r(obj
     word): ⊤ out of q elsewhere, and the Z cut at max length without it (dead ends) end there by force
     at the floor (`forced_cap_ends`). Trained to convergence on every Z, q(Z ⊤) over the Z that may
     end is R(Z) / Σ R (brute force), and the dead ends keep no mass. Without the forced ends a dead
-    end carries no term, and the mass they take would cost nothing."""
+    end carries no term, and the mass they take would cost nothing (each case fails then). (The
+    tabular policy's ⊤ is forced at max length where Z may end, a capped task; the learner's is
+    q(⊤) there.)"""
     from gfnlm.learner.objectives import forced_cap_ends
 
     case = _word_rule_case()
@@ -514,10 +516,15 @@ def test_the_optimum_under_a_word_rule_with_dead_ends_is_q_proportional_to_r(obj
     end_col = torch.arange(V + 1) == V
     at_cap = case["depth"] == case["max_len"]
 
+    # the cap as the sampler has it: a Z that may end there ends there; a dead end is cut, ⊤ masked
+    # there as everywhere it may not end (log q(⊤) = -inf, the learner's value) until forced_cap_ends
+    dead_last = torch.zeros(B, case["max_len"] + 1, dtype=torch.bool)
+    dead_last[~case["terminated"], case["max_len"]] = True
+
     def terms():
         mask = (case["no_end"] & ~at_cap)[:, None] & end_col[None, :] | at_cap[:, None] & ~end_col[None, :]
         logp = torch.log_softmax(table.masked_fill(mask, -float("inf")), -1)
-        log_pterm = logp[case["pt_row"], V]
+        log_pterm = logp[case["pt_row"], V].masked_fill(dead_last, -float("inf"))
         log_pterm, can_end = forced_cap_ends(log_pterm, case["can_end"], lengths, case["terminated"])
         return logp[case["pf_row"], case["pf_tok"]], log_pterm, can_end
 
