@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .end_rules import WordRule, rule_states
+from .end_rules import WordRule
 from .policy import allowed_head, penalize
 from .tools import ToolRunner, longest_with_tools
 from .trajectory import PromptRequest, SampleRequest, Trajectory
@@ -169,6 +169,7 @@ class TransformersSampler(PromptRows):
         chosen = [0] * n  # tokens the policy chose: max_new counts these (a tool's insertions are the environment's)
         longest = longest_with_tools(max_new, self.tools)  # a hard cap, insertions included
         alive = torch.arange(n)
+        verdicts: list[list[bool]] = [[] for _ in range(n)]  # per sample, the text rule's verdict on s_0, s_1, ...
         after_tool = bool(self.tools) and self.tools.end_only_after
         for step in itertools.count():
             scaled = penalize(logits, banned, ban_penalty) / temps[alive, None]
@@ -177,9 +178,11 @@ class TransformersSampler(PromptRows):
             elif after_tool:  # ⊤ only right after a tool's insertion (`can_end_states`)
                 no_end = torch.tensor([not (tool[r] and tool[r][-1] and not forced[r]) for r in alive.tolist()])
                 scaled[no_end[:, None] & torch.isin(torch.arange(scaled.shape[1]), end)[None, :]] = -float("inf")
-            if rules is not None and step >= min_new:  # ⊤ only where the prompt's text rule allows it
-                no_end = torch.tensor([rules[rows[r][0]] is not None and not rules[rows[r][0]].allows(self.decode(tokens[r]))
-                                       for r in alive.tolist()])
+            if rules is not None:  # ⊤ only where the prompt's text rule allows it; the verdict of s_k kept
+                for r in alive.tolist():
+                    if rules[rows[r][0]] is not None:
+                        verdicts[r].append(rules[rows[r][0]].allows(self.decode(tokens[r])))
+                no_end = torch.tensor([bool(verdicts[r]) and not verdicts[r][-1] for r in alive.tolist()])
                 scaled[no_end[:, None] & torch.isin(torch.arange(scaled.shape[1]), end)[None, :]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
@@ -235,10 +238,16 @@ class TransformersSampler(PromptRows):
                 version=self.version,
                 source=rows[i][3],
                 end_allowed=None if rules is None or rules[rows[i][0]] is None
-                else rule_states(rules[rows[i][0]], tokens[i], self.decode),
+                else self._last_verdict(verdicts[i], rules[rows[i][0]], tokens[i]),
             )
             for i in range(n)
         ]
+
+
+    def _last_verdict(self, verdicts: list[bool], rule, tokens: list[int]) -> list[bool]:
+        """The verdicts of s_0..s_n: those judged while sampling, and s_n's where a sample was cut
+        at max length before it was judged."""
+        return verdicts + [rule.allows(self.decode(tokens))] if len(verdicts) == len(tokens) else verdicts
 
 
 class RequestServer:
