@@ -39,7 +39,8 @@ def hf_generate(model, prompt_ids: list[int], n: int, max_new: int, min_new: int
 
 @torch.no_grad()
 def group_beam_search(model, prompt_ids: list[int], num_beams: int, num_groups: int, max_new: int, min_new: int,
-                      end_ids: list[int], diversity_penalty: float = 1.0, banned_ids=()) -> list[tuple[list[int], bool]]:
+                      end_ids: list[int], diversity_penalty: float = 1.0, banned_ids=(),
+                      first_banned_ids=()) -> list[tuple[list[int], bool]]:
     """Diverse beam search: num_beams hypotheses, P = num_beams / num_groups per group.
 
     Each group is transformers' beam search (length_penalty 1.0, early_stopping False) of width P:
@@ -54,7 +55,8 @@ def group_beam_search(model, prompt_ids: list[int], num_beams: int, num_groups: 
     With several groups, groups go in order at every step and group g ranks its candidates by score
     − diversity_penalty × (times the token was chosen for a live beam at this step by groups < g);
     the penalty only steers the choice: scores and values stay the raw log-probs. Banned tokens are
-    taken out before the softmax (the rest renormalised); end tokens get −inf before min_new.
+    taken out before the softmax (the rest renormalised), and `first_banned_ids` at the first step;
+    end tokens get −inf before min_new.
 
     Returns each group's hypotheses best first (at most P: fewer when the model offers fewer
     sequences), group after group, as (tokens without the end token, terminated)."""
@@ -78,6 +80,9 @@ def group_beam_search(model, prompt_ids: list[int], num_beams: int, num_groups: 
         if banned_ids:
             logits = logits.clone()
             logits[:, list(banned_ids)] = -float("inf")
+        if step == 0 and len(first_banned_ids):
+            logits = logits.clone()
+            logits[:, list(first_banned_ids)] = -float("inf")
         logp = torch.log_softmax(logits, -1).cpu()
         if step < min_new:
             logp[:, end] = -float("inf")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from gfnlm.configs.actors import LoraConfig, ModelConfig, SamplerConfig
 from gfnlm.configs.cluster import MetricsConfig
-from gfnlm.configs.tasks import text_end_rules
+from gfnlm.configs.tasks import transformers_only
 
 from .tools import longest_with_tools, tool_runner
 
@@ -24,23 +24,23 @@ class SamplerSpec:
     """The task's type: the label of the actor's Prometheus series."""
     max_lora_rank: int | None
     """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`); None where vLLM has none that large."""
-    text_end_rules: bool = False
-    """True when the task's prompts carry text end rules (`PromptRequest.end_rule`), which only the
-    transformers engine applies."""
+    transformers_only: bool = False
+    """True when the task's requests carry rules only the transformers engine applies (text end
+    rules, a first-token mask: `configs.tasks.transformers_only`)."""
 
     @classmethod
     def of(cls, cfg) -> "SamplerSpec":
         return cls(cfg.model, cfg.lora, cfg.sampler, cfg.metrics, cfg.task.type, cfg.vllm_lora_rank(),
-                   text_end_rules(cfg.task))
+                   transformers_only(cfg.task) is not None)
 
 
-def resolve_engine(name: str, max_lora_rank: int | None = None, text_end_rules: bool = False) -> str:
+def resolve_engine(name: str, max_lora_rank: int | None = None, transformers_only: bool = False) -> str:
     """'auto' takes vLLM where a GPU is visible, vLLM imports, it serves the LoRA rank
-    (`max_lora_rank` not None) and the prompts carry no text end rules; else transformers, which is
+    (`max_lora_rank` not None) and the task asks for no rule only transformers applies; else transformers, which is
     the faster engine on CPU (see docs/usage.md, "Sampler engines")."""
     if name != "auto":
         return name
-    if max_lora_rank is None or text_end_rules:  # ('vllm' itself is refused by the config in both cases)
+    if max_lora_rank is None or transformers_only:  # ('vllm' itself is refused by the config in both cases)
         return "transformers"
     import torch
 
@@ -66,7 +66,7 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
     """The configured engine. With `policy` the transformers engine samples from that very model
     (one process: the learner's weights need no copy); the vLLM engine always holds its own."""
     cfg = spec
-    engine = resolve_engine(cfg.sampler.engine, spec.max_lora_rank, spec.text_end_rules)
+    engine = resolve_engine(cfg.sampler.engine, spec.max_lora_rank, spec.transformers_only)
     tools = tool_runner(cfg.sampler.tools, tokenizer)
     if engine == "transformers":
         from .sampler import TransformersSampler

@@ -43,6 +43,19 @@ def penalize(logits: torch.Tensor, banned_ids, ban_penalty: float = math.inf) ->
                                                  dtype=logits.dtype, device=logits.device))
 
 
+def ban_first(logits: torch.Tensor, first_banned_ids) -> torch.Tensor:
+    """Logits [B, T+1, V] (or [B, V] of the first step) with `first_banned_ids` taken out of the first
+    state s_0 only: a rule on Z's first token (`task.first_token: word`), applied in sampling and
+    teacher forcing alike."""
+    if not len(first_banned_ids):
+        return logits
+    idx = torch.as_tensor(list(first_banned_ids), device=logits.device)
+    if logits.dim() == 2:
+        return logits.index_fill(-1, idx, -float("inf"))
+    first = logits[:, :1, :].index_fill(-1, idx, -float("inf"))
+    return torch.cat([first, logits[:, 1:, :]], dim=1)
+
+
 def allowed_head(model, banned_ids, ban_penalty: float = math.inf):
     """(body, head weight rows, head bias rows or None, allowed ids) when most of the vocabulary is
     banned outright (arithmetic allows ~15 of SmolLM2's 49,152 tokens): the LM head then needs only
@@ -111,7 +124,7 @@ def _end_logprobs(logits: torch.Tensor, end_columns, min_len: int, can_end: torc
     return torch.log_softmax(mask_end(logits, end_columns, min_len, can_end), dim=-1), log_pterm
 
 
-def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None):
+def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None, first_banned_ids=()):
     """`sequence_logprobs` through the allowed columns of the head (`allowed_head`)."""
     body, weight, bias, allowed = head
     device = tokens.device
@@ -127,6 +140,8 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
     column[allowed] = torch.arange(len(allowed))
     cols = column[tokens.cpu().clamp(max=len(column) - 1)].to(device)
     ends = [int(column[e]) for e in end_ids if e < len(column) and column[e] >= 0]
+    first = [int(column[i]) for i in first_banned_ids if i < len(column) and column[i] >= 0]
+    logits = ban_first(logits, first)
     if not ends:  # every end token banned: ⊤ is impossible
         logp = torch.log_softmax(logits, dim=-1)
         log_pterm = torch.full(logp.shape[:2], -float("inf"), device=device)
@@ -138,7 +153,8 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
 
 
 def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
-                      ban_penalty: float = math.inf, min_len: int = 0, can_end: torch.Tensor | None = None):
+                      ban_penalty: float = math.inf, min_len: int = 0, can_end: torch.Tensor | None = None,
+                      first_banned_ids=()):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
 
     The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
@@ -146,15 +162,16 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     log_pterm [B, T+1] = log q(⊤ | s_k), with ⊤ the set of end tokens. States s_k with k < min_len
     cannot end: ⊤ is taken out of q there and the rest renormalised, as the samplers draw
     (`mask_end`), and log_pterm is -inf; a [B, T+1] bool `can_end` (False where s_k cannot end,
-    `actors.trajectory.can_end_states`) replaces the min_len rule. Right padding in `tokens` only
-    changes entries past each trajectory's end.
+    `actors.trajectory.can_end_states`) replaces the min_len rule. `first_banned_ids` are taken out
+    of s_0 alone (`ban_first`). Right padding in `tokens` only changes entries past each
+    trajectory's end.
     """
     device = tokens.device
     B, T = tokens.shape
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     head = allowed_head(model, banned_ids, ban_penalty)
     if head is not None:
-        return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end)
+        return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end, first_banned_ids)
     out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:
@@ -164,7 +181,8 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    logp, log_pterm = _end_logprobs(penalize(logits, banned_ids, ban_penalty), end_ids, min_len, can_end)  # [B, T+1, V]
+    logits = ban_first(penalize(logits, banned_ids, ban_penalty), first_banned_ids)
+    logp, log_pterm = _end_logprobs(logits, end_ids, min_len, can_end)  # [B, T+1, V]
     log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     return log_pf, log_pterm
 
@@ -231,13 +249,14 @@ class Policy:
         return params
 
     def logprobs(self, prompt_ids: list[int], trajectories: list[Trajectory], end_ids: list[int], banned_ids=(),
-                 ban_penalty: float = math.inf, min_len: int = 0, can_end=None):
+                 ban_penalty: float = math.inf, min_len: int = 0, can_end=None, first_banned_ids=()):
         """(log_pf, log_pterm, lengths, tool_mask) for trajectories that share one prompt; ⊤ out of q
-        before min_len, or where `can_end(trajectory)` (a list over its states) is False
-        (`sequence_logprobs`)."""
+        before min_len, or where `can_end(trajectory)` (a list over its states) is False, and
+        `first_banned_ids` out of the first token (`sequence_logprobs`)."""
         tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
         mask = None if can_end is None else can_end_mask(trajectories, can_end, tokens.shape[1] + 1).to(self.device)
-        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len, mask)
+        log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len, mask,
+                                              first_banned_ids)
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .end_rules import WordRule
-from .policy import allowed_head, penalize
+from .policy import allowed_head, ban_first, penalize
 from .tools import ToolRunner, longest_with_tools
 from .trajectory import PromptRequest, SampleRequest, Trajectory
 
@@ -37,10 +37,12 @@ class SamplerEngine(Protocol):
         banned_ids: Sequence[int] = (),
         ban_penalty: float = math.inf,
         end_rule: dict | None = None,
+        first_banned_ids: Sequence[int] = (),
     ) -> list[Trajectory]: ...
 
     def generate_batch(self, prompts: Sequence[PromptRequest], min_new_tokens: int, max_new_tokens: int,
-                       end_ids: list[int], banned_ids: Sequence[int] = (), ban_penalty: float = math.inf) -> list[Trajectory]: ...
+                       end_ids: list[int], banned_ids: Sequence[int] = (), ban_penalty: float = math.inf,
+                       first_banned_ids: Sequence[int] = ()) -> list[Trajectory]: ...
 
     def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None: ...
 
@@ -59,19 +61,22 @@ def left_pad(prompts: list[list[int]], pad_id: int):
 
 class PromptRows:
     """The two entry points of an engine, as rows (prompt index, record, temperature, source) for
-    the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids, ban_penalty)`."""
+    the engine's own `_sample(prompts, rows, min_new, max_new, end_ids, banned_ids, ban_penalty, end_rules,
+    first_banned_ids)`. `first_banned_ids` are out of Z's first token only (`task.first_token: word`)."""
 
     def generate(self, record_id, prompt_ids, n, temperatures, min_new_tokens, max_new_tokens, end_ids, source="on_policy",
-                 banned_ids=(), ban_penalty=math.inf, end_rule: dict | None = None):
+                 banned_ids=(), ban_penalty=math.inf, end_rule: dict | None = None, first_banned_ids=()):
         """n samples of one prompt, at one temperature or one per sample; `end_rule` as
         `PromptRequest.end_rule`."""
         temps = [float(temperatures)] * n if isinstance(temperatures, (int, float)) else [float(t) for t in temperatures]
         assert len(temps) == n, "one temperature per sample"
         rules = None if end_rule is None else [end_rule]
         return self._sample([list(prompt_ids)], [(0, record_id, t, source) for t in temps], min_new_tokens,
-                            max_new_tokens, end_ids, banned_ids, ban_penalty, end_rules=rules)
+                            max_new_tokens, end_ids, banned_ids, ban_penalty, end_rules=rules,
+                            first_banned_ids=first_banned_ids)
 
-    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf):
+    def generate_batch(self, prompts, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf,
+                       first_banned_ids=()):
         """Every prompt's samples in one call: on-policy ones at T = 1, then the tempered ones."""
         rows = []
         for i, p in enumerate(prompts):
@@ -79,7 +84,8 @@ class PromptRows:
             rows += [(i, p.record_id, float(t), "tempered") for t in p.temperatures]
         rules = [p.end_rule for p in prompts]
         return self._sample([list(p.prompt_ids) for p in prompts], rows, min_new_tokens, max_new_tokens, end_ids,
-                            banned_ids, ban_penalty, end_rules=rules if any(r is not None for r in rules) else None)
+                            banned_ids, ban_penalty, end_rules=rules if any(r is not None for r in rules) else None,
+                            first_banned_ids=first_banned_ids)
 
 
 class TransformersSampler(PromptRows):
@@ -110,7 +116,8 @@ class TransformersSampler(PromptRows):
         self.version = version
 
     @torch.no_grad()
-    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=(), ban_penalty=math.inf, end_rules=None):
+    def _sample(self, prompts, rows, min_new, max_new, end_ids, banned_ids=(), ban_penalty=math.inf, end_rules=None,
+                first_banned_ids=()):
         if not rows:
             return []
         rules = None
@@ -122,7 +129,8 @@ class TransformersSampler(PromptRows):
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids), ban_penalty, rules)
+            return self._generate(prompts, rows, min_new, max_new, end_ids, list(banned_ids), ban_penalty, rules,
+                                  list(first_banned_ids))
         finally:
             self.model.train(was_training)
 
@@ -136,7 +144,7 @@ class TransformersSampler(PromptRows):
         logits = torch.nn.functional.linear(out.last_hidden_state[:, -1, :], weight, bias)
         return logits.float().cpu(), out.past_key_values
 
-    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf, rules=None):
+    def _generate(self, prompts, rows, min_new, max_new, end_ids, banned, ban_penalty=math.inf, rules=None, first=()):
         n = len(rows)
         temps = torch.tensor([r[2] for r in rows], dtype=torch.float32)
         head = allowed_head(self.model, banned, ban_penalty)  # most of the vocabulary banned: its allowed columns
@@ -144,6 +152,7 @@ class TransformersSampler(PromptRows):
             allowed = head[3]
             column = {int(t): i for i, t in enumerate(allowed)}
             end = torch.tensor([column[t] for t in end_ids if t in column], dtype=torch.long)
+            first = [column[t] for t in first if t in column]
             banned = []
         else:
             end = torch.tensor(end_ids, dtype=torch.long)
@@ -172,7 +181,10 @@ class TransformersSampler(PromptRows):
         verdicts: list[list[bool]] = [[] for _ in range(n)]  # per sample, the text rule's verdict on s_0, s_1, ...
         after_tool = bool(self.tools) and self.tools.end_only_after
         for step in itertools.count():
-            scaled = penalize(logits, banned, ban_penalty) / temps[alive, None]
+            scaled = penalize(logits, banned, ban_penalty)
+            if step == 0:
+                scaled = ban_first(scaled, first)
+            scaled = scaled / temps[alive, None]
             if step < min_new:
                 scaled[:, end] = -float("inf")
             elif after_tool:  # ⊤ only right after a tool's insertion (`can_end_states`)
@@ -277,4 +289,4 @@ class RequestServer:
             self.engine.generator.manual_seed(req.seed)
         self.engine.tools = self.tools_for(req.tools)
         return self.engine.generate_batch(req.prompts, req.min_len, req.max_len, req.end_ids, req.banned_ids,
-                                          req.ban_penalty)
+                                          req.ban_penalty, first_banned_ids=req.first_banned_ids)

@@ -120,6 +120,9 @@ class SampleRequest:
     """Tokens the policy may not choose (masked out of its distribution before sampling)."""
     ban_penalty: float = float("inf")
     """How much the banned tokens' logits are lowered (infinite: masked out)."""
+    first_banned_ids: list[int] = field(default_factory=list)
+    """Tokens the policy may not choose as Z's first token (`task.first_token: word`: those that do
+    not start a word), masked out of s_0 alone."""
     seed: int | None = None
     """Reseeds the engine's generator for this request, so that a request and a policy version
     determine its samples (exact resume)."""
@@ -167,7 +170,7 @@ def joined(batches: list[MicroBatch]) -> MicroBatch:
     first = batches[0].request
     prompts = list({p.record_id: p for b in batches for p in b.request.prompts}.values())
     request = SampleRequest(prompts, first.min_len, first.max_len, first.end_ids, first.tools, first.banned_ids,
-                            first.ban_penalty, first.seed, first.tag)
+                            first.ban_penalty, first.first_banned_ids, first.seed, first.tag)
     return MicroBatch(request, [t for b in batches for t in b.trajectories])
 
 

@@ -230,10 +230,13 @@ class VLLMSampler(PromptRows):
                               stop_token_ids=list(end_ids), **allowed, **common)
 
     def _sample(self, prompts, rows_spec, min_new_tokens, max_new_tokens, end_ids, banned_ids=(), ban_penalty=math.inf,
-                end_rules=None):
+                end_rules=None, first_banned_ids=()):
         if end_rules is not None:
             raise NotImplementedError("a prompt has a text end rule (task.constraint.end_when_satisfied), which the vLLM "
                                       "engine does not apply: set sampler.engine=transformers")
+        if len(first_banned_ids):
+            raise NotImplementedError("the request bans tokens at Z's first position (task.first_token: word), which the "
+                                      "vLLM engine does not apply: set sampler.engine=transformers")
         banned = list(banned_ids)
         rows = [_Row(t) for _, _, t, _ in rows_spec]
         # first round: one request per (prompt, distinct temperature), n samples each (the prompt is

@@ -19,7 +19,7 @@ from .cluster import MetricsConfig, RuntimeConfig, SamplersConfig, SubmitConfig 
 from .learner import (BatchConfig, LearnerConfig, Objective, PPOObjective, RewardTemperature, RunConfig,  # noqa: F401
                       SFTObjective, SubTBObjective, TBObjective, VarGradObjective)
 from .rewards import EvalConfig, RewardConfig, RewardFit  # noqa: F401
-from .tasks import RandomNumberTask, Task, has_references, seeds_per_record, text_end_rules
+from .tasks import RandomNumberTask, Task, has_references, seeds_per_record, text_end_rules, transformers_only
 
 
 class Config(Section):
@@ -168,11 +168,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _text_end_rules(self):
+        reason = transformers_only(self.task)
+        if reason is not None and self.sampler.engine == "vllm":
+            raise ValueError(f"sampler.engine: vllm does not apply {reason}; use sampler.engine transformers or auto")
         if not text_end_rules(self.task):
             return self
-        if self.sampler.engine == "vllm":
-            raise ValueError("sampler.engine: vllm does not apply task.constraint.end_when_satisfied (a rule on Z's "
-                             "text); use sampler.engine transformers or auto")
         objective = self.learner.objective
         if objective.type == "subtb" and objective.states != "can_end":
             raise ValueError("learner.objective.states: task.constraint.end_when_satisfied makes the states without "

@@ -216,9 +216,10 @@ class ContinuationTask(Section):
     the floor."""
 
     first_token: Literal["any", "word"] = "any"
-    """'word': Z must begin with one space and then a visible character, a word of its own; a Z glued
-    onto X's last word ("years" + ".com") or starting with other whitespace (a vertical tab) gets the floor.
-    'any': no rule."""
+    """'word': Z must begin with one space and then a visible character, a word of its own. The
+    tokens that do not start so ("com" after "years.", a vertical tab, a lone space) are masked out
+    of the policy's first token (sampling and teacher forcing; the transformers engine only), and a
+    Z that still breaks the rule (a replayed one) gets the floor. 'any': no rule."""
 
     disallowed_tokens: list[str] = Field(default_factory=list)
     """Tokens whose whole text equals one of these (a leading space counts: "A" is not " A") are
@@ -630,6 +631,16 @@ def has_references(task) -> bool:
     if isinstance(task, ArithmeticTask):
         return task.labelled > 0
     return getattr(task, "reference_template", None) is not None
+
+
+def transformers_only(task) -> str | None:
+    """What in the task only the transformers sampler applies (None: nothing): text end rules, or
+    the first-token mask of `first_token: word`."""
+    if text_end_rules(task):
+        return "task.constraint.end_when_satisfied (a rule on Z's text)"
+    if getattr(task, "first_token", "any") == "word":
+        return "task.first_token: word (a mask on Z's first token)"
+    return None
 
 
 def text_end_rules(task) -> bool:

@@ -80,7 +80,7 @@ class MStep:
             sampler.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
             with torch.no_grad(), z_policy(policy.model, self.cfg):
                 samples = sampler.generate_batch(reqs, task.min_len, task.max_len, task.end_ids, sorted(task.banned_ids),
-                                                 task.ban_penalty)
+                                                 task.ban_penalty, first_banned_ids=sorted(task.first_banned_ids))
             self.optimizer.zero_grad(set_to_none=True)
             policy.model.train()
             with active_adapter(policy.model, M_ADAPTER):

@@ -271,7 +271,8 @@ class PPO:
             with torch.no_grad(), policy.model.disable_adapter():
                 for rid, ts in per_record.items():
                     log_pf, log_pterm, lengths, tool = policy.logprobs(req.prompt_ids(rid), ts, req.end_ids,
-                                                                       req.banned_ids, req.ban_penalty, 0, req.can_end)
+                                                                       req.banned_ids, req.ban_penalty, 0, req.can_end,
+                                                                       req.first_banned_ids)
                     terminated = torch.tensor([t.terminated for t in ts])
                     ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
                     for t, row in zip(ts, ref.tolist()):

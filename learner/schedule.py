@@ -86,11 +86,11 @@ def plan_request(cfg: Config, task, record_ids: list[int], replay_sizes: list[in
 
 
 def request(cfg: Config, task, prompts: list[PromptRequest], seed: int | None = None, tag: int = 0) -> SampleRequest:
-    """The one place a request's rules come from the task: its end and banned tokens, min and max
-    length, and the tools (which say where a state may end)."""
+    """The one place a request's rules come from the task: its end and banned tokens (those banned
+    at Z's first token too), min and max length, and the tools (which say where a state may end)."""
     return SampleRequest(prompts, task.min_len, task.max_len, task.end_ids,
                          tools=[t.model_dump() for t in cfg.sampler.tools], banned_ids=sorted(task.banned_ids),
-                         ban_penalty=task.ban_penalty, seed=seed, tag=tag)
+                         ban_penalty=task.ban_penalty, first_banned_ids=sorted(task.first_banned_ids), seed=seed, tag=tag)
 
 
 def micro_batch(cfg: Config, task, trajectories: list[Trajectory]) -> MicroBatch:

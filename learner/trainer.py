@@ -44,7 +44,8 @@ class Learner:
             restamp(batch.trajectories, {p.record_id: p.end_rule for p in req.prompts}, self.policy.tokenizer.decode)
         groups = by_record(batch.trajectories)
         ends = req.can_end if self.objective.masks_end else None
-        parts = [self.policy.logprobs(req.prompt_ids(rid), ts, req.end_ids, req.banned_ids, req.ban_penalty, 0, ends)
+        parts = [self.policy.logprobs(req.prompt_ids(rid), ts, req.end_ids, req.banned_ids, req.ban_penalty, 0, ends,
+                                      req.first_banned_ids)
                  for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
         T = max(p[0].shape[1] for p in parts)

@@ -35,6 +35,8 @@ class Task:
         self.lm = None
         self.banned_ids: frozenset[int] = frozenset()
         """Tokens taken out of the policy's distribution (sampling and teacher forcing)."""
+        self.first_banned_ids: frozenset[int] = frozenset()
+        """Tokens taken out of Z's first token only (`task.first_token: word`)."""
         self.ban_penalty = math.inf
         """How far the banned tokens' logits are lowered (infinite: taken out)."""
         self._prompt_cache = lru_cache(maxsize=65536)(self._encode_prompt)
@@ -157,7 +159,7 @@ class Task:
             reqs = [PromptRequest(r, prompt_of(r), 0, [temperature] * n, end_rule=self.end_rule(r))
                     for r in record_ids[i: i + chunk]]
             out += sampler.generate_batch(reqs, self.min_len, self.max_len, self.end_ids, sorted(self.banned_ids),
-                                          self.ban_penalty)
+                                          self.ban_penalty, first_banned_ids=sorted(self.first_banned_ids))
         return by_record(out)
 
     # -- progress ------------------------------------------------------------------------------

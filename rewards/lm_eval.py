@@ -70,11 +70,14 @@ def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) ->
     """(Z tokens, ended by ⊤) of one method on one record."""
     model, tok = policy.model, policy.tokenizer
     lo, hi, end = task.min_len, task.max_len, task.end_ids
-    banned = sorted(task.banned_ids)  # the baselines get the policy's token mask too
+    banned = sorted(task.banned_ids)  # the baselines get the policy's token masks too
+    first = sorted(task.first_banned_ids)  # (out of Z's first token alone)
     hf = {"suppress_tokens": banned} if banned else {}
+    if first:
+        hf["begin_suppress_tokens"] = first
     if method == "trained":  # the policy as trained: with the task's text end rule, where it has one
         trajs = sampler.generate(rid, task.prompt_ids(rid), n, 1.0, lo, hi, end, source="eval", banned_ids=banned,
-                                 end_rule=task.end_rule(rid))
+                                 end_rule=task.end_rule(rid), first_banned_ids=first)
         return [(t.tokens, t.terminated) for t in trajs]
     prompt = task.baseline_prompt_ids(rid)
     pad = tok.pad_token_id
@@ -83,11 +86,13 @@ def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) ->
             k = 5 * n if method == "sample5" else n
             temp = eval_cfg.tempered_temperature if method == "tempered" else 1.0
             rule = task.end_rule(rid) if method == "sample_rule" else None
-            trajs = sampler.generate(rid, prompt, k, temp, lo, hi, end, source="eval", banned_ids=banned, end_rule=rule)
+            trajs = sampler.generate(rid, prompt, k, temp, lo, hi, end, source="eval", banned_ids=banned, end_rule=rule,
+                                     first_banned_ids=first)
             return [(t.tokens, t.terminated) for t in trajs]
         if method == "rejection5":
             # proposals from the reward's own prior p_LM(Z | C): accepted ones are posterior samples
-            trajs = sampler.generate(rid, task.context_ids(rid), 5 * n, 1.0, lo, hi, end, source="eval", banned_ids=banned)
+            trajs = sampler.generate(rid, task.context_ids(rid), 5 * n, 1.0, lo, hi, end, source="eval", banned_ids=banned,
+                                     first_banned_ids=first)
             out = []
             for i in range(n):
                 tries = trajs[5 * i: 5 * i + 5]
@@ -105,7 +110,7 @@ def _generate(method: str, task, policy, sampler, rid: int, n: int, eval_cfg) ->
         if method in ("diverse_beam", "diverse_beam5"):
             beams = n * (5 if method == "diverse_beam5" else 1)
             return group_beam_search(model, prompt, beams, n, hi, lo, end, diversity_penalty=1.0,
-                                     banned_ids=banned)[:: beams // n][:n]
+                                     banned_ids=banned, first_banned_ids=first)[:: beams // n][:n]
     raise ConfigError(f"eval.baselines: unknown method {method!r}; expected one of {', '.join(BASELINES)}")
 
 

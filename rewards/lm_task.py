@@ -47,7 +47,25 @@ class LMTask(Task):
         self.disallowed = (self.compute_disallowed(tokenizer, cfg) | special) - set(self.end_ids)
         if cfg.mask_disallowed:
             self.banned_ids = frozenset(self.disallowed)
+        if getattr(cfg, "first_token", "any") == "word":
+            self.first_banned_ids = self.no_word_start(tokenizer) - set(self.end_ids) - self.banned_ids
         self._context = lru_cache(maxsize=65536)(self._encode_context)
+
+    @staticmethod
+    def no_word_start(tokenizer) -> frozenset[int]:
+        """The tokens masked out of Z's first token under `first_token: word`: those whose text does
+        not begin with one space and a visible character, so the policy never reaches the Z that the
+        reward's rule (`starts_a_word`) gives the floor. A token's text is read after a word ("a"),
+        since SentencePiece drops a leading space at the start of a text. A tokenizer that keeps the
+        space apart from the word (no token starts " w", e.g. character-level) keeps the lone space
+        allowed; a Z of a space and then more whitespace still gets the floor there."""
+        ref = list(tokenizer("a", add_special_tokens=False).input_ids)
+        head = tokenizer.decode(ref)
+        texts = [tokenizer.decode(ref + [i])[len(head):] for i in range(len(tokenizer))]
+        starts = {i for i, text in enumerate(texts) if _WORD_START.match(text)}
+        if not starts:
+            starts = {i for i, text in enumerate(texts) if text == " "}
+        return frozenset(range(len(tokenizer))) - starts
 
     @staticmethod
     def columns(cfg) -> list[str]:

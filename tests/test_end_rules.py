@@ -82,7 +82,7 @@ def test_the_vllm_engine_refuses_a_text_rule_and_the_config_says_so_first(tiny_l
 
     cfg = load_config("constrained.yaml", ov + ["learner.objective={type: subtb, states: can_end}"])
     spec = SamplerSpec.of(cfg)
-    assert spec.text_end_rules and resolve_engine("auto", 64, spec.text_end_rules) == "transformers"
+    assert spec.transformers_only and resolve_engine("auto", 64, spec.transformers_only) == "transformers"
 
 
 def test_a_constrained_run_with_the_rule_samples_seeds_scores_and_trains_on_it(tiny_llama, tmp_path):
