@@ -6,6 +6,13 @@ contributes, and optional display labels of methods (e.g. sample: prompting). Ev
 are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json, the
 trained policy's row named after its run.
 
+A run may choose its settings on the validation split first (`select`: a metric of the trained
+policy, max or min, and named candidate override lists): each candidate trains with the first seed
+into <out>/select/ and is evaluated on the validation split alone; the best one then trains every
+seed of the run, evaluated on the test split. The table says what was chosen over what, and its
+wall time counts the selection runs. Give every trained method a `select` of its own so that each
+gets the same tuning effort.
+
 Running an experiment again into the same --out reuses every run that finished there with the same
 config (its config.yaml) and evaluated the methods asked for (its eval.json): `--seeds 0,1,2` adds
 seeds to a table without training the finished ones again, and an experiment stopped midway resumes
@@ -52,7 +59,30 @@ def read_spec(name: str) -> dict:
             raise ConfigError(f"{path}: runs[{i}].name: missing")
         run.setdefault("overrides", [])
         run.setdefault("methods", ["trained"])
+        if "select" in run:
+            check_select(run["select"], f"{path}: runs[{i}].select")
     return spec
+
+
+def check_select(sel, where: str) -> None:
+    """A run's `select`: {metric, goal: max | min, candidates: {name: [overrides]}}: the candidate
+    settings, of which the one with the best `metric` of the trained policy on the validation split
+    trains the run's seeds for the table."""
+    if not isinstance(sel, dict):
+        raise ConfigError(f"{where}: expected a mapping with metric, goal and candidates")
+    unknown = set(sel) - {"metric", "goal", "candidates"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; expected metric, goal, candidates")
+    if not isinstance(sel.get("metric"), str):
+        raise ConfigError(f"{where}.metric: missing; name a figure of the trained policy's evaluation, e.g. loglik_max")
+    sel.setdefault("goal", "max")
+    if sel["goal"] not in ("max", "min"):
+        raise ConfigError(f"{where}.goal: {sel['goal']!r}; expected max or min")
+    cands = sel.get("candidates")
+    if (not isinstance(cands, dict) or len(cands) < 2
+            or not all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in cands.values())):
+        raise ConfigError(f"{where}.candidates: expected at least two named lists of overrides, e.g. "
+                          f"{{floor99: [task.log_reward_floor=-99], floor400: [task.log_reward_floor=-400]}}")
 
 
 def same_config(cfg) -> bool:
@@ -112,8 +142,9 @@ def previous_walls(out: str) -> dict[str, float]:
         return {}
 
 
-def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, object, list[str]]]:
-    """(run name, seed, config, methods) of every run, validated before anything trains."""
+def configs_of(spec: dict, out: str, extra: list[str], chosen: dict | None = None) -> list[tuple[str, int, object, list[str]]]:
+    """(run name, seed, config, methods) of every run, validated before anything trains; a run with
+    `select` takes its `chosen` candidate's overrides (default: its first candidate's)."""
     plan = []
     for seed in spec["seeds"]:
         for run in spec["runs"]:
@@ -121,11 +152,45 @@ def configs_of(spec: dict, out: str, extra: list[str]) -> list[tuple[str, int, o
                 continue
             methods = list(run["methods"])
             baselines = [m for m in methods if m != "trained"]
-            ov = [*spec["overrides"], *run["overrides"], f"learner.seed={seed}",
+            picked = []
+            if "select" in run:
+                cands = run["select"]["candidates"]
+                picked = cands[(chosen or {}).get(run["name"], next(iter(cands)))]
+            ov = [*spec["overrides"], *run["overrides"], *picked, f"learner.seed={seed}",
                   "run.output_dir=" + os.path.join(out, f"{run['name']}-seed{seed}"),
                   f"eval.baselines=[{', '.join(baselines)}]", f"eval.include_base={'true' if baselines else 'false'}", *extra]
             plan.append((run["name"], seed, load_config(spec["config"], ov), methods))
     return plan
+
+
+def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, str, object]]:
+    """(run name, candidate, config) of every selection run: each candidate of each run with
+    `select`, trained with the experiment's first seed into <out>/select/<run>-<candidate>, and
+    evaluated on the validation split (the trained policy only). Validated before anything trains."""
+    seed = spec["seeds"][0]
+    plan = []
+    for run in spec["runs"]:
+        for cand, picked in run.get("select", {}).get("candidates", {}).items():
+            ov = [*spec["overrides"], *run["overrides"], *picked, f"learner.seed={seed}",
+                  "run.output_dir=" + os.path.join(out, "select", f"{run['name']}-{cand}-seed{seed}"),
+                  "eval.baselines=[]", "eval.include_base=false", *extra, "eval.split=validation"]
+            plan.append((run["name"], cand, load_config(spec["config"], ov)))
+    return plan
+
+
+def figure(results: dict, metric: str, where: str) -> float:
+    """The trained policy's `metric` in an evaluation's results (NaN counts as the worst)."""
+    figures = flat(results.get("trained", {}))
+    if metric not in figures:
+        raise ConfigError(f"{where}: select.metric: the evaluation has no figure {metric!r}; it has "
+                          f"{', '.join(sorted(k for k, v in figures.items() if isinstance(v, (int, float))))}")
+    return float(figures[metric])
+
+
+def best(scores: dict[str, float], goal: str) -> str:
+    """The candidate with the best score (the first of equals; NaN never wins over a number)."""
+    sign = 1.0 if goal == "max" else -1.0
+    return max(scores, key=lambda c: -math.inf if math.isnan(scores[c]) else sign * scores[c])
 
 
 NUMBER_KEYS = ("valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass")
@@ -169,8 +234,10 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
     return table
 
 
-def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float) -> list[str]:
-    """table.md and table.json of the runs done so far; the table's lines."""
+def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float,
+                selection: dict | None = None) -> list[str]:
+    """table.md and table.json of the runs done so far (and the settings chosen on the validation
+    split, with every candidate's score); the table's lines."""
     from gfnlm.rewards.lm_eval import TABLE_KEYS
 
     table = summarize({m: [flat(r) for r in runs] for m, runs in rows.items()})
@@ -197,11 +264,16 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
              "| method | n | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
     for method, cell in table.items():
         lines.append(f"| {method} | {len(rows[method])} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
+    for run, e in (selection or {}).items():
+        lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['seeds'][0]}, "
+                      f"{e.get('records')} validation records; {e['goal']} {e['metric']}: "
+                      + ", ".join(f"{c} {v:.3f}" for c, v in e["scores"].items()) + ")"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls}, f, indent=1)
+        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls,
+                   "selection": selection or {}}, f, indent=1)
     return lines
 
 
@@ -216,10 +288,40 @@ def main(args) -> int:
             spec["seeds"] = [int(x) for x in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2") from None
-    plan = configs_of(spec, out, list(args.override))
+    extra = list(args.override)
+    selecting = selection_plan(spec, out, extra)
+    plan = configs_of(spec, out, extra)  # every config checked before the first run trains
+    walls, before = {}, previous_walls(out)
+    selection: dict[str, dict] = {}
+    if selecting:
+        print(f"gfnlm experiment {name}: {len(selecting)} selection runs on the validation split into "
+              f"{os.path.join(out, 'select')}", file=sys.stderr)
+    for run, cand, cfg in selecting:
+        sel = next(r for r in spec["runs"] if r["name"] == run)["select"]
+        key = f"select/{run}-{cand}-seed{spec['seeds'][0]}"
+        t0 = time.perf_counter()
+        results = finished(cfg, ["trained"])
+        if results is None:
+            try:
+                resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
+                results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=["trained"])
+            except TrainingStopped as e:
+                print(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet", file=sys.stderr)
+                return 0
+            walls[key] = time.perf_counter() - t0
+        elif key in before:
+            walls[key] = before[key]
+        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}})
+        entry["scores"][cand] = figure(results, sel["metric"], key)
+        entry["records"] = results["trained"].get("records")
+    for run, entry in selection.items():
+        entry["chosen"] = best(entry["scores"], entry["goal"])
+        print(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "
+              f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + ")",
+              file=sys.stderr)
+    plan = configs_of(spec, out, extra, {run: e["chosen"] for run, e in selection.items()})
     print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
     rows: dict[str, list[dict]] = {}
-    walls, before = {}, previous_walls(out)
 
     def add(run: str, results: dict) -> None:
         for method, figures in (results or {}).items():
@@ -245,8 +347,8 @@ def main(args) -> int:
             return 0
         walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
         add(run, results)
-        write_table(spec, name, out, plan, rows, walls, sum(walls.values()))  # after every run
-    lines = write_table(spec, name, out, plan, rows, walls, sum(walls.values()))
+        write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)  # after every run
+    lines = write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
     print(f"gfnlm: table in {os.path.join(out, 'table.md')}", file=sys.stderr)
     return 0

@@ -358,6 +358,52 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     assert set(saved["wall_seconds"]) == {"gfn-seed0", "tb-seed0", "gfn-seed1"}
 
 
+def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_test_runs(tiny_llama, tmp_path,
+                                                                                         monkeypatch):
+    """A run's `select`: each candidate trains with the first seed and is evaluated on the
+    validation split only; the best by the metric (here the lower learning rate, which the stand-in
+    scores higher on validation and lower on test) trains every seed for the table on the test
+    split; the choice and every score are in table.md and table.json. A malformed select is a
+    one-line error before anything trains."""
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
+    from test_tasks import task_overrides, write_jsonl
+
+    calls = []
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        calls.append((os.path.relpath(run_dir, out), cfg.eval.split, cfg.learner.lr, cfg.learner.seed, list(methods)))
+        score = -cfg.learner.lr if cfg.eval.split == "validation" else cfg.learner.lr
+        os.makedirs(run_dir, exist_ok=True)
+        return {"trained": {"loglik_max": score, "records": 2}, **({"sample": {"loglik_max": -5.0}} if "sample" in methods else {})}
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
+    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
+    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
+          if not o.startswith(("run.output_dir=", "eval.split="))]
+    spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
+            "runs": [{"name": "gfn", "methods": ["trained", "sample"],
+                      "select": {"metric": "loglik_max", "goal": "max",
+                                 "candidates": {"fast": ["learner.lr=0.01"], "slow": ["learner.lr=0.001"]}}}]}
+    path = tmp_path / "sel.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
+    assert calls == [("select/gfn-fast-seed0", "validation", 0.01, 0, ["trained"]),
+                     ("select/gfn-slow-seed0", "validation", 0.001, 0, ["trained"]),
+                     ("gfn-seed0", "test", 0.001, 0, ["trained", "sample"]),
+                     ("gfn-seed1", "test", 0.001, 1, ["trained", "sample"])]
+    text = (out / "table.md").read_text()
+    assert "gfn: slow chosen on the validation split (seed 0, 2 validation records; max loglik_max: fast -0.010, slow -0.001)" in text
+    saved = json.loads((out / "table.json").read_text())
+    assert saved["selection"]["gfn"]["chosen"] == "slow" and saved["rows"]["gfn"] == [{"loglik_max": 0.001, "records": 2}] * 2
+    bad = dict(spec, runs=[dict(spec["runs"][0], select={"metric": "loglik_max", "candidates": {"only": []}})])
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"runs\[0\].select.candidates: expected at least two named lists"):
+        main(argparse.Namespace(name=str(path), out=str(tmp_path / "out2"), override=[]))
+
+
 def same_figures(table_row: dict, eval_row: dict) -> bool:
     """A table.json row against eval.json's, NaN equal to NaN; infinite figures are kept as they are."""
     if set(table_row) != set(eval_row):
