@@ -52,8 +52,9 @@ def ban_first(logits: torch.Tensor, first_banned_ids) -> torch.Tensor:
     idx = torch.as_tensor(list(first_banned_ids), device=logits.device)
     if logits.dim() == 2:
         return logits.index_fill(-1, idx, -float("inf"))
-    first = logits[:, :1, :].index_fill(-1, idx, -float("inf"))
-    return torch.cat([first, logits[:, 1:, :]], dim=1)
+    where = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)  # [T+1, V]: s_0's banned columns
+    where[0, idx] = True
+    return logits.masked_fill(where, -float("inf"))
 
 
 def allowed_head(model, banned_ids, ban_penalty: float = math.inf):

@@ -218,8 +218,10 @@ class ContinuationTask(Section):
     first_token: Literal["any", "word"] = "any"
     """'word': Z must begin with one space and then a visible character, a word of its own. The
     tokens that do not start so ("com" after "years.", a vertical tab, a lone space) are masked out
-    of the policy's first token (sampling and teacher forcing; the transformers engine only), and a
-    Z that still breaks the rule (a replayed one) gets the floor. 'any': no rule."""
+    of the policy's first token (sampling, teacher forcing, PPO and the evaluation baselines; the
+    transformers engine only), so a tokenizer that writes " 5" as a lone space and "5" (SmolLM2)
+    lets no Z start with a digit. The reward gives the floor to a Z that breaks the rule; seeds and
+    references the mask does not allow are left out. 'any': no rule."""
 
     disallowed_tokens: list[str] = Field(default_factory=list)
     """Tokens whose whole text equals one of these (a leading space counts: "A" is not " A") are

@@ -168,10 +168,14 @@ def restore(driver: Driver, ckpt_dir: str, extra: dict | None = None) -> None:
     load_adapter_weights(c.policy, os.path.join(ckpt_dir, "adapter"))
     extra = extra if extra is not None else read_trainer_state(ckpt_dir)
     c.learner.load_state_dict(extra["learner"])
-    driver.load_replay_state(extra["replay"])
+    replay = dict(extra["replay"])  # a buffer written before the task masked Z's first token keeps what it still allows
+    replay["buffers"] = {k: [t for t in v if c.task.reachable(t["tokens"])] for k, v in replay["buffers"].items()}
+    driver.load_replay_state(replay)
     set_rng_state(extra["rng"], c.sampler.generator)
     c.scheduler.load_state_dict(extra["scheduler"])
     c.generator.set_state(extra["driver_rng"])
-    driver.restore_plans(extra.get("plans", []))
+    plans = [dict(p, request={"first_banned_ids": sorted(c.task.first_banned_ids), **p["request"]})
+             for p in extra.get("plans", [])]  # (plans written before the mask existed get the task's)
+    driver.restore_plans(plans)
     if c.em is not None and "em" in extra:
         c.em.load_state_dict(extra["em"])

@@ -65,7 +65,7 @@ def seed_replay(replay, cfg: Config, task) -> None:
     """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`)."""
     if cfg.replay.seed_with_support and cfg.batch.replay > 0:
         for rid in task.train_ids:
-            seeds = task.seed_trajectories(rid)
+            seeds = [t for t in task.seed_trajectories(rid) if task.reachable(t.tokens)]
             if seeds:
                 replay.add(seeds)
 
@@ -99,11 +99,11 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
         if learner.objective.samples:  # SFT never draws from the buffer: scoring its seeds would be wasted
             seed_replay(replay, cfg, task)
     ids = task.train_ids
-    if not learner.objective.samples:  # SFT: the records that have a reference Z
-        ids = [r for r in ids if task.reference(r) is not None]
+    if not learner.objective.samples:  # SFT: the records that have a reference Z the policy can write
+        ids = [r for r in ids if (ref := task.reference(r)) is not None and task.reachable(ref.tokens)]
         if not ids:
             raise ConfigError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
-                             f"has a reference Z to train on")
+                             f"has a reference Z to train on (that its first-token mask allows)")
     scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
     generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
     em = None

@@ -47,9 +47,9 @@ def collect(c: Components, record_ids: list[int], temperature: float, serve=None
 
 
 def references(c: Components, record_ids: list[int]) -> MicroBatch:
-    """SFT's micro-batch: the records' reference Z."""
+    """SFT's micro-batch: the records' reference Z (those the policy can write: `Task.reachable`)."""
     refs = [c.task.reference(r) for r in record_ids]
-    return micro_batch(c.cfg, c.task, [t for t in refs if t is not None])
+    return micro_batch(c.cfg, c.task, [t for t in refs if t is not None and c.task.reachable(t.tokens)])
 
 
 class LocalDriver:

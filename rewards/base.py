@@ -106,6 +106,12 @@ class Task:
         """Known-good trajectories of a record for the replay (scored); none by default."""
         return []
 
+    def reachable(self, tokens: list[int]) -> bool:
+        """Whether the policy can write this Z at all: its first token is not masked out of s_0
+        (`first_banned_ids`). A seed, reference or restored replay entry that it cannot write has
+        log q = −inf and would make the loss infinite: it is left out."""
+        return not (tokens and tokens[0] in self.first_banned_ids)
+
     def evaluation(self, policy, sampler, eval_cfg, methods=None):
         """The task's evaluation, declared (`rewards.evaluation.Evaluation`): its methods (`methods`
         picks baselines where the task has them), one method's figures, the log line, table and plot."""

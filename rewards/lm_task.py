@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 
 from gfnlm.actors.trajectory import Trajectory, by_record
+from gfnlm.configs import ConfigError
 
 from .base import Task, columns_of
 from .records import load_records
@@ -47,25 +48,35 @@ class LMTask(Task):
         self.disallowed = (self.compute_disallowed(tokenizer, cfg) | special) - set(self.end_ids)
         if cfg.mask_disallowed:
             self.banned_ids = frozenset(self.disallowed)
+        self._ref = list(tokenizer("a", add_special_tokens=False).input_ids)  # `text_after`'s context
+        self.word_starts: frozenset[int] = frozenset()
         if getattr(cfg, "first_token", "any") == "word":
-            self.first_banned_ids = self.no_word_start(tokenizer) - set(self.end_ids) - self.banned_ids
+            self.word_starts = self.first_tokens(tokenizer, self.banned_ids)
+            self.first_banned_ids = frozenset(range(len(tokenizer))) - self.word_starts - set(self.end_ids)
+            if not self.word_starts - (self.banned_ids if math.isinf(self.ban_penalty) else set()):
+                raise ConfigError("task.first_token: word: every token that could start Z's first word is disallowed "
+                                  "(task.disallowed / disallowed_tokens); allow one, or set first_token: any")
         self._context = lru_cache(maxsize=65536)(self._encode_context)
 
-    @staticmethod
-    def no_word_start(tokenizer) -> frozenset[int]:
-        """The tokens masked out of Z's first token under `first_token: word`: those whose text does
-        not begin with one space and a visible character, so the policy never reaches the Z that the
-        reward's rule (`starts_a_word`) gives the floor. A token's text is read after a word ("a"),
-        since SentencePiece drops a leading space at the start of a text. A tokenizer that keeps the
-        space apart from the word (no token starts " w", e.g. character-level) keeps the lone space
-        allowed; a Z of a space and then more whitespace still gets the floor there."""
-        ref = list(tokenizer("a", add_special_tokens=False).input_ids)
-        head = tokenizer.decode(ref)
-        texts = [tokenizer.decode(ref + [i])[len(head):] for i in range(len(tokenizer))]
+    def text_after(self, tokens: list[int], tokenizer=None) -> str:
+        """The text of tokens as they read after a word ("a"): SentencePiece drops the leading space
+        of a text's first token, which `first_token: word` must see."""
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer.decode(self._ref + list(tokens))[len(tokenizer.decode(self._ref)):]
+
+    def first_tokens(self, tokenizer, banned=frozenset()) -> frozenset[int]:
+        """The tokens that may start Z under `first_token: word`, the only ones the policy's first
+        token may be (the rest are masked out of s_0): those whose text begins with one space and a
+        visible character (" The", not "com" after "years.", a vertical tab or a lone space). A
+        tokenizer that writes no word so (no allowed token starts " w": a character-level one) has
+        its lone space instead, and the reward's rule on the text (`starts_a_word`) floors what a
+        space then starts badly. A tokenizer that writes " 5" as a lone space and "5" (SmolLM2,
+        Llama) lets no Z start with a digit."""
+        texts = [self.text_after([i], tokenizer) for i in range(len(tokenizer))]
         starts = {i for i, text in enumerate(texts) if _WORD_START.match(text)}
-        if not starts:
+        if not starts - set(banned):
             starts = {i for i, text in enumerate(texts) if text == " "}
-        return frozenset(range(len(tokenizer))) - starts
+        return frozenset(starts)
 
     @staticmethod
     def columns(cfg) -> list[str]:
@@ -153,10 +164,10 @@ class LMTask(Task):
         return i >= self.min_len and not any(tok in self.disallowed for tok in t.tokens[:i])
 
     def starts_a_word(self, tokens: list[int]) -> bool:
-        """Whether a Z begins with one space and then a visible character (" The", not "com", a vertical
-        tab or two spaces): what `first_token: word` asks. Read from the text of its first few tokens, so it holds
-        for tokenizers that merge the space into the word and for those that keep it apart."""
-        return _WORD_START.match(self.tokenizer.decode(tokens[:4])) is not None
+        """What `first_token: word` asks of a Z: its first token is one the policy may start with
+        (`first_tokens`, the mask on s_0) and its text begins with one space and then a visible
+        character, read in context from its first few tokens."""
+        return (not tokens or tokens[0] in self.word_starts) and _WORD_START.match(self.text_after(tokens[:4])) is not None
 
     def score(self, trajectories: list[Trajectory]) -> None:
         if self.lm is None:

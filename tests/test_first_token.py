@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 from gfnlm.actors.decoding import group_beam_search, hf_generate
 from gfnlm.actors.policy import Policy
 from gfnlm.actors.sampler import TransformersSampler
-from gfnlm.actors.trajectory import PromptRequest
+from gfnlm.actors.sampler import RequestServer
+from gfnlm.actors.tiny import CHARS, build_model
+from gfnlm.actors.trajectory import MicroBatch, PromptRequest, Trajectory, by_record
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.configs.schema import LoraConfig, ModelConfig
 from gfnlm.learner.cli import main
@@ -86,16 +88,26 @@ def test_a_continuation_run_with_first_token_word_never_samples_a_z_glued_onto_t
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(4)])
     task = "{type: continuation, data: {train: %s}, min_len: 1, max_len: 6, first_token: word}" % data
-    ov = task_overrides(tiny_llama, tmp_path / "run", "continuation", data, task=task,
-                        **{"eval.baselines": "[sample, nucleus, beam, diverse_beam]"})
+    ov = task_overrides(tiny_llama, tmp_path / "run", "continuation", data, task=task,  # (⊤ out before min_len in q)
+                        **{"eval.baselines": "[sample, nucleus, beam, diverse_beam]",
+                           "learner.objective": "{type: subtb, states: can_end}", "reward.prefixes": "can_end"})
     with pytest.raises(ConfigError, match="sampler.engine: vllm does not apply task.first_token: word"):
         load_config("continuation.yaml", ov + ["sampler.engine=vllm"])
     c = build(load_config("continuation.yaml", ov))
     space = c.task.tokenizer.convert_tokens_to_ids(" ")
-    allowed_first = set(range(len(c.task.tokenizer))) - c.task.first_banned_ids - c.task.banned_ids
-    assert allowed_first == {space} | set(c.task.end_ids)
+    assert set(range(len(c.task.tokenizer))) - c.task.first_banned_ids == {space} | set(c.task.end_ids)
     req, _ = plan_request(c.cfg, c.task, [0, 1], [0, 0], torch.Generator().manual_seed(0))
     assert set(req.first_banned_ids) == c.task.first_banned_ids
+    # what the training loop samples (on-policy and tempered rows) starts with the space, and the
+    # learner's teacher-forced pass reads the very log-probs the sampler drew on-policy
+    trajs = RequestServer(c.sampler, c.task.tokenizer)(req)
+    assert {t.source for t in trajs} == {"on_policy", "tempered"} and all(t.tokens[:1] == [space] for t in trajs)
+    c.task.score(trajs)
+    terms = c.learner.terms(MicroBatch(req, trajs), 1.0)
+    ordered = [t for ts in by_record(trajs).values() for t in ts]
+    for b, t in enumerate(ordered):
+        if t.source == "on_policy":
+            assert torch.allclose(terms.log_pf[b, : t.length].detach(), torch.tensor(t.logprobs), atol=1e-4)
     for method in ("trained", "sample", "nucleus", "beam", "diverse_beam"):
         outs = _generate(method, c.task, c.policy, eval_sampler(c), 0, 4, c.cfg.eval)
         assert all(z[:1] == [space] for z, _ in outs if z), method
@@ -105,3 +117,28 @@ def test_a_continuation_run_with_first_token_word_never_samples_a_z_glued_onto_t
     assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines)
     shown = [z for ex in json.loads((run / "eval.json").read_text())["examples"]["trained"] for z in ex["samples"]]
     assert shown and all(z.startswith(" ") for z in shown if z)
+
+
+def test_word_tokens_start_z_the_lone_space_does_not_and_what_the_policy_cannot_write_stays_out(tmp_path):
+    """A tokenizer with word tokens (" the", " cat"): they are Z's only first tokens, the lone space
+    is masked out (a Z " 5..." cannot be written, and gets the floor), a seed or SFT reference that
+    starts so is left out rather than given log q = −inf, and a mask that leaves no first token at
+    all is a one-line error."""
+    from gfnlm.learner.loop import build
+
+    model = build_model(str(tmp_path / "m"), "llama", chars=CHARS + [" the", " cat"])
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in (" the", " cat", " ", "5", "c")}
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(4)])
+    task = "{type: continuation, data: {train: %s}, min_len: 1, max_len: 6, first_token: word}" % data
+    c = build(load_config("continuation.yaml", task_overrides(model, tmp_path / "run", "continuation", data, task=task)))
+    assert c.task.word_starts == {ids[" the"], ids[" cat"]}
+    assert ids[" "] in c.task.first_banned_ids and ids["c"] in c.task.first_banned_ids
+    digit = Trajectory(0, [ids[" "], ids["5"]], terminated=True)
+    word = Trajectory(0, [ids[" the"], ids[" cat"]], terminated=True)
+    c.task.score([digit, word])
+    assert digit.log_r[1:] == [c.task.floor] * 2 and all(x > c.task.floor for x in word.log_r[1:])
+    assert not c.task.reachable(digit.tokens) and c.task.reachable(word.tokens) and c.task.reachable([])
+    with pytest.raises(ConfigError, match="task.first_token: word: every token that could start Z's first word is disallowed"):
+        build(load_config("continuation.yaml", task_overrides(model, tmp_path / "run2", "continuation", data,
+                                                              task=task[:-1] + ", disallowed: [' ']}")))
