@@ -7,9 +7,9 @@ are then merged into one table (mean ± std over seeds) in <out>/table.md and ta
 trained policy's row named after its run.
 
 A run may choose its settings on the validation split first (`select`: a metric of the trained
-policy, max or min, and named candidate override lists): each candidate trains with the first seed
-into <out>/select/ and is evaluated on the validation split alone; the best one then trains every
-seed of the run, evaluated on the test split. The table says what was chosen over what, and its
+policy, max or min, and named candidate override lists): each candidate trains with the preset's
+first seed into <out>/select/<run>/ and is evaluated on the validation split alone; the best one
+then trains every seed of the run, evaluated on the test split whatever the overrides say. The table says what was chosen over what, and its
 wall time counts the selection runs. Give every trained method a `select` of its own so that each
 gets the same tuning effort.
 
@@ -26,6 +26,7 @@ import datetime
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ def read_spec(name: str) -> dict:
         if key not in spec:
             raise ConfigError(f"{path}: {key}: missing; an experiment names a base config and its runs")
     spec.setdefault("seeds", [0])
+    spec["select_seed"] = spec["seeds"][0]  # selection runs keep the preset's first seed whatever --seeds says
     spec.setdefault("overrides", [])
     spec.setdefault("labels", {})
     spec["path"] = path
@@ -83,6 +85,17 @@ def check_select(sel, where: str) -> None:
             or not all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in cands.values())):
         raise ConfigError(f"{where}.candidates: expected at least two named lists of overrides, e.g. "
                           f"{{floor99: [task.log_reward_floor=-99], floor400: [task.log_reward_floor=-400]}}")
+    for name, overrides in cands.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            raise ConfigError(f"{where}.candidates: name {name!r}: use letters, digits, '_' and '.' (it names a folder)")
+        for o in overrides:
+            if o.split("=", 1)[0].strip().startswith(SELECT_FIXED):
+                raise ConfigError(f"{where}.candidates.{name}: {o!r}: a candidate may not set "
+                                  f"{', '.join(SELECT_FIXED)}: they fix what it is judged on")
+
+
+SELECT_FIXED = ("eval.", "learner.seed", "run.", "task.data")
+"""What a candidate may not change: the split and records it is judged on, its seed, its folder."""
 
 
 def same_config(cfg) -> bool:
@@ -152,35 +165,44 @@ def configs_of(spec: dict, out: str, extra: list[str], chosen: dict | None = Non
                 continue
             methods = list(run["methods"])
             baselines = [m for m in methods if m != "trained"]
-            picked = []
-            if "select" in run:
+            picked, pinned = [], []
+            if "select" in run:  # the chosen candidate, judged on the test split whatever else says
                 cands = run["select"]["candidates"]
                 picked = cands[(chosen or {}).get(run["name"], next(iter(cands)))]
+                pinned = ["eval.split=test"]
             ov = [*spec["overrides"], *run["overrides"], *picked, f"learner.seed={seed}",
                   "run.output_dir=" + os.path.join(out, f"{run['name']}-seed{seed}"),
-                  f"eval.baselines=[{', '.join(baselines)}]", f"eval.include_base={'true' if baselines else 'false'}", *extra]
+                  f"eval.baselines=[{', '.join(baselines)}]", f"eval.include_base={'true' if baselines else 'false'}", *extra,
+                  *pinned]
             plan.append((run["name"], seed, load_config(spec["config"], ov), methods))
     return plan
 
 
 def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, str, object]]:
     """(run name, candidate, config) of every selection run: each candidate of each run with
-    `select`, trained with the experiment's first seed into <out>/select/<run>-<candidate>, and
-    evaluated on the validation split (the trained policy only). Validated before anything trains."""
-    seed = spec["seeds"][0]
+    `select`, trained with the preset's first seed (`select_seed`, whatever --seeds says) into
+    <out>/select/<run>/<candidate>-seed<k>, and evaluated on the validation split alone (the
+    trained policy only). Validated, data included, before anything trains."""
+    from gfnlm.rewards import check_data
+
+    seed = spec["select_seed"]
     plan = []
     for run in spec["runs"]:
         for cand, picked in run.get("select", {}).get("candidates", {}).items():
-            ov = [*spec["overrides"], *run["overrides"], *picked, f"learner.seed={seed}",
-                  "run.output_dir=" + os.path.join(out, "select", f"{run['name']}-{cand}-seed{seed}"),
-                  "eval.baselines=[]", "eval.include_base=false", *extra, "eval.split=validation"]
-            plan.append((run["name"], cand, load_config(spec["config"], ov)))
+            ov = [*spec["overrides"], *run["overrides"], *picked, *extra, f"learner.seed={seed}",
+                  "run.output_dir=" + os.path.join(out, "select", run["name"], f"{cand}-seed{seed}"),
+                  "eval.baselines=[]", "eval.include_base=false", "eval.split=validation", "run.evaluate_at_end=true"]
+            cfg = load_config(spec["config"], ov)
+            if cfg.task.type == "random_number":
+                raise ConfigError(f"runs[{run['name']}].select: task random_number has no validation split to choose on")
+            check_data(cfg)  # the validation records exist (or a one-line error now, not after a run)
+            plan.append((run["name"], cand, cfg))
     return plan
 
 
 def figure(results: dict, metric: str, where: str) -> float:
     """The trained policy's `metric` in an evaluation's results (NaN counts as the worst)."""
-    figures = flat(results.get("trained", {}))
+    figures = flat((results or {}).get("trained", {}))
     if metric not in figures:
         raise ConfigError(f"{where}: select.metric: the evaluation has no figure {metric!r}; it has "
                           f"{', '.join(sorted(k for k, v in figures.items() if isinstance(v, (int, float))))}")
@@ -265,9 +287,12 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     for method, cell in table.items():
         lines.append(f"| {method} | {len(rows[method])} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
     for run, e in (selection or {}).items():
-        lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['seeds'][0]}, "
-                      f"{e.get('records')} validation records; {e['goal']} {e['metric']}: "
-                      + ", ".join(f"{c} {v:.3f}" for c, v in e["scores"].items()) + ")"]
+        if "chosen" not in e:
+            continue
+        counts = sorted({str(n) for n in e["records"].values()})
+        lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['select_seed']}, "
+                      f"{'/'.join(counts)} validation records; {e['goal']} {e['metric']}: "
+                      + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + ")"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -298,7 +323,7 @@ def main(args) -> int:
               f"{os.path.join(out, 'select')}", file=sys.stderr)
     for run, cand, cfg in selecting:
         sel = next(r for r in spec["runs"] if r["name"] == run)["select"]
-        key = f"select/{run}-{cand}-seed{spec['seeds'][0]}"
+        key = f"select/{run}/{cand}-seed{spec['select_seed']}"
         t0 = time.perf_counter()
         results = finished(cfg, ["trained"])
         if results is None:
@@ -311,9 +336,11 @@ def main(args) -> int:
             walls[key] = time.perf_counter() - t0
         elif key in before:
             walls[key] = before[key]
-        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}})
+        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {}})
         entry["scores"][cand] = figure(results, sel["metric"], key)
-        entry["records"] = results["trained"].get("records")
+        trained = results["trained"]
+        entry["records"][cand] = trained.get("records", trained.get("questions_validation"))
+        write_table(spec, name, out, plan, {}, walls, sum(walls.values()), selection)  # the walls survive a stop
     for run, entry in selection.items():
         entry["chosen"] = best(entry["scores"], entry["goal"])
         print(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "

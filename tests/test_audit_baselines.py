@@ -389,19 +389,32 @@ def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_t
     path = tmp_path / "sel.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
-    assert calls == [("select/gfn-fast-seed0", "validation", 0.01, 0, ["trained"]),
-                     ("select/gfn-slow-seed0", "validation", 0.001, 0, ["trained"]),
+    # (an override that asks for the validation split cannot turn the test table into another validation one)
+    assert main(argparse.Namespace(name=str(path), out=str(out), override=["eval.split=validation"])) == 0
+    assert calls == [("select/gfn/fast-seed0", "validation", 0.01, 0, ["trained"]),
+                     ("select/gfn/slow-seed0", "validation", 0.001, 0, ["trained"]),
                      ("gfn-seed0", "test", 0.001, 0, ["trained", "sample"]),
                      ("gfn-seed1", "test", 0.001, 1, ["trained", "sample"])]
     text = (out / "table.md").read_text()
-    assert "gfn: slow chosen on the validation split (seed 0, 2 validation records; max loglik_max: fast -0.010, slow -0.001)" in text
+    assert "gfn: slow chosen on the validation split (seed 0, 2 validation records; max loglik_max: fast -0.01, slow -0.001)" in text
     saved = json.loads((out / "table.json").read_text())
     assert saved["selection"]["gfn"]["chosen"] == "slow" and saved["rows"]["gfn"] == [{"loglik_max": 0.001, "records": 2}] * 2
     bad = dict(spec, runs=[dict(spec["runs"][0], select={"metric": "loglik_max", "candidates": {"only": []}})])
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match=r"runs\[0\].select.candidates: expected at least two named lists"):
         main(argparse.Namespace(name=str(path), out=str(tmp_path / "out2"), override=[]))
+    peeks = dict(spec, runs=[dict(spec["runs"][0], select={"metric": "loglik_max", "candidates": {
+        "a": ["learner.lr=0.1"], "b": ["eval.split=test"]}})])
+    path.write_text(yaml.safe_dump(peeks))
+    with pytest.raises(ConfigError, match=r"candidates.b: 'eval.split=test': a candidate may not set eval."):
+        main(argparse.Namespace(name=str(path), out=str(tmp_path / "out2"), override=[]))
+    no_validation = dict(spec, overrides=[o if not o.startswith("task=") else o.replace("validation_fraction: 0.1, ", "")
+                                          for o in ov])
+    path.write_text(yaml.safe_dump(no_validation))
+    n = len(calls)
+    with pytest.raises(ConfigError, match="no validation records"):
+        main(argparse.Namespace(name=str(path), out=str(tmp_path / "out3"), override=[]))
+    assert len(calls) == n, "refused before anything trained"
 
 
 def same_figures(table_row: dict, eval_row: dict) -> bool:
