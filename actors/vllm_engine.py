@@ -199,14 +199,17 @@ class VLLMSampler(PromptRows):
         return self._allowed
 
     def _params(self, n: int, temperature: float, done: int, min_new: int, max_new: int, end_ids: list[int],
-                banned: list[int] = (), ban_penalty: float = math.inf, after_tool: bool = False, chosen: int | None = None):
+                banned: list[int] = (), ban_penalty: float = math.inf, after_tool: bool = False, chosen: int | None = None,
+                first: list[int] = ()):
         """Parameters of the next request for samples that hold `done` tokens, `chosen` of them the
         policy's (max_new counts those only; min_new counts every token, as `can_end_states`). Before min_new the
         end tokens are masked with allowed_token_ids rather than vLLM's min_tokens: the mask then
         shows in the processed log-probs (min_tokens does not renormalize them), and stop strings
         (tool triggers) are checked from the first token. When the tools let the policy end only
         right after an insertion, ⊤ is masked the same way everywhere else, and a sample that stands
-        right after one (`after_tool`) draws one token with ⊤ allowed, then resumes."""
+        right after one (`after_tool`) draws one token with ⊤ allowed, then resumes. With `first`
+        (tokens banned at Z's first position) a fresh sample draws its first token alone under that
+        mask too, then resumes."""
         from vllm import SamplingParams
 
         room = max_new - (done if chosen is None else chosen)
@@ -216,6 +219,11 @@ class VLLMSampler(PromptRows):
         masked = list(banned) if math.isinf(ban_penalty) else []
         if banned and not masked:  # a finite penalty: vLLM's logit bias (clamped by vLLM to ±100)
             common["logit_bias"] = {int(i): -float(ban_penalty) for i in banned}
+        if done == 0 and len(first) and room > 0:  # Z's first token, under its own mask
+            ends_now = min_new == 0 and not (self.tools and self.tools.end_only_after)
+            out = masked + list(first) + ([] if ends_now else list(end_ids))
+            return SamplingParams(max_tokens=1, stop_token_ids=list(end_ids) if ends_now else None,
+                                  allowed_token_ids=self._allowed_ids(out), **common)
         if self.tools and self.tools.end_only_after and end_ids:
             if after_tool and done >= min_new:
                 allowed = {"allowed_token_ids": self._allowed_ids(masked)} if masked else {}
@@ -234,9 +242,6 @@ class VLLMSampler(PromptRows):
         if end_rules is not None:
             raise NotImplementedError("a prompt has a text end rule (task.constraint.end_when_satisfied), which the vLLM "
                                       "engine does not apply: set sampler.engine=transformers")
-        if len(first_banned_ids):
-            raise NotImplementedError("the request bans tokens at Z's first position (task.first_token: word), which the "
-                                      "vLLM engine does not apply: set sampler.engine=transformers")
         banned = list(banned_ids)
         rows = [_Row(t) for _, _, t, _ in rows_spec]
         # first round: one request per (prompt, distinct temperature), n samples each (the prompt is
@@ -244,7 +249,9 @@ class VLLMSampler(PromptRows):
         groups: dict[tuple[int, float], list[int]] = {}
         for i, (p, _, t, _) in enumerate(rows_spec):
             groups.setdefault((p, t), []).append(i)
-        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids, banned, ban_penalty), idx)
+        first = sorted(first_banned_ids)
+        requests = [(prompts[p], self._params(len(idx), t, 0, min_new_tokens, max_new_tokens, end_ids, banned, ban_penalty,
+                                              first=first), idx)
                     for (p, t), idx in groups.items()]
         end = set(end_ids)
         while requests:

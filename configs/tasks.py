@@ -218,8 +218,8 @@ class ContinuationTask(Section):
     first_token: Literal["any", "word"] = "any"
     """'word': Z must begin with one space and then a visible character, a word of its own. The
     tokens that do not start so ("com" after "years.", a vertical tab, a lone space) are masked out
-    of the policy's first token (sampling, teacher forcing, PPO and the evaluation baselines; the
-    transformers engine only), so a tokenizer that writes " 5" as a lone space and "5" (SmolLM2)
+    of the policy's first token (sampling in both engines, teacher forcing, PPO and the evaluation
+    baselines), so a tokenizer that writes " 5" as a lone space and "5" (SmolLM2)
     lets no Z start with a digit. The reward gives the floor to a Z that breaks the rule; seeds and
     references the mask does not allow are left out. 'any': no rule."""
 
@@ -636,12 +636,9 @@ def has_references(task) -> bool:
 
 
 def transformers_only(task) -> str | None:
-    """What in the task only the transformers sampler applies (None: nothing): text end rules, or
-    the first-token mask of `first_token: word`."""
+    """What in the task only the transformers sampler applies (None: nothing): text end rules."""
     if text_end_rules(task):
         return "task.constraint.end_when_satisfied (a rule on Z's text)"
-    if getattr(task, "first_token", "any") == "word":
-        return "task.first_token: word (a mask on Z's first token)"
     return None
 
 

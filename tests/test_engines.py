@@ -121,6 +121,31 @@ def test_distinct_prompts_in_one_call_and_the_token_mask(kind, tiny_llama_vllm, 
 
 
 @pytest.mark.parametrize("kind", ENGINES)
+@pytest.mark.parametrize("min_new", [0, 1])
+def test_the_first_token_mask_in_both_engines_is_the_learners(kind, min_new, tiny_llama_vllm, setup, request):
+    """`first_banned_ids` (task.first_token: word) hold at Z's first token only: every sample starts
+    with an allowed token (or ends at once, where min_new is 0), later tokens are free, and the
+    engine's log-probs, ⊤ included, are the learner's teacher-forced ones under the same mask."""
+    from gfnlm.actors.trajectory import PromptRequest
+
+    tok, prompt, end = setup
+    policy = make_policy(tiny_llama_vllm, seed=2)
+    engine = engine_for(kind, policy, request)
+    letters = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"}
+    first = sorted(set(range(len(tok))) - letters - set(end))
+    trajs = engine.generate_batch([PromptRequest(0, prompt, 24, [0.7])], min_new, 6, end, first_banned_ids=first)
+    assert all(t.tokens[0] in letters for t in trajs if t.tokens)
+    assert any(x not in letters for t in trajs for x in t.tokens[1:]), "later tokens are free"
+    mine = [t for t in trajs if t.source == "on_policy"]
+    with torch.no_grad():
+        log_pf, log_pterm, _, _ = policy.logprobs(prompt, mine, end, min_len=min_new, first_banned_ids=first)
+    for b, t in enumerate(mine):
+        assert torch.allclose(torch.tensor(t.logprobs), log_pf[b, : t.length], atol=1e-3), t.logprobs
+        if t.terminated:
+            assert abs(t.end_logprob - float(log_pterm[b, t.length])) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ENGINES)
 def test_a_finite_token_penalty_is_in_the_sampled_and_the_teacher_forced_logprobs(kind, tiny_llama_vllm, setup, request):
     """A log-probability penalty (arithmetic's `disallowed_penalty`) lowers the penalised tokens'
     logits before the temperature: the engine's log-probs at T = 1 are the learner's with the same

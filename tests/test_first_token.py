@@ -81,7 +81,7 @@ def test_the_baselines_decode_under_the_same_first_token_mask(setup):
 def test_a_continuation_run_with_first_token_word_never_samples_a_z_glued_onto_the_prompt(tiny_llama, tmp_path):
     """The task masks every token but the lone space out of Z's first token (this character-level
     tokenizer keeps the space apart from the word), the request carries that mask, every trajectory
-    a short run samples and every evaluation sample starts with it, and the vLLM engine is refused."""
+    a short run samples and every evaluation sample starts with it."""
     from gfnlm.learner.loop import build, eval_sampler
     from gfnlm.learner.schedule import plan_request
     from gfnlm.rewards.lm_eval import _generate
@@ -91,8 +91,6 @@ def test_a_continuation_run_with_first_token_word_never_samples_a_z_glued_onto_t
     ov = task_overrides(tiny_llama, tmp_path / "run", "continuation", data, task=task,  # (⊤ out before min_len in q)
                         **{"eval.baselines": "[sample, nucleus, beam, diverse_beam]",
                            "learner.objective": "{type: subtb, states: can_end}", "reward.prefixes": "can_end"})
-    with pytest.raises(ConfigError, match="sampler.engine: vllm does not apply task.first_token: word"):
-        load_config("continuation.yaml", ov + ["sampler.engine=vllm"])
     c = build(load_config("continuation.yaml", ov))
     space = c.task.tokenizer.convert_tokens_to_ids(" ")
     assert set(range(len(c.task.tokenizer))) - c.task.first_banned_ids == {space} | set(c.task.end_ids)
