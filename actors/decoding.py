@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .policy import ban_first
+
 
 def _cut(ids: list[int], end_ids: list[int], pad_id: int | None) -> tuple[list[int], bool]:
     ends = set(end_ids)
@@ -80,9 +82,8 @@ def group_beam_search(model, prompt_ids: list[int], num_beams: int, num_groups: 
         if banned_ids:
             logits = logits.clone()
             logits[:, list(banned_ids)] = -float("inf")
-        if step == 0 and len(first_banned_ids):
-            logits = logits.clone()
-            logits[:, list(first_banned_ids)] = -float("inf")
+        if step == 0:
+            logits = ban_first(logits, first_banned_ids)
         logp = torch.log_softmax(logits, -1).cpu()
         if step < min_new:
             logp[:, end] = -float("inf")

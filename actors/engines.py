@@ -26,7 +26,7 @@ class SamplerSpec:
     """The vLLM engine's max_lora_rank (`Config.vllm_lora_rank`); None where vLLM has none that large."""
     transformers_only: bool = False
     """True when the task's requests carry rules only the transformers engine applies (text end
-    rules, a first-token mask: `configs.tasks.transformers_only`)."""
+    rules: `configs.tasks.transformers_only`)."""
 
     @classmethod
     def of(cls, cfg) -> "SamplerSpec":
