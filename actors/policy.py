@@ -125,7 +125,54 @@ def _end_logprobs(logits: torch.Tensor, end_columns, min_len: int, can_end: torc
     return torch.log_softmax(mask_end(logits, end_columns, min_len, can_end), dim=-1), log_pterm
 
 
-def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None, first_banned_ids=()):
+def length_buckets(lengths: list[int], overhead: int = 16) -> list[list[int]]:
+    """Rows grouped by length so that each group is padded only to its own longest row: the
+    partition of the rows sorted by length that minimises Σ (rows × longest + `overhead`) over its
+    groups (the overhead stands for one more pass through the model, in tokens)."""
+    order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
+    n = len(order)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _continue(run, cache, tokens: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+    """run(input_ids, cache) over the B continuations `tokens` [B, T] of one prompt whose cache
+    (batch 1) is given: [B, T, ...] right-padded. With `lengths`, the rows run in `length_buckets`,
+    each padded to its own longest row (what follows a row's end is zeros); the prompt's keys and
+    values are shared by every bucket and gradients flow back to them from each."""
+    from transformers import DynamicCache
+
+    B, T = tokens.shape
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def sub(rows: int):
+        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])
+
+    buckets = length_buckets(lengths) if lengths is not None and len(lengths) == B else [list(range(B))]
+    if len(buckets) == 1:
+        return run(tokens, sub(B))
+    parts, order = [], []
+    for rows in buckets:
+        width = max(1, max(lengths[b] for b in rows))
+        idx = torch.tensor(rows, device=tokens.device)
+        out = run(tokens[idx, :width], sub(len(rows)))
+        parts.append(torch.nn.functional.pad(out, (0, 0, 0, T - width)))
+        order += rows
+    inverse = torch.empty(B, dtype=torch.long, device=tokens.device)
+    inverse[torch.tensor(order, device=tokens.device)] = torch.arange(B, device=tokens.device)
+    return torch.cat(parts)[inverse]
+
+
+def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None, first_banned_ids=(), lengths=None):
     """`sequence_logprobs` through the allowed columns of the head (`allowed_head`)."""
     body, weight, bias, allowed = head
     device = tokens.device
@@ -133,9 +180,9 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
     out = body(input_ids=prompt, use_cache=T > 0)
     hidden = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
     if T > 0:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(B)
-        hidden = torch.cat([hidden, body(input_ids=tokens, past_key_values=cache, use_cache=False).last_hidden_state], dim=1)
+        rest = _continue(lambda ids, cache: body(input_ids=ids, past_key_values=cache, use_cache=False).last_hidden_state,
+                         out.past_key_values, tokens, lengths)
+        hidden = torch.cat([hidden, rest], dim=1)
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [B, T+1, A]
     column = torch.full((int(allowed.max()) + 2,), -1, dtype=torch.long)  # ids past it: banned (the last entry)
     column[allowed] = torch.arange(len(allowed))
@@ -155,7 +202,7 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
 
 def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
                       ban_penalty: float = math.inf, min_len: int = 0, can_end: torch.Tensor | None = None,
-                      first_banned_ids=()):
+                      first_banned_ids=(), lengths: list[int] | None = None):
     """Teacher-forced log-probs at temperature 1 for B continuations of ONE prompt.
 
     The prompt runs once (batch 1); its KV cache is repeated over the B continuations, and
@@ -165,20 +212,20 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     (`mask_end`), and log_pterm is -inf; a [B, T+1] bool `can_end` (False where s_k cannot end,
     `actors.trajectory.can_end_states`) replaces the min_len rule. `first_banned_ids` are taken out
     of s_0 alone (`ban_first`). Right padding in `tokens` only changes entries past each
-    trajectory's end.
+    trajectory's end; with `lengths` (each row's own) the rows run in buckets of similar length
+    (`length_buckets`), so that little padding goes through the model.
     """
     device = tokens.device
     B, T = tokens.shape
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     head = allowed_head(model, banned_ids, ban_penalty)
     if head is not None:
-        return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end, first_banned_ids)
+        return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end, first_banned_ids, lengths)
     out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(B)
-        rest = model(input_ids=tokens, past_key_values=cache, use_cache=False).logits.float()
+        rest = _continue(lambda ids, cache: model(input_ids=ids, past_key_values=cache, use_cache=False).logits.float(),
+                         out.past_key_values, tokens, lengths)
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
@@ -257,7 +304,7 @@ class Policy:
         tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
         mask = None if can_end is None else can_end_mask(trajectories, can_end, tokens.shape[1] + 1).to(self.device)
         log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len, mask,
-                                              first_banned_ids)
+                                              first_banned_ids, lengths.tolist())
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -38,6 +38,10 @@ class PrefixScorer:
         self._shared: tuple[tuple[int, ...], list, torch.Tensor] | None = None
         """((adapter, tokens), per-layer keys and values, last logits) of the last shared context prefix."""
 
+    prefixes_per_row: int = 4
+    """Wanted prefixes whose suffix copies share one sequence (and one cache row) in the suffix pass:
+    fewer means less padding and a smaller tree mask, more means fewer cache rows gathered."""
+
     adapter: str | None = None
     """A named adapter of the model that is part of the reward (the M-step's classifier); unset:
     every adapter off."""
@@ -147,47 +151,45 @@ class PrefixScorer:
 
     def _suffix_rest(self, cache, C: int, wanted: list[list[int]], suffix_ids: list[int]) -> torch.Tensor:
         """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for every trajectory b and each wanted prefix i (shape
-        [B, T+1], 0 elsewhere), reusing the cache of C Z without copying it per prefix.
+        [B, T+1], 0 elsewhere), reusing the cache of C Z.
 
-        Each trajectory's (prefix, Y) continuations run as ONE sequence of (#prefixes)·(|Y|−1)
-        tokens against its cache, under a tree mask: the copy of Y for prefix i sees C z_1:i and its
-        own earlier tokens, at positions |C| + i + k. Rows are padded to the most prefixes of the
-        chunk with repeats of their last prefix."""
+        A trajectory's wanted prefixes are cut into groups of `prefixes_per_row`; each group runs as
+        ONE sequence of (group size)·(|Y|−1) tokens against its trajectory's cache row, under a tree
+        mask: the copy of Y for prefix i sees C z_1:i and its own earlier tokens, at positions
+        |C| + i + k. Only a trajectory's last group is padded (with repeats of its last prefix), so
+        the padding is under one group per trajectory, whatever the lengths in the batch."""
         from transformers import DynamicCache
 
         dev = self.device
-        B, k = len(wanted), len(suffix_ids) - 1
+        k, G = len(suffix_ids) - 1, max(1, self.prefixes_per_row)
         T = max(max(w) for w in wanted)
         y_in = torch.tensor(suffix_ids[:-1], device=dev)
         y_out = torch.tensor(suffix_ids[1:], device=dev)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         P = layers[0][0].shape[2]
-        out = torch.zeros((B, T + 1))
-        start = 0
-        while start < B:
-            # as many rows as fit in max_rows query tokens (at least one)
-            end, most = start, 0
-            while end < B and (end == start or max(most, len(wanted[end])) * k * (end + 1 - start) <= self.max_rows):
-                most = max(most, len(wanted[end]))
-                end += 1
-            rows = torch.arange(start, end, device=dev)
-            pref = torch.tensor([w + [w[-1]] * (most - len(w)) for w in wanted[start:end]], device=dev)  # [b, most]
-            q = most * k
-            own_block = torch.arange(q, device=dev)
-            own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
-            jj = torch.arange(k, device=dev).repeat(most)
-            pi = pref.repeat_interleave(k, dim=1)  # [b, q]: the prefix each query row continues
+        groups = [(b, w[g:g + G]) for b, w in enumerate(wanted) for g in range(0, len(w), G)]
+        groups = [(b, grp + [grp[-1]] * (G - len(grp))) for b, grp in groups]
+        q = G * k
+        own_block = torch.arange(q, device=dev)
+        own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
+        jj = torch.arange(k, device=dev).repeat(G)
+        per_pass = max(1, self.max_rows // q)  # groups per batched pass: at most max_rows query tokens
+        dtype = layers[0][0].dtype
+        out = torch.zeros((len(wanted), T + 1))
+        for start in range(0, len(groups), per_pass):
+            chunk = groups[start:start + per_pass]
+            rows = torch.tensor([b for b, _ in chunk], device=dev)
+            pref = torch.tensor([grp for _, grp in chunk], device=dev)  # [n, G]
+            pi = pref.repeat_interleave(k, dim=1)  # [n, q]: the prefix each query row continues
             sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
-            allowed = torch.cat([sees_past, own[None].expand(len(rows), -1, -1)], dim=2)
-            dtype = layers[0][0].dtype
+            allowed = torch.cat([sees_past, own[None].expand(len(chunk), -1, -1)], dim=2)
             mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
             sub = DynamicCache([(key[rows], value[rows]) for key, value in layers])
-            logits = self.model(input_ids=y_in[jj][None, :].expand(len(rows), -1), past_key_values=sub,
+            logits = self.model(input_ids=y_in[jj][None, :].expand(len(chunk), -1), past_key_values=sub,
                                 attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
-            lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(rows), -1, 1))
-            per_prefix = lp.squeeze(2).view(len(rows), most, k).sum(-1).cpu()
-            out[rows.cpu()[:, None].expand(-1, most), pref.cpu()] = per_prefix
-            start = end
+            lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(chunk), -1, 1))
+            per_prefix = lp.squeeze(2).view(len(chunk), G, k).sum(-1).cpu()
+            out[rows.cpu()[:, None].expand(-1, G), pref.cpu()] = per_prefix
         return out
 
     def score_naive(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,

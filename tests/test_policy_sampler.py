@@ -77,6 +77,46 @@ def test_gradients_flow_through_the_shared_prompt(policy):
     assert all(not p.requires_grad for n, p in policy.model.named_parameters() if "lora_" not in n)
 
 
+def test_length_buckets_pad_each_group_to_its_own_longest_row():
+    from gfnlm.actors.policy import length_buckets
+
+    groups = length_buckets([30, 2, 3, 2, 29, 1, 2, 2])
+    assert sorted(b for g in groups for b in g) == list(range(8))
+    assert sorted(map(sorted, groups)) == [[0, 4], [1, 2, 3, 5, 6, 7]]
+    assert length_buckets([5, 4, 5]) == [[0, 2, 1]]  # one pass costs less than the padding it saves
+    assert length_buckets([]) == []
+
+
+@pytest.mark.parametrize("head", ["full", "allowed"])
+def test_the_pass_in_length_buckets_equals_the_definition(policy, head):
+    """Rows of very different lengths run in several buckets (each padded to its own longest row,
+    the prompt's cache shared by all): log-probs and gradients equal one full pass per sequence."""
+    from gfnlm.actors.policy import length_buckets, penalize
+
+    tok = policy.tokenizer
+    prompt = tok(PROMPT).input_ids
+    digits = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
+    end = [tok.convert_tokens_to_ids(".")]
+    banned = sorted(set(range(len(tok))) - set(digits + end)) if head == "allowed" else ()
+    seqs = [[digits[(3 * b + k) % 10] for k in range(n)] for b, n in enumerate([24, 2, 1, 23, 3, 0, 2, 20])]
+    assert len(length_buckets([len(s) for s in seqs])) >= 2
+    params = policy.trainable_parameters()
+    log_pf, log_pterm, lengths, _ = policy.logprobs(prompt, trajs(seqs), end, banned)
+    got = torch.autograd.grad(sum(log_pf[b, :n].sum() + log_pterm[b, : n + 1].sum()
+                                  for b, n in enumerate(lengths.tolist())), params)
+    total = 0.0
+    for b, seq in enumerate(seqs):
+        logits = policy.model(input_ids=torch.tensor([prompt + seq])).logits[0].float()
+        logp = torch.log_softmax(penalize(logits, banned), -1)[len(prompt) - 1:]
+        pf = torch.stack([logp[k, t] for k, t in enumerate(seq)]) if seq else torch.zeros(0)
+        pt = torch.logsumexp(logp[:, end], -1)
+        assert_close(log_pf[b, : len(seq)], pf, atol=1e-5, rtol=1e-5)
+        assert_close(log_pterm[b, : len(seq) + 1], pt, atol=1e-5, rtol=1e-5)
+        total = total + pf.sum() + pt.sum()
+    for g, w in zip(got, torch.autograd.grad(total, params)):
+        assert_close(g, w, atol=1e-5 * float(w.abs().max()), rtol=1e-3)  # float sums over ~80 terms
+
+
 def test_sampler_logprobs_match_teacher_forcing_at_t1(policy):
     tok = policy.tokenizer
     prompt = tok(PROMPT).input_ids

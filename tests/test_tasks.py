@@ -249,7 +249,9 @@ def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_l
              Trajectory(0, tok.encode(" ran", add_special_tokens=False), tool_mask=[False, True, False, False])]
     suffix = tok.encode(". It slept.", add_special_tokens=False)
     end = [tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("!")]
-    for kw in (dict(end_ids=end), dict(suffix_ids=suffix), dict(suffix_ids=suffix[:1])):
+    cases = [(G, kw) for G in (1, 2, 4, 8) for kw in (dict(end_ids=end), dict(suffix_ids=suffix), dict(suffix_ids=suffix[:1]))]
+    for G, kw in cases:  # prefixes per row: one copy of the suffix per row, groups padded at the end, one group
+        scorer.prefixes_per_row = G
         got = scorer.score(ctx, trajs, **kw)
         final = scorer.score(ctx, trajs, prefixes="final", **kw)
         for t, g, f in zip(trajs, got, final):
