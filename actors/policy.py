@@ -125,7 +125,7 @@ def _end_logprobs(logits: torch.Tensor, end_columns, min_len: int, can_end: torc
     return torch.log_softmax(mask_end(logits, end_columns, min_len, can_end), dim=-1), log_pterm
 
 
-def length_buckets(lengths: list[int], overhead: int = 16) -> list[list[int]]:
+def length_buckets(lengths: list[int], overhead: int = 48) -> list[list[int]]:
     """Rows grouped by length so that each group is padded only to its own longest row: the
     partition of the rows sorted by length that minimises Σ (rows × longest + `overhead`) over its
     groups (the overhead stands for one more pass through the model, in tokens)."""

@@ -6,12 +6,12 @@ or  log p(z_1:i Y | C) = Σ_{k<=i} log p(z_k | C z_<k) + log p(Y | C z_1:i)     
 Tokens inserted by a tool are environment steps: they add no log p.
 
 Cost. The end-token form is one teacher-forced pass. The suffix form runs C once, Z once with
-the cache of every prefix kept, then every (prefix i, Y) continuation of a trajectory as one
-sequence that reuses that cache under a tree attention mask: the copy of Y for prefix i attends
-to C z_1:i only (the rest of Z is masked out) and to its own earlier tokens, at positions
+the cache of every prefix kept, then the (prefix i, Y) continuations of a trajectory, a few
+prefixes to a sequence, against that cache under a tree attention mask: the copy of Y for prefix i
+attends to C z_1:i only (the rest of Z is masked out) and to its own earlier tokens, at positions
 |C| + i + k. That costs about |C| + n + (n + 1)·|Y| tokens instead of the naive Σ_i |C z_1:i Y|
-(`score_naive`, kept as the reference for tests and the benchmark), and the cache is never copied
-per prefix.
+(`score_naive`, kept as the reference for tests and the benchmark); sequences of the same number
+of prefixes run together, so no padding goes through the model.
 `prefixes="final"` scores only the whole Z (what trajectory balance needs): one row per
 trajectory; the other prefixes are NaN.
 Frozen means: the base weights, any LoRA adapter disabled, never trained.
@@ -39,8 +39,8 @@ class PrefixScorer:
         """((adapter, tokens), per-layer keys and values, last logits) of the last shared context prefix."""
 
     prefixes_per_row: int = 4
-    """Wanted prefixes whose suffix copies share one sequence (and one cache row) in the suffix pass:
-    fewer means less padding and a smaller tree mask, more means fewer cache rows gathered."""
+    """The most wanted prefixes whose suffix copies share one sequence (and one cache row) in the
+    suffix pass: fewer means a smaller tree mask, more means fewer cache rows gathered."""
 
     adapter: str | None = None
     """A named adapter of the model that is part of the reward (the M-step's classifier); unset:
@@ -153,11 +153,10 @@ class PrefixScorer:
         """Σ_{k>=1} log p(Y_k | C z_1:i Y_<k) for every trajectory b and each wanted prefix i (shape
         [B, T+1], 0 elsewhere), reusing the cache of C Z.
 
-        A trajectory's wanted prefixes are cut into groups of `prefixes_per_row`; each group runs as
-        ONE sequence of (group size)·(|Y|−1) tokens against its trajectory's cache row, under a tree
-        mask: the copy of Y for prefix i sees C z_1:i and its own earlier tokens, at positions
-        |C| + i + k. Only a trajectory's last group is padded (with repeats of its last prefix), so
-        the padding is under one group per trajectory, whatever the lengths in the batch."""
+        A trajectory's wanted prefixes are cut into groups of at most `prefixes_per_row`; each group
+        runs as ONE sequence of (group size)·(|Y|−1) tokens against its trajectory's cache row, under
+        a tree mask: the copy of Y for prefix i sees C z_1:i and its own earlier tokens, at positions
+        |C| + i + k. Groups of the same size run together, so nothing is padded."""
         from transformers import DynamicCache
 
         dev = self.device
@@ -167,29 +166,32 @@ class PrefixScorer:
         y_out = torch.tensor(suffix_ids[1:], device=dev)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         P = layers[0][0].shape[2]
-        groups = [(b, w[g:g + G]) for b, w in enumerate(wanted) for g in range(0, len(w), G)]
-        groups = [(b, grp + [grp[-1]] * (G - len(grp))) for b, grp in groups]
-        q = G * k
-        own_block = torch.arange(q, device=dev)
-        own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
-        jj = torch.arange(k, device=dev).repeat(G)
-        per_pass = max(1, self.max_rows // q)  # groups per batched pass: at most max_rows query tokens
         dtype = layers[0][0].dtype
+        by_size: dict[int, list[tuple[int, list[int]]]] = {}
+        for b, w in enumerate(wanted):
+            for g in range(0, len(w), G):
+                by_size.setdefault(len(w[g:g + G]), []).append((b, w[g:g + G]))
         out = torch.zeros((len(wanted), T + 1))
-        for start in range(0, len(groups), per_pass):
-            chunk = groups[start:start + per_pass]
-            rows = torch.tensor([b for b, _ in chunk], device=dev)
-            pref = torch.tensor([grp for _, grp in chunk], device=dev)  # [n, G]
-            pi = pref.repeat_interleave(k, dim=1)  # [n, q]: the prefix each query row continues
-            sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
-            allowed = torch.cat([sees_past, own[None].expand(len(chunk), -1, -1)], dim=2)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-            sub = DynamicCache([(key[rows], value[rows]) for key, value in layers])
-            logits = self.model(input_ids=y_in[jj][None, :].expand(len(chunk), -1), past_key_values=sub,
-                                attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
-            lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(chunk), -1, 1))
-            per_prefix = lp.squeeze(2).view(len(chunk), G, k).sum(-1).cpu()
-            out[rows.cpu()[:, None].expand(-1, G), pref.cpu()] = per_prefix
+        for size, groups in sorted(by_size.items()):
+            q = size * k
+            own_block = torch.arange(q, device=dev)
+            own = (own_block[:, None] // k == own_block[None, :] // k) & (own_block[None, :] % k <= own_block[:, None] % k)
+            jj = torch.arange(k, device=dev).repeat(size)
+            per_pass = max(1, self.max_rows // q)  # groups per batched pass: at most max_rows query tokens
+            for start in range(0, len(groups), per_pass):
+                chunk = groups[start:start + per_pass]
+                rows = torch.tensor([b for b, _ in chunk], device=dev)
+                pref = torch.tensor([grp for _, grp in chunk], device=dev)  # [n, size]
+                pi = pref.repeat_interleave(k, dim=1)  # [n, q]: the prefix each query row continues
+                sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
+                allowed = torch.cat([sees_past, own[None].expand(len(chunk), -1, -1)], dim=2)
+                mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+                sub = DynamicCache([(key[rows], value[rows]) for key, value in layers])
+                logits = self.model(input_ids=y_in[jj][None, :].expand(len(chunk), -1), past_key_values=sub,
+                                    attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
+                lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(chunk), -1, 1))
+                per_prefix = lp.squeeze(2).view(len(chunk), size, k).sum(-1).cpu()
+                out[rows.cpu()[:, None].expand(-1, size), pref.cpu()] = per_prefix
         return out
 
     def score_naive(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,

@@ -83,7 +83,7 @@ def test_length_buckets_pad_each_group_to_its_own_longest_row():
     groups = length_buckets([30, 2, 3, 2, 29, 1, 2, 2])
     assert sorted(b for g in groups for b in g) == list(range(8))
     assert sorted(map(sorted, groups)) == [[0, 4], [1, 2, 3, 5, 6, 7]]
-    assert length_buckets([5, 4, 5]) == [[0, 2, 1]]  # one pass costs less than the padding it saves
+    assert length_buckets([5, 4, 5]) == [[0, 2, 1]]  # one more pass costs more than the padding it saves
     assert length_buckets([]) == []
 
 
