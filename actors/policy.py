@@ -152,6 +152,9 @@ def _continue(run, cache, tokens: torch.Tensor, lengths: list[int] | None) -> to
     from transformers import DynamicCache
 
     B, T = tokens.shape
+    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [None])):
+        cache.batch_repeat_interleave(B)  # a sliding-window layer keeps only its window: keep its own type
+        return run(tokens, cache)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
 
     def sub(rows: int):

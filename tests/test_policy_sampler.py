@@ -117,6 +117,31 @@ def test_the_pass_in_length_buckets_equals_the_definition(policy, head):
         assert_close(g, w, atol=1e-5 * float(w.abs().max()), rtol=1e-3)  # float sums over ~80 terms
 
 
+def test_a_sliding_window_model_runs_in_one_bucket_with_its_own_cache(tmp_path):
+    """A sliding-window cache keeps only its window: the pass keeps its type (one bucket) and still
+    equals one full pass per sequence, with a prompt longer than the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from gfnlm.actors.policy import sequence_logprobs
+    from gfnlm.actors.tiny import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path), None)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                             sliding_window=6, pad_token_id=tok.pad_token_id)).eval()
+    prompt = list(range(5, 20))
+    seqs = [[30 + (k % 7) for k in range(n)] for n in [12, 1, 2, 11, 1, 2]]
+    tokens = torch.zeros((len(seqs), 12), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        tokens[b, : len(seq)] = torch.tensor(seq)
+    with torch.no_grad():
+        log_pf, _ = sequence_logprobs(model, prompt, tokens, [3], lengths=[len(s) for s in seqs])
+        for b, seq in enumerate(seqs):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + seq])).logits[0].float(), -1)[len(prompt) - 1:]
+            assert_close(log_pf[b, : len(seq)], torch.stack([logp[k, t] for k, t in enumerate(seq)]), atol=1e-5, rtol=1e-5)
+
+
 def test_sampler_logprobs_match_teacher_forcing_at_t1(policy):
     tok = policy.tokenizer
     prompt = tok(PROMPT).input_ids

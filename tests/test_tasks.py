@@ -243,15 +243,16 @@ def brute_force(model, context, tokens, end_ids=None, suffix=None) -> list[float
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_llama, tiny_gpt2):
     model, tok = load_model(tiny_llama if kind == "llama" else tiny_gpt2)
-    scorer = PrefixScorer(model, tok.pad_token_id, max_rows=3)  # several chunks of (prefix, suffix) rows
+    scorer = PrefixScorer(model, tok.pad_token_id)
     ctx = tok("The cat").input_ids
     trajs = [Trajectory(0, tok.encode(" sat on", add_special_tokens=False)), Trajectory(0, []),
              Trajectory(0, tok.encode(" ran", add_special_tokens=False), tool_mask=[False, True, False, False])]
     suffix = tok.encode(". It slept.", add_special_tokens=False)
     end = [tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("!")]
-    cases = [(G, kw) for G in (1, 2, 4, 8) for kw in (dict(end_ids=end), dict(suffix_ids=suffix), dict(suffix_ids=suffix[:1]))]
-    for G, kw in cases:  # prefixes per row: one copy of the suffix per row, groups padded at the end, one group
-        scorer.prefixes_per_row = G
+    cases = [(G, rows, dict(suffix_ids=suffix)) for G in (1, 2, 4, 8) for rows in (3, 1024)]
+    for G, rows, kw in [(4, 1024, dict(end_ids=end)), (4, 1024, dict(suffix_ids=suffix[:1]))] + cases:
+        # prefixes per sequence: one, groups of several sizes, one group; one group per pass or many
+        scorer.prefixes_per_row, scorer.max_rows = G, rows
         got = scorer.score(ctx, trajs, **kw)
         final = scorer.score(ctx, trajs, prefixes="final", **kw)
         for t, g, f in zip(trajs, got, final):
