@@ -152,10 +152,11 @@ def _continue(run, cache, tokens: torch.Tensor, lengths: list[int] | None) -> to
     from transformers import DynamicCache
 
     B, T = tokens.shape
-    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [None])):
+    own = getattr(cache, "layers", None)
+    if own is None or any(getattr(layer, "is_sliding", False) for layer in own):
         cache.batch_repeat_interleave(B)  # a sliding-window layer keeps only its window: keep its own type
         return run(tokens, cache)
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    layers = [(layer.keys, layer.values) for layer in own]
 
     def sub(rows: int):
         return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])
