@@ -9,8 +9,10 @@ trained policy's row named after its run.
 A run may choose its settings on the validation split first (`select`: a metric of the trained
 policy, max or min, and named candidate override lists): each candidate trains with the preset's
 first seed into <out>/select/<run>/ and is evaluated on the validation split alone; the best one
-then trains every seed of the run, evaluated on the test split whatever the overrides say. The table says what was chosen over what, and its
-wall time counts the selection runs. Give every trained method a `select` of its own so that each
+then trains every other seed of the run, and its selection run, copied into the table's folder
+(`reuse_selection`), stands for the first seed: every table run is evaluated on the test split
+whatever the overrides say. The table says what was chosen over what, and its wall time counts the
+selection runs. Give every trained method a `select` of its own so that each
 gets the same tuning effort.
 
 Running an experiment again into the same --out reuses every run that finished there with the same
@@ -101,16 +103,11 @@ SELECT_FIXED = ("eval.", "learner.seed", "run.", "task.data")
 def same_config(cfg) -> bool:
     """cfg.run.output_dir holds a run of this very config: its config.yaml as training saves it
     (fitted reward model in place, job named, fields added since then at their defaults)."""
-    from .loop import with_job
-    from .reward_fit import fit_folder, with_fitted
-
-    folder = cfg.run.output_dir
     try:
-        saved = load_config(os.path.join(folder, "config.yaml")).model_dump(mode="json")
+        saved = load_config(os.path.join(cfg.run.output_dir, "config.yaml")).model_dump(mode="json")
     except (OSError, ValueError, ConfigError):
         return False
-    expected = with_job(with_fitted(cfg, fit_folder(cfg)) if cfg.reward.fit else cfg, folder)
-    return saved == expected.model_dump(mode="json")
+    return saved == saved_form(cfg)
 
 
 def finished(cfg, methods: list[str]) -> dict | None:
@@ -125,6 +122,67 @@ def finished(cfg, methods: list[str]) -> dict | None:
     if not isinstance(results, dict) or any(m not in results for m in methods) or not same_config(cfg):
         return None
     return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them
+
+
+def saved_form(cfg) -> dict:
+    """cfg as training saves it in its folder's config.yaml (`same_config`'s form)."""
+    from .loop import with_job
+    from .reward_fit import fit_folder, with_fitted
+
+    return with_job(with_fitted(cfg, fit_folder(cfg)) if cfg.reward.fit else cfg, cfg.run.output_dir).model_dump(mode="json")
+
+
+JUDGED_ONLY = (("eval",), ("run", "output_dir"), ("run", "evaluate_at_end"), ("metrics", "job"))
+"""Where a selection run's config may differ from the table run it stands for: how it is judged and its folder."""
+
+
+def training_form(cfg) -> dict:
+    """`saved_form` without `JUDGED_ONLY`: what decides the trained adapter."""
+    form = saved_form(cfg)
+    for path in JUDGED_ONLY:
+        node = form
+        for key in path[:-1]:
+            node = node[key]
+        node.pop(path[-1], None)
+    return form
+
+
+TRAINED_IN = "trained_in.txt"
+"""A table run's file naming the selection run whose training it took (`reuse_selection`)."""
+
+
+def reuse_selection(cfg, chosen_cfg, log) -> bool:
+    """Seed k of the chosen candidate already trained in its selection run: copy that run's training
+    (checkpoints, metrics, curves) into the table run's empty folder with the table run's config.yaml,
+    so that the table run resumes at its last step and only evaluates, on the test split. False (and
+    nothing copied) unless the selection run finished with this very training config."""
+    import shutil
+
+    from .checkpoints import newest_intact
+    from .preflight import RUN_TRACES
+
+    src, dst = chosen_cfg.run.output_dir, cfg.run.output_dir
+    if any(os.path.exists(os.path.join(dst, n)) for n in (*RUN_TRACES, "eval.json")):
+        return False  # the table run's folder has a run of its own: `finished` / `prepare_folder` decide
+    if not os.path.isfile(os.path.join(src, "eval.json")) or not same_config(chosen_cfg):
+        return False
+    if training_form(cfg) != training_form(chosen_cfg):
+        return False
+    found = newest_intact(src, log)
+    if found is None or found[1].get("learner", {}).get("step") != cfg.learner.steps:
+        return False
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name in ("eval.json", "eval.md", "eval.png", "config.yaml"):
+            continue
+        (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy2)(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "config.yaml"), "w") as f:  # as training writes it (configs.load.dump_config)
+        yaml.safe_dump(saved_form(cfg), f, sort_keys=False)
+    with open(os.path.join(dst, TRAINED_IN), "w") as f:
+        f.write(src + "\n")
+    log(f"gfnlm experiment: {dst} takes its training from {src} (the chosen candidate, the same seed and config): "
+        f"it only evaluates, on the test split")
+    return True
 
 
 def prepare_folder(cfg, log) -> bool:
@@ -292,7 +350,8 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
         counts = sorted({str(n) for n in e["records"].values()})
         lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['select_seed']}, "
                       f"{'/'.join(counts)} validation records; {e['goal']} {e['metric']}: "
-                      + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + ")"]
+                      + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + ")"
+                  + (f"; {e['reused']} is that selection run's training, evaluated on the test split" if e.get("reused") else "")]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -347,6 +406,7 @@ def main(args) -> int:
               f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + ")",
               file=sys.stderr)
     plan = configs_of(spec, out, extra, {run: e["chosen"] for run, e in selection.items()})
+    chosen_cfgs = {run: cfg for run, cand, cfg in selecting if cand == selection[run]["chosen"]}
     print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
     rows: dict[str, list[dict]] = {}
 
@@ -363,9 +423,14 @@ def main(args) -> int:
                   file=sys.stderr)
             if f"{run}-seed{seed}" in before:
                 walls[f"{run}-seed{seed}"] = before[f"{run}-seed{seed}"]
+            if run in selection and os.path.isfile(os.path.join(cfg.run.output_dir, TRAINED_IN)):
+                selection[run]["reused"] = f"{run}-seed{seed}"
             add(run, results)
             continue
         try:
+            if run in chosen_cfgs and seed == spec["select_seed"] and reuse_selection(
+                    cfg, chosen_cfgs[run], lambda m: print(m, file=sys.stderr)):
+                selection[run]["reused"] = f"{run}-seed{seed}"  # trained once, judged on validation, then on test
             resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
             results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
         except TrainingStopped as e:

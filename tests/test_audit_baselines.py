@@ -417,6 +417,56 @@ def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_t
     assert len(calls) == n, "refused before anything trained"
 
 
+def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_run(tiny_llama, tmp_path, monkeypatch):
+    """The chosen candidate's first seed trained once already, in its selection run: the table run
+    copies that training (the same adapter, metrics and config but for how it is judged) and only
+    evaluates, on the test split; the other seeds train; table.md says which run was taken, also
+    when the experiment runs again and reuses the finished table."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
+    from test_tasks import task_overrides, write_jsonl
+
+    real, calls = runner.train_and_evaluate, []
+
+    def spy(cfg, run_dir, resume=False, methods=None):
+        calls.append((os.path.relpath(run_dir, out), cfg.eval.split, resume))
+        return real(cfg, run_dir, resume=resume, methods=methods)
+
+    monkeypatch.setattr(runner, "train_and_evaluate", spy)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
+    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 4}" % data
+    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task,
+                                    **{"eval.baselines": "[]", "eval.max_records": 1, "eval.samples_per_record": 2})
+          if not o.startswith(("run.output_dir=", "eval.split="))] + ["learner.steps=2", "run.checkpoint_every=1"]
+    spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
+            "runs": [{"name": "gfn", "methods": ["trained"],
+                      "select": {"metric": "valid", "goal": "max",
+                                 "candidates": {"a": ["learner.lr=0.001"], "b": ["learner.lr=0.002"]}}}]}
+    path = tmp_path / "sel.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
+    saved = json.loads((out / "table.json").read_text())
+    chosen = saved["selection"]["gfn"]["chosen"]
+    sel = out / "select" / "gfn" / f"{chosen}-seed0"
+    assert calls[:2] == [("select/gfn/a-seed0", "validation", False), ("select/gfn/b-seed0", "validation", False)]
+    assert calls[2:] == [("gfn-seed0", "test", True), ("gfn-seed1", "test", False)], "seed 0 resumes the copy, seed 1 trains"
+    adapter = "checkpoints/step_0000002/adapter/adapter_model.safetensors"
+    taken, trained = load_file(out / "gfn-seed0" / adapter), load_file(sel / adapter)
+    assert all(torch.equal(taken[k], trained[k]) for k in trained), "the table's seed 0 is the selection run's adapter"
+    assert [json.loads(x)["step"] for x in (out / "gfn-seed0" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "gfn-seed0" / "trained_in.txt").read_text().strip() == str(sel)
+    assert json.loads((out / "gfn-seed0" / "eval.json").read_text())["split"] == "test"
+    note = "gfn-seed0 is that selection run's training, evaluated on the test split"
+    assert note in (out / "table.md").read_text()
+    calls.clear()
+    assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
+    assert calls == [] and note in (out / "table.md").read_text(), "run again: every run reused, the note kept"
+
+
 def same_figures(table_row: dict, eval_row: dict) -> bool:
     """A table.json row against eval.json's, NaN equal to NaN; infinite figures are kept as they are."""
     if set(table_row) != set(eval_row):
