@@ -13,6 +13,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs.actors import LoraConfig, ModelConfig
 
+from .kv import cache_of, full_cache, layers_of
 from .models import check_targets, load_model, pick_device
 
 
@@ -149,17 +150,14 @@ def _continue(run, cache, tokens: torch.Tensor, lengths: list[int] | None) -> to
     (batch 1) is given: [B, T, ...] right-padded. With `lengths`, the rows run in `length_buckets`,
     each padded to its own longest row (what follows a row's end is zeros); the prompt's keys and
     values are shared by every bucket and gradients flow back to them from each."""
-    from transformers import DynamicCache
-
     B, T = tokens.shape
-    own = getattr(cache, "layers", None)
-    if own is None or any(getattr(layer, "is_sliding", False) for layer in own):
-        cache.batch_repeat_interleave(B)  # a sliding-window layer keeps only its window: keep its own type
+    layers = layers_of(cache)
+    if layers is None:  # a cache of another kind (one that drops positions): one pass, its own type
+        cache.batch_repeat_interleave(B)
         return run(tokens, cache)
-    layers = [(layer.keys, layer.values) for layer in own]
 
     def sub(rows: int):
-        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])
+        return cache_of((k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers)
 
     buckets = length_buckets(lengths) if lengths is not None and len(lengths) == B else [list(range(B))]
     if len(buckets) == 1:
@@ -181,7 +179,7 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
     body, weight, bias, allowed = head
     device = tokens.device
     B, T = tokens.shape
-    out = body(input_ids=prompt, use_cache=T > 0)
+    out = body(input_ids=prompt, use_cache=T > 0, past_key_values=full_cache() if T > 0 else None)
     hidden = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
     if T > 0:
         rest = _continue(lambda ids, cache: body(input_ids=ids, past_key_values=cache, use_cache=False).last_hidden_state,
@@ -225,7 +223,8 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
     head = allowed_head(model, banned_ids, ban_penalty)
     if head is not None:
         return _subset_logprobs(head, prompt, tokens, end_ids, min_len, can_end, first_banned_ids, lengths)
-    out = model(input_ids=prompt, use_cache=T > 0, logits_to_keep=1)  # only the last position's logits
+    out = model(input_ids=prompt, use_cache=T > 0, past_key_values=full_cache() if T > 0 else None,
+                logits_to_keep=1)  # only the last position's logits; a cache that keeps every position (actors.kv)
     first = out.logits[:, -1:, :].float().expand(B, 1, -1)
     if T > 0:
         rest = _continue(lambda ids, cache: model(input_ids=ids, past_key_values=cache, use_cache=False).logits.float(),

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .kv import cache_of, full_cache, layers_of, window_of
 from .policy import pad_tokens
 from .trajectory import Trajectory
 
@@ -100,18 +101,18 @@ class PrefixScorer:
 
     def _context(self, ctx: list[int], shared: int):
         """(cache, last logits [1, 1, V]) of the context, reusing the shared prefix's cache."""
-        from transformers import DynamicCache
-
         dev = self.device
         shared = min(shared, len(ctx) - 1)
         if shared <= 0:
-            out = self.model(input_ids=torch.tensor([ctx], device=dev), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([ctx], device=dev), past_key_values=full_cache(), use_cache=True,
+                             logits_to_keep=1)
             return out.past_key_values, out.logits[:, -1:, :]
         head = (self.adapter, tuple(ctx[:shared]))  # the cache holds what this adapter computed
         if self._shared is None or self._shared[0] != head:
-            out = self.model(input_ids=torch.tensor([ctx[:shared]], device=dev), use_cache=True, logits_to_keep=1)
-            self._shared = (head, [(layer.keys, layer.values) for layer in out.past_key_values.layers], None)
-        cache = DynamicCache(list(self._shared[1]))  # the stored tensors are never written to: updates concatenate
+            out = self.model(input_ids=torch.tensor([ctx[:shared]], device=dev), past_key_values=full_cache(),
+                             use_cache=True, logits_to_keep=1)
+            self._shared = (head, layers_of(out.past_key_values), None)
+        cache = cache_of(self._shared[1])  # the stored tensors are never written to: updates concatenate
         positions = torch.arange(shared, len(ctx), device=dev)[None, :]
         out = self.model(input_ids=torch.tensor([ctx[shared:]], device=dev), past_key_values=cache, use_cache=True,
                          position_ids=positions, logits_to_keep=1)
@@ -157,14 +158,15 @@ class PrefixScorer:
         runs as ONE sequence of (group size)·(|Y|−1) tokens against its trajectory's cache row, under
         a tree mask: the copy of Y for prefix i sees C z_1:i and its own earlier tokens, at positions
         |C| + i + k. Groups of the same size run together, so nothing is padded."""
-        from transformers import DynamicCache
-
         dev = self.device
         k, G = len(suffix_ids) - 1, max(1, self.prefixes_per_row)
         T = max(max(w) for w in wanted)
         y_in = torch.tensor(suffix_ids[:-1], device=dev)
         y_out = torch.tensor(suffix_ids[1:], device=dev)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = layers_of(cache)
+        window = window_of(self.model)
+        if window is not None and C + T + k > window:  # the tree mask would see past the model's window
+            return self._suffix_rest_by_prefix(layers, C, wanted, suffix_ids)
         P = layers[0][0].shape[2]
         dtype = layers[0][0].dtype
         by_size: dict[int, list[tuple[int, list[int]]]] = {}
@@ -186,12 +188,38 @@ class PrefixScorer:
                 sees_past = torch.arange(P, device=dev)[None, None, :] < (C + pi)[:, :, None]
                 allowed = torch.cat([sees_past, own[None].expand(len(chunk), -1, -1)], dim=2)
                 mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-                sub = DynamicCache([(key[rows], value[rows]) for key, value in layers])
+                sub = cache_of((key[rows], value[rows]) for key, value in layers)
                 logits = self.model(input_ids=y_in[jj][None, :].expand(len(chunk), -1), past_key_values=sub,
                                     attention_mask=mask[:, None], position_ids=C + pi + jj[None, :], use_cache=True).logits
                 lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[jj][None, :, None].expand(len(chunk), -1, 1))
                 per_prefix = lp.squeeze(2).view(len(chunk), size, k).sum(-1).cpu()
                 out[rows.cpu()[:, None].expand(-1, size), pref.cpu()] = per_prefix
+        return out
+
+    def _suffix_rest_by_prefix(self, layers, C: int, wanted: list[list[int]], suffix_ids: list[int]) -> torch.Tensor:
+        """`_suffix_rest` for a sliding-window model whose window the sequences outgrow: one pass per
+        prefix length i over the trajectories that want it, each row's cache cut at C + i, under the
+        model's own mask (which applies the window)."""
+        dev = self.device
+        k = len(suffix_ids) - 1
+        y_in = torch.tensor(suffix_ids[:-1], device=dev)
+        y_out = torch.tensor(suffix_ids[1:], device=dev)
+        out = torch.zeros((len(wanted), max(max(w) for w in wanted) + 1))
+        by_prefix: dict[int, list[int]] = {}
+        for b, w in enumerate(wanted):
+            for i in w:
+                by_prefix.setdefault(i, []).append(b)
+        for i, rows in sorted(by_prefix.items()):
+            per_pass = max(1, self.max_rows // k)
+            for start in range(0, len(rows), per_pass):
+                chunk = rows[start:start + per_pass]
+                idx = torch.tensor(chunk, device=dev)
+                sub = cache_of((key[idx, :, : C + i], value[idx, :, : C + i]) for key, value in layers)
+                positions = (C + i + torch.arange(k, device=dev))[None, :].expand(len(chunk), -1)
+                logits = self.model(input_ids=y_in[None, :].expand(len(chunk), -1), past_key_values=sub,
+                                    position_ids=positions, use_cache=True).logits
+                lp = torch.log_softmax(logits.float(), -1).gather(2, y_out[None, :, None].expand(len(chunk), -1, 1))
+                out[chunk, i] = lp.squeeze(2).sum(-1).cpu()
         return out
 
     def score_naive(self, context_ids: list[int], trajectories: list[Trajectory], end_ids: list[int] | None = None,

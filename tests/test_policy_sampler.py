@@ -117,12 +117,13 @@ def test_the_pass_in_length_buckets_equals_the_definition(policy, head):
         assert_close(g, w, atol=1e-5 * float(w.abs().max()), rtol=1e-3)  # float sums over ~80 terms
 
 
-def test_a_sliding_window_model_runs_in_one_bucket_with_its_own_cache(tmp_path):
-    """A sliding-window cache keeps only its window: the pass keeps its type (one bucket) and still
-    equals one full pass per sequence, with a prompt longer than the window."""
+def test_a_sliding_window_model_runs_in_buckets_over_a_cache_that_keeps_every_position(tmp_path):
+    """A sliding-window model's own cache keeps only its window; the prompt's cache is a full one
+    (`actors.kv.full_cache`), shared by the length buckets under the model's own (windowed) mask, and
+    the pass equals one full pass per sequence, with a prompt longer than the window."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from gfnlm.actors.policy import sequence_logprobs
+    from gfnlm.actors.policy import length_buckets, sequence_logprobs
     from gfnlm.actors.tiny import build_tokenizer
 
     tok = build_tokenizer(str(tmp_path), None)
@@ -131,10 +132,11 @@ def test_a_sliding_window_model_runs_in_one_bucket_with_its_own_cache(tmp_path):
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                              sliding_window=6, pad_token_id=tok.pad_token_id)).eval()
     prompt = list(range(5, 20))
-    seqs = [[30 + (k % 7) for k in range(n)] for n in [12, 1, 2, 11, 1, 2]]
-    tokens = torch.zeros((len(seqs), 12), dtype=torch.long)
+    seqs = [[30 + (k % 7) for k in range(n)] for n in [40, 1, 2, 38, 1, 2, 3, 2]]
+    tokens = torch.zeros((len(seqs), 40), dtype=torch.long)
     for b, seq in enumerate(seqs):
         tokens[b, : len(seq)] = torch.tensor(seq)
+    assert len(length_buckets([len(s) for s in seqs])) >= 2
     with torch.no_grad():
         log_pf, _ = sequence_logprobs(model, prompt, tokens, [3], lengths=[len(s) for s in seqs])
         for b, seq in enumerate(seqs):

@@ -263,6 +263,33 @@ def test_prefix_scorer_with_and_without_a_suffix_equals_brute_force(kind, tiny_l
             assert f[-1] == pytest.approx(ref[-1], abs=1e-4) and all(math.isnan(x) for x in f[:-1])
 
 
+@pytest.mark.parametrize("shared", [0, 9])
+def test_the_scorer_of_a_sliding_window_model_equals_brute_force_past_the_window(shared, tmp_path):
+    """A Mistral whose window (6) is shorter than context + Z + Y: the cached context (shared or
+    not) keeps every position and the model's own mask applies the window; the suffix pass takes one
+    pass per prefix length instead of the tree mask, which would see past the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from gfnlm.actors.tiny import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path), None)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                             sliding_window=6, pad_token_id=tok.pad_token_id)).eval()
+    scorer = PrefixScorer(model, tok.pad_token_id, max_rows=4)
+    ctx = list(range(5, 17))
+    trajs = [Trajectory(0, [30, 31, 32, 33, 34]), Trajectory(0, []), Trajectory(0, [40, 41, 42], tool_mask=[False, True, False])]
+    suffix, end = [50, 51, 52, 53], [3, 4]
+    for kw in (dict(suffix_ids=suffix), dict(end_ids=end)):
+        got = scorer.score(ctx, trajs, shared=shared, **kw)
+        for t, g in zip(trajs, got):
+            ref = scorer.score_naive(ctx, [t], **kw)[0]
+            assert g == pytest.approx(ref, abs=1e-4)
+            if not t.tool_mask:
+                assert g == pytest.approx(brute_force(model, ctx, t.tokens, kw.get("end_ids"), kw.get("suffix_ids")), abs=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_scorer_scores_only_the_states_that_can_end(kind, tiny_llama, tiny_gpt2):
     """With `can_end` the suffix pass skips the states that cannot end (NaN there) and scores the others,
