@@ -268,7 +268,7 @@ def run(driver: Driver, cfg: Config, run_dir: str, resume: bool, log, on_step=No
                 counts = valid_counts(c.task, fresh)
                 stats.push(*(counts or (0, 0)), len(fresh), time.perf_counter() - t0)
                 record = step_record(c, driver, out, fresh, temp, counts, stats, t0)
-                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, record["valid_fraction"],
+                record_step(metrics, out, fresh, out.get("trained", len(fresh)), temp, record.get("valid_fraction"),
                             record["step_seconds"])
                 if on_step is not None:
                     on_step(c.learner.step, driver)

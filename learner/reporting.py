@@ -139,9 +139,16 @@ def step_record(c, driver, out: dict, fresh: list[Trajectory], temperature: floa
         "valid_fraction": counts[0] / counts[1] if counts else None, "samples_per_second": stats.samples_per_second,
         "step_seconds": time.perf_counter() - t0, "replay_size": driver.replay_size(), **driver.counters,
     }
+    if cfg.learner.objective.type == "sft":  # trains on the records' references: no samples, replay or reward
+        for key in SAMPLER_KEYS:
+            record.pop(key, None)
     if cfg.eval.track_every and c.learner.step % cfg.eval.track_every == 0:
         record.update(c.task.track(c.policy))
     return record
+
+
+SAMPLER_KEYS = ("reward_temperature", "mean_log_r", "max_log_r", "valid_fraction", "samples_per_second", "replay_size")
+"""A step's figures of the samplers, the replay and the reward, which an SFT step has none of."""
 
 
 def write_line(metrics_file, trackers, record: dict) -> None:
@@ -168,7 +175,11 @@ class Progress:
         if self.bar is None:
             return
         self.bar.update(1)
-        shown = {"loss": f"{out['loss']:.3f}", "logR": f"{record['mean_log_r']:.2f}"}
+        shown = {"loss": f"{out['loss']:.3f}"}
+        if "mean_log_r" not in record:  # SFT: no samples
+            self.bar.set_postfix(**shown)
+            return
+        shown["logR"] = f"{record['mean_log_r']:.2f}"
         if counts is not None:
             shown["valid"] = f"{100 * stats.valid_fraction:.0f}%"
         self.bar.set_postfix(**shown, sps=f"{stats.samples_per_second:.1f}")

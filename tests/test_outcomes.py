@@ -294,6 +294,11 @@ def test_sft_is_the_references_nll_and_teaches_the_policy_to_write_them(tiny_lla
             (z, ended), = hf_generate(c.policy.model, c.task.prompt_ids(rid), 1, 30, 1, c.task.end_ids,
                                       tok.pad_token_id, do_sample=False)
             assert (tok.decode(z), ended) == (c.task.reference_text(rid), True)
+    from gfnlm.learner.reporting import SAMPLER_KEYS
+
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 150 and "loss" in last and not set(SAMPLER_KEYS) & set(last), \
+        "an SFT step has no samples, replay or reward: curves.png draws no empty panels for them"
 
 
 def test_ppo_ratios_start_at_one_before_min_len(tiny_digits, tmp_path):
