@@ -23,9 +23,9 @@ def full_cache():
 
 def layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """(keys, values) [B, heads, positions, dim] of every layer, or None when the cache has no
-    per-layer tensors or a layer keeps only a window (it may have dropped positions)."""
+    per-layer tensors (none filled) or a layer keeps only a window (it may have dropped positions)."""
     own = getattr(cache, "layers", None)
-    if own is None or any(getattr(layer, "is_sliding", False) for layer in own):
+    if not own or any(getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None for layer in own):
         return None
     return [(layer.keys, layer.values) for layer in own]
 

@@ -29,6 +29,15 @@ from .policy import pad_tokens
 from .trajectory import Trajectory
 
 
+def need_layers(cache) -> list:
+    """`layers_of` a cache the scorer built, or a one-line error naming what the model returned."""
+    layers = layers_of(cache)
+    if layers is None:
+        raise TypeError(f"PrefixScorer: the model returned a {type(cache).__name__} without per-layer keys and values "
+                        f"for a plain DynamicCache; models with other cache kinds (e.g. linear attention) are not supported")
+    return layers
+
+
 class PrefixScorer:
     def __init__(self, model, pad_id: int, device: str = "cpu", max_rows: int = 1024):
         self.model = model
@@ -111,7 +120,7 @@ class PrefixScorer:
         if self._shared is None or self._shared[0] != head:
             out = self.model(input_ids=torch.tensor([ctx[:shared]], device=dev), past_key_values=full_cache(),
                              use_cache=True, logits_to_keep=1)
-            self._shared = (head, layers_of(out.past_key_values), None)
+            self._shared = (head, need_layers(out.past_key_values), None)
         cache = cache_of(self._shared[1])  # the stored tensors are never written to: updates concatenate
         positions = torch.arange(shared, len(ctx), device=dev)[None, :]
         out = self.model(input_ids=torch.tensor([ctx[shared:]], device=dev), past_key_values=cache, use_cache=True,
@@ -163,7 +172,7 @@ class PrefixScorer:
         T = max(max(w) for w in wanted)
         y_in = torch.tensor(suffix_ids[:-1], device=dev)
         y_out = torch.tensor(suffix_ids[1:], device=dev)
-        layers = layers_of(cache)
+        layers = need_layers(cache)
         window = window_of(self.model)
         if window is not None and C + T + k > window:  # the tree mask would see past the model's window
             return self._suffix_rest_by_prefix(layers, C, wanted, suffix_ids)

@@ -153,36 +153,44 @@ TRAINED_IN = "trained_in.txt"
 
 def reuse_selection(cfg, chosen_cfg, log) -> bool:
     """Seed k of the chosen candidate already trained in its selection run: copy that run's training
-    (checkpoints, metrics, curves) into the table run's empty folder with the table run's config.yaml,
-    so that the table run resumes at its last step and only evaluates, on the test split. False (and
-    nothing copied) unless the selection run finished with this very training config."""
+    (checkpoints, metrics, curves; not its evaluation or trackers) into the table run's folder, which
+    must not exist, with the table run's config.yaml, so that the table run resumes at its last step
+    and only evaluates, on the test split. False (and nothing copied) unless the selection run
+    finished with this very training config and has its last checkpoint intact."""
     import shutil
 
-    from .checkpoints import newest_intact
-    from .preflight import RUN_TRACES
+    from .checkpoints import CheckpointError, newest_intact
 
     src, dst = chosen_cfg.run.output_dir, cfg.run.output_dir
-    if any(os.path.exists(os.path.join(dst, n)) for n in (*RUN_TRACES, "eval.json")):
-        return False  # the table run's folder has a run of its own: `finished` / `prepare_folder` decide
+    if os.path.exists(dst) and os.listdir(dst):
+        return False  # the table run's folder holds something: `prepare_folder` decides
     if not os.path.isfile(os.path.join(src, "eval.json")) or not same_config(chosen_cfg):
         return False
     if training_form(cfg) != training_form(chosen_cfg):
         return False
-    found = newest_intact(src, log)
+    try:
+        found = newest_intact(src, log)
+    except CheckpointError:
+        return False
     if found is None or found[1].get("learner", {}).get("step") != cfg.learner.steps:
         return False
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        if name in ("eval.json", "eval.md", "eval.png", "config.yaml"):
-            continue
-        (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy2)(os.path.join(src, name), os.path.join(dst, name))
-    with open(os.path.join(dst, "config.yaml"), "w") as f:  # as training writes it (configs.load.dump_config)
+    tmp = dst.rstrip(os.sep) + ".copying"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda folder, names: [n for n in names if folder == src and n in NOT_TAKEN])
+    with open(os.path.join(tmp, "config.yaml"), "w") as f:  # as training writes it (configs.load.dump_config)
         yaml.safe_dump(saved_form(cfg), f, sort_keys=False)
-    with open(os.path.join(dst, TRAINED_IN), "w") as f:
+    with open(os.path.join(tmp, TRAINED_IN), "w") as f:
         f.write(src + "\n")
+    if os.path.isdir(dst):
+        os.rmdir(dst)  # empty
+    os.replace(tmp, dst)
     log(f"gfnlm experiment: {dst} takes its training from {src} (the chosen candidate, the same seed and config): "
         f"it only evaluates, on the test split")
     return True
+
+
+NOT_TAKEN = ("eval.json", "eval.md", "eval.png", "config.yaml", "prometheus_targets.json", "tensorboard", "wandb", "mlruns")
+"""What `reuse_selection` leaves behind: the selection run's evaluation, config and trackers."""
 
 
 def prepare_folder(cfg, log) -> bool:
@@ -428,10 +436,11 @@ def main(args) -> int:
             add(run, results)
             continue
         try:
-            if run in chosen_cfgs and seed == spec["select_seed"] and reuse_selection(
-                    cfg, chosen_cfgs[run], lambda m: print(m, file=sys.stderr)):
-                selection[run]["reused"] = f"{run}-seed{seed}"  # trained once, judged on validation, then on test
             resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
+            if not resume and run in chosen_cfgs and seed == spec["select_seed"]:  # trained once already: judge it on test
+                resume = reuse_selection(cfg, chosen_cfgs[run], lambda m: print(m, file=sys.stderr))
+            if run in selection and os.path.isfile(os.path.join(cfg.run.output_dir, TRAINED_IN)):
+                selection[run]["reused"] = f"{run}-seed{seed}"
             results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
         except TrainingStopped as e:
             print(f"gfnlm experiment {name}: stopped by {e} during {run}-seed{seed}; {os.path.join(out, 'table.md')} "

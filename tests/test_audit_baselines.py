@@ -448,7 +448,10 @@ def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_ru
     path = tmp_path / "sel.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
+    (out / "gfn-seed0").mkdir(parents=True)
+    (out / "gfn-seed0" / "metrics.jsonl").write_text('{"step": 1}\n')  # a run of another config: moved aside first
     assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
+    assert [p.name.split(".replaced-")[0] for p in out.glob("gfn-seed0.replaced-*")] == ["gfn-seed0"]
     saved = json.loads((out / "table.json").read_text())
     chosen = saved["selection"]["gfn"]["chosen"]
     sel = out / "select" / "gfn" / f"{chosen}-seed0"
