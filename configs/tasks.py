@@ -433,6 +433,11 @@ class ArithmeticTask(InfillingTask):
     labelled: int = Field(10, ge=0)
     """Worked examples trained on (their rationales seed the replay; SFT trains on them)."""
 
+    labelled_share: float | None = Field(None, gt=0.0, lt=1.0)
+    """Share of the training draws that are labelled questions, e.g. 0.05 (the authors' weights
+    give ~5 %), however many unlabelled questions there are; unset: every training question
+    equally often (the labelled ones then make labelled / (labelled + unlabelled) of the draws)."""
+
     shots: int = Field(3, ge=0)
     """Worked examples in the reward's context (others than the labelled ones); their KV cache is
     computed once."""

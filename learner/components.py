@@ -18,7 +18,7 @@ from gfnlm.configs import Config, ConfigError
 from gfnlm.rewards import make_task
 from gfnlm.rewards.scorer import attach_scorer
 
-from .schedule import RecordScheduler
+from .schedule import RecordScheduler, scheduler_for
 from .trainer import Learner
 
 
@@ -104,7 +104,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
         if not ids:
             raise ConfigError(f"learner.objective {learner.objective.name}: no training record of task {task.name} "
                              f"has a reference Z to train on (that its first-token mask allows)")
-    scheduler = RecordScheduler(ids, cfg.batch.prompts_per_step, seed=cfg.learner.seed)
+    scheduler = scheduler_for(ids, task.draw_groups(), cfg.batch.prompts_per_step, cfg.learner.seed)
     generator = torch.Generator().manual_seed(cfg.learner.seed + 7919)
     em = None
     if getattr(cfg.task, "em", None) is not None and cfg.task.em.e_steps and learner.objective.samples:

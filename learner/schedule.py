@@ -67,6 +67,49 @@ class RecordScheduler:
         self._order = self._epoch_order(self.epoch)
 
 
+class GroupScheduler:
+    """Records drawn from groups in set shares (e.g. labelled questions 5 % of the draws however
+    few the unlabelled ones are): each slot of a step picks a group by a seeded draw, and each group
+    gives its records once per epoch in a seeded order, as `RecordScheduler` does. Its state (draws
+    made, each group's epoch and position) is checkpointed like RecordScheduler's."""
+
+    def __init__(self, groups: list[tuple[list[int], float]], per_step: int, seed: int = 0):
+        groups = [(ids, share) for ids, share in groups if ids and share > 0]
+        if not groups:
+            raise ConfigError("the task has no training records")
+        total = sum(share for _, share in groups)
+        self.shares = [share / total for _, share in groups]
+        self.groups = [RecordScheduler(ids, 1, seed=f"{seed}:group{g}") for g, (ids, _) in enumerate(groups)]
+        self.per_step, self.seed, self.draws = per_step, seed, 0
+
+    def next(self) -> list[int]:
+        out = []
+        for _ in range(self.per_step):
+            u, g = random.Random(f"{self.seed}:draw{self.draws}").random(), 0
+            while g < len(self.shares) - 1 and u >= sum(self.shares[: g + 1]):
+                g += 1
+            self.draws += 1
+            out += self.groups[g].next()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "groups": [s.state_dict() for s in self.groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = int(state["draws"])
+        for s, st in zip(self.groups, state["groups"]):
+            s.load_state_dict(st)
+
+
+def scheduler_for(ids: list[int], groups, per_step: int, seed: int):
+    """A `GroupScheduler` over the task's draw groups restricted to `ids` (the records trained on),
+    or a plain `RecordScheduler` when the task has none."""
+    if not groups:
+        return RecordScheduler(ids, per_step, seed=seed)
+    keep = set(ids)
+    return GroupScheduler([([r for r in g if r in keep], share) for g, share in groups], per_step, seed=seed)
+
+
 def tempered_temperatures(cfg: Config, n: int, generator: torch.Generator) -> list[float]:
     u = torch.rand(n, generator=generator)
     return (cfg.batch.temper_low + (cfg.batch.temper_high - cfg.batch.temper_low) * u).tolist()

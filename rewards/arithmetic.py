@@ -201,6 +201,15 @@ class ArithmeticTask(InfillingTask):
     def columns(cfg) -> list[str]:
         return columns_of(cfg.prompt_template, cfg.context_template, cfg.suffix_template)
 
+    def draw_groups(self) -> list[tuple[list[int], float]] | None:
+        """With `labelled_share`: the labelled questions (the first `labelled` records) in that share
+        of the draws, the unlabelled ones in the rest."""
+        share = self.cfg.labelled_share
+        if share is None:
+            return None
+        labelled = [r for r in self.train_ids if r < self.cfg.labelled]
+        return [(labelled, share), ([r for r in self.train_ids if r >= self.cfg.labelled], 1.0 - share)]
+
     def load_records(self, cfg) -> RecordSet:
         worked, tests, unlabelled = arithmetic_sets(cfg)
         order = list(range(len(worked)))

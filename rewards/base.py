@@ -49,6 +49,11 @@ class Task:
     def train_ids(self) -> list[int]:
         return self.records.train_ids
 
+    def draw_groups(self) -> list[tuple[list[int], float]] | None:
+        """Training records in groups drawn in set shares ([(ids, share)], e.g. the labelled
+        questions and the rest), or None: every training record equally often."""
+        return None
+
     @property
     def test_ids(self) -> list[int]:
         return self.records.test_ids

@@ -368,6 +368,23 @@ def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path
     assert "eval.split: task arithmetic has no validation records" in capsys.readouterr().err and not run.exists()
 
 
+def test_labelled_share_draws_the_labelled_questions_in_that_share(tiny_llama, tmp_path):
+    """task.labelled_share: the scheduler draws the labelled questions (the first `labelled`
+    records) in that share of the draws, the generated ones in the rest; unset, every question
+    equally often."""
+    from gfnlm.learner.loop import build
+    from gfnlm.learner.schedule import GroupScheduler, RecordScheduler
+
+    ov = arithmetic_overrides(tiny_llama, tmp_path, **{"task.generate.count": 8})
+    c = build(load_config("arithmetic.yaml", ov + ["task.labelled_share=0.25"]), engine=False)
+    assert c.task.draw_groups() == [([0, 1], 0.25), (list(range(2, 10)), 0.75)]
+    assert isinstance(c.scheduler, GroupScheduler)
+    drawn = [r for _ in range(400) for r in c.scheduler.next()]
+    assert 0.2 < sum(r < 2 for r in drawn) / len(drawn) < 0.3
+    plain = build(load_config("arithmetic.yaml", ov), engine=False)
+    assert plain.task.draw_groups() is None and isinstance(plain.scheduler, RecordScheduler)
+
+
 def test_sample_and_predict_on_a_trained_run(tiny_llama, tmp_path, capsys):
     ov = arithmetic_overrides(tiny_llama, tmp_path, **{"run.evaluate_at_end": "false"})
     assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2"])]) == 0

@@ -212,6 +212,30 @@ def test_record_scheduler_is_seeded_covers_every_record_and_resumes_exactly():
     assert [s3.next() for _ in range(6)] == first[4:]
 
 
+def test_group_scheduler_draws_each_group_in_its_share_and_resumes_exactly():
+    """Labelled questions 5 % of the draws however few the unlabelled are: each slot picks a group
+    by a seeded draw, each group gives every record once per epoch, and a restored state continues
+    with the very records the uninterrupted scheduler gives."""
+    from gfnlm.learner.schedule import GroupScheduler, scheduler_for
+
+    groups = [([0, 1], 0.05), (list(range(2, 22)), 0.95)]
+    s = GroupScheduler(groups, per_step=4, seed=3)
+    steps = [s.next() for _ in range(1000)]
+    drawn = [r for step in steps for r in step]
+    assert 0.04 < sum(r < 2 for r in drawn) / len(drawn) < 0.06
+    rest = [r for r in drawn if r >= 2]
+    assert all(sorted(rest[k:k + 20]) == list(range(2, 22)) for k in range(0, 200, 20)), "each epoch covers every record"
+    again = GroupScheduler(groups, 4, seed=3)
+    for _ in range(7):
+        again.next()
+    resumed = GroupScheduler(groups, 4, seed=3)
+    resumed.load_state_dict(again.state_dict())
+    assert [resumed.next() for _ in range(20)] == steps[7:27]
+    assert isinstance(scheduler_for([0, 1, 2], None, 2, 0), RecordScheduler)
+    only = scheduler_for([2, 3], groups, 2, 0)  # SFT trains on the labelled ones alone: the other group is empty
+    assert {r for _ in range(5) for r in only.next()} == {2, 3}
+
+
 def test_batch_mix_caps_replay_by_what_the_buffer_holds():
     cfg = load_config("random_number.yaml", ["batch.samples_per_prompt=8", "batch.on_policy=0.5", "batch.tempered=0.25",
                                              "batch.replay=0.25"]).batch
