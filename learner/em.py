@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from gfnlm.actors.policy import active_adapter
+from gfnlm.actors.policy import active_adapter, sequence_logprobs
 from gfnlm.actors.trajectory import PromptRequest, Trajectory
 from gfnlm.rewards.subjectivity import z_policy
 
@@ -26,26 +26,21 @@ M_ADAPTER = "m"
 
 def label_logits(model, context_ids: list[int], trajectories: list[Trajectory], suffixes: list[list[int]],
                  pad_id: int) -> torch.Tensor:
-    """[B, C]: log p(Y_c | X Z_b) under the model's active adapter, with gradients (one padded pass
-    over every (Z, Y_c) pair)."""
-    seqs, spans = [], []
+    """[B, C]: log p(Y_c | X Z_b) under the model's active adapter, with gradients. X runs once; its
+    cache is shared by every (Z_b, Y_c) row (`sequence_logprobs`, rows in length buckets), so a
+    review's tokens are not run 2 × B times."""
+    rows = [list(t.tokens) + list(y) for t in trajectories for y in suffixes]
+    lengths = [len(r) for r in rows]
+    dev = next(model.parameters()).device
+    tokens = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    log_pf, _ = sequence_logprobs(model, list(context_ids), tokens.to(dev), [], lengths=lengths)
+    out, i = [], 0
     for t in trajectories:
         for y in suffixes:
-            start = len(context_ids) + t.length
-            seqs.append(list(context_ids) + list(t.tokens) + list(y))
-            spans.append((start, len(y)))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    dev = next(model.parameters()).device
-    logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
-    out = []
-    for i, (start, n) in enumerate(spans):
-        pos = torch.arange(start - 1, start - 1 + n, device=dev)
-        out.append(logp[i, pos, ids[i, start: start + n].to(dev)].sum())
+            out.append(log_pf[i, t.length: t.length + len(y)].sum())
+            i += 1
     return torch.stack(out).view(len(trajectories), len(suffixes))
 
 

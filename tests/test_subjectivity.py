@@ -120,6 +120,39 @@ def test_em_alternation_trains_both_adapters_and_rescores_the_replay(tiny_llama,
     assert state["reward_version"] == 1 and state["weights"]
 
 
+def test_label_logits_share_the_reviews_cache_and_equal_one_pass_per_pair(tiny_llama, tmp_path):
+    """The M-step's log p(Y_c | X Z_b): X runs once and its cache serves every (Z, Y) row; values and
+    the M adapter's gradients equal one full forward pass per pair."""
+    from gfnlm.actors.policy import active_adapter
+    from gfnlm.actors.trajectory import Trajectory
+    from gfnlm.learner.em import label_logits
+    from gfnlm.learner.loop import build
+
+    c = build(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path)), engine=False)
+    model, rid = c.policy.model, c.task.train_ids[0]
+    ctx, ys = c.task.context_ids(rid), [c.task.label_suffix(rid, 0), c.task.label_suffix(rid, 1)]
+    trajs = [Trajectory(rid, toks) for toks in ([5, 6, 7, 8], [], [9], [10, 11])]
+    with active_adapter(model, "m"):
+        params = [p for n, p in model.named_parameters() if ".m." in n]
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.02 * torch.randn_like(p))  # lora_B starts at 0: move it so that gradients reach lora_A too
+        got = label_logits(model, ctx, trajs, ys, c.policy.tokenizer.pad_token_id)
+        g_got = torch.autograd.grad(got.logsumexp(1).sum(), params)
+        ref = []
+        for t in trajs:
+            for y in ys:
+                seq = ctx + t.tokens + y
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+                start = len(ctx) + t.length
+                ref.append(sum(logp[start + j - 1, tok] for j, tok in enumerate(y)))
+        ref = torch.stack(ref).view(len(trajs), len(ys))
+        g_ref = torch.autograd.grad(ref.logsumexp(1).sum(), params)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, float(b.abs().max())), rtol=1e-3)
+
+
 def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_path):
     """em {schedule: after, e_reward: base} (the preset's): the E-steps' reward is the frozen base model
     and never changes, one M phase runs after the last E-step, and prediction classifies with base + M."""
