@@ -1,6 +1,7 @@
 """`gfnlm bench` prints the figures the notes quote: each benchmark runs end to end on a tiny
 model and its table adds up (no timing is asserted: speed lives in the printed figures)."""
 
+import json
 import re
 
 import pytest
@@ -12,9 +13,13 @@ from conftest import tiny_overrides
 
 def tiny_bench(model_dir, tmp_path, config="infilling.yaml") -> list[str]:
     ov = tiny_overrides(model_dir, tmp_path / "run", targets=["q_proj", "v_proj"])
-    if config == "infilling.yaml":  # its stories, shorter middles, the base model as the reward
+    if config == "infilling.yaml":  # short stories (the tiny model has 256 positions), short middles, the base model as the reward
         ov = [o for o in ov if not o.startswith("task.")]
-        ov += ["task.log_reward_floor=-500", "task.min_len=1", "task.max_len=6", "reward.fit=null"]
+        stories = tmp_path / "stories.jsonl"
+        stories.write_text("".join(json.dumps({"beginning": f"Ann had {k} cats. They ran.", "middle": "One hid.",
+                                               "ending": "She found it."}) + "\n" for k in range(6)))
+        ov += [f"task.data={{train: {stories}, test_fraction: 0.3}}", "task.log_reward_floor=-500", "task.min_len=1",
+               "task.max_len=6", "reward.fit=null"]
     return [a for o in ov for a in ("-o", o)]
 
 
