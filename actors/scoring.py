@@ -218,8 +218,8 @@ class PrefixScorer:
         for b, w in enumerate(wanted):
             for i in w:
                 by_prefix.setdefault(i, []).append(b)
+        per_pass = max(1, self.max_rows // k)  # rows per pass: at most max_rows query tokens
         for i, rows in sorted(by_prefix.items()):
-            per_pass = max(1, self.max_rows // k)
             for start in range(0, len(rows), per_pass):
                 chunk = rows[start:start + per_pass]
                 idx = torch.tensor(chunk, device=dev)

@@ -418,7 +418,9 @@ def main(args) -> int:
     print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
     rows: dict[str, list[dict]] = {}
 
-    def add(run: str, results: dict) -> None:
+    def add(run: str, results: dict, cfg) -> None:
+        if run in selection and os.path.isfile(os.path.join(cfg.run.output_dir, TRAINED_IN)):
+            selection[run]["reused"] = f"{run}-seed{cfg.learner.seed}"  # its training is the selection run's
         for method, figures in (results or {}).items():
             label = run if method == "trained" else spec.get("labels", {}).get(method, method)
             rows.setdefault(label, []).append(figures)
@@ -431,23 +433,19 @@ def main(args) -> int:
                   file=sys.stderr)
             if f"{run}-seed{seed}" in before:
                 walls[f"{run}-seed{seed}"] = before[f"{run}-seed{seed}"]
-            if run in selection and os.path.isfile(os.path.join(cfg.run.output_dir, TRAINED_IN)):
-                selection[run]["reused"] = f"{run}-seed{seed}"
-            add(run, results)
+            add(run, results, cfg)
             continue
         try:
             resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
             if not resume and run in chosen_cfgs and seed == spec["select_seed"]:  # trained once already: judge it on test
                 resume = reuse_selection(cfg, chosen_cfgs[run], lambda m: print(m, file=sys.stderr))
-            if run in selection and os.path.isfile(os.path.join(cfg.run.output_dir, TRAINED_IN)):
-                selection[run]["reused"] = f"{run}-seed{seed}"
             results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
         except TrainingStopped as e:
             print(f"gfnlm experiment {name}: stopped by {e} during {run}-seed{seed}; {os.path.join(out, 'table.md')} "
                   f"holds the runs that finished", file=sys.stderr)
             return 0
         walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
-        add(run, results)
+        add(run, results, cfg)
         write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)  # after every run
     lines = write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))

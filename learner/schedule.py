@@ -3,6 +3,8 @@ micro-batch (`plan_request`, what both drivers send)."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 
 import torch
@@ -78,16 +80,14 @@ class GroupScheduler:
         if not groups:
             raise ConfigError("the task has no training records")
         total = sum(share for _, share in groups)
-        self.shares = [share / total for _, share in groups]
+        self.bounds = list(itertools.accumulate(share / total for _, share in groups))[:-1]  # group g: u below bounds[g]
         self.groups = [RecordScheduler(ids, 1, seed=f"{seed}:group{g}") for g, (ids, _) in enumerate(groups)]
         self.per_step, self.seed, self.draws = per_step, seed, 0
 
     def next(self) -> list[int]:
         out = []
         for _ in range(self.per_step):
-            u, g = random.Random(f"{self.seed}:draw{self.draws}").random(), 0
-            while g < len(self.shares) - 1 and u >= sum(self.shares[: g + 1]):
-                g += 1
+            g = bisect.bisect_right(self.bounds, random.Random(f"{self.seed}:draw{self.draws}").random())
             self.draws += 1
             out += self.groups[g].next()
         return out
