@@ -260,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder of the experiment (default: runs/experiments/NAME-TIME); runs that "
                     "finished there with the same config are reused")
     ex.add_argument("--seeds", help="comma-separated seeds in place of the preset's, e.g. 0,1,2")
+    ex.add_argument("--runs", help="train only these runs (RUN, or RUN/CANDIDATE for one selection candidate), e.g. "
+                    "gflownet,sft: several processes can share one --out, each training its part; the others' "
+                    "finished runs join the table")
     ex.set_defaults(func=cmd_experiment)
 
     sb = sub.add_parser("submit", help="validate a config, then submit it as a job to a Ray cluster")

@@ -20,6 +20,14 @@ config (its config.yaml) and evaluated the methods asked for (its eval.json): `-
 seeds to a table without training the finished ones again, and an experiment stopped midway resumes
 the run it stopped in from its last checkpoint. A run folder that holds anything else is moved aside
 (`<run>.replaced-<time>`) before the run trains there.
+
+`--runs gflownet,sft` trains only those runs (and their selection candidates; `gflownet/floor250_t1.0`
+names one candidate alone), so that several processes can share one --out, each training its own
+part. Runs not named join the table where they finished there with the same config and are left out
+(with a line saying so) where not; a run whose selection candidates have not all finished is not
+chosen for, and its table runs wait. A plain call once every part has finished writes the whole
+table from the finished runs. Each run keeps its own wall time (`wall_seconds.txt` in its folder), so
+the parts' times add up in the table whichever process wrote it last.
 """
 
 from __future__ import annotations
@@ -147,6 +155,9 @@ def training_form(cfg) -> dict:
     return form
 
 
+WALL_FILE = "wall_seconds.txt"
+"""A run's wall time as the experiment measured it (training and evaluation), in its folder."""
+
 TRAINED_IN = "trained_in.txt"
 """A table run's file naming the selection run whose training it took (`reuse_selection`)."""
 
@@ -189,7 +200,7 @@ def reuse_selection(cfg, chosen_cfg, log) -> bool:
     return True
 
 
-NOT_TAKEN = ("eval.json", "eval.md", "eval.png", "config.yaml", "prometheus_targets.json", "tensorboard", "wandb", "mlruns")
+NOT_TAKEN = ("eval.json", "eval.md", "eval.png", "config.yaml", WALL_FILE, "prometheus_targets.json", "tensorboard", "wandb", "mlruns")
 """What `reuse_selection` leaves behind: the selection run's evaluation, config and trackers."""
 
 
@@ -210,6 +221,39 @@ def prepare_folder(cfg, log) -> bool:
     os.replace(folder, aside)
     log(f"gfnlm experiment: {folder} held another run (or an evaluation of another config); moved to {aside}")
     return False
+
+
+def save_wall(folder: str, seconds: float) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, WALL_FILE), "w") as f:
+        f.write(f"{seconds:.1f}\n")
+
+
+def stored_wall(folder: str, key: str, before: dict[str, float]) -> float | None:
+    """The wall seconds of a finished run: its own file, else what an earlier table.json recorded."""
+    try:
+        with open(os.path.join(folder, WALL_FILE)) as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return before.get(key)
+
+
+def parse_runs(text: str | None, spec: dict) -> set[tuple[str, str | None]] | None:
+    """--runs: {(run, None)} for a whole run, {(run, candidate)} for one selection candidate; None: all."""
+    if not text:
+        return None
+    runs = {r["name"]: r for r in spec["runs"]}
+    wanted = set()
+    for item in (x.strip() for x in text.split(",")):
+        run, _, cand = item.partition("/")
+        if run not in runs:
+            raise ConfigError(f"--runs: {run!r} is not a run of {spec['path']}; expected one of {', '.join(runs)}")
+        cands = runs[run].get("select", {}).get("candidates", {})
+        if cand and cand not in cands:
+            raise ConfigError(f"--runs: {item!r}: {run} has " + (f"the selection candidates {', '.join(cands)}" if cands
+                              else "no selection candidates") + f"; expected {run} or {run}/CANDIDATE")
+        wanted.add((run, cand or None))
+    return wanted
 
 
 def previous_walls(out: str) -> dict[str, float]:
@@ -322,6 +366,14 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
     return table
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Write a file whole or not at all (processes sharing an --out may write the table at once)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float,
                 selection: dict | None = None) -> list[str]:
     """table.md and table.json of the runs done so far (and the settings chosen on the validation
@@ -361,11 +413,9 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
                       + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + ")"
                   + (f"; {e['reused']} is that selection run's training, evaluated on the test split" if e.get("reused") else "")]
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump({"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls,
-                   "selection": selection or {}}, f, indent=1)
+    write_atomically(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
+    write_atomically(os.path.join(out, "table.json"), json.dumps(
+        {"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls, "selection": selection or {}}, indent=1))
     return lines
 
 
@@ -380,42 +430,58 @@ def main(args) -> int:
             spec["seeds"] = [int(x) for x in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2") from None
+    wanted = parse_runs(getattr(args, "runs", None), spec)
+
+    def trains(run: str, cand: str | None = None) -> bool:
+        return wanted is None or (run, None) in wanted or (cand is not None and (run, cand) in wanted)
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr)
+
     extra = list(args.override)
     selecting = selection_plan(spec, out, extra)
     plan = configs_of(spec, out, extra)  # every config checked before the first run trains
     walls, before = {}, previous_walls(out)
     selection: dict[str, dict] = {}
     if selecting:
-        print(f"gfnlm experiment {name}: {len(selecting)} selection runs on the validation split into "
-              f"{os.path.join(out, 'select')}", file=sys.stderr)
+        log(f"gfnlm experiment {name}: {len(selecting)} selection runs on the validation split into {os.path.join(out, 'select')}")
     for run, cand, cfg in selecting:
         sel = next(r for r in spec["runs"] if r["name"] == run)["select"]
         key = f"select/{run}/{cand}-seed{spec['select_seed']}"
+        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {}})
         t0 = time.perf_counter()
         results = finished(cfg, ["trained"])
+        if results is None and not trains(run, cand):
+            entry.setdefault("missing", []).append(cand)
+            continue
         if results is None:
             try:
-                resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
+                resume = prepare_folder(cfg, log)
                 results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=["trained"])
             except TrainingStopped as e:
-                print(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet", file=sys.stderr)
+                log(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet")
                 return 0
             walls[key] = time.perf_counter() - t0
-        elif key in before:
-            walls[key] = before[key]
-        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {}})
+            save_wall(cfg.run.output_dir, walls[key])
+        elif stored_wall(cfg.run.output_dir, key, before) is not None:
+            walls[key] = stored_wall(cfg.run.output_dir, key, before)
         entry["scores"][cand] = figure(results, sel["metric"], key)
         trained = results["trained"]
         entry["records"][cand] = trained.get("records", trained.get("questions_validation"))
         write_table(spec, name, out, plan, {}, walls, sum(walls.values()), selection)  # the walls survive a stop
     for run, entry in selection.items():
+        if entry.get("missing"):
+            log(f"gfnlm experiment {name}: {run}: the candidates {', '.join(entry['missing'])} have not finished in {out} "
+                f"(not in --runs): nothing chosen yet, so {run}'s table runs wait")
+            continue
         entry["chosen"] = best(entry["scores"], entry["goal"])
-        print(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "
-              f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + ")",
-              file=sys.stderr)
-    plan = configs_of(spec, out, extra, {run: e["chosen"] for run, e in selection.items()})
-    chosen_cfgs = {run: cfg for run, cand, cfg in selecting if cand == selection[run]["chosen"]}
-    print(f"gfnlm experiment {name}: {len(plan)} runs into {out}", file=sys.stderr)
+        log(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "
+            f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + ")")
+    chosen = {run: e["chosen"] for run, e in selection.items() if "chosen" in e}
+    every = configs_of(spec, out, extra, chosen)  # the table's header describes the preset's first run
+    plan = [p for p in every if p[0] not in selection or p[0] in chosen]
+    chosen_cfgs = {run: cfg for run, cand, cfg in selecting if cand == chosen.get(run)}
+    log(f"gfnlm experiment {name}: {len(plan)} runs into {out}")
     rows: dict[str, list[dict]] = {}
 
     def add(run: str, results: dict, cfg) -> None:
@@ -426,28 +492,32 @@ def main(args) -> int:
             rows.setdefault(label, []).append(figures)
 
     for run, seed, cfg, methods in plan:
+        key = f"{run}-seed{seed}"
         t0 = time.perf_counter()
         results = finished(cfg, methods)
         if results is not None:
-            print(f"gfnlm experiment {name}: {run}-seed{seed} finished before with this config; its eval.json is reused",
-                  file=sys.stderr)
-            if f"{run}-seed{seed}" in before:
-                walls[f"{run}-seed{seed}"] = before[f"{run}-seed{seed}"]
+            log(f"gfnlm experiment {name}: {key} finished before with this config; its eval.json is reused")
+            if stored_wall(cfg.run.output_dir, key, before) is not None:
+                walls[key] = stored_wall(cfg.run.output_dir, key, before)
             add(run, results, cfg)
             continue
+        if not trains(run):
+            log(f"gfnlm experiment {name}: {key} has not finished in {out} (not in --runs): left out of this table")
+            continue
         try:
-            resume = prepare_folder(cfg, lambda m: print(m, file=sys.stderr))
+            resume = prepare_folder(cfg, log)
             if not resume and run in chosen_cfgs and seed == spec["select_seed"]:  # trained once already: judge it on test
-                resume = reuse_selection(cfg, chosen_cfgs[run], lambda m: print(m, file=sys.stderr))
+                resume = reuse_selection(cfg, chosen_cfgs[run], log)
             results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
         except TrainingStopped as e:
-            print(f"gfnlm experiment {name}: stopped by {e} during {run}-seed{seed}; {os.path.join(out, 'table.md')} "
-                  f"holds the runs that finished", file=sys.stderr)
+            log(f"gfnlm experiment {name}: stopped by {e} during {key}; {os.path.join(out, 'table.md')} "
+                f"holds the runs that finished")
             return 0
-        walls[f"{run}-seed{seed}"] = time.perf_counter() - t0
+        walls[key] = time.perf_counter() - t0
+        save_wall(cfg.run.output_dir, walls[key])
         add(run, results, cfg)
-        write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)  # after every run
-    lines = write_table(spec, name, out, plan, rows, walls, sum(walls.values()), selection)
+        write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)  # after every run
+    lines = write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
-    print(f"gfnlm: table in {os.path.join(out, 'table.md')}", file=sys.stderr)
+    log(f"gfnlm: table in {os.path.join(out, 'table.md')}")
     return 0

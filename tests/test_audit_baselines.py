@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -468,6 +469,65 @@ def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_ru
     calls.clear()
     assert main(argparse.Namespace(name=str(path), out=str(out), override=[])) == 0
     assert calls == [] and note in (out / "table.md").read_text(), "run again: every run reused, the note kept"
+
+
+def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_path, monkeypatch):
+    """--runs: each call trains only the runs (or selection candidates) it names; a run whose
+    candidates have not all finished is not chosen for and waits; runs not named join the table where
+    they finished and are left out where not. A plain call at the end trains nothing and writes the
+    whole table, every part's wall time included (each run keeps its own)."""
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main, saved_form
+    from test_tasks import task_overrides, write_jsonl
+
+    calls = []
+
+    def fake(cfg, run_dir, resume=False, methods=None):  # writes what a finished run leaves: config.yaml, eval.json
+        calls.append(os.path.relpath(run_dir, out))
+        os.makedirs(run_dir, exist_ok=True)
+        (pathlib.Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+        score = -cfg.learner.lr if cfg.eval.split == "validation" else cfg.learner.lr
+        results = {"trained": {"loglik_max": score, "records": 2}}
+        (pathlib.Path(run_dir) / "eval.json").write_text(json.dumps({"split": cfg.eval.split, "methods": results}))
+        return results
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
+    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
+    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
+          if not o.startswith(("run.output_dir=", "eval.split="))]
+    spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
+            "runs": [{"name": "gfn", "select": {"metric": "loglik_max", "goal": "max",
+                                                "candidates": {"fast": ["learner.lr=0.01"], "slow": ["learner.lr=0.001"]}}},
+                     {"name": "tb", "overrides": ["learner.objective=tb"]}]}
+    path = tmp_path / "parts.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+
+    def call(runs):
+        calls.clear()
+        assert main(argparse.Namespace(name=str(path), out=str(out), override=[], runs=runs)) == 0
+        return list(calls)
+
+    assert call("gfn/fast") == ["select/gfn/fast-seed0"]
+    assert "gfn: " not in (out / "table.md").read_text(), "one candidate of two: nothing chosen yet"
+    assert call("gfn/slow,tb") == ["select/gfn/slow-seed0", "tb-seed0", "tb-seed1"]
+    table = read_table_md(out / "table.md")
+    assert set(table) == {"|header|", "tb"}, "gfn's table runs wait for a process that names gfn"
+    assert call("gfn") == ["gfn-seed0", "gfn-seed1"], "its candidates are reused, its seeds train"
+    assert call(None) == [], "every part finished: the plain call only writes the table"
+    table = read_table_md(out / "table.md")
+    assert table["gfn"][:2] == ["2", "0.001 ± 0.000"] and table["tb"][0] == "2"
+    text = (out / "table.md").read_text()
+    assert "gfn: slow chosen on the validation split" in text
+    walls = json.loads((out / "table.json").read_text())["wall_seconds"]
+    assert set(walls) == {"select/gfn/fast-seed0", "select/gfn/slow-seed0", "tb-seed0", "tb-seed1", "gfn-seed0",
+                          "gfn-seed1"}, "the parts' wall times, though each call wrote table.json over the last"
+    for bad, message in (("nope", r"--runs: 'nope' is not a run of .*; expected one of gfn, tb"),
+                         ("gfn/zzz", r"--runs: 'gfn/zzz': gfn has the selection candidates fast, slow"),
+                         ("tb/x", r"--runs: 'tb/x': tb has no selection candidates")):
+        with pytest.raises(ConfigError, match=message):
+            call(bad)
 
 
 def same_figures(table_row: dict, eval_row: dict) -> bool:
