@@ -280,23 +280,37 @@ def markdown_table(results: dict, title: str) -> str:
 
 
 def plot_methods(results: dict, path: str, title: str) -> None:
-    """Diversity against max log-likelihood, one point per method (the paper's trade-off plot)."""
+    """Diversity against max log-likelihood, one point per method (the paper's trade-off plot); a
+    task with a constraint (constrained generation's `satisfied`) gets a first panel of satisfaction
+    against mean log-likelihood, its own trade-off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for m, r in results.items():
-        x, y = r.get("log_r_max", r.get("loglik_max")), r.get("diversity")
-        if x is None or y is None or math.isnan(x) or math.isnan(y):
-            continue
-        ax.scatter([x], [y], s=60, marker="*" if m == "trained" else "o")
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("max log R per record (your reward)" if any("log_r_max" in r for r in results.values())
-                  else "max log-likelihood per record (reward LM)")
+    def points(ax, xkeys: tuple[str, ...], ykey: str) -> None:
+        for m, r in results.items():
+            x, y = next((r[k] for k in xkeys if k in r), None), r.get(ykey)
+            if x is None or y is None or math.isnan(x) or math.isnan(y):
+                continue
+            ax.scatter([x], [y], s=60, marker="*" if m == "trained" else "o")
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
+
+    constrained = any("satisfied" in r for r in results.values())
+    fig, axes = plt.subplots(1, 2 if constrained else 1, figsize=(13 if constrained else 7, 5), squeeze=False)
+    if constrained:
+        ax = axes[0][0]
+        points(ax, ("loglik_mean",), "satisfied")
+        ax.set_xlabel("mean log-likelihood of a sample (base LM)")
+        ax.set_ylabel("share of samples that satisfy the constraint")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{title}: satisfaction against likelihood")
+    ax = axes[0][-1]
+    scored = any("log_r_max" in r for r in results.values())
+    points(ax, ("log_r_max", "loglik_max"), "diversity")
+    ax.set_xlabel("max log R per record (your reward)" if scored else "max log-likelihood per record (reward LM)")
     ax.set_ylabel("diversity (1 − mean pairwise cosine similarity)")
-    ax.set_title(title)
+    ax.set_title(f"{title}: diversity against likelihood" if constrained else title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

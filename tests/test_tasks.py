@@ -614,3 +614,19 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tiny_llama, tiny_gpt2,
     task = make_task(cfg, tok)
     with pytest.raises(ModelError, match="reward.model: .* another tokenizer"):
         attach_scorer(task, cfg, None)
+
+
+def test_eval_png_of_a_constrained_task_plots_satisfaction_against_likelihood(tmp_path):
+    """Constrained generation's eval.png carries its own trade-off, satisfaction against mean
+    log-likelihood, beside the diversity panel every LM task draws; other tasks keep one panel."""
+    import matplotlib.image
+
+    from gfnlm.rewards.lm_eval import plot_methods
+
+    figures = {"trained": {"satisfied": 0.97, "loglik_mean": -30.0, "loglik_max": -20.0, "diversity": 0.3},
+               "sample": {"satisfied": 0.03, "loglik_mean": -54.0, "loglik_max": -30.0, "diversity": 0.6}}
+    plot_methods(figures, str(tmp_path / "c.png"), "constrained")
+    plot_methods({m: {k: v for k, v in f.items() if k != "satisfied"} for m, f in figures.items()},
+                 str(tmp_path / "n.png"), "continuation")
+    wide, narrow = (matplotlib.image.imread(tmp_path / n).shape for n in ("c.png", "n.png"))
+    assert wide[0] == narrow[0] == 500 and (wide[1], narrow[1]) == (1300, 700), "two panels against one"
