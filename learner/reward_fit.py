@@ -9,6 +9,8 @@ $GFNLM_HOME/fitted/<hash> and reused whenever the base model, the texts and the 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -101,19 +103,36 @@ def with_fitted(cfg, folder: str):
     return cfg.model_copy(update={"model": model, "reward": reward})
 
 
+@contextlib.contextmanager
+def fit_lock(folder: str, log=print):
+    """Held while one process fits into `folder`: another process (e.g. an experiment split by
+    `--runs`) that needs the same fit waits for it and then reuses it instead of fitting it twice."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"gfnlm: reward fit: another process is fitting {folder}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fitted_config(cfg, log=print):
     """cfg with `reward.fit` done (`with_fitted`). Fits first when no fitted model of this content exists."""
     if cfg.reward.fit is None:
         return cfg
     texts = fit_texts(cfg)
     folder = fit_folder(cfg)
-    if os.path.isfile(os.path.join(folder, "gfnlm_fit.json")):
-        log(f"gfnlm: reward fit: reusing {folder}")
-    else:
-        log(f"gfnlm: reward fit: SFT of the base model on {len(texts)} training texts, {cfg.reward.fit.steps} steps "
-            f"(once; saved in {folder})")
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        info = fit(cfg, texts, folder, log)
-        log(f"gfnlm: reward fit: NLL per token {info['first_loss']:.3f} -> {info['last_loss']:.3f} "
-            f"in {info['seconds']:.0f} s")
+    with fit_lock(folder, log):
+        if os.path.isfile(os.path.join(folder, "gfnlm_fit.json")):
+            log(f"gfnlm: reward fit: reusing {folder}")
+        else:
+            log(f"gfnlm: reward fit: SFT of the base model on {len(texts)} training texts, {cfg.reward.fit.steps} steps "
+                f"(once; saved in {folder})")
+            info = fit(cfg, texts, folder, log)
+            log(f"gfnlm: reward fit: NLL per token {info['first_loss']:.3f} -> {info['last_loss']:.3f} "
+                f"in {info['seconds']:.0f} s")
     return with_fitted(cfg, folder)

@@ -494,6 +494,44 @@ def test_the_reward_lm_is_fitted_on_the_training_stories_once_per_content(tiny_l
         load_config("infilling.yaml", ov + [f"reward.adapter={tmp_path}"])
 
 
+def test_two_processes_needing_one_reward_fit_fit_it_once(tiny_llama, tmp_path, stories, monkeypatch):
+    """Runs of one experiment split across processes (`--runs`) need the same fit at once: the
+    second waits for the first's (a lock beside the folder) and reuses it, never fitting it twice or
+    writing into the folder the first is writing."""
+    import os
+    import threading
+    import time
+
+    import gfnlm.learner.reward_fit as rf
+
+    monkeypatch.setenv("GFNLM_HOME", str(tmp_path / "home"))
+    train, test = stories
+    ov = task_overrides(tiny_llama, tmp_path / "run", "infilling", train, **{
+        "task": "{type: infilling, data: {train: %s, test: %s}, min_len: 1, max_len: 8}" % (train, test),
+        "reward.fit": "{template: '{beginning} {middle} {ending}', steps: 2, r: 4}", "eval.split": "test"})
+    cfg = load_config("infilling.yaml", ov)
+    fits, logs = [], []
+
+    def slow_fit(cfg, texts, folder, log=print):
+        fits.append(folder)
+        time.sleep(1.0)  # long enough that the other thread asks while this one fits
+        os.makedirs(folder)
+        open(os.path.join(folder, "gfnlm_fit.json"), "w").write("{}")
+        return {"first_loss": 1.0, "last_loss": 0.5, "seconds": 1.0}
+
+    monkeypatch.setattr(rf, "fit", slow_fit)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(rf.fitted_config(cfg, log=logs.append).model.path))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(fits) == 1 and paths == [fits[0]] * 2
+    assert any("another process is fitting" in m for m in logs) and any("reusing" in m for m in logs)
+
+
 def test_constrained_replay_seeds_are_rejection_samples_that_satisfy_c(tiny_llama, tmp_path):
     """seed_tries: the base model's continuations of the reward's context, kept when they end and
     satisfy c, each once, scored; the same record gives the same seeds."""
