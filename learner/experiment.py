@@ -3,7 +3,7 @@
 An experiment preset (configs/experiments/NAME.yaml) names a base config, the budget overrides,
 the seeds, and the runs to train (e.g. GFlowNet and SFT), each with the evaluation methods it
 contributes, and optional display labels of methods (e.g. sample: prompting). Every run trains into <out>/<run>-seed<k>/ and evaluates itself (eval.json); the rows
-are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json, the
+are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json (and its headline figures as bars in table.png), the
 trained policy's row named after its run.
 
 A run may choose its settings on the validation split first (`select`: a metric of the trained
@@ -416,6 +416,13 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     write_atomically(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
     write_atomically(os.path.join(out, "table.json"), json.dumps(
         {"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls, "selection": selection or {}}, indent=1))
+    if rows:  # the headline figures as bars with the seeds' spread (written whole, as the table)
+        from .table_plot import plot_table
+
+        tmp = os.path.join(out, f"table.{os.getpid()}.tmp.png")
+        if plot_table({m: [flat(r) for r in runs] for m, runs in rows.items()}, tmp,
+                      f"{name}: mean ± std over seeds; {evaluated or drawn}"):
+            os.replace(tmp, os.path.join(out, "table.png"))
     return lines
 
 

@@ -357,6 +357,22 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     assert saved["experiment"] == "audit" and saved["seeds"] == [0, 1]
     assert saved["rows"]["base model"] == [{"valid": 0.6, "loglik_mean": -10.0}, {"valid": 0.8, "loglik_mean": -30.0}]
     assert set(saved["wall_seconds"]) == {"gfn-seed0", "tb-seed0", "gfn-seed1"}
+    assert (out / "table.png").stat().st_size > 1000 and not list(out.glob("*.tmp.png"))
+
+
+def test_table_png_shows_each_tasks_headline_figures():
+    """table.png's panels: accuracy per test set for an answer task, else the first four of the
+    task's headline figures present (satisfaction first for constrained generation, BLEU/GLEU for
+    infilling); text and NaN-only figures are not drawn."""
+    from gfnlm.learner.table_plot import headline_keys
+
+    assert headline_keys({"gfn": [{"acc_4": 1.0, "acc_3": 2.0, "valid": 1.0}]}) == ["acc_3", "acc_4"]
+    constrained = {"gfn": [{"satisfied": 0.9, "loglik_mean": -30.0, "loglik_max": -20.0, "diversity": 0.3, "valid": 1.0,
+                            "note": "text"}], "prompting": [{"satisfied": 0.03}]}
+    assert headline_keys(constrained) == ["satisfied", "loglik_max", "diversity", "loglik_mean"]
+    infilling = {"gfn": [{"bleu4": 1.6, "gleu4": 3.0, "loglik_max": -63.0, "diversity": 0.38, "valid": 1.0}]}
+    assert headline_keys(infilling) == ["bleu4", "gleu4", "loglik_max", "diversity"]
+    assert headline_keys({"gfn": [{"note": "text", "bleu4": float("nan")}]}) == []
 
 
 def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_test_runs(tiny_llama, tmp_path,
