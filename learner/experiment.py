@@ -2,9 +2,10 @@
 
 An experiment preset (configs/experiments/NAME.yaml) names a base config, the budget overrides,
 the seeds, and the runs to train (e.g. GFlowNet and SFT), each with the evaluation methods it
-contributes, and optional display labels of methods (e.g. sample: prompting). Every run trains into <out>/<run>-seed<k>/ and evaluates itself (eval.json); the rows
-are then merged into one table (mean ± std over seeds) in <out>/table.md and table.json (and its headline figures as bars in table.png), the
-trained policy's row named after its run.
+contributes, and optional display labels of methods (e.g. sample: prompting). Every run trains
+into <out>/<run>-seed<k>/ and evaluates itself (eval.json); the rows are then merged into one table
+(mean ± std over seeds) in <out>/table.md and table.json, the trained policy's row named after its
+run, and the table's headline figures are drawn as bars in table.png.
 
 A run may choose its settings on the validation split first (`select`: a metric of the trained
 policy, max or min, and named candidate override lists): each candidate trains with the preset's
@@ -22,12 +23,12 @@ the run it stopped in from its last checkpoint. A run folder that holds anything
 (`<run>.replaced-<time>`) before the run trains there.
 
 `--runs gflownet,sft` trains only those runs (and their selection candidates; `gflownet/floor250_t1.0`
-names one candidate alone), so that several processes can share one --out, each training its own
-part. Runs not named join the table where they finished there with the same config and are left out
-(with a line saying so) where not; a run whose selection candidates have not all finished is not
-chosen for, and its table runs wait. A plain call once every part has finished writes the whole
-table from the finished runs. Each run keeps its own wall time (`wall_seconds.txt` in its folder), so
-the parts' times add up in the table whichever process wrote it last.
+names one candidate alone), so that several processes on one machine can share one --out, each
+training its own part. Runs not named join that call's table where they finished there with the
+same config, and are left out of it (with a line saying so) where not. A run whose selection
+candidates have not all finished has no candidate chosen yet, and its table runs are left out until
+a later call. Only a plain call once every part has finished writes the complete table and its
+total wall time; each run keeps its own wall time in its folder (`wall_seconds.txt`) for it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import yaml
@@ -240,11 +242,14 @@ def stored_wall(folder: str, key: str, before: dict[str, float]) -> float | None
 
 def parse_runs(text: str | None, spec: dict) -> set[tuple[str, str | None]] | None:
     """--runs: {(run, None)} for a whole run, {(run, candidate)} for one selection candidate; None: all."""
-    if not text:
+    if text is None:
         return None
     runs = {r["name"]: r for r in spec["runs"]}
     wanted = set()
     for item in (x.strip() for x in text.split(",")):
+        if not item:
+            raise ConfigError(f"--runs: {text!r} names an empty run; expected RUN or RUN/CANDIDATE, comma-separated, "
+                              f"e.g. --runs {next(iter(runs))}")
         run, _, cand = item.partition("/")
         if run not in runs:
             raise ConfigError(f"--runs: {run!r} is not a run of {spec['path']}; expected one of {', '.join(runs)}")
@@ -368,10 +373,39 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
 
 def write_atomically(path: str, text: str) -> None:
     """Write a file whole or not at all (processes sharing an --out may write the table at once)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
         f.write(text)
+    readable(tmp)
     os.replace(tmp, path)
+
+
+def readable(path: str) -> None:
+    """The mode an ordinary file gets under the umask (mkstemp makes its files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def plot_table_png(out: str, rows: dict, title: str) -> None:
+    """table.png of the rows (`table_plot`), written whole; a plotting failure is a line on stderr, not
+    the end of the experiment, and a table with nothing to draw leaves no older table.png behind."""
+    from .table_plot import plot_table
+
+    path = os.path.join(out, "table.png")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix="table.", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        if rows and plot_table({m: [flat(r) for r in runs] for m, runs in rows.items()}, tmp, title):
+            readable(tmp)
+            os.replace(tmp, path)
+        elif os.path.exists(path):
+            os.remove(path)
+    except Exception as e:  # the table itself is written; the picture is a convenience
+        print(f"gfnlm experiment: table.png not drawn: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, wall: float,
@@ -416,13 +450,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     write_atomically(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
     write_atomically(os.path.join(out, "table.json"), json.dumps(
         {"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls, "selection": selection or {}}, indent=1))
-    if rows:  # the headline figures as bars with the seeds' spread (written whole, as the table)
-        from .table_plot import plot_table
-
-        tmp = os.path.join(out, f"table.{os.getpid()}.tmp.png")
-        if plot_table({m: [flat(r) for r in runs] for m, runs in rows.items()}, tmp,
-                      f"{name}: mean ± std over seeds; {evaluated or drawn}"):
-            os.replace(tmp, os.path.join(out, "table.png"))
+    plot_table_png(out, rows, f"{name}: mean ± std over seeds; {evaluated or drawn}")
     return lines
 
 
@@ -448,6 +476,9 @@ def main(args) -> int:
     extra = list(args.override)
     selecting = selection_plan(spec, out, extra)
     plan = configs_of(spec, out, extra)  # every config checked before the first run trains
+    if not plan:
+        raise ConfigError(f"--seeds {','.join(map(str, spec['seeds']))}: no run of {spec['path']} has these seeds; "
+                          f"the runs' own seeds: " + "; ".join(f"{r['name']} {r.get('seeds', 'all')}" for r in spec["runs"]))
     walls, before = {}, previous_walls(out)
     selection: dict[str, dict] = {}
     if selecting:
@@ -475,7 +506,6 @@ def main(args) -> int:
         entry["scores"][cand] = figure(results, sel["metric"], key)
         trained = results["trained"]
         entry["records"][cand] = trained.get("records", trained.get("questions_validation"))
-        write_table(spec, name, out, plan, {}, walls, sum(walls.values()), selection)  # the walls survive a stop
     for run, entry in selection.items():
         if entry.get("missing"):
             log(f"gfnlm experiment {name}: {run}: the candidates {', '.join(entry['missing'])} have not finished in {out} "
@@ -488,7 +518,8 @@ def main(args) -> int:
     every = configs_of(spec, out, extra, chosen)  # the table's header describes the preset's first run
     plan = [p for p in every if p[0] not in selection or p[0] in chosen]
     chosen_cfgs = {run: cfg for run, cand, cfg in selecting if cand == chosen.get(run)}
-    log(f"gfnlm experiment {name}: {len(plan)} runs into {out}")
+    mine = sum(trains(p[0]) for p in plan)
+    log(f"gfnlm experiment {name}: {len(plan)} runs into {out}" + (f" ({mine} of them named by --runs)" if wanted else ""))
     rows: dict[str, list[dict]] = {}
 
     def add(run: str, results: dict, cfg) -> None:

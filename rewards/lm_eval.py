@@ -279,29 +279,33 @@ def markdown_table(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_methods(results: dict, path: str, title: str) -> None:
+def plot_methods(results: dict, path: str, title: str) -> list[tuple[str, int]]:
     """Diversity against max log-likelihood, one point per method (the paper's trade-off plot); a
     task with a constraint (constrained generation's `satisfied`) gets a first panel of satisfaction
-    against mean log-likelihood, its own trade-off."""
+    against mean log-likelihood, its own trade-off. Returns (y figure, methods drawn) per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    drawn = []
+
     def points(ax, xkeys: tuple[str, ...], ykey: str) -> None:
+        drawn.append((ykey, 0))
         for m, r in results.items():
             x, y = next((r[k] for k in xkeys if k in r), None), r.get(ykey)
             if x is None or y is None or math.isnan(x) or math.isnan(y):
                 continue
             ax.scatter([x], [y], s=60, marker="*" if m == "trained" else "o")
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
+            drawn[-1] = (ykey, drawn[-1][1] + 1)
 
     constrained = any("satisfied" in r for r in results.values())
     fig, axes = plt.subplots(1, 2 if constrained else 1, figsize=(13 if constrained else 7, 5), squeeze=False)
     if constrained:
         ax = axes[0][0]
         points(ax, ("loglik_mean",), "satisfied")
-        ax.set_xlabel("mean log-likelihood of a sample (base LM)")
+        ax.set_xlabel("mean log-likelihood of a sample (reward LM)")
         ax.set_ylabel("share of samples that satisfy the constraint")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{title}: satisfaction against likelihood")
@@ -314,4 +318,5 @@ def plot_methods(results: dict, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return drawn
 

@@ -531,6 +531,7 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
     table = read_table_md(out / "table.md")
     assert set(table) == {"|header|", "tb"}, "gfn's table runs wait for a process that names gfn"
     assert call("gfn") == ["gfn-seed0", "gfn-seed1"], "its candidates are reused, its seeds train"
+    (out / "table.json").unlink()  # the wall times come from the runs' folders, not from an earlier table
     assert call(None) == [], "every part finished: the plain call only writes the table"
     table = read_table_md(out / "table.md")
     assert table["gfn"][:2] == ["2", "0.001 ± 0.000"] and table["tb"][0] == "2"
@@ -539,7 +540,9 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
     walls = json.loads((out / "table.json").read_text())["wall_seconds"]
     assert set(walls) == {"select/gfn/fast-seed0", "select/gfn/slow-seed0", "tb-seed0", "tb-seed1", "gfn-seed0",
                           "gfn-seed1"}, "the parts' wall times, though each call wrote table.json over the last"
+    assert not list(out.rglob("*.tmp*")) and (out / "table.png").stat().st_size > 1000
     for bad, message in (("nope", r"--runs: 'nope' is not a run of .*; expected one of gfn, tb"),
+                         ("", r"--runs: '' names an empty run"), ("tb,", r"--runs: 'tb,' names an empty run"),
                          ("gfn/zzz", r"--runs: 'gfn/zzz': gfn has the selection candidates fast, slow"),
                          ("tb/x", r"--runs: 'tb/x': tb has no selection candidates")):
         with pytest.raises(ConfigError, match=message):

@@ -663,8 +663,8 @@ def test_eval_png_of_a_constrained_task_plots_satisfaction_against_likelihood(tm
 
     figures = {"trained": {"satisfied": 0.97, "loglik_mean": -30.0, "loglik_max": -20.0, "diversity": 0.3},
                "sample": {"satisfied": 0.03, "loglik_mean": -54.0, "loglik_max": -30.0, "diversity": 0.6}}
-    plot_methods(figures, str(tmp_path / "c.png"), "constrained")
-    plot_methods({m: {k: v for k, v in f.items() if k != "satisfied"} for m, f in figures.items()},
-                 str(tmp_path / "n.png"), "continuation")
+    assert plot_methods(figures, str(tmp_path / "c.png"), "constrained") == [("satisfied", 2), ("diversity", 2)]
+    assert plot_methods({m: {k: v for k, v in f.items() if k != "satisfied"} for m, f in figures.items()},
+                        str(tmp_path / "n.png"), "continuation") == [("diversity", 2)]
     wide, narrow = (matplotlib.image.imread(tmp_path / n).shape for n in ("c.png", "n.png"))
     assert wide[0] == narrow[0] == 500 and (wide[1], narrow[1]) == (1300, 700), "two panels against one"
