@@ -79,14 +79,21 @@ def read_spec(name: str) -> dict:
 
 
 def check_select(sel, where: str) -> None:
-    """A run's `select`: {metric, goal: max | min, candidates: {name: [overrides]}}: the candidate
-    settings, of which the one with the best `metric` of the trained policy on the validation split
+    """A run's `select`: {metric, goal: max | min, candidates: {name: [overrides]}, at_least / at_most:
+    {figure: bound}}: the candidate settings, of which the one with the best `metric` of the trained
+    policy on the validation split, among those whose other figures keep within the bounds (e.g.
+    at_least: {distinct_2: 0.7}, so that satisfaction is not bought with one sentence per record),
     trains the run's seeds for the table."""
     if not isinstance(sel, dict):
         raise ConfigError(f"{where}: expected a mapping with metric, goal and candidates")
-    unknown = set(sel) - {"metric", "goal", "candidates"}
+    unknown = set(sel) - {"metric", "goal", "candidates", "at_least", "at_most"}
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; expected metric, goal, candidates")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; expected metric, goal, candidates, at_least, at_most")
+    for bound in ("at_least", "at_most"):
+        limits = sel.setdefault(bound, {})
+        if not isinstance(limits, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in limits.items()):
+            raise ConfigError(f"{where}.{bound}: expected a mapping of figure to number, e.g. {{distinct_2: 0.7}}")
     if not isinstance(sel.get("metric"), str):
         raise ConfigError(f"{where}.metric: missing; name a figure of the trained policy's evaluation, e.g. loglik_max")
     sel.setdefault("goal", "max")
@@ -315,19 +322,39 @@ def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, st
     return plan
 
 
-def figure(results: dict, metric: str, where: str) -> float:
+def figure(results: dict, metric: str, where: str, field: str = "select.metric") -> float:
     """The trained policy's `metric` in an evaluation's results (NaN counts as the worst)."""
     figures = flat((results or {}).get("trained", {}))
     if metric not in figures:
-        raise ConfigError(f"{where}: select.metric: the evaluation has no figure {metric!r}; it has "
+        raise ConfigError(f"{where}: {field}: the evaluation has no figure {metric!r}; it has "
                           f"{', '.join(sorted(k for k, v in figures.items() if isinstance(v, (int, float))))}")
     return float(figures[metric])
 
 
-def best(scores: dict[str, float], goal: str) -> str:
-    """The candidate with the best score (the first of equals; NaN never wins over a number)."""
+def best(scores: dict[str, float], goal: str, allowed: set[str] | None = None) -> str:
+    """The candidate with the best score among `allowed` (all when none is allowed or None; the first
+    of equals; NaN never wins over a number)."""
     sign = 1.0 if goal == "max" else -1.0
-    return max(scores, key=lambda c: -math.inf if math.isnan(scores[c]) else sign * scores[c])
+    pool = [c for c in scores if c in allowed] if allowed else list(scores)
+    return max(pool, key=lambda c: -math.inf if math.isnan(scores[c]) else sign * scores[c])
+
+
+def within(figures: dict[str, float], sel: dict) -> bool:
+    """Whether a candidate's figures keep within its select's at_least / at_most bounds (NaN does not)."""
+    return (all(figures[k] >= v for k, v in sel.get("at_least", {}).items())
+            and all(figures[k] <= v for k, v in sel.get("at_most", {}).items()))
+
+
+def bounds_text(e: dict) -> str:
+    """The bounds a selection entry applied and who missed them, for table.md; '' without bounds."""
+    parts = [f"{k} ≥ {v:g}" for k, v in e.get("at_least", {}).items()] + [f"{k} ≤ {v:g}" for k, v in e.get("at_most", {}).items()]
+    if not parts:
+        return ""
+    missed = [c for c in e["scores"] if c not in e.get("within", [])]
+    return (f"; only candidates with {' and '.join(parts)} could be chosen"
+            + (f" ({', '.join(missed)} did not: " + "; ".join(
+                f"{c} " + ", ".join(f"{k} {x:.4g}" for k, x in e["bounded"][c].items()) for c in missed) + ")" if missed else "")
+            + ("; none did, so the metric alone chose" if not e.get("within") else ""))
 
 
 NUMBER_KEYS = ("valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass")
@@ -444,7 +471,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
         counts = sorted({str(n) for n in e["records"].values()})
         lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['select_seed']}, "
                       f"{'/'.join(counts)} validation records; {e['goal']} {e['metric']}: "
-                      + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + ")"
+                      + ", ".join(f"{c} {v:.4g}" for c, v in e["scores"].items()) + bounds_text(e) + ")"
                   + (f"; {e['reused']} is that selection run's training, evaluated on the test split" if e.get("reused") else "")]
     os.makedirs(out, exist_ok=True)
     write_atomically(os.path.join(out, "table.md"), "\n".join(lines) + "\n")
@@ -486,7 +513,9 @@ def main(args) -> int:
     for run, cand, cfg in selecting:
         sel = next(r for r in spec["runs"] if r["name"] == run)["select"]
         key = f"select/{run}/{cand}-seed{spec['select_seed']}"
-        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {}})
+        entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {},
+                                           "at_least": sel["at_least"], "at_most": sel["at_most"], "bounded": {},
+                                           "within": []})
         t0 = time.perf_counter()
         results = finished(cfg, ["trained"])
         if results is None and not trains(run, cand):
@@ -504,6 +533,10 @@ def main(args) -> int:
         elif stored_wall(cfg.run.output_dir, key, before) is not None:
             walls[key] = stored_wall(cfg.run.output_dir, key, before)
         entry["scores"][cand] = figure(results, sel["metric"], key)
+        entry["bounded"][cand] = {k: figure(results, k, key, f"select.{bound}.{k}")
+                                  for bound in ("at_least", "at_most") for k in sel[bound]}
+        if within(entry["bounded"][cand], sel):
+            entry["within"].append(cand)
         trained = results["trained"]
         entry["records"][cand] = trained.get("records", trained.get("questions_validation"))
     for run, entry in selection.items():
@@ -511,9 +544,9 @@ def main(args) -> int:
             log(f"gfnlm experiment {name}: {run}: the candidates {', '.join(entry['missing'])} have not finished in {out} "
                 f"(not in --runs): nothing chosen yet, so {run}'s table runs wait")
             continue
-        entry["chosen"] = best(entry["scores"], entry["goal"])
+        entry["chosen"] = best(entry["scores"], entry["goal"], set(entry["within"]))
         log(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "
-            f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + ")")
+            f"({entry['metric']}: " + ", ".join(f"{c} {v:.3f}" for c, v in entry["scores"].items()) + bounds_text(entry) + ")")
     chosen = {run: e["chosen"] for run, e in selection.items() if "chosen" in e}
     every = configs_of(spec, out, extra, chosen)  # the table's header describes the preset's first run
     plan = [p for p in every if p[0] not in selection or p[0] in chosen]

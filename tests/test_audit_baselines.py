@@ -434,6 +434,48 @@ def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_t
     assert len(calls) == n, "refused before anything trained"
 
 
+def test_experiment_select_chooses_only_among_candidates_within_bounds(tiny_llama, tmp_path, monkeypatch):
+    """select.at_least / at_most: a candidate whose other figures miss a bound is not chosen however
+    good its metric (the best satisfaction bought with one sentence per record); the table names the
+    bound and who missed it. When none keeps within, the metric alone chooses, and the table says so."""
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
+    from test_tasks import task_overrides, write_jsonl
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        os.makedirs(run_dir, exist_ok=True)
+        return {"trained": {"valid": -cfg.learner.lr, "distinct_2": 100 * cfg.learner.lr, "records": 2}}
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
+    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
+    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
+          if not o.startswith(("run.output_dir=", "eval.split="))]
+
+    def chosen(bounds: dict, out: str) -> tuple[str, str]:
+        sel = {"metric": "valid", "goal": "max", **bounds,
+               "candidates": {"fast": ["learner.lr=0.01"], "mid": ["learner.lr=0.005"], "slow": ["learner.lr=0.001"]}}
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({"config": "continuation.yaml", "overrides": ov, "seeds": [0],
+                                        "runs": [{"name": "gfn", "select": sel}]}))
+        assert main(argparse.Namespace(name=str(path), out=str(tmp_path / out), override=[])) == 0
+        saved = json.loads((tmp_path / out / "table.json").read_text())
+        return saved["selection"]["gfn"]["chosen"], (tmp_path / out / "table.md").read_text()
+
+    assert chosen({}, "free")[0] == "slow", "without bounds: the best valid"
+    pick, text = chosen({"at_least": {"distinct_2": 0.4}}, "bounded")
+    assert pick == "mid", "slow's distinct_2 (0.1) is below the bound: the best of the rest"
+    assert "only candidates with distinct_2 ≥ 0.4 could be chosen (slow did not: slow distinct_2 0.1)" in text
+    pick, text = chosen({"at_least": {"distinct_2": 0.4}, "at_most": {"distinct_2": 0.6}}, "both")
+    assert pick == "mid"
+    pick, text = chosen({"at_least": {"distinct_2": 5}}, "none")
+    assert pick == "slow" and "none did, so the metric alone chose" in text
+    with pytest.raises(ConfigError, match=r"select.at_least: expected a mapping of figure to number"):
+        chosen({"at_least": {"distinct_2": "high"}}, "bad")
+    with pytest.raises(ConfigError, match=r"select.at_most.nope: the evaluation has no figure 'nope'"):
+        chosen({"at_most": {"nope": 1}}, "unknown")
+
+
 def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_run(tiny_llama, tmp_path, monkeypatch):
     """The chosen candidate's first seed trained once already, in its selection run: the table run
     copies that training (the same adapter, metrics and config but for how it is judged) and only
