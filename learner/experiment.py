@@ -92,8 +92,13 @@ def check_select(sel, where: str) -> None:
     for bound in ("at_least", "at_most"):
         limits = sel.setdefault(bound, {})
         if not isinstance(limits, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in limits.items()):
-            raise ConfigError(f"{where}.{bound}: expected a mapping of figure to number, e.g. {{distinct_2: 0.7}}")
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for k, v in limits.items()):
+            raise ConfigError(f"{where}.{bound}: expected a mapping of figure to a finite number, e.g. {{distinct_2: 0.7}}")
+    crossed = [k for k in sel["at_least"] if k in sel["at_most"] and sel["at_least"][k] > sel["at_most"][k]]
+    if crossed:
+        raise ConfigError(f"{where}: at_least.{crossed[0]} ({sel['at_least'][crossed[0]]:g}) is above at_most.{crossed[0]} "
+                          f"({sel['at_most'][crossed[0]]:g}): no candidate could keep within both")
     if not isinstance(sel.get("metric"), str):
         raise ConfigError(f"{where}.metric: missing; name a figure of the trained policy's evaluation, e.g. loglik_max")
     sel.setdefault("goal", "max")
@@ -325,8 +330,8 @@ def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, st
 def figure(results: dict, metric: str, where: str, field: str = "select.metric") -> float:
     """The trained policy's `metric` in an evaluation's results (NaN counts as the worst)."""
     figures = flat((results or {}).get("trained", {}))
-    if metric not in figures:
-        raise ConfigError(f"{where}: {field}: the evaluation has no figure {metric!r}; it has "
+    if not isinstance(figures.get(metric), (int, float)) or isinstance(figures.get(metric), bool):
+        raise ConfigError(f"{where}: {field}: the evaluation has no numeric figure {metric!r}; it has "
                           f"{', '.join(sorted(k for k, v in figures.items() if isinstance(v, (int, float))))}")
     return float(figures[metric])
 
@@ -339,22 +344,21 @@ def best(scores: dict[str, float], goal: str, allowed: set[str] | None = None) -
     return max(pool, key=lambda c: -math.inf if math.isnan(scores[c]) else sign * scores[c])
 
 
-def within(figures: dict[str, float], sel: dict) -> bool:
-    """Whether a candidate's figures keep within its select's at_least / at_most bounds (NaN does not)."""
-    return (all(figures[k] >= v for k, v in sel.get("at_least", {}).items())
-            and all(figures[k] <= v for k, v in sel.get("at_most", {}).items()))
+def missed(figures: dict[str, float], sel: dict) -> list[str]:
+    """The at_least / at_most bounds of a select that a candidate's figures miss (NaN misses every bound)."""
+    out = [f"{k} {figures[k]:.4g} < {v:g}" for k, v in sel.get("at_least", {}).items() if not figures[k] >= v]
+    return out + [f"{k} {figures[k]:.4g} > {v:g}" for k, v in sel.get("at_most", {}).items() if not figures[k] <= v]
 
 
 def bounds_text(e: dict) -> str:
-    """The bounds a selection entry applied and who missed them, for table.md; '' without bounds."""
+    """The bounds a selection entry applied and who missed which, for table.md; '' without bounds."""
     parts = [f"{k} ≥ {v:g}" for k, v in e.get("at_least", {}).items()] + [f"{k} ≤ {v:g}" for k, v in e.get("at_most", {}).items()]
     if not parts:
         return ""
-    missed = [c for c in e["scores"] if c not in e.get("within", [])]
-    return (f"; only candidates with {' and '.join(parts)} could be chosen"
-            + (f" ({', '.join(missed)} did not: " + "; ".join(
-                f"{c} " + ", ".join(f"{k} {x:.4g}" for k, x in e["bounded"][c].items()) for c in missed) + ")" if missed else "")
-            + ("; none did, so the metric alone chose" if not e.get("within") else ""))
+    misses = "; ".join(f"{c}: {', '.join(missed(e['bounded'][c], e))}" for c in e["scores"] if c not in e.get("within", []))
+    if not e.get("within"):
+        return f"; bounds {' and '.join(parts)}: none kept within ({misses}), so the metric alone chose"
+    return f"; only candidates with {' and '.join(parts)} could be chosen" + (f" ({misses})" if misses else "")
 
 
 NUMBER_KEYS = ("valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass")
@@ -535,7 +539,7 @@ def main(args) -> int:
         entry["scores"][cand] = figure(results, sel["metric"], key)
         entry["bounded"][cand] = {k: figure(results, k, key, f"select.{bound}.{k}")
                                   for bound in ("at_least", "at_most") for k in sel[bound]}
-        if within(entry["bounded"][cand], sel):
+        if not missed(entry["bounded"][cand], sel):
             entry["within"].append(cand)
         trained = results["trained"]
         entry["records"][cand] = trained.get("records", trained.get("questions_validation"))

@@ -465,14 +465,19 @@ def test_experiment_select_chooses_only_among_candidates_within_bounds(tiny_llam
     assert chosen({}, "free")[0] == "slow", "without bounds: the best valid"
     pick, text = chosen({"at_least": {"distinct_2": 0.4}}, "bounded")
     assert pick == "mid", "slow's distinct_2 (0.1) is below the bound: the best of the rest"
-    assert "only candidates with distinct_2 ≥ 0.4 could be chosen (slow did not: slow distinct_2 0.1)" in text
-    pick, text = chosen({"at_least": {"distinct_2": 0.4}, "at_most": {"distinct_2": 0.6}}, "both")
-    assert pick == "mid"
+    assert "only candidates with distinct_2 ≥ 0.4 could be chosen (slow: distinct_2 0.1 < 0.4)" in text
+    pick, text = chosen({"at_most": {"valid": -0.002}}, "upper")
+    assert pick == "mid" and "(slow: valid -0.001 > -0.002)" in text, "at_most alone takes the metric's best out"
+    pick, text = chosen({"at_least": {"distinct_2": 0.2}, "at_most": {"distinct_2": 0.6}}, "both")
+    assert pick == "mid" and "(fast: distinct_2 1 > 0.6; slow: distinct_2 0.1 < 0.2)" in text
     pick, text = chosen({"at_least": {"distinct_2": 5}}, "none")
-    assert pick == "slow" and "none did, so the metric alone chose" in text
-    with pytest.raises(ConfigError, match=r"select.at_least: expected a mapping of figure to number"):
+    assert pick == "slow" and "bounds distinct_2 ≥ 5: none kept within (fast: distinct_2 1 < 5; " in text
+    assert "so the metric alone chose" in text
+    with pytest.raises(ConfigError, match=r"select.at_least: expected a mapping of figure to a finite number"):
         chosen({"at_least": {"distinct_2": "high"}}, "bad")
-    with pytest.raises(ConfigError, match=r"select.at_most.nope: the evaluation has no figure 'nope'"):
+    with pytest.raises(ConfigError, match=r"at_least.distinct_2 \(0.8\) is above at_most.distinct_2 \(0.5\)"):
+        chosen({"at_least": {"distinct_2": 0.8}, "at_most": {"distinct_2": 0.5}}, "crossed")
+    with pytest.raises(ConfigError, match=r"select.at_most.nope: the evaluation has no numeric figure 'nope'"):
         chosen({"at_most": {"nope": 1}}, "unknown")
 
 
