@@ -27,13 +27,17 @@ names one candidate alone), so that several processes on one machine can share o
 training its own part. Runs not named join that call's table where they finished there with the
 same config, and are left out of it (with a line saying so) where not. A run whose selection
 candidates have not all finished has no candidate chosen yet, and its table runs are left out until
-a later call. Only a plain call once every part has finished writes the complete table and its
-total wall time; each run keeps its own wall time in its folder (`wall_seconds.txt`) for it.
+a later call. A run trains under a lock (<folder>/.locks/<run>.lock), so a call that meets a run
+another process is training leaves it alone. Only a plain call once every part has finished writes
+the complete table and its total wall time; each run keeps its own wall time in its folder
+(`wall_seconds.txt`) for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -485,8 +489,59 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     return lines
 
 
+@contextlib.contextmanager
+def run_lock(folder: str):
+    """Yields True while this process holds the run folder's lock (<out>/.../.locks/<run>.lock), False
+    when another process holds it: no two processes sharing an --out train one run."""
+    folder = folder.rstrip(os.sep)
+    locks = os.path.join(os.path.dirname(folder) or ".", ".locks")
+    os.makedirs(locks, exist_ok=True)
+    with open(os.path.join(locks, os.path.basename(folder) + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict, log, mine: bool, setup=None):
+    """One run's figures: reused where it finished with this config, else trained when it is this
+    call's to train (`mine`), under its lock (`setup`: how a fresh folder may start, e.g.
+    `reuse_selection`); None, with a line saying why, when it is not this call's or another process is
+    training it. The wall time of a trained run is saved in its folder. Raises TrainingStopped."""
+    from .runner import train_and_evaluate
+
+    results = finished(cfg, methods)
+    if results is None and not mine:
+        log(f"gfnlm experiment: {key} has not finished in its folder (not in --runs): left out of this call")
+        return None
+    if results is None:
+        with run_lock(cfg.run.output_dir) as held:
+            if not held:
+                log(f"gfnlm experiment: {key} is being trained by another process (its lock is held): left out of this call")
+                return None
+            results = finished(cfg, methods)  # it may have finished while this call looked
+            if results is None:
+                t0 = time.perf_counter()
+                resume = prepare_folder(cfg, log)
+                if not resume and setup is not None:
+                    resume = setup()
+                results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
+                walls[key] = time.perf_counter() - t0
+                save_wall(cfg.run.output_dir, walls[key])
+                return results
+    log(f"gfnlm experiment: {key} finished before with this config; its eval.json is reused")
+    if stored_wall(cfg.run.output_dir, key, before) is not None:
+        walls[key] = stored_wall(cfg.run.output_dir, key, before)
+    return results
+
+
 def main(args) -> int:
-    from .runner import TrainingStopped, train_and_evaluate
+    from .runner import TrainingStopped
 
     spec = read_spec(args.name)
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
@@ -520,22 +575,14 @@ def main(args) -> int:
         entry = selection.setdefault(run, {"metric": sel["metric"], "goal": sel["goal"], "scores": {}, "records": {},
                                            "at_least": sel["at_least"], "at_most": sel["at_most"], "bounded": {},
                                            "within": []})
-        t0 = time.perf_counter()
-        results = finished(cfg, ["trained"])
-        if results is None and not trains(run, cand):
+        try:
+            results = train_or_reuse(cfg, ["trained"], key, walls, before, log, trains(run, cand))
+        except TrainingStopped as e:
+            log(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet")
+            return 0
+        if results is None:
             entry.setdefault("missing", []).append(cand)
             continue
-        if results is None:
-            try:
-                resume = prepare_folder(cfg, log)
-                results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=["trained"])
-            except TrainingStopped as e:
-                log(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet")
-                return 0
-            walls[key] = time.perf_counter() - t0
-            save_wall(cfg.run.output_dir, walls[key])
-        elif stored_wall(cfg.run.output_dir, key, before) is not None:
-            walls[key] = stored_wall(cfg.run.output_dir, key, before)
         entry["scores"][cand] = figure(results, sel["metric"], key)
         entry["bounded"][cand] = {k: figure(results, k, key, f"select.{bound}.{k}")
                                   for bound in ("at_least", "at_most") for k in sel[bound]}
@@ -545,8 +592,8 @@ def main(args) -> int:
         entry["records"][cand] = trained.get("records", trained.get("questions_validation"))
     for run, entry in selection.items():
         if entry.get("missing"):
-            log(f"gfnlm experiment {name}: {run}: the candidates {', '.join(entry['missing'])} have not finished in {out} "
-                f"(not in --runs): nothing chosen yet, so {run}'s table runs wait")
+            log(f"gfnlm experiment {name}: {run}: the candidates {', '.join(entry['missing'])} have not finished in {out}: "
+                f"nothing chosen yet, so {run}'s table runs are left out of this call")
             continue
         entry["chosen"] = best(entry["scores"], entry["goal"], set(entry["within"]))
         log(f"gfnlm experiment {name}: {run}: {entry['chosen']} chosen on the validation split "
@@ -568,30 +615,17 @@ def main(args) -> int:
 
     for run, seed, cfg, methods in plan:
         key = f"{run}-seed{seed}"
-        t0 = time.perf_counter()
-        results = finished(cfg, methods)
-        if results is not None:
-            log(f"gfnlm experiment {name}: {key} finished before with this config; its eval.json is reused")
-            if stored_wall(cfg.run.output_dir, key, before) is not None:
-                walls[key] = stored_wall(cfg.run.output_dir, key, before)
-            add(run, results, cfg)
-            continue
-        if not trains(run):
-            log(f"gfnlm experiment {name}: {key} has not finished in {out} (not in --runs): left out of this table")
-            continue
+        first = run in chosen_cfgs and seed == spec["select_seed"]  # trained once already: judge it on test
         try:
-            resume = prepare_folder(cfg, log)
-            if not resume and run in chosen_cfgs and seed == spec["select_seed"]:  # trained once already: judge it on test
-                resume = reuse_selection(cfg, chosen_cfgs[run], log)
-            results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
+            results = train_or_reuse(cfg, methods, key, walls, before, log, trains(run),
+                                     setup=(lambda: reuse_selection(cfg, chosen_cfgs[run], log)) if first else None)
         except TrainingStopped as e:
             log(f"gfnlm experiment {name}: stopped by {e} during {key}; {os.path.join(out, 'table.md')} "
                 f"holds the runs that finished")
             return 0
-        walls[key] = time.perf_counter() - t0
-        save_wall(cfg.run.output_dir, walls[key])
-        add(run, results, cfg)
-        write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)  # after every run
+        if results is not None:
+            add(run, results, cfg)
+            write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)  # after every run
     lines = write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
     log(f"gfnlm: table in {os.path.join(out, 'table.md')}")

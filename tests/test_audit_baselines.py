@@ -537,10 +537,11 @@ def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_ru
 def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_path, monkeypatch):
     """--runs: each call trains only the runs (or selection candidates) it names; a run whose
     candidates have not all finished is not chosen for and waits; runs not named join the table where
-    they finished and are left out where not. A plain call at the end trains nothing and writes the
+    they finished and are left out where not; a run another process is training (its lock held) is
+    left alone. A plain call at the end trains nothing and writes the
     whole table, every part's wall time included (each run keeps its own)."""
     from gfnlm.learner import runner
-    from gfnlm.learner.experiment import main, saved_form
+    from gfnlm.learner.experiment import main, run_lock, saved_form
     from test_tasks import task_overrides, write_jsonl
 
     calls = []
@@ -574,10 +575,12 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
 
     assert call("gfn/fast") == ["select/gfn/fast-seed0"]
     assert "gfn: " not in (out / "table.md").read_text(), "one candidate of two: nothing chosen yet"
-    assert call("gfn/slow,tb") == ["select/gfn/slow-seed0", "tb-seed0", "tb-seed1"]
+    with run_lock(str(out / "tb-seed0")) as held:  # as if another process were training tb-seed0 now
+        assert held
+        assert call("gfn/slow,tb") == ["select/gfn/slow-seed0", "tb-seed1"], "a run whose lock is held is left alone"
     table = read_table_md(out / "table.md")
     assert set(table) == {"|header|", "tb"}, "gfn's table runs wait for a process that names gfn"
-    assert call("gfn") == ["gfn-seed0", "gfn-seed1"], "its candidates are reused, its seeds train"
+    assert call("gfn,tb") == ["gfn-seed0", "tb-seed0", "gfn-seed1"], "its candidates are reused, its seeds train"
     (out / "table.json").unlink()  # the wall times come from the runs' folders, not from an earlier table
     assert call(None) == [], "every part finished: the plain call only writes the table"
     table = read_table_md(out / "table.md")
