@@ -27,7 +27,7 @@ names one candidate alone), so that several processes on one machine can share o
 training its own part. Runs not named join that call's table where they finished there with the
 same config, and are left out of it (with a line saying so) where not. A run whose selection
 candidates have not all finished has no candidate chosen yet, and its table runs are left out until
-a later call. A run trains under a lock (<folder>/.locks/<run>.lock), so a call that meets a run
+a later call. A run trains under a lock (<out>/.locks/<run>-seed<k>.lock), so a call that meets a run
 another process is training leaves it alone. Only a plain call once every part has finished writes
 the complete table and its total wall time; each run keeps its own wall time in its folder
 (`wall_seconds.txt`) for it.
@@ -35,23 +35,21 @@ the complete table and its total wall time; each run keeps its own wall time in 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
-import time
 
 import yaml
 
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.configs.load import resolve_path
-from gfnlm.rewards.evaluation import methods_of
+
+from .experiment_runs import flat, previous_walls, readable, train_or_reuse, write_atomically
+from .selection import TRAINED_IN, best, bounds_text, check_select, figure, missed, reuse_selection, selection_plan
 
 
 def read_spec(name: str) -> dict:
@@ -82,180 +80,6 @@ def read_spec(name: str) -> dict:
     return spec
 
 
-def check_select(sel, where: str) -> None:
-    """A run's `select`: {metric, goal: max | min, candidates: {name: [overrides]}, at_least / at_most:
-    {figure: bound}}: the candidate settings, of which the one with the best `metric` of the trained
-    policy on the validation split, among those whose other figures keep within the bounds (e.g.
-    at_least: {distinct_2: 0.7}, so that satisfaction is not bought with one sentence per record),
-    trains the run's seeds for the table."""
-    if not isinstance(sel, dict):
-        raise ConfigError(f"{where}: expected a mapping with metric, goal and candidates")
-    unknown = set(sel) - {"metric", "goal", "candidates", "at_least", "at_most"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; expected metric, goal, candidates, at_least, at_most")
-    for bound in ("at_least", "at_most"):
-        limits = sel.setdefault(bound, {})
-        if not isinstance(limits, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for k, v in limits.items()):
-            raise ConfigError(f"{where}.{bound}: expected a mapping of figure to a finite number, e.g. {{distinct_2: 0.7}}")
-    crossed = [k for k in sel["at_least"] if k in sel["at_most"] and sel["at_least"][k] > sel["at_most"][k]]
-    if crossed:
-        raise ConfigError(f"{where}: at_least.{crossed[0]} ({sel['at_least'][crossed[0]]:g}) is above at_most.{crossed[0]} "
-                          f"({sel['at_most'][crossed[0]]:g}): no candidate could keep within both")
-    if not isinstance(sel.get("metric"), str):
-        raise ConfigError(f"{where}.metric: missing; name a figure of the trained policy's evaluation, e.g. loglik_max")
-    sel.setdefault("goal", "max")
-    if sel["goal"] not in ("max", "min"):
-        raise ConfigError(f"{where}.goal: {sel['goal']!r}; expected max or min")
-    cands = sel.get("candidates")
-    if (not isinstance(cands, dict) or len(cands) < 2
-            or not all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in cands.values())):
-        raise ConfigError(f"{where}.candidates: expected at least two named lists of overrides, e.g. "
-                          f"{{floor99: [task.log_reward_floor=-99], floor400: [task.log_reward_floor=-400]}}")
-    for name, overrides in cands.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
-            raise ConfigError(f"{where}.candidates: name {name!r}: use letters, digits, '_' and '.' (it names a folder)")
-        for o in overrides:
-            if o.split("=", 1)[0].strip().startswith(SELECT_FIXED):
-                raise ConfigError(f"{where}.candidates.{name}: {o!r}: a candidate may not set "
-                                  f"{', '.join(SELECT_FIXED)}: they fix what it is judged on")
-
-
-SELECT_FIXED = ("eval.", "learner.seed", "run.", "task.data")
-"""What a candidate may not change: the split and records it is judged on, its seed, its folder."""
-
-
-def same_config(cfg) -> bool:
-    """cfg.run.output_dir holds a run of this very config: its config.yaml as training saves it
-    (fitted reward model in place, job named, fields added since then at their defaults)."""
-    try:
-        saved = load_config(os.path.join(cfg.run.output_dir, "config.yaml")).model_dump(mode="json")
-    except (OSError, ValueError, ConfigError):
-        return False
-    return saved == saved_form(cfg)
-
-
-def finished(cfg, methods: list[str]) -> dict | None:
-    """The figures of a run that already trained and evaluated `methods` in cfg.run.output_dir with
-    this very config (`same_config`); None when it has to run."""
-    try:
-        with open(os.path.join(cfg.run.output_dir, "eval.json")) as f:
-            evaluated = json.load(f)
-    except (OSError, ValueError):
-        return None
-    results = methods_of(evaluated)
-    if not isinstance(results, dict) or any(m not in results for m in methods) or not same_config(cfg):
-        return None
-    return {m: figures for m, figures in results.items() if m in methods}  # in the order the run wrote them
-
-
-def saved_form(cfg) -> dict:
-    """cfg as training saves it in its folder's config.yaml (`same_config`'s form)."""
-    from .loop import with_job
-    from .reward_fit import fit_folder, with_fitted
-
-    return with_job(with_fitted(cfg, fit_folder(cfg)) if cfg.reward.fit else cfg, cfg.run.output_dir).model_dump(mode="json")
-
-
-JUDGED_ONLY = (("eval",), ("run", "output_dir"), ("run", "evaluate_at_end"), ("metrics", "job"))
-"""Where a selection run's config may differ from the table run it stands for: how it is judged and its folder."""
-
-
-def training_form(cfg) -> dict:
-    """`saved_form` without `JUDGED_ONLY`: what decides the trained adapter."""
-    form = saved_form(cfg)
-    for path in JUDGED_ONLY:
-        node = form
-        for key in path[:-1]:
-            node = node[key]
-        node.pop(path[-1], None)
-    return form
-
-
-WALL_FILE = "wall_seconds.txt"
-"""A run's wall time as the experiment measured it (training and evaluation), in its folder."""
-
-TRAINED_IN = "trained_in.txt"
-"""A table run's file naming the selection run whose training it took (`reuse_selection`)."""
-
-
-def reuse_selection(cfg, chosen_cfg, log) -> bool:
-    """Seed k of the chosen candidate already trained in its selection run: copy that run's training
-    (checkpoints, metrics, curves; not its evaluation or trackers) into the table run's folder, which
-    must not exist, with the table run's config.yaml, so that the table run resumes at its last step
-    and only evaluates, on the test split. False (and nothing copied) unless the selection run
-    finished with this very training config and has its last checkpoint intact."""
-    import shutil
-
-    from .checkpoints import CheckpointError, newest_intact
-
-    src, dst = chosen_cfg.run.output_dir, cfg.run.output_dir
-    if os.path.exists(dst) and os.listdir(dst):
-        return False  # the table run's folder holds something: `prepare_folder` decides
-    if not os.path.isfile(os.path.join(src, "eval.json")) or not same_config(chosen_cfg):
-        return False
-    if training_form(cfg) != training_form(chosen_cfg):
-        return False
-    try:
-        found = newest_intact(src, log)
-    except CheckpointError:
-        return False
-    if found is None or found[1].get("learner", {}).get("step") != cfg.learner.steps:
-        return False
-    tmp = dst.rstrip(os.sep) + ".copying"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=lambda folder, names: [n for n in names if folder == src and n in NOT_TAKEN])
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:  # as training writes it (configs.load.dump_config)
-        yaml.safe_dump(saved_form(cfg), f, sort_keys=False)
-    with open(os.path.join(tmp, TRAINED_IN), "w") as f:
-        f.write(src + "\n")
-    if os.path.isdir(dst):
-        os.rmdir(dst)  # empty
-    os.replace(tmp, dst)
-    log(f"gfnlm experiment: {dst} takes its training from {src} (the chosen candidate, the same seed and config): "
-        f"it only evaluates, on the test split")
-    return True
-
-
-NOT_TAKEN = ("eval.json", "eval.md", "eval.png", "config.yaml", WALL_FILE, "prometheus_targets.json", "tensorboard", "wandb", "mlruns")
-"""What `reuse_selection` leaves behind: the selection run's evaluation, config and trackers."""
-
-
-def prepare_folder(cfg, log) -> bool:
-    """Whether the run resumes: a folder that holds an unfinished run of this config with an intact
-    checkpoint continues from it; a folder that holds anything else of a run is moved aside whole
-    (nothing written is lost), so that no old metrics, checkpoint or eval.json mixes with the new run."""
-    from .checkpoints import intact_checkpoint
-    from .preflight import RUN_TRACES
-
-    folder = cfg.run.output_dir
-    if not any(os.path.exists(os.path.join(folder, n)) for n in (*RUN_TRACES, "eval.json")):
-        return False
-    if same_config(cfg) and not os.path.exists(os.path.join(folder, "eval.json")) and intact_checkpoint(folder, log):
-        log(f"gfnlm experiment: {folder} holds an unfinished run of this config: resuming it")
-        return True
-    aside = f"{folder.rstrip(os.sep)}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    os.replace(folder, aside)
-    log(f"gfnlm experiment: {folder} held another run (or an evaluation of another config); moved to {aside}")
-    return False
-
-
-def save_wall(folder: str, seconds: float) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, WALL_FILE), "w") as f:
-        f.write(f"{seconds:.1f}\n")
-
-
-def stored_wall(folder: str, key: str, before: dict[str, float]) -> float | None:
-    """The wall seconds of a finished run: its own file, else what an earlier table.json recorded."""
-    try:
-        with open(os.path.join(folder, WALL_FILE)) as f:
-            return float(f.read())
-    except (OSError, ValueError):
-        return before.get(key)
-
-
 def parse_runs(text: str | None, spec: dict) -> set[tuple[str, str | None]] | None:
     """--runs: {(run, None)} for a whole run, {(run, candidate)} for one selection candidate; None: all."""
     if text is None:
@@ -275,15 +99,6 @@ def parse_runs(text: str | None, spec: dict) -> set[tuple[str, str | None]] | No
                               else "no selection candidates") + f"; expected {run} or {run}/CANDIDATE")
         wanted.add((run, cand or None))
     return wanted
-
-
-def previous_walls(out: str) -> dict[str, float]:
-    """The wall seconds of the runs an earlier table.json in `out` recorded (reused runs keep theirs)."""
-    try:
-        with open(os.path.join(out, "table.json")) as f:
-            return dict(json.load(f).get("wall_seconds", {}))
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def configs_of(spec: dict, out: str, extra: list[str], chosen: dict | None = None) -> list[tuple[str, int, object, list[str]]]:
@@ -309,73 +124,8 @@ def configs_of(spec: dict, out: str, extra: list[str], chosen: dict | None = Non
     return plan
 
 
-def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, str, object]]:
-    """(run name, candidate, config) of every selection run: each candidate of each run with
-    `select`, trained with the preset's first seed (`select_seed`, whatever --seeds says) into
-    <out>/select/<run>/<candidate>-seed<k>, and evaluated on the validation split alone (the
-    trained policy only). Validated, data included, before anything trains."""
-    from gfnlm.rewards import check_data
-
-    seed = spec["select_seed"]
-    plan = []
-    for run in spec["runs"]:
-        for cand, picked in run.get("select", {}).get("candidates", {}).items():
-            ov = [*spec["overrides"], *run["overrides"], *picked, *extra, f"learner.seed={seed}",
-                  "run.output_dir=" + os.path.join(out, "select", run["name"], f"{cand}-seed{seed}"),
-                  "eval.baselines=[]", "eval.include_base=false", "eval.split=validation", "run.evaluate_at_end=true"]
-            cfg = load_config(spec["config"], ov)
-            if cfg.task.type == "random_number":
-                raise ConfigError(f"runs[{run['name']}].select: task random_number has no validation split to choose on")
-            check_data(cfg)  # the validation records exist (or a one-line error now, not after a run)
-            plan.append((run["name"], cand, cfg))
-    return plan
-
-
-def figure(results: dict, metric: str, where: str, field: str = "select.metric") -> float:
-    """The trained policy's `metric` in an evaluation's results (NaN counts as the worst)."""
-    figures = flat((results or {}).get("trained", {}))
-    if not isinstance(figures.get(metric), (int, float)) or isinstance(figures.get(metric), bool):
-        raise ConfigError(f"{where}: {field}: the evaluation has no numeric figure {metric!r}; it has "
-                          f"{', '.join(sorted(k for k, v in figures.items() if isinstance(v, (int, float))))}")
-    return float(figures[metric])
-
-
-def best(scores: dict[str, float], goal: str, allowed: set[str] | None = None) -> str:
-    """The candidate with the best score among `allowed` (all when none is allowed or None; the first
-    of equals; NaN never wins over a number)."""
-    sign = 1.0 if goal == "max" else -1.0
-    pool = [c for c in scores if c in allowed] if allowed else list(scores)
-    return max(pool, key=lambda c: -math.inf if math.isnan(scores[c]) else sign * scores[c])
-
-
-def missed(figures: dict[str, float], sel: dict) -> list[str]:
-    """The at_least / at_most bounds of a select that a candidate's figures miss (NaN misses every bound)."""
-    out = [f"{k} {figures[k]:.4g} < {v:g}" for k, v in sel.get("at_least", {}).items() if not figures[k] >= v]
-    return out + [f"{k} {figures[k]:.4g} > {v:g}" for k, v in sel.get("at_most", {}).items() if not figures[k] <= v]
-
-
-def bounds_text(e: dict) -> str:
-    """The bounds a selection entry applied and who missed which, for table.md; '' without bounds."""
-    parts = [f"{k} ≥ {v:g}" for k, v in e.get("at_least", {}).items()] + [f"{k} ≤ {v:g}" for k, v in e.get("at_most", {}).items()]
-    if not parts:
-        return ""
-    misses = "; ".join(f"{c}: {', '.join(missed(e['bounded'][c], e))}" for c in e["scores"] if c not in e.get("within", []))
-    if not e.get("within"):
-        return f"; bounds {' and '.join(parts)}: none kept within ({misses}), so the metric alone chose"
-    return f"; only candidates with {' and '.join(parts)} could be chosen" + (f" ({misses})" if misses else "")
-
-
 NUMBER_KEYS = ("valid_fraction", "kl", "tv", "exact_kl", "exact_tv", "exact_invalid_mass")
 """The columns of a random-number table (its evaluation nests the exact figures under 'exact')."""
-
-
-def flat(figures: dict) -> dict:
-    """A method's figures with nested ones (random numbers' exact distribution) as exact_<name>."""
-    out = {k: v for k, v in figures.items() if not isinstance(v, dict)}
-    for k, v in figures.items():
-        if isinstance(v, dict):
-            out.update({f"{k}_{name}": x for name, x in v.items() if isinstance(x, (int, float))})
-    return out
 
 
 def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
@@ -404,22 +154,6 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
                 cell[k] += f" ({len(xs) - len(finite)} of {len(xs)} {inf})"
         table[method] = cell
     return table
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write a file whole or not at all (processes sharing an --out may write the table at once)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    readable(tmp)
-    os.replace(tmp, path)
-
-
-def readable(path: str) -> None:
-    """The mode an ordinary file gets under the umask (mkstemp makes its files private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def plot_table_png(out: str, rows: dict, title: str) -> None:
@@ -487,57 +221,6 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
         {"experiment": name, "seeds": spec["seeds"], "rows": rows, "wall_seconds": walls, "selection": selection or {}}, indent=1))
     plot_table_png(out, rows, f"{name}: mean ± std over seeds; {evaluated or drawn}")
     return lines
-
-
-@contextlib.contextmanager
-def run_lock(folder: str):
-    """Yields True while this process holds the run folder's lock (<out>/.../.locks/<run>.lock), False
-    when another process holds it: no two processes sharing an --out train one run."""
-    folder = folder.rstrip(os.sep)
-    locks = os.path.join(os.path.dirname(folder) or ".", ".locks")
-    os.makedirs(locks, exist_ok=True)
-    with open(os.path.join(locks, os.path.basename(folder) + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict, log, mine: bool, setup=None):
-    """One run's figures: reused where it finished with this config, else trained when it is this
-    call's to train (`mine`), under its lock (`setup`: how a fresh folder may start, e.g.
-    `reuse_selection`); None, with a line saying why, when it is not this call's or another process is
-    training it. The wall time of a trained run is saved in its folder. Raises TrainingStopped."""
-    from .runner import train_and_evaluate
-
-    results = finished(cfg, methods)
-    if results is None and not mine:
-        log(f"gfnlm experiment: {key} has not finished in its folder (not in --runs): left out of this call")
-        return None
-    if results is None:
-        with run_lock(cfg.run.output_dir) as held:
-            if not held:
-                log(f"gfnlm experiment: {key} is being trained by another process (its lock is held): left out of this call")
-                return None
-            results = finished(cfg, methods)  # it may have finished while this call looked
-            if results is None:
-                t0 = time.perf_counter()
-                resume = prepare_folder(cfg, log)
-                if not resume and setup is not None:
-                    resume = setup()
-                results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
-                walls[key] = time.perf_counter() - t0
-                save_wall(cfg.run.output_dir, walls[key])
-                return results
-    log(f"gfnlm experiment: {key} finished before with this config; its eval.json is reused")
-    if stored_wall(cfg.run.output_dir, key, before) is not None:
-        walls[key] = stored_wall(cfg.run.output_dir, key, before)
-    return results
 
 
 def main(args) -> int:

@@ -541,7 +541,8 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
     left alone. A plain call at the end trains nothing and writes the
     whole table, every part's wall time included (each run keeps its own)."""
     from gfnlm.learner import runner
-    from gfnlm.learner.experiment import main, run_lock, saved_form
+    from gfnlm.learner.experiment import main
+    from gfnlm.learner.experiment_runs import run_lock, saved_form
     from test_tasks import task_overrides, write_jsonl
 
     calls = []
