@@ -375,6 +375,18 @@ def test_table_png_shows_each_tasks_headline_figures():
     assert headline_keys({"gfn": [{"note": "text", "bleu4": float("nan")}]}) == []
 
 
+def split_prompts_overrides(model_dir, tmp_path, max_len: int = 6, **extra) -> list[str]:
+    """An experiment's overrides for a tiny continuation task over 20 prompts with validation and test
+    splits (what `select` needs); each run's folder and split are the experiment's to set."""
+    from test_tasks import task_overrides, write_jsonl
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
+    task = ("{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: %d}"
+            % (data, max_len))
+    return [o for o in task_overrides(model_dir, tmp_path / "unused", "continuation", data, task=task, **extra)
+            if not o.startswith(("run.output_dir=", "eval.split="))]
+
+
 def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_test_runs(tiny_llama, tmp_path,
                                                                                          monkeypatch):
     """A run's `select`: each candidate trains with the first seed and is evaluated on the
@@ -384,7 +396,6 @@ def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_t
     one-line error before anything trains."""
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main
-    from test_tasks import task_overrides, write_jsonl
 
     calls = []
 
@@ -395,10 +406,7 @@ def test_experiment_selects_a_runs_settings_on_the_validation_split_before_the_t
         return {"trained": {"loglik_max": score, "records": 2}, **({"sample": {"loglik_max": -5.0}} if "sample" in methods else {})}
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
-    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
-    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
-    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
-          if not o.startswith(("run.output_dir=", "eval.split="))]
+    ov = split_prompts_overrides(tiny_llama, tmp_path)
     spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
             "runs": [{"name": "gfn", "methods": ["trained", "sample"],
                       "select": {"metric": "loglik_max", "goal": "max",
@@ -440,17 +448,13 @@ def test_experiment_select_chooses_only_among_candidates_within_bounds(tiny_llam
     bound and who missed it. When none keeps within, the metric alone chooses, and the table says so."""
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main
-    from test_tasks import task_overrides, write_jsonl
 
     def fake(cfg, run_dir, resume=False, methods=None):
         os.makedirs(run_dir, exist_ok=True)
         return {"trained": {"valid": -cfg.learner.lr, "distinct_2": 100 * cfg.learner.lr, "records": 2}}
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
-    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
-    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
-    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
-          if not o.startswith(("run.output_dir=", "eval.split="))]
+    ov = split_prompts_overrides(tiny_llama, tmp_path)
 
     def chosen(bounds: dict, out: str) -> tuple[str, str]:
         sel = {"metric": "valid", "goal": "max", **bounds,
@@ -491,7 +495,6 @@ def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_ru
 
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main
-    from test_tasks import task_overrides, write_jsonl
 
     real, calls = runner.train_and_evaluate, []
 
@@ -500,11 +503,8 @@ def test_experiment_takes_the_chosen_candidates_first_seed_from_its_selection_ru
         return real(cfg, run_dir, resume=resume, methods=methods)
 
     monkeypatch.setattr(runner, "train_and_evaluate", spy)
-    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
-    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 4}" % data
-    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task,
-                                    **{"eval.baselines": "[]", "eval.max_records": 1, "eval.samples_per_record": 2})
-          if not o.startswith(("run.output_dir=", "eval.split="))] + ["learner.steps=2", "run.checkpoint_every=1"]
+    ov = split_prompts_overrides(tiny_llama, tmp_path, max_len=4, **{
+        "eval.baselines": "[]", "eval.max_records": 1, "eval.samples_per_record": 2}) + ["learner.steps=2", "run.checkpoint_every=1"]
     spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
             "runs": [{"name": "gfn", "methods": ["trained"],
                       "select": {"metric": "valid", "goal": "max",
@@ -543,7 +543,6 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main
     from gfnlm.learner.experiment_runs import run_lock, saved_form
-    from test_tasks import task_overrides, write_jsonl
 
     calls = []
 
@@ -557,10 +556,7 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
         return results
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
-    data = write_jsonl(tmp_path / "p.jsonl", [{"text": f"Prompt {i}."} for i in range(20)])
-    task = "{type: continuation, data: {train: %s, validation_fraction: 0.1, test_fraction: 0.2}, min_len: 1, max_len: 6}" % data
-    ov = [o for o in task_overrides(tiny_llama, tmp_path / "unused", "continuation", data, task=task)
-          if not o.startswith(("run.output_dir=", "eval.split="))]
+    ov = split_prompts_overrides(tiny_llama, tmp_path)
     spec = {"config": "continuation.yaml", "overrides": ov, "seeds": [0, 1],
             "runs": [{"name": "gfn", "select": {"metric": "loglik_max", "goal": "max",
                                                 "candidates": {"fast": ["learner.lr=0.01"], "slow": ["learner.lr=0.001"]}}},
