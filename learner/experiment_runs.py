@@ -4,9 +4,7 @@ folder, and the lock under which one process at a time trains a run (`train_or_r
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import json
 import os
 import tempfile
@@ -14,6 +12,8 @@ import time
 
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.rewards.evaluation import methods_of
+
+from .locks import file_lock
 
 
 WALL_FILE = "wall_seconds.txt"
@@ -120,23 +120,11 @@ def readable(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-@contextlib.contextmanager
 def run_lock(folder: str):
-    """Yields True while this process holds the run folder's lock (<out>/.../.locks/<run>.lock), False
-    when another process holds it: no two processes sharing an --out train one run."""
+    """A context yielding True while this process holds the run folder's lock (<out>/.locks/<run>.lock),
+    False when another process holds it: no two processes sharing an --out train one run."""
     folder = folder.rstrip(os.sep)
-    locks = os.path.join(os.path.dirname(folder) or ".", ".locks")
-    os.makedirs(locks, exist_ok=True)
-    with open(os.path.join(locks, os.path.basename(folder) + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(os.path.join(os.path.dirname(folder) or ".", ".locks", os.path.basename(folder) + ".lock"), wait=False)
 
 
 def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict, log, mine: bool, setup=None):
@@ -166,6 +154,7 @@ def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict,
                 save_wall(cfg.run.output_dir, walls[key])
                 return results
     log(f"gfnlm experiment: {key} finished before with this config; its eval.json is reused")
-    if stored_wall(cfg.run.output_dir, key, before) is not None:
-        walls[key] = stored_wall(cfg.run.output_dir, key, before)
+    wall = stored_wall(cfg.run.output_dir, key, before)
+    if wall is not None:
+        walls[key] = wall
     return results

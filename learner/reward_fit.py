@@ -9,8 +9,6 @@ $GFNLM_HOME/fitted/<hash> and reused whenever the base model, the texts and the 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +21,8 @@ import torch
 from gfnlm.actors.models import gfnlm_home, load_model, pick_device, resolve_model_path
 from gfnlm.configs.tasks import template_fields
 from gfnlm.rewards.records import load_records
+
+from .locks import file_lock
 
 
 def fit_texts(cfg) -> list[str]:
@@ -103,21 +103,11 @@ def with_fitted(cfg, folder: str):
     return cfg.model_copy(update={"model": model, "reward": reward})
 
 
-@contextlib.contextmanager
 def fit_lock(folder: str, log=print):
     """Held while one process fits into `folder`: another process (e.g. an experiment split by
     `--runs`) that needs the same fit waits for it and then reuses it instead of fitting it twice."""
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    with open(folder + ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"gfnlm: reward fit: another process is fitting {folder}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(folder + ".lock", wait=True,
+                     on_wait=lambda: log(f"gfnlm: reward fit: another process is fitting {folder}; waiting for it"))
 
 
 def fitted_config(cfg, log=print):
