@@ -279,10 +279,17 @@ def markdown_table(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# A task's own trade-off, drawn as a first panel against mean log-likelihood where its figure is
+# there: (figure, y label, y limits; None for the top fits the points).
+TASK_PANELS = (("satisfied", "share of samples that satisfy the constraint", (-0.05, 1.05)),
+               ("bleu4", "BLEU-4 against the reference (nltk, 0-100)", (0.0, None)))
+
+
 def plot_methods(results: dict, path: str, title: str) -> list[tuple[str, int]]:
-    """Diversity against max log-likelihood, one point per method (the paper's trade-off plot); a
-    task with a constraint (constrained generation's `satisfied`) gets a first panel of satisfaction
-    against mean log-likelihood, its own trade-off. Returns (y figure, methods drawn) per panel."""
+    """Diversity against max log-likelihood, one point per method (the paper's trade-off plot), on
+    a 0-1 axis so that small differences are not blown up; a task with its own figure (constrained
+    generation's `satisfied`, infilling's `bleu4`) gets a first panel of that figure against mean
+    log-likelihood. Returns (y figure, methods drawn) per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,21 +307,24 @@ def plot_methods(results: dict, path: str, title: str) -> list[tuple[str, int]]:
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
             drawn[-1] = (ykey, drawn[-1][1] + 1)
 
-    constrained = any("satisfied" in r for r in results.values())
-    fig, axes = plt.subplots(1, 2 if constrained else 1, figsize=(13 if constrained else 7, 5), squeeze=False)
-    if constrained:
+    panel = next((p for p in TASK_PANELS if any(p[0] in r for r in results.values())), None)
+    fig, axes = plt.subplots(1, 2 if panel else 1, figsize=(13 if panel else 7, 5), squeeze=False)
+    if panel:
+        key, label, limits = panel
         ax = axes[0][0]
-        points(ax, ("loglik_mean",), "satisfied")
+        points(ax, ("loglik_mean",), key)
         ax.set_xlabel("mean log-likelihood of a sample (reward LM)")
-        ax.set_ylabel("share of samples that satisfy the constraint")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{title}: satisfaction against likelihood")
+        ax.set_ylabel(label)
+        low, high = limits
+        ax.set_ylim(low, high if high is not None else ax.get_ylim()[1] * 1.1)  # room for the labels
+        ax.set_title(f"{title}: {key} against likelihood")
     ax = axes[0][-1]
     scored = any("log_r_max" in r for r in results.values())
     points(ax, ("log_r_max", "loglik_max"), "diversity")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("max log R per record (your reward)" if scored else "max log-likelihood per record (reward LM)")
     ax.set_ylabel("diversity (1 − mean pairwise cosine similarity)")
-    ax.set_title(f"{title}: diversity against likelihood" if constrained else title)
+    ax.set_title(f"{title}: diversity against likelihood" if panel else title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

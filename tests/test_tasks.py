@@ -654,9 +654,10 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tiny_llama, tiny_gpt2,
         attach_scorer(task, cfg, None)
 
 
-def test_eval_png_of_a_constrained_task_plots_satisfaction_against_likelihood(tmp_path):
+def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_path):
     """Constrained generation's eval.png carries its own trade-off, satisfaction against mean
-    log-likelihood, beside the diversity panel every LM task draws; other tasks keep one panel."""
+    log-likelihood, and infilling's BLEU-4, beside the diversity panel every LM task draws; other
+    tasks keep one panel."""
     import matplotlib.image
 
     from gfnlm.rewards.lm_eval import plot_methods
@@ -666,5 +667,9 @@ def test_eval_png_of_a_constrained_task_plots_satisfaction_against_likelihood(tm
     assert plot_methods(figures, str(tmp_path / "c.png"), "constrained") == [("satisfied", 2), ("diversity", 2)]
     assert plot_methods({m: {k: v for k, v in f.items() if k != "satisfied"} for m, f in figures.items()},
                         str(tmp_path / "n.png"), "continuation") == [("diversity", 2)]
-    wide, narrow = (matplotlib.image.imread(tmp_path / n).shape for n in ("c.png", "n.png"))
+    infilling = {m: {"bleu4": b, "gleu4": 2 * b, "loglik_mean": f["loglik_mean"], "loglik_max": f["loglik_max"],
+                     "diversity": f["diversity"]} for (m, f), b in zip(figures.items(), (1.3, 1.5))}
+    assert plot_methods(infilling, str(tmp_path / "i.png"), "infilling") == [("bleu4", 2), ("diversity", 2)]
+    wide, narrow, infill = (matplotlib.image.imread(tmp_path / n).shape for n in ("c.png", "n.png", "i.png"))
     assert wide[0] == narrow[0] == 500 and (wide[1], narrow[1]) == (1300, 700), "two panels against one"
+    assert infill[:2] == wide[:2]
