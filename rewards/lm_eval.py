@@ -280,9 +280,10 @@ def markdown_table(results: dict, title: str) -> str:
 
 
 # A task's own trade-off, drawn as a first panel against mean log-likelihood where its figure is
-# there: (figure, y label, y limits; None for the top fits the points).
-TASK_PANELS = (("satisfied", "share of samples that satisfy the constraint", (-0.05, 1.05)),
-               ("bleu4", "BLEU-4 against the reference (nltk, 0-100)", (0.0, None)))
+# there: (figure, its name in the title, y label, y limits; None for the top fits the points). No
+# task has two of them (the first present would be drawn).
+TASK_PANELS = (("satisfied", "satisfaction", "share of samples that satisfy the constraint", (-0.05, 1.05)),
+               ("bleu4", "BLEU-4", "BLEU-4 against the reference (nltk, 0-100)", (0.0, None)))
 
 
 def plot_methods(results: dict, path: str, title: str) -> list[tuple[str, int]]:
@@ -310,18 +311,18 @@ def plot_methods(results: dict, path: str, title: str) -> list[tuple[str, int]]:
     panel = next((p for p in TASK_PANELS if any(p[0] in r for r in results.values())), None)
     fig, axes = plt.subplots(1, 2 if panel else 1, figsize=(13 if panel else 7, 5), squeeze=False)
     if panel:
-        key, label, limits = panel
+        key, name, label, (low, high) = panel
         ax = axes[0][0]
         points(ax, ("loglik_mean",), key)
         ax.set_xlabel("mean log-likelihood of a sample (reward LM)")
         ax.set_ylabel(label)
-        low, high = limits
-        ax.set_ylim(low, high if high is not None else ax.get_ylim()[1] * 1.1)  # room for the labels
-        ax.set_title(f"{title}: {key} against likelihood")
+        top = ax.get_ylim()[1] * 1.1 if high is None else high  # room for the labels
+        ax.set_ylim(low, top if top > low else low + 1)
+        ax.set_title(f"{title}: {name} against likelihood")
     ax = axes[0][-1]
     scored = any("log_r_max" in r for r in results.values())
     points(ax, ("log_r_max", "loglik_max"), "diversity")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-0.02, max(1.02, ax.get_ylim()[1]))
     ax.set_xlabel("max log R per record (your reward)" if scored else "max log-likelihood per record (reward LM)")
     ax.set_ylabel("diversity (1 − mean pairwise cosine similarity)")
     ax.set_title(f"{title}: diversity against likelihood" if panel else title)

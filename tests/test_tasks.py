@@ -654,7 +654,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tiny_llama, tiny_gpt2,
         attach_scorer(task, cfg, None)
 
 
-def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_path):
+def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_path, monkeypatch):
     """Constrained generation's eval.png carries its own trade-off, satisfaction against mean
     log-likelihood, and infilling's BLEU-4, beside the diversity panel every LM task draws; other
     tasks keep one panel."""
@@ -669,7 +669,18 @@ def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_
                         str(tmp_path / "n.png"), "continuation") == [("diversity", 2)]
     infilling = {m: {"bleu4": b, "gleu4": 2 * b, "loglik_mean": f["loglik_mean"], "loglik_max": f["loglik_max"],
                      "diversity": f["diversity"]} for (m, f), b in zip(figures.items(), (1.3, 1.5))}
+    import matplotlib.figure
+
+    saved = []
+    real_save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real_save(fig, *a, **k)))
     assert plot_methods(infilling, str(tmp_path / "i.png"), "infilling") == [("bleu4", 2), ("diversity", 2)]
+    bleu, diversity = saved[-1].axes
+    assert bleu.get_ylim()[0] == 0 and bleu.get_ylim()[1] > 1.5 and "BLEU-4" in bleu.get_title()
+    assert diversity.get_ylim() == (-0.02, 1.02), "diversity on its whole 0-1 range, not blown up"
+    unscored = {m: {**f, "bleu4": float("nan")} for m, f in infilling.items()}
+    assert plot_methods(unscored, str(tmp_path / "u.png"), "infilling") == [("bleu4", 0), ("diversity", 2)]
+    assert saved[-1].axes[0].get_ylim()[1] > 0
     wide, narrow, infill = (matplotlib.image.imread(tmp_path / n).shape for n in ("c.png", "n.png", "i.png"))
     assert wide[0] == narrow[0] == 500 and (wide[1], narrow[1]) == (1300, 700), "two panels against one"
     assert infill[:2] == wide[:2]
