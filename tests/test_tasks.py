@@ -658,6 +658,7 @@ def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_
     """Constrained generation's eval.png carries its own trade-off, satisfaction against mean
     log-likelihood, and infilling's BLEU-4, beside the diversity panel every LM task draws; other
     tasks keep one panel."""
+    import matplotlib.figure
     import matplotlib.image
 
     from gfnlm.rewards.lm_eval import plot_methods
@@ -669,8 +670,6 @@ def test_eval_png_of_a_task_with_its_own_figure_plots_it_against_likelihood(tmp_
                         str(tmp_path / "n.png"), "continuation") == [("diversity", 2)]
     infilling = {m: {"bleu4": b, "gleu4": 2 * b, "loglik_mean": f["loglik_mean"], "loglik_max": f["loglik_max"],
                      "diversity": f["diversity"]} for (m, f), b in zip(figures.items(), (1.3, 1.5))}
-    import matplotlib.figure
-
     saved = []
     real_save = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real_save(fig, *a, **k)))
