@@ -186,7 +186,8 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     table = summarize({m: [flat(r) for r in runs] for m, runs in rows.items()})
     numbers = any("exact_kl" in r for r in table.values())  # random numbers: their own columns
     keys = [k for k in (NUMBER_KEYS if numbers else TABLE_KEYS) if any(k in r for r in table.values())]
-    keys += sorted({k for r in table.values() for k in r if k.startswith("acc_")})  # answer tasks: accuracy per test set
+    for prefix in ("acc_", "steps_"):  # answer tasks: accuracy per test set, then calculator steps per rationale
+        keys += sorted({k for r in table.values() for k in r if k.startswith(prefix)})
     first = plan[0][2]
     sample = next(iter(rows.values()))[0] if rows else {}
     sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]

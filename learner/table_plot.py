@@ -44,6 +44,8 @@ def plot_table(rows: dict[str, list[dict]], path: str, title: str) -> list[str]:
             left = math.isnan(m) or m >= 0  # the value inside its bar, by the zero line
             ax.annotate("—" if math.isnan(m) else f"{m:.3g}", (0, i), xytext=(3 if left else -3, 0),
                         textcoords="offset points", va="center", ha="left" if left else "right", fontsize=8)
+        if key.startswith("acc_"):  # accuracies on one scale, so that no test set's panel looks larger than it is
+            ax.set_xlim(0.0, 1.0)
         ax.set_title(key)
         ax.axvline(0.0, color="black", linewidth=0.6)
     axes[0][0].set_yticks(range(len(labels)), [f"{label} (n={len(rows[label])})" for label in labels])

@@ -103,6 +103,11 @@ _RESULT = re.compile(r"=\s*(-?\d+)")
 _INT = re.compile(r"-?\d+")
 
 
+def steps_of(text: str) -> int:
+    """Completed calculator steps in a rationale: its "=" signs followed by a result."""
+    return len(_RESULT.findall(text))
+
+
 def answer_of(text: str) -> int | None:
     """The answer a rationale derives: the last result after an `=`, else its last integer."""
     found = _RESULT.findall(text) or _INT.findall(text)
@@ -313,7 +318,9 @@ class ArithmeticTask(InfillingTask):
 
     def evaluation(self, policy, sampler, eval_cfg, methods=None) -> Evaluation:
         """Accuracy of the majority vote per test set, for the trained policy (0-shot prompt) and
-        k-shot prompting of the base model (methods 'prompt0', 'prompt3', ...)."""
+        k-shot prompting of the base model (methods 'prompt0', 'prompt3', ...), and steps_<set>: the
+        calculator steps per sampled rationale over every vote (a question of n operands needs n - 1
+        of the preset's two-operand steps)."""
         if methods is None:
             methods = ["trained"] + ([m for m in eval_cfg.baselines if m.startswith("prompt")] if eval_cfg.include_base else [])
         for m in methods:
@@ -338,27 +345,33 @@ class ArithmeticTask(InfillingTask):
             with ctx:
                 for name, ids in sets.items():
                     samples = self.sample_records(sampler, ids, k, temp, prompt_of)
-                    correct = 0
-                    for rid in ids:
+                    correct, steps = 0, []
+                    for n, rid in enumerate(ids):
+                        texts = [self.tokenizer.decode(t.tokens) for t in samples[rid]]
                         winner, counts = vote(self.answers(samples[rid]))
                         correct += winner == self.answer(rid)
-                        if len(shown) < 3:
-                            shown.append({"record": rid, "question": self.prompt_text(rid), "answer": self.answer(rid),
-                                          "vote": winner, "samples": [self.tokenizer.decode(t.tokens) for t in samples[rid][:3]]})
+                        steps += [steps_of(z) for z in texts]
+                        if n < 3:  # the first three questions of every set, three of their votes each
+                            shown.append({"set": name, "record": rid, "question": self.prompt_text(rid),
+                                          "answer": self.answer(rid), "vote": winner, "samples": texts[:3]})
                     fig[f"acc_{name}"] = correct / len(ids) if ids else float("nan")
+                    fig[f"steps_{name}"] = sum(steps) / len(steps) if steps else float("nan")
                     fig[f"questions_{name}"] = len(ids)
             return {**fig, "votes": k, "vote_temperature": temp}, shown
 
         def line(m: str, fig: dict) -> str:
             return (f"gfnlm eval {m:>10}: " + "  ".join(f"acc[{n}] {fig[f'acc_{n}']:.3f}" for n in sets)
+                    + "  steps " + "/".join(f"{fig[f'steps_{n}']:.2f}" for n in sets)
                     + f"  ({', '.join(f'{len(v)}' for v in sets.values())} questions, vote of {k} at T={temp:g}, "
                       f"{fig['seconds']:.0f} s)")
 
         def table(results: dict) -> str:
             names = list(sets)
-            return ("| method | " + " | ".join(f"{split_label(n) if n == 'train' else n} ({len(sets[n])} q.)" for n in names) + " |\n"
-                    + "| --- |" + " --- |" * len(names) + "\n"
-                    + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names) + " |\n"
+            return ("| method | " + " | ".join(f"{split_label(n) if n == 'train' else n} ({len(sets[n])} q.)" for n in names)
+                    + " | " + " | ".join(f"steps {n}" for n in names) + " |\n"
+                    + "| --- |" + " --- |" * 2 * len(names) + "\n"
+                    + "".join(f"| {m} | " + " | ".join(f"{100 * fig[f'acc_{n}']:.1f}" for n in names)
+                              + " | " + " | ".join(f"{fig[f'steps_{n}']:.2f}" for n in names) + " |\n"
                               for m, fig in results.items()))
 
         @contextlib.contextmanager

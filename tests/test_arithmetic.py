@@ -12,7 +12,7 @@ from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs import ConfigError, load_config
 from gfnlm.learner.cli import main
 from gfnlm.learner.objectives import action_logprobs, group_advantages, ppo_loss
-from gfnlm.rewards.arithmetic import answer_of, fill_rationale, generate_questions
+from gfnlm.rewards.arithmetic import answer_of, fill_rationale, generate_questions, steps_of
 from gfnlm.rewards.base import vote
 from gfnlm.rewards.records import RecordError, is_integer, one_of, read_rows
 
@@ -185,6 +185,8 @@ def test_worked_rationales_become_the_trajectories_the_sampler_would_make(tiny_l
     assert tok.decode([t for t, m in zip(tokens, mask) if m]) == " 13 5"
     assert answer_of(" 9 + 4 = 13, 13 - 8 = 5") == 5 and answer_of(" 7 - 9 = -2") == -2
     assert answer_of(" 12, 7") == 7 and answer_of(" ,.") is None
+    # steps: "=" signs the calculator answered; a rationale cut off before the answer has one step fewer
+    assert steps_of(" 9 + 4 = 13, 13 - 8 = 5") == 2 and steps_of(" 9 + 4 = 13, 13 - 8 =") == 1 and steps_of(" 12") == 0
 
 
 def test_the_vote_takes_the_most_frequent_answer_and_ignores_missing_ones():
@@ -341,9 +343,14 @@ def test_short_arithmetic_run_evaluates_every_test_set(objective, tiny_llama, tm
     assert main(["train", "arithmetic.yaml", *flags(ov + ["learner.steps=2"])]) == 0
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(result["methods"]) == {"trained", "prompt0", "prompt1"}
-    for figures in result["methods"].values():
+    for m, figures in result["methods"].items():
         assert 0.0 <= figures["acc_a"] <= 1.0 and figures["questions_a"] == 2 and figures["questions_b"] == 2
-    assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | a (2 q.) | b (2 q.) |")
+        shown = result["examples"][m]
+        assert [e["set"] for e in shown] == ["a", "a", "b", "b"]  # the first three questions of each set (2 here)
+        # steps per rationale: the mean over every vote of the set (3 votes, all of them shown here)
+        votes = [steps_of(z) for e in shown if e["set"] == "b" for z in e["samples"]]
+        assert figures["votes"] == 3 and len(votes) == 6 and figures["steps_b"] == pytest.approx(sum(votes) / 6)
+    assert (tmp_path / "run" / "eval.md").read_text().startswith("| method | a (2 q.) | b (2 q.) | steps a | steps b |")
 
 
 def test_settings_are_chosen_on_held_out_training_questions(tiny_llama, tmp_path, capsys):

@@ -375,6 +375,21 @@ def test_table_png_shows_each_tasks_headline_figures():
     assert headline_keys({"gfn": [{"note": "text", "bleu4": float("nan")}]}) == []
 
 
+def test_table_png_draws_every_test_sets_accuracy_on_one_scale(tmp_path, monkeypatch):
+    """An answer task's accuracy panels all run from 0 to 1: a test set with low accuracies does not
+    get bars as long as one with high ones."""
+    import matplotlib.figure
+
+    from gfnlm.learner.table_plot import plot_table
+
+    saved = []
+    real_save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real_save(fig, *a, **k)))
+    rows = {"sft": [{"acc_3": 0.8, "acc_5": 0.06}, {"acc_3": 0.78, "acc_5": 0.06}], "gfn": [{"acc_3": 0.2, "acc_5": 0.04}]}
+    assert plot_table(rows, str(tmp_path / "t.png"), "arithmetic") == ["acc_3", "acc_5"]
+    assert [ax.get_xlim() for ax in saved[-1].axes] == [(0.0, 1.0), (0.0, 1.0)]
+
+
 def split_prompts_overrides(model_dir, tmp_path, max_len: int = 6, **extra) -> list[str]:
     """An experiment's overrides for a tiny continuation task over 20 prompts with validation and test
     splits (what `select` needs); each run's folder and split are the experiment's to set."""

@@ -184,13 +184,20 @@ def test_every_experiment_preset_plans_valid_runs(tmp_path):
     import os
 
     from gfnlm.learner.experiment import configs_of, read_spec
+    from gfnlm.learner.selection import selection_plan
 
     names = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "*.yaml")))
     assert len(names) >= 5
+    selecting = set()
     for name in names:
         spec = read_spec(name)
         plan = configs_of(spec, str(tmp_path), [])
         assert {run for run, _, _, _ in plan} == {r["name"] for r in spec["runs"]}, name
+        # every selection candidate builds, its overrides applied, and is judged on a validation split
+        for run, cand, cfg in selection_plan(spec, str(tmp_path), []):
+            assert cfg.eval.split == "validation", (name, cand)
+            selecting.add(os.path.basename(name))
+    assert {"continuation.yaml", "infilling.yaml", "constrained.yaml"} <= selecting
 
 
 # -- scheduler and batch mix -------------------------------------------------------------------
