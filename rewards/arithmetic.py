@@ -348,7 +348,7 @@ class ArithmeticTask(InfillingTask):
                     correct, steps = 0, []
                     for n, rid in enumerate(ids):
                         texts = [self.tokenizer.decode(t.tokens) for t in samples[rid]]
-                        winner, counts = vote(self.answers(samples[rid]))
+                        winner, counts = vote([answer_of(z) for z in texts])  # decoded once, for the vote and the steps
                         correct += winner == self.answer(rid)
                         steps += [steps_of(z) for z in texts]
                         if n < 3:  # the first three questions of every set, three of their votes each
