@@ -86,4 +86,9 @@ def make_sampler(spec: SamplerSpec, tokenizer, seed: int, policy=None, max_model
         raise RuntimeError(f"sampler.engine=vllm: {why}")
     path = resolve_model_path(cfg.model.path)
     llm = build_llm(path, cfg.sampler.vllm, cfg.model.dtype, max_model_len, seed, max_lora_rank=spec.max_lora_rank)
-    return VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=seed, tools=tools)
+    sampler = VLLMSampler(llm, peft_config_dict(path, cfg.lora), seed=seed, tools=tools)
+    if cfg.lora.init:  # version 0 is the adapter training starts from, not the bare base model
+        from .models import init_adapter_state
+
+        sampler.load_weights(init_adapter_state(cfg.lora.init), 0)
+    return sampler

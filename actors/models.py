@@ -132,6 +132,26 @@ def main_prepare(force: bool = False) -> int:
     return 0
 
 
+def init_adapter_dir(path: str) -> str:
+    """The adapter folder that lora.init names: the folder itself when it holds adapter_config.json,
+    else a run folder's latest checkpoint's adapter. FileNotFoundError says what is missing."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return path
+    pointer = os.path.join(path, "checkpoints", "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return os.path.join(path, "checkpoints", f.read().strip(), "adapter")
+    raise FileNotFoundError(f"lora.init: {path} is neither a peft adapter folder (adapter_config.json) nor a run folder "
+                            f"with a checkpoint (checkpoints/latest); train that run first, or give its adapter folder")
+
+
+def init_adapter_state(path: str, device="cpu") -> dict:
+    """The LoRA weights lora.init names, keyed as peft saves them (`init_adapter_dir`)."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(init_adapter_dir(path), "adapter_model.safetensors"), device=str(device))
+
+
 def check_lora_targets(cfg) -> None:
     """lora.target_modules against the model's layers, from its config.json alone (the model is built
     on the meta device: no weights read), so that `gfnlm check` catches a GPT-2 folder given Llama's

@@ -8,13 +8,13 @@ import math
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, get_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from gfnlm.actors.trajectory import Trajectory
 from gfnlm.configs.actors import LoraConfig, ModelConfig
 
 from .kv import cache_of, full_cache, layers_of
-from .models import check_targets, load_model, pick_device
+from .models import check_targets, init_adapter_state, load_model, pick_device
 
 
 def pad_tokens(trajectories: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,6 +282,11 @@ class Policy:
         for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if lora_cfg.init:  # e.g. an SFT run's adapter: training starts from it, the base stays the reference
+            loaded = set_peft_model_state_dict(self.model, init_adapter_state(lora_cfg.init, self.device))
+            if loaded.unexpected_keys:
+                raise ConfigError(f"lora.init: {lora_cfg.init} holds weights this adapter does not have "
+                                  f"({loaded.unexpected_keys[0]}); it was trained with other lora settings")
         self.version = 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

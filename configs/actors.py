@@ -62,6 +62,13 @@ class LoraConfig(Section):
     """Names of the linear layers that get adapters (e.g. q_proj, k_proj, v_proj, o_proj,
     gate_proj, up_proj, down_proj for Llama; c_attn, c_proj, c_fc for GPT-2)."""
 
+    init: str | None = None
+    """Start the trained adapter from these weights instead of LoRA's zero update (the base model
+    itself): a peft adapter folder (holding adapter_config.json) or a run folder (its latest
+    checkpoint's adapter), e.g. an SFT run's. Its rank and target modules must be this section's;
+    training checks that before anything starts. The base model with the adapter off stays what
+    the reward, the KL penalty and the base-model rows read. Unset: the zero update."""
+
 
 # ----------------------------------------------------------------------------------------------
 # sampling, reward, replay, batch

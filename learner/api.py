@@ -69,6 +69,7 @@ def train(config: str | dict | Config | None, overrides: Iterable[str] = (), run
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir)})})
     check(cfg, model=False)  # the policy checks its LoRA targets when it loads, before the run writes anything
     folder = preflight.run_folder(cfg, None)
+    preflight.check_init(cfg)
     preflight.check_machine(cfg)
     try:
         return Run(folder, train_and_evaluate(cfg, folder))
@@ -88,6 +89,7 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> Run:
     cfg = load_config(saved, overrides)
     check(cfg, model=False)
     preflight.run_folder(cfg, run_dir)
+    preflight.check_init(cfg)
     preflight.check_machine(cfg)
     try:
         return Run(run_dir, train_and_evaluate(cfg, run_dir, resume=True))

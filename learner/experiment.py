@@ -25,7 +25,9 @@ the run it stopped in from its last checkpoint. A run folder that holds anything
 `--runs gflownet,sft` trains only those runs (and their selection candidates; `gflownet/floor250_t1.0`
 names one candidate alone), so that several processes on one machine can share one --out, each
 training its own part. Runs not named join that call's table where they finished there with the
-same config, and are left out of it (with a line saying so) where not. A run whose selection
+same config, and are left out of it (with a line saying so) where not. In a run's overrides `{out}`
+and `{seed}` stand for the experiment's folder and the run's seed, so that one run may start from an
+earlier run's adapter (`lora.init={out}/sft-seed{seed}`; list it after that run). A run whose selection
 candidates have not all finished has no candidate chosen yet, and its table runs are left out until
 a later call. A run trains under a lock (<out>/.locks/<run>-seed<k>.lock), so a call that meets a run
 another process is training leaves it alone. Only a plain call once every part has finished writes
@@ -49,7 +51,8 @@ from gfnlm.configs import ConfigError, load_config
 from gfnlm.configs.load import resolve_path
 
 from .experiment_runs import flat, previous_walls, readable, train_or_reuse, write_atomically
-from .selection import TRAINED_IN, best, bounds_text, check_select, figure, missed, reuse_selection, selection_plan
+from .selection import (TRAINED_IN, best, bounds_text, check_select, figure, missed, reuse_selection, run_overrides,
+                        selection_plan)
 
 
 def read_spec(name: str) -> dict:
@@ -116,7 +119,7 @@ def configs_of(spec: dict, out: str, extra: list[str], chosen: dict | None = Non
                 cands = run["select"]["candidates"]
                 picked = cands[(chosen or {}).get(run["name"], next(iter(cands)))]
                 pinned = ["eval.split=test"]
-            ov = [*spec["overrides"], *run["overrides"], *picked, f"learner.seed={seed}",
+            ov = [*spec["overrides"], *run_overrides(run, out, seed), *picked, f"learner.seed={seed}",
                   "run.output_dir=" + os.path.join(out, f"{run['name']}-seed{seed}"),
                   f"eval.baselines=[{', '.join(baselines)}]", f"eval.include_base={'true' if baselines else 'false'}", *extra,
                   *pinned]

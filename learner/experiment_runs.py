@@ -145,6 +145,9 @@ def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict,
                 return None
             results = finished(cfg, methods)  # it may have finished while this call looked
             if results is None:
+                from .preflight import check_init
+
+                check_init(cfg)  # e.g. the earlier run whose adapter this one starts from has finished
                 t0 = time.perf_counter()
                 resume = prepare_folder(cfg, log)
                 if not resume and setup is not None:

@@ -67,7 +67,24 @@ def check_resume(cfg: Config, run_dir: str) -> str:
     return ckpt
 
 
-def check_adapter_config(adapter_dir: str, cfg: Config) -> None:
+def check_init(cfg: Config) -> None:
+    """The adapter lora.init starts from: found, whole, and of the config's rank and target modules."""
+    if not cfg.lora.init:
+        return
+    from gfnlm.actors.models import init_adapter_dir
+
+    from .checkpoints import check_adapter_file
+
+    try:
+        folder = init_adapter_dir(cfg.lora.init)
+        check_adapter_file(folder)
+        check_adapter_config(folder, cfg, hint="set lora.r and lora.target_modules as that adapter's run had them")
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(str(e) if str(e).startswith("lora.init") else f"lora.init: {e}") from None
+
+
+def check_adapter_config(adapter_dir: str, cfg: Config,
+                         hint: str = "use the run's own lora settings (drop the lora overrides)") -> None:
     """The adapter's rank and target modules are the config's (peft would fail with pages of size mismatches)."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     try:
@@ -79,11 +96,11 @@ def check_adapter_config(adapter_dir: str, cfg: Config) -> None:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
     if saved.get("r") != cfg.lora.r:
         raise ConfigError(f"lora.r: the adapter in {adapter_dir} has rank {saved.get('r')}, the config says {cfg.lora.r}; "
-                          f"use the run's own lora settings (drop the lora overrides)")
+                          f"{hint}")
     targets = saved.get("target_modules") or []
     if sorted(targets) != sorted(cfg.lora.target_modules):
         raise ConfigError(f"lora.target_modules: the adapter in {adapter_dir} was trained on {sorted(targets)}, "
-                          f"the config names {sorted(cfg.lora.target_modules)}")
+                          f"the config names {sorted(cfg.lora.target_modules)}; {hint}")
 
 
 def _weights_bytes(path: str | None) -> int:

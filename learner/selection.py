@@ -59,6 +59,12 @@ SELECT_FIXED = ("eval.", "learner.seed", "run.", "task.data")
 """What a candidate may not change: the split and records it is judged on, its seed, its folder."""
 
 
+def run_overrides(run: dict, out: str, seed: int) -> list[str]:
+    """A run's own overrides with `{out}` (the experiment's folder) and `{seed}` (this run's seed)
+    filled in, e.g. lora.init={out}/sft-seed{seed}: start from the same seed's SFT adapter."""
+    return [o.replace("{out}", out).replace("{seed}", str(seed)) for o in run["overrides"]]
+
+
 def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, str, object]]:
     """(run name, candidate, config) of every selection run: each candidate of each run with
     `select`, trained with the preset's first seed (`select_seed`, whatever --seeds says) into
@@ -70,7 +76,7 @@ def selection_plan(spec: dict, out: str, extra: list[str]) -> list[tuple[str, st
     plan = []
     for run in spec["runs"]:
         for cand, picked in run.get("select", {}).get("candidates", {}).items():
-            ov = [*spec["overrides"], *run["overrides"], *picked, *extra, f"learner.seed={seed}",
+            ov = [*spec["overrides"], *run_overrides(run, out, seed), *picked, *extra, f"learner.seed={seed}",
                   "run.output_dir=" + os.path.join(out, "select", run["name"], f"{cand}-seed{seed}"),
                   "eval.baselines=[]", "eval.include_base=false", "eval.split=validation", "run.evaluate_at_end=true"]
             cfg = load_config(spec["config"], ov)

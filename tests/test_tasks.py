@@ -198,6 +198,11 @@ def test_every_experiment_preset_plans_valid_runs(tmp_path):
             assert cfg.eval.split == "validation", (name, cand)
             selecting.add(os.path.basename(name))
     assert {"continuation.yaml", "infilling.yaml", "constrained.yaml"} <= selecting
+    # {out} and {seed} in a run's overrides: the arithmetic run that starts from the same seed's SFT adapter
+    spec = read_spec("arithmetic")
+    inits = {(run, seed): cfg.lora.init for run, seed, cfg, _ in configs_of(spec, str(tmp_path), [])}
+    assert inits[("sft-then-gflownet", 1)] == os.path.join(str(tmp_path), "sft-seed1")
+    assert inits[("gflownet", 1)] is None and inits[("sft", 0)] is None
 
 
 # -- scheduler and batch mix -------------------------------------------------------------------

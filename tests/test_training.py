@@ -158,3 +158,43 @@ def test_learning_rate_schedules():
     assert f[10] == pytest.approx(1.0) and f[99] == pytest.approx(0.1)
     assert f[10 + 89 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (89 // 2) / 89)))
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_lora_init_starts_from_an_earlier_runs_adapter_and_is_checked_first(tiny_llama, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from gfnlm.actors import engines
+    from gfnlm.actors.engines import SamplerSpec
+    from gfnlm.configs import ConfigError
+    from gfnlm.learner import api
+
+    first = tmp_path / "sft"
+    train(load_config("random_number.yaml", tiny_overrides(tiny_llama, first, **{"learner.steps": 2})), str(first))
+    with open(first / "checkpoints" / "latest") as f:
+        saved = load_file(str(first / "checkpoints" / f.read().strip() / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained: not the zero update
+
+    cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "next", **{"lora.init": str(first)}))
+    state = build(cfg).policy.adapter_state()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k].float()) for k in saved)  # the run folder's latest adapter, in float32
+    fresh = build(load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path / "zero"))).policy.adapter_state()
+    assert all(v.abs().sum() == 0 for k, v in fresh.items() if "lora_B" in k)
+
+    # the vLLM engine holds its own weights: version 0 is the init adapter, not the bare base model
+    loaded = []
+    monkeypatch.setattr(engines, "resolve_engine", lambda *a: "vllm")
+    monkeypatch.setattr("gfnlm.actors.vllm_engine.vllm_available", lambda: None)
+    monkeypatch.setattr("gfnlm.actors.vllm_engine.build_llm", lambda *a, **k: object())
+    monkeypatch.setattr("gfnlm.actors.vllm_engine.VLLMSampler.load_weights", lambda self, s, v: loaded.append((s, v)))
+    engines.make_sampler(SamplerSpec.of(cfg), None, seed=0)
+    assert len(loaded) == 1 and loaded[0][1] == 0 and all(torch.equal(loaded[0][0][k], saved[k]) for k in saved)
+
+    # checked before anything starts, one line naming the field, nothing written
+    for extra, says in [({"lora.init": str(tmp_path / "none")}, "lora.init: "),
+                        ({"lora.init": str(first), "lora.r": 8}, "lora.r: the adapter in")]:
+        out = tmp_path / f"refused{len(extra)}"
+        with pytest.raises(ConfigError) as e:
+            api.train("random_number.yaml", tiny_overrides(tiny_llama, out, **extra))
+        assert str(e.value).startswith(says) and "\n" not in str(e.value), str(e.value)
+        assert not out.exists()
