@@ -19,6 +19,15 @@ def headline_keys(rows: dict[str, list[dict]]) -> list[str]:
     return accuracy or [k for k in HEADLINES if k in present][:4]
 
 
+def value_anchor(mean: float, err: float, xlim: tuple[float, float], row: int = 0) -> tuple[float, int]:
+    """Where a bar's value is written: inside a long bar, by the zero line; past the error bar's end
+    of a short one (more than half the panel's width left), so that it never sits on the error cap."""
+    if math.isnan(mean):
+        return 0.0, row
+    width = xlim[1] - xlim[0]
+    return (0.0 if abs(mean) + err > width / 2 else math.copysign(abs(mean) + err, mean)), row
+
+
 def plot_table(rows: dict[str, list[dict]], path: str, title: str) -> list[str]:
     """Draw `rows` ({label: [flat figures of each run]}) into path; the figures drawn."""
     import matplotlib
@@ -40,12 +49,14 @@ def plot_table(rows: dict[str, list[dict]], path: str, title: str) -> list[str]:
             errs.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
         ax.barh(range(len(labels)), [0.0 if math.isnan(m) else m for m in means], xerr=errs, capsize=3,
                 color=["C0" if not math.isnan(m) else "none" for m in means])
-        for i, m in enumerate(means):
-            left = math.isnan(m) or m >= 0  # the value inside its bar, by the zero line
-            ax.annotate("—" if math.isnan(m) else f"{m:.3g}", (0, i), xytext=(3 if left else -3, 0),
-                        textcoords="offset points", va="center", ha="left" if left else "right", fontsize=8)
         if key.startswith("acc_"):  # accuracies on one scale, so that no test set's panel looks larger than it is
             ax.set_xlim(0.0, 1.0)
+        else:
+            ax.margins(x=0.2)  # room for the values written past short bars
+        for i, (m, e) in enumerate(zip(means, errs)):
+            ax.annotate("—" if math.isnan(m) else f"{m:.3g}", value_anchor(m, e, ax.get_xlim(), i), xytext=(3 if m >= 0 or math.isnan(m) else -3, 0),
+                        textcoords="offset points", va="center", ha="left" if m >= 0 or math.isnan(m) else "right", fontsize=8,
+                        annotation_clip=False)
         ax.set_title(key)
         ax.axvline(0.0, color="black", linewidth=0.6)
     axes[0][0].set_yticks(range(len(labels)), [f"{label} (n={len(rows[label])})" for label in labels])

@@ -388,6 +388,13 @@ def test_table_png_draws_every_test_sets_accuracy_on_one_scale(tmp_path, monkeyp
     rows = {"sft": [{"acc_3": 0.8, "acc_5": 0.06}, {"acc_3": 0.78, "acc_5": 0.06}], "gfn": [{"acc_3": 0.2, "acc_5": 0.04}]}
     assert plot_table(rows, str(tmp_path / "t.png"), "arithmetic") == ["acc_3", "acc_5"]
     assert [ax.get_xlim() for ax in saved[-1].axes] == [(0.0, 1.0), (0.0, 1.0)]
+    # each value is written past a short bar's error bar (not on its cap), inside a long bar by the zero line
+    written = {t.get_text(): t.xy for t in saved[-1].axes[1].texts}
+    assert written["0.06"] == (0.06, 0) and written["0.04"] == (0.04, 1)
+    assert {t.get_text(): t.xy for t in saved[-1].axes[0].texts}["0.79"] == (0.0, 0)
+    from gfnlm.learner.table_plot import value_anchor
+
+    assert value_anchor(-5.0, 1.0, (-90.0, 0.0), 2) == (-6.0, 2) and value_anchor(-80.0, 1.0, (-90.0, 0.0)) == (0.0, 0)
 
 
 def split_prompts_overrides(model_dir, tmp_path, max_len: int = 6, **extra) -> list[str]:
