@@ -55,7 +55,8 @@ def load_run(path: str, engine: str | None = None, overrides: list[str] = ()):
     from .checkpoints import load_adapter_weights
 
     run, adapter = locate(path)
-    ov = ["runtime.mode=local", *([f"sampler.engine={engine}"] if engine else []), *overrides]
+    # the checkpoint's adapter replaces the one training started from, which need not exist any more
+    ov = ["runtime.mode=local", "lora.init=null", *([f"sampler.engine={engine}"] if engine else []), *overrides]
     cfg = load_config(os.path.join(run, "config.yaml"), ov)
     setup_torch(cfg)
     policy = Policy(cfg.model, cfg.lora)

@@ -124,6 +124,8 @@ def evaluate_located(folder: str | None, adapter: str, overrides: Iterable[str],
     else:
         cfg = load_config(config, overrides)
         check_adapter_file(adapter)  # a run's adapter is already checked whole (its newest intact checkpoint)
+    # the adapter evaluated replaces the one its training started from, which need not exist any more
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init": None})})
     check_adapter_config(adapter, cfg)
     c = build(cfg, engine=False)
     load_adapter_weights(c.policy, adapter)

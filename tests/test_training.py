@@ -189,6 +189,7 @@ def test_lora_init_starts_from_an_earlier_runs_adapter_and_is_checked_first(tiny
     monkeypatch.setattr("gfnlm.actors.vllm_engine.VLLMSampler.load_weights", lambda self, s, v: loaded.append((s, v)))
     engines.make_sampler(SamplerSpec.of(cfg), None, seed=0)
     assert len(loaded) == 1 and loaded[0][1] == 0 and all(torch.equal(loaded[0][0][k], saved[k]) for k in saved)
+    monkeypatch.undo()
 
     # checked before anything starts, one line naming the field, nothing written
     for extra, says in [({"lora.init": str(tmp_path / "none")}, "lora.init: "),
@@ -198,3 +199,11 @@ def test_lora_init_starts_from_an_earlier_runs_adapter_and_is_checked_first(tiny
             api.train("random_number.yaml", tiny_overrides(tiny_llama, out, **extra))
         assert str(e.value).startswith(says) and "\n" not in str(e.value), str(e.value)
         assert not out.exists()
+
+    # a run that started from it is evaluated and loaded from its own checkpoint, the init gone
+    train(cfg, str(tmp_path / "next"))
+    (tmp_path / "sft").rename(tmp_path / "moved")
+    assert "trained" in api.evaluate(str(tmp_path / "next"), out=str(tmp_path / "eval"))
+    from gfnlm.learner.amortized import load_run
+
+    assert load_run(str(tmp_path / "next"))[0].lora.init is None
