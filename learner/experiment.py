@@ -227,6 +227,18 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     return lines
 
 
+def seeds_left_out(out: str, spec: dict) -> list[int]:
+    """The seeds, outside this call's, of the finished runs (<run>-seed<k>/eval.json) that `out` holds:
+    a call with fewer seeds rewrites the table without them."""
+    names = {r["name"] for r in spec["runs"]}
+    found = set()
+    for entry in os.listdir(out) if os.path.isdir(out) else []:
+        run, sep, seed = entry.rpartition("-seed")
+        if sep and run in names and seed.isdigit() and os.path.isfile(os.path.join(out, entry, "eval.json")):
+            found.add(int(seed))
+    return sorted(found - set(spec["seeds"]))
+
+
 def main(args) -> int:
     from .runner import TrainingStopped
 
@@ -316,4 +328,8 @@ def main(args) -> int:
     lines = write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
     log(f"gfnlm: table in {os.path.join(out, 'table.md')}")
+    others = seeds_left_out(out, spec)
+    if others:
+        log(f"gfnlm experiment {name}: the table holds seeds {spec['seeds']}; {out} also holds finished runs of seeds "
+            f"{others}: --seeds {','.join(map(str, sorted({*spec['seeds'], *others})))} puts them in it without training")
     return 0

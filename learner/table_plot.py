@@ -28,6 +28,13 @@ def value_anchor(mean: float, err: float, xlim: tuple[float, float], row: int = 
     return (0.0 if abs(mean) + err > width / 2 else math.copysign(abs(mean) + err, mean)), row
 
 
+def accuracy_xlim(means: list[float], errs: list[float]) -> tuple[float, float]:
+    """An accuracy panel's scale: 0 to 1, widened to the longest error bar that passes 1 (a mean of
+    0.97 ± 0.04 is drawn whole, not cut at 1)."""
+    ends = [m + e for m, e in zip(means, errs) if not math.isnan(m)]
+    return 0.0, max([1.0, *ends])
+
+
 def plot_table(rows: dict[str, list[dict]], path: str, title: str) -> list[str]:
     """Draw `rows` ({label: [flat figures of each run]}) into path; the figures drawn."""
     import matplotlib
@@ -50,7 +57,7 @@ def plot_table(rows: dict[str, list[dict]], path: str, title: str) -> list[str]:
         ax.barh(range(len(labels)), [0.0 if math.isnan(m) else m for m in means], xerr=errs, capsize=3,
                 color=["C0" if not math.isnan(m) else "none" for m in means])
         if key.startswith("acc_"):  # accuracies on one scale, so that no test set's panel looks larger than it is
-            ax.set_xlim(0.0, 1.0)
+            ax.set_xlim(*accuracy_xlim(means, errs))
         else:
             ax.margins(x=0.2)  # room for the values written past short bars
         for i, (m, e) in enumerate(zip(means, errs)):

@@ -360,6 +360,34 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     assert (out / "table.png").stat().st_size > 1000 and not list(out.glob("*.tmp.png"))
 
 
+def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A call with fewer seeds than --out holds rewrites the table with its own seeds and says which
+    finished runs' seeds it left out, and the --seeds that takes them in; unfinished runs, other
+    folders and other runs' names do not count."""
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main, seeds_left_out
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        os.makedirs(run_dir, exist_ok=True)
+        pathlib.Path(run_dir, "eval.json").write_text("{}")
+        return {"trained": {"valid": 1.0}}
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    out = tmp_path / "out"
+    spec = experiment_spec(tmp_path, tiny_llama, seeds=(0, 1, 2))
+    assert main(argparse.Namespace(name=spec, out=str(out), override=[])) == 0
+    (out / "gfn-seed7").mkdir()  # started, never finished
+    (out / "other-seed5").mkdir()
+    (out / "other-seed5" / "eval.json").write_text("{}")
+    capsys.readouterr()
+    assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="0")) == 0
+    err = capsys.readouterr().err
+    assert "also holds finished runs of seeds [1, 2]: --seeds 0,1,2 puts them in it" in err
+    assert read_table_md(out / "table.md")["gfn"][0] == "1"
+    assert seeds_left_out(str(out), {"seeds": [0, 1, 2], "runs": [{"name": "gfn"}]}) == []
+    assert seeds_left_out(str(tmp_path / "absent"), {"seeds": [0], "runs": [{"name": "gfn"}]}) == []
+
+
 def test_table_png_shows_each_tasks_headline_figures():
     """table.png's panels: accuracy per test set for an answer task, else the first four of the
     task's headline figures present (satisfaction first for constrained generation, BLEU/GLEU for
@@ -395,6 +423,11 @@ def test_table_png_draws_every_test_sets_accuracy_on_one_scale(tmp_path, monkeyp
     from gfnlm.learner.table_plot import value_anchor
 
     assert value_anchor(-5.0, 1.0, (-90.0, 0.0), 2) == (-6.0, 2) and value_anchor(-80.0, 1.0, (-90.0, 0.0)) == (0.0, 0)
+    # an error bar that passes 1 widens its accuracy panel instead of being cut at 1
+    from gfnlm.learner.table_plot import accuracy_xlim
+
+    assert accuracy_xlim([0.97, 0.5, math.nan], [0.042, 0.1, 0.0]) == (0.0, 0.97 + 0.042)
+    assert accuracy_xlim([0.8], [0.05]) == (0.0, 1.0)
 
 
 def split_prompts_overrides(model_dir, tmp_path, max_len: int = 6, **extra) -> list[str]:
