@@ -134,15 +134,19 @@ def main_prepare(force: bool = False) -> int:
 
 def init_adapter_dir(path: str) -> str:
     """The adapter folder that lora.init names: the folder itself when it holds adapter_config.json,
-    else a run folder's latest checkpoint's adapter. FileNotFoundError says what is missing."""
+    else a run folder's newest intact checkpoint's adapter (a damaged newer one is named on stderr and
+    skipped, as when a run resumes). FileNotFoundError says what is missing."""
+    import sys
+
+    from .checkpoint_files import intact_checkpoint
+
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return path
-    pointer = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            return os.path.join(path, "checkpoints", f.read().strip(), "adapter")
+    ckpt = intact_checkpoint(path, log=lambda m: print(m, file=sys.stderr))
+    if ckpt is not None:
+        return os.path.join(ckpt, "adapter")
     raise FileNotFoundError(f"lora.init: {path} is neither a peft adapter folder (adapter_config.json) nor a run folder "
-                            f"with a checkpoint (checkpoints/latest); train that run first, or give its adapter folder")
+                            f"with a checkpoint (checkpoints/step_*); train that run first, or give its adapter folder")
 
 
 def init_adapter_state(path: str, device="cpu") -> dict:

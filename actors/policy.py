@@ -253,6 +253,10 @@ def active_adapter(model, name: str):
             p.requires_grad_(flags[n])
 
 
+INIT_ADAPTER = "init"
+"""The frozen copy of the adapter training started from (lora.init), when a reference needs it."""
+
+
 class Policy:
     """Base model + LoRA. Only the adapter's parameters require gradients."""
 
@@ -282,12 +286,28 @@ class Policy:
         for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        if lora_cfg.init:  # e.g. an SFT run's adapter: training starts from it, the base stays the reference
+        if lora_cfg.init:  # e.g. an SFT run's adapter: training starts from it (`starting_policy`)
             loaded = set_peft_model_state_dict(self.model, init_adapter_state(lora_cfg.init, self.device))
             if loaded.unexpected_keys:
                 raise ConfigError(f"lora.init: {lora_cfg.init} holds weights this adapter does not have "
                                   f"({loaded.unexpected_keys[0]}); it was trained with other lora settings")
+        self.lora_cfg = lora_cfg
         self.version = 0
+
+    def starting_policy(self):
+        """A context in which the model is the policy training started from, frozen: the adapter lora.init
+        names (a frozen copy, loaded once), or the base model with the adapter off when there is none."""
+        if not self.lora_cfg.init:
+            return self.model.disable_adapter()
+        if INIT_ADAPTER not in self.model.peft_config:
+            for p in self.add_adapter(INIT_ADAPTER, self.lora_cfg):
+                p.requires_grad_(False)
+            set_peft_model_state_dict(self.model, init_adapter_state(self.lora_cfg.init, self.device), adapter_name=INIT_ADAPTER)
+        return active_adapter(self.model, INIT_ADAPTER)
+
+    def saved_adapters(self) -> list[str]:
+        """The adapters a checkpoint holds: every one but the frozen copy of lora.init."""
+        return [n for n in self.model.peft_config if n != INIT_ADAPTER]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The default adapter's weights (what the learner's optimizer trains)."""

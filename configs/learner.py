@@ -126,7 +126,7 @@ class SFTObjective(Section):
 
 class PPOObjective(Section):
     """The reward-maximizing baseline: clipped policy gradient on log R with a group-mean baseline
-    (RLOO/GRPO, no value head) and a KL penalty to the frozen base model. On-policy only."""
+    (RLOO/GRPO, no value head) and a KL penalty to a frozen reference (`reference`). On-policy only."""
 
     type: Literal["ppo"] = "ppo"
     """Discriminator: 'ppo'."""
@@ -135,7 +135,12 @@ class PPOObjective(Section):
     """ε of the clipped ratio."""
 
     kl_coef: float = Field(0.05, ge=0)
-    """β: weight of the KL penalty to the base model (adapter off), per action."""
+    """β: weight of the KL penalty to the reference policy (`reference`), per action."""
+
+    reference: Literal["base", "init"] = "base"
+    """The policy the KL penalty holds the run near: 'base', the base model with the adapter off;
+    'init', the adapter training started from (lora.init, e.g. an SFT run's: the usual RLHF
+    reference), frozen. 'init' needs lora.init."""
 
     epochs: int = Field(2, ge=1)
     """Passes over each collected batch."""

@@ -41,7 +41,10 @@ def check(config: str | dict | Config | None, overrides: Iterable[str] = (), mod
     from gfnlm.actors.models import check_lora_targets
     from gfnlm.rewards import check_data
 
+    from .preflight import check_reference
+
     cfg = load_config(config, overrides)
+    check_reference(cfg)
     data = check_data(cfg)
     if model:
         check_lora_targets(cfg)

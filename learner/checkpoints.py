@@ -4,7 +4,6 @@ and renamed so that a crash never leaves half a checkpoint, and read with weight
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 
 from gfnlm.actors.policy import Policy
-from gfnlm.configs import UserError
+from gfnlm.actors.checkpoint_files import (  # noqa: F401  (the learner reads them from here)
+    CheckpointError, check_adapter_file, intact_checkpoint, latest_checkpoint, newest_intact, read_trainer_state)
 
 from .driver import Driver
 
@@ -49,71 +49,6 @@ def py_rng_from(state) -> tuple:
     return version, tuple(internal), gauss
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read; the message names its file."""
-
-
-def read_trainer_state(ckpt_dir: str) -> dict:
-    """trainer.pt of a checkpoint, unpickling nothing but tensors and plain containers."""
-    path = os.path.join(ckpt_dir, "trainer.pt")
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
-    except Exception as e:  # truncated zip, bytes that are not a checkpoint, a pickled object weights_only refuses
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first[:160]})") from None
-
-
-def check_adapter_file(adapter_dir: str) -> None:
-    """Raise CheckpointError unless the adapter's safetensors file is whole: its JSON header reads and
-    the file holds every byte the header promises."""
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            header = int.from_bytes(fh.read(8), "little")
-            meta = json.loads(fh.read(header))
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if size < 8 + header + end:
-            raise ValueError(f"{size} bytes, the header promises {8 + header + end}")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot be read ({first[:160]})") from None
-
-
-def newest_intact(run_dir: str, log=print) -> tuple[str, dict] | None:
-    """(path, trainer state) of the newest checkpoint of run_dir whose adapter and trainer state both
-    read; a damaged newer one is named in the log and skipped. None if the run has no checkpoint at
-    all; CheckpointError if every one is damaged."""
-    root = os.path.join(run_dir, "checkpoints")
-    steps = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True) if os.path.isdir(root) else []
-    latest = latest_checkpoint(run_dir)
-    if latest is not None and os.path.basename(latest) in steps:  # the pointer first (normally the newest)
-        steps.remove(os.path.basename(latest))
-        steps.insert(0, os.path.basename(latest))
-    errors = []
-    for name in steps:
-        path = os.path.join(root, name)
-        try:
-            check_adapter_file(os.path.join(path, "adapter"))
-            return path, read_trainer_state(path)
-        except CheckpointError as e:
-            errors.append(str(e))
-            log(f"gfnlm: warning: {e}; trying the previous checkpoint")
-    if errors:
-        raise CheckpointError(f"{root}: no intact checkpoint ({errors[0]})")
-    return None
-
-
-def intact_checkpoint(run_dir: str, log=print) -> str | None:
-    """The path of `newest_intact`'s checkpoint."""
-    found = newest_intact(run_dir, log)
-    return found[0] if found else None
-
-
 def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: int) -> str:
     """Write checkpoints/step_N atomically (temp folder, then rename) and point `latest` at it."""
     root = os.path.join(run_dir, "checkpoints")
@@ -123,7 +58,7 @@ def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: 
     tmp = os.path.join(root, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    policy.model.save_pretrained(os.path.join(tmp, "adapter"))
+    policy.model.save_pretrained(os.path.join(tmp, "adapter"), selected_adapters=policy.saved_adapters())
     torch.save(extra, os.path.join(tmp, "trainer.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -133,15 +68,6 @@ def save_checkpoint(run_dir: str, step: int, policy: Policy, extra: dict, keep: 
     for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    pointer = os.path.join(run_dir, "checkpoints", "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(run_dir, "checkpoints", f.read().strip())
-    return path if os.path.isdir(path) else None
 
 
 def load_adapter_weights(policy: Policy, adapter_dir: str) -> None:

@@ -239,7 +239,8 @@ class SFT(_Stateless):
 class PPO:
     """The reward-maximizing baseline: clipped policy gradient on the tempered log R of the whole Z,
     a leave-one-out group-mean baseline over a record's samples instead of a value head, a KL
-    penalty to the frozen base model (the adapter switched off), and `epochs` passes of
+    penalty to the frozen base model (the adapter switched off) or to the adapter training started
+    from (`reference: init`), and `epochs` passes of
     `minibatches` optimizer steps over each collected batch (`plan`)."""
 
     name, samples, masks_end = "ppo", True, True
@@ -268,7 +269,7 @@ class PPO:
         was_training = policy.model.training
         policy.model.eval()
         try:
-            with torch.no_grad(), policy.model.disable_adapter():
+            with torch.no_grad(), (policy.starting_policy() if self.cfg.reference == "init" else policy.model.disable_adapter()):
                 for rid, ts in per_record.items():
                     log_pf, log_pterm, lengths, tool = policy.logprobs(req.prompt_ids(rid), ts, req.end_ids,
                                                                        req.banned_ids, req.ban_penalty, 0, req.can_end,

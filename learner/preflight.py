@@ -67,8 +67,19 @@ def check_resume(cfg: Config, run_dir: str) -> str:
     return ckpt
 
 
+def check_reference(cfg: Config) -> None:
+    """PPO's `reference: init` needs lora.init (not a schema rule: a trained run is read back with
+    lora.init off, its checkpoint holding the adapter)."""
+    objective = cfg.learner.objective
+    if objective.type == "ppo" and objective.reference == "init" and not cfg.lora.init:
+        raise ConfigError("learner.objective.reference: 'init' holds the run near the adapter it started from, "
+                          "and lora.init names none; set lora.init, or reference: base")
+
+
 def check_init(cfg: Config) -> None:
-    """The adapter lora.init starts from: found, whole, and of the config's rank and target modules."""
+    """The adapter lora.init starts from: found, whole, and of the config's rank and target modules
+    (and `check_reference`)."""
+    check_reference(cfg)
     if not cfg.lora.init:
         return
     from gfnlm.actors.models import init_adapter_dir

@@ -331,6 +331,49 @@ def test_ppo_first_ratio_is_one_and_training_moves_the_adapter_only(tiny_llama, 
     assert changed and all(torch.equal(v, base[k]) for k, v in d.c.policy.model.named_parameters() if not v.requires_grad)
 
 
+def test_ppo_reference_init_holds_the_run_near_the_adapter_it_started_from(tiny_llama, tmp_path):
+    """`reference: init`: PPO's KL penalty is to the frozen adapter lora.init names (zero on the first
+    step of a run started from it), `base` to the base model (not zero then); the frozen copy is left
+    out of checkpoints; `init` without lora.init is a one-line error from `gfnlm check`."""
+    from gfnlm.actors.policy import Policy
+    from gfnlm.learner import api
+    from gfnlm.learner.checkpoints import save_checkpoint
+    from gfnlm.learner.loop import LocalDriver, collect
+
+    ppo = {"batch.on_policy": 1, "batch.tempered": 0, "batch.replay": 0}
+    first = load_config("arithmetic.yaml", arithmetic_overrides(tiny_llama, tmp_path))
+    start = Policy(first.model, first.lora)
+    torch.manual_seed(0)
+    for n, p in start.model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0.0, 0.05)
+    start.model.save_pretrained(str(tmp_path / "sft"))
+    kl = {}
+    for reference in ("init", "base"):
+        (tmp_path / reference).mkdir()
+        ov = arithmetic_overrides(tiny_llama, tmp_path / reference, **ppo, **{
+            "learner.objective": f"{{type: ppo, reference: {reference}}}", "lora.init": str(tmp_path / "sft")})
+        d = LocalDriver(load_config("arithmetic.yaml", ov))
+        torch.manual_seed(1)
+        _, mixed = collect(d.c, d.c.scheduler.next(), 1.0, d.serve)
+        d.c.learner.objective.plan([mixed], d.c.policy, 1.0)
+        d.c.policy.model.train()
+        kl[reference] = d.c.learner.loss(mixed, 1.0)[1]["kl"]
+        if reference == "init":
+            assert "init" in d.c.policy.model.peft_config and d.c.policy.saved_adapters() == ["default"]
+            assert all(not p.requires_grad for n, p in d.c.policy.model.named_parameters() if ".init." in n)
+            trained = {id(p) for p in d.c.policy.trainable_parameters()}
+            assert not any(id(p) in trained for n, p in d.c.policy.model.named_parameters() if ".init." in n)
+            saved = save_checkpoint(str(tmp_path / "ckpt"), 1, d.c.policy, {}, keep=1)
+            held = os.listdir(os.path.join(saved, "adapter"))
+            assert "adapter_model.safetensors" in held and "init" not in held, held
+    assert kl["init"] == pytest.approx(0.0, abs=1e-6) and abs(kl["base"]) > 1e-4, kl
+    with pytest.raises(ConfigError) as e:
+        api.check("arithmetic.yaml", arithmetic_overrides(tiny_llama, tmp_path, **ppo, **{
+            "learner.objective": "{type: ppo, reference: init}"}))
+    assert str(e.value).startswith("learner.objective.reference: 'init'") and "\n" not in str(e.value)
+
+
 # -- runs, sample and predict ---------------------------------------------------------------------
 
 

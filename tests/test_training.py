@@ -200,6 +200,19 @@ def test_lora_init_starts_from_an_earlier_runs_adapter_and_is_checked_first(tiny
         assert str(e.value).startswith(says) and "\n" not in str(e.value), str(e.value)
         assert not out.exists()
 
+    # a damaged newest checkpoint of that run is skipped, as when a run resumes: its intact one is the init
+    import shutil
+
+    from gfnlm.actors.models import init_adapter_dir
+    from gfnlm.learner.preflight import check_init
+
+    good = init_adapter_dir(str(first))
+    shutil.copytree(os.path.dirname(good), first / "checkpoints" / "step_9999999")
+    (first / "checkpoints" / "step_9999999" / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 12)
+    (first / "checkpoints" / "latest").write_text("step_9999999\n")
+    assert init_adapter_dir(str(first)) == good
+    check_init(cfg)
+
     # a run that started from it is evaluated and loaded from its own checkpoint, the init gone
     train(cfg, str(tmp_path / "next"))
     (tmp_path / "sft").rename(tmp_path / "moved")
