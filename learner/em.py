@@ -71,7 +71,8 @@ class MStep:
         losses, accs = [], []
         pad = policy.tokenizer.pad_token_id
         for _ in range(self.cfg.m_steps):
-            reqs = [PromptRequest(r, task.prompt_ids(r), self.cfg.m_samples) for r in task.train_ids]
+            ids = self.records()
+            reqs = [PromptRequest(r, task.prompt_ids(r), self.cfg.m_samples) for r in ids]
             sampler.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
             with torch.no_grad(), z_policy(policy.model, self.cfg):
                 samples = sampler.generate_batch(reqs, task.min_len, task.max_len, task.end_ids, sorted(task.banned_ids),
@@ -80,7 +81,7 @@ class MStep:
             policy.model.train()
             with active_adapter(policy.model, M_ADAPTER):
                 total, right, n = 0.0, 0, 0
-                for rid in task.train_ids:
+                for rid in ids:
                     ts = [t for t in samples if t.record_id == rid]
                     if not ts:
                         continue
@@ -101,6 +102,14 @@ class MStep:
             task.reward_version += 1
         return {"m_loss": losses[-1], "m_train_accuracy": accs[-1], "m_seconds": time.perf_counter() - t0,
                 "reward_version": task.reward_version}
+
+    def records(self) -> list[int]:
+        """The training records of one M step: every one, or `m_records` drawn without replacement."""
+        ids = list(self.task.train_ids)
+        k = self.cfg.m_records
+        if k <= 0 or k >= len(ids):
+            return ids
+        return sorted(ids[i] for i in torch.randperm(len(ids), generator=self.generator)[:k].tolist())
 
     def state_dict(self) -> dict:
         from peft import get_peft_model_state_dict

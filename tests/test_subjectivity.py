@@ -183,6 +183,38 @@ def test_the_authors_em_a_frozen_base_reward_then_one_m_phase(tiny_llama, tmp_pa
     assert c.task.classify([t]) == [int(logits[0, 1] > logits[0, 0])]
 
 
+def test_an_m_step_may_draw_a_few_training_records_instead_of_all(tiny_llama, tmp_path):
+    """em.m_records: each M step samples Z for, and trains on, that many training records, a fresh
+    seeded draw without replacement per step; 0 (or as many as there are) takes every record."""
+    from gfnlm.learner.loop import LocalDriver
+
+    em = "{schedule: after, e_reward: base, e_steps: 1, m_steps: 3, m_lr: 0.05, m_samples: 2, m_records: 2}"
+    c = LocalDriver(load_config("subjectivity.yaml", subj_overrides(tiny_llama, tmp_path, **{"task.em": em}))).c
+    asked = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.generator = inner, inner.generator
+
+        def generate_batch(self, reqs, *a, **k):
+            asked.append(sorted(r.record_id for r in reqs))
+            return self.inner.generate_batch(reqs, *a, **k)
+
+    generator = c.em.generator.get_state()
+    out = c.em.run(Spy(c.sampler))
+    assert len(asked) == 3 and all(len(ids) == 2 and set(ids) <= set(c.task.train_ids) for ids in asked)
+    assert math.isfinite(out["m_loss"])
+    first, asked[:] = list(asked), []
+    c.em.generator.set_state(generator)
+    c.em.run(Spy(c.sampler))
+    assert asked == first  # the draws come from the M phase's seeded generator
+    draws = {tuple(c.em.records()) for _ in range(20)}
+    assert len(draws) > 1  # fresh per step
+    for k in (0, 4, 9):
+        c.em.cfg = c.em.cfg.model_copy(update={"m_records": k})
+        assert c.em.records() == list(c.task.train_ids)
+
+
 def test_m_only_learns_from_the_base_models_z_and_predicts_with_it(tiny_llama, tmp_path, monkeypatch):
     """em.z_from base (the M-only ablation): the M phase's Z and prediction's Z come from the base
     model with every adapter off, however far the E adapter has moved."""
