@@ -31,6 +31,18 @@ from .infilling import InfillingTask
 from .records import Record, RecordError, load_records, one_of
 
 
+def z_spread(texts: list[str]) -> dict:
+    """How varied the sampled Z are, over every review's samples: z_distinct (distinct strings),
+    z_top_share (the share of the most frequent one) and z_top (that string). Rationales vary with
+    the review; a collapsed E-step writes one phrase for all of them."""
+    import collections
+
+    if not texts:
+        return {}
+    top, count = collections.Counter(texts).most_common(1)[0]
+    return {"z_distinct": len(set(texts)), "z_top_share": count / len(texts), "z_top": top}
+
+
 class SubjectivityTask(InfillingTask):
     name = "subjectivity"
 
@@ -196,7 +208,8 @@ class SubjectivityTask(InfillingTask):
                 for r in ids:
                     winner, _ = vote(self.classify(sampled[r]))
                     correct_v += int(winner == self.label(r))
-                fig = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids)}
+                fig = {"acc_greedy": correct_g / len(ids), "acc_vote": correct_v / len(ids),
+                       **z_spread([self.tokenizer.decode(t.tokens) for r in ids for t in sampled[r]])}
                 shown = [{"text": self.records[r].fields["text"][:120], "label": self.label(r),
                           "z": [self.tokenizer.decode(t.tokens) for t in sampled[r][:4]]} for r in ids[:3]]
             elif m == "classifier":  # X -> Y: the policy's own label word, no Z (the SFT baseline)
@@ -225,8 +238,10 @@ class SubjectivityTask(InfillingTask):
             return {**fig, "records": len(ids), "votes": k}, shown
 
         def line(m: str, fig: dict) -> str:
+            spread = (f"; {fig['z_distinct']} distinct Z of {len(ids) * k}, the commonest {fig['z_top']!r} "
+                      f"{100 * fig['z_top_share']:.0f} %" if "z_distinct" in fig else "")
             return (f"gfnlm eval {m:>10}: accuracy greedy {fig['acc_greedy']:.3f}  vote {fig['acc_vote']:.3f}  "
-                    f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {fig['seconds']:.0f} s)")
+                    f"({len(ids)} test reviews, vote of {k} at T={temp:g}, {fig['seconds']:.0f} s{spread})")
 
         def table(results: dict) -> str:
             return (f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"

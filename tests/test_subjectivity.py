@@ -283,8 +283,11 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
     assert set(result["methods"]) == {"trained", "prompting"}
     for fig in result["methods"].values():
         assert 0 <= fig["acc_greedy"] <= 1 and 0 <= fig["acc_vote"] <= 1 and fig["records"] == 2
-    assert (run / "checkpoints" / "step_0000002" / "adapter" / "m" / "adapter_model.safetensors").is_file()
-    capsys.readouterr()
+    # the trained row says how varied its Z are: distinct strings over every review's samples, the commonest's share
+    trained, shown = result["methods"]["trained"], result["examples"]["trained"]
+    assert 1 <= trained["z_distinct"] <= 2 * 3 and 0 < trained["z_top_share"] <= 1
+    assert any(trained["z_top"] in e["z"] for e in shown)
+    assert "distinct Z of 6" in capsys.readouterr().err
     assert main(["sample", str(run), "--prompt", "a dull film .", "--answer", "1", "-n", "3"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and all(math.isfinite(x["log_r"]) and x["answer"] in (0, 1) for x in lines)
@@ -294,6 +297,13 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
     assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0  # the run's own config
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["records"] == result["records"] and set(again["methods"]) == {"trained", "prompting"}
+
+
+def test_z_spread_counts_distinct_rationales_and_the_commonest_share():
+    from gfnlm.rewards.subjectivity import z_spread
+
+    assert z_spread([" a", " b", " a", " a"]) == {"z_distinct": 2, "z_top_share": 0.75, "z_top": " a"}
+    assert z_spread([]) == {}
 
 
 def test_em_in_ray_mode_is_refused():
