@@ -191,6 +191,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     keys = [k for k in (NUMBER_KEYS if numbers else TABLE_KEYS) if any(k in r for r in table.values())]
     for prefix in ("acc_", "steps_"):  # answer tasks: accuracy per test set, then calculator steps per rationale
         keys += sorted({k for r in table.values() for k in r if k.startswith(prefix)})
+    keys += [k for k in ("z_distinct", "z_top_share") if any(k in r for r in table.values())]  # latent Z: how varied
     first = plan[0][2]
     sample = next(iter(rows.values()))[0] if rows else {}
     sets = [k[len("questions_"):] for k in sample if k.startswith("questions_")]
@@ -211,6 +212,8 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
              "| method | n | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
     for method, cell in table.items():
         lines.append(f"| {method} | {len(rows[method])} | " + " | ".join(cell.get(k, "") for k in keys) + " |")
+    if not table:
+        lines[-2:] = ["No run of this table has finished yet."]
     for run, e in (selection or {}).items():
         if "chosen" not in e:
             continue

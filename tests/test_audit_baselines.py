@@ -361,8 +361,8 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
 
 
 def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, tmp_path, monkeypatch, capsys):
-    """A call with fewer seeds than --out holds rewrites the table with its own seeds and says which
-    finished runs' seeds it left out, and the --seeds that takes them in; unfinished runs, other
+    """A call with fewer seeds than --out holds rewrites the table with its own seeds (a latent task's
+    Z spread among its columns) and says which finished runs' seeds it left out, and the --seeds that takes them in; unfinished runs, other
     folders and other runs' names do not count."""
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main, seeds_left_out
@@ -370,7 +370,7 @@ def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, t
     def fake(cfg, run_dir, resume=False, methods=None):
         os.makedirs(run_dir, exist_ok=True)
         pathlib.Path(run_dir, "eval.json").write_text("{}")
-        return {"trained": {"valid": 1.0}}
+        return {"trained": {"valid": 1.0, "z_distinct": 3, "z_top_share": 0.5, "z_top": " so"}}
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
     out = tmp_path / "out"
@@ -383,7 +383,9 @@ def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, t
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="0")) == 0
     err = capsys.readouterr().err
     assert "also holds finished runs of seeds [1, 2]: --seeds 0,1,2 puts them in it" in err
-    assert read_table_md(out / "table.md")["gfn"][0] == "1"
+    table = read_table_md(out / "table.md")
+    assert table["gfn"][0] == "1"
+    assert table["|header|"] == ["n", "valid", "z_distinct", "z_top_share"]  # a latent task's Z spread; text left out
     assert seeds_left_out(str(out), {"seeds": [0, 1, 2], "runs": [{"name": "gfn"}]}) == []
     assert seeds_left_out(str(tmp_path / "absent"), {"seeds": [0], "runs": [{"name": "gfn"}]}) == []
 
@@ -626,7 +628,9 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
         return list(calls)
 
     assert call("gfn/fast") == ["select/gfn/fast-seed0"]
-    assert "gfn: " not in (out / "table.md").read_text(), "one candidate of two: nothing chosen yet"
+    text = (out / "table.md").read_text()
+    assert "gfn: " not in text, "one candidate of two: nothing chosen yet"
+    assert text.rstrip().endswith("No run of this table has finished yet.") and "| method |" not in text
     with run_lock(str(out / "tb-seed0")) as held:  # as if another process were training tb-seed0 now
         assert held
         assert call("gfn/slow,tb") == ["select/gfn/slow-seed0", "tb-seed1"], "a run whose lock is held is left alone"
