@@ -245,8 +245,11 @@ class SubjectivityTask(InfillingTask):
 
         def table(results: dict) -> str:
             return (f"**{self.name}: {len(ids)} {split_label(eval_cfg.split)} reviews**\n\n"
-                    f"| method | accuracy, greedy Z | accuracy, vote of {k} |\n| --- | --- | --- |\n"
-                    + "".join(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} |\n"
+                    f"| method | accuracy, greedy Z | accuracy, vote of {k} | distinct Z of {len(ids) * k} (the commonest) |\n"
+                    "| --- | --- | --- | --- |\n"
+                    + "".join(f"| {m} | {100 * fig['acc_greedy']:.1f} | {100 * fig['acc_vote']:.1f} | "
+                              + (f"{fig['z_distinct']} ({fig['z_top']!r} {100 * fig['z_top_share']:.0f} %)"
+                                 if "z_distinct" in fig else "") + " |\n"
                               for m, fig in results.items()))
 
         return Evaluation(methods, figures, line, table, header={"task": self.name, "split": eval_cfg.split, "records": ids},

@@ -288,6 +288,8 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
     assert 1 <= trained["z_distinct"] <= 2 * 3 and 0 < trained["z_top_share"] <= 1
     assert any(trained["z_top"] in e["z"] for e in shown)
     assert "distinct Z of 6" in capsys.readouterr().err
+    md = (run / "eval.md").read_text().splitlines()
+    assert "distinct Z of 6 (the commonest)" in md[2] and f"{trained['z_distinct']} ({trained['z_top']!r}" in md[4]
     assert main(["sample", str(run), "--prompt", "a dull film .", "--answer", "1", "-n", "3"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and all(math.isfinite(x["log_r"]) and x["answer"] in (0, 1) for x in lines)
