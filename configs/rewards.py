@@ -108,6 +108,11 @@ class EvalConfig(Section):
     samples_per_record: int = Field(16, ge=1)
     """Tasks over records: samples drawn per test record by each method."""
 
+    seed: int = 0
+    """Seed of the evaluation's samples: each method starts from it (mixed with the method's name),
+    so the figures a run wrote at the end of training are what `gfnlm eval --run` writes again,
+    whatever the generator drew before, and adding a baseline changes no other method's samples."""
+
     max_records: int | None = Field(None, ge=1)
     """Tasks over records: evaluate on at most this many test records (seeded choice)."""
 

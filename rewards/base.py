@@ -125,9 +125,10 @@ class Task:
     def evaluate(self, policy, sampler, eval_cfg, out_dir: str, log=print, methods=None) -> dict:
         """Run the task's evaluation through the one runner: eval.json, eval.md (and eval.png) in
         out_dir; name -> figures of every method."""
-        from .evaluation import run_evaluation
+        from .evaluation import reseeder, run_evaluation
 
-        return run_evaluation(self.evaluation(policy, sampler, eval_cfg, methods), out_dir, log)
+        return run_evaluation(self.evaluation(policy, sampler, eval_cfg, methods), out_dir, log,
+                              reseed=reseeder(sampler, eval_cfg.seed))
 
     def track(self, policy) -> dict:
         """Cheap figures of the policy for metrics.jsonl every eval.track_every steps (none by default)."""

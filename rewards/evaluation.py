@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,11 +41,34 @@ class Evaluation:
     since its first version, kept so that scripts reading eval.json["trained"] go on working."""
 
 
-def run_evaluation(ev: Evaluation, out_dir: str, log=print) -> dict:
-    """Run every method of `ev`, log a line each, write eval.json, eval.md (and eval.png); the figures."""
+def method_seed(seed: int, method: str) -> int:
+    """The seed a method's evaluation starts from: `eval.seed` mixed with the method's name (stable
+    across processes, unlike hash())."""
+    return (seed * 1_000_003 + zlib.crc32(method.encode())) % 2**31
+
+
+def reseeder(sampler, seed: int) -> Callable[[str], None]:
+    """Before each method: torch's global generator and the sampler's own from `method_seed`."""
+    import torch
+
+    def reseed(method: str) -> None:
+        s = method_seed(seed, method)
+        torch.manual_seed(s)
+        generator = getattr(sampler, "generator", None)
+        if generator is not None:
+            generator.manual_seed(s)
+
+    return reseed
+
+
+def run_evaluation(ev: Evaluation, out_dir: str, log=print, reseed: Callable[[str], None] | None = None) -> dict:
+    """Run every method of `ev` (each after `reseed(method)`), log a line each, write eval.json,
+    eval.md (and eval.png); the figures."""
     results, examples = {}, {}
     with ev.context():
         for method in ev.methods:
+            if reseed is not None:
+                reseed(method)
             t0 = time.perf_counter()
             figures, shown = ev.figures(method)
             figures["seconds"] = time.perf_counter() - t0

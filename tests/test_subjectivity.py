@@ -299,6 +299,10 @@ def test_short_subjectivity_run_then_sample_and_predict_with_both_adapters(tiny_
     assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0  # the run's own config
     again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["records"] == result["records"] and set(again["methods"]) == {"trained", "prompting"}
+    # eval.seed: the run's own evaluation and a later one draw the same samples, whatever training drew
+    assert again["examples"] == result["examples"]
+    assert all({k: v for k, v in again["methods"][m].items() if k != "seconds"}
+               == {k: v for k, v in result["methods"][m].items() if k != "seconds"} for m in again["methods"])
 
 
 def test_z_spread_counts_distinct_rationales_and_the_commonest_share():
