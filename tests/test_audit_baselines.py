@@ -428,7 +428,7 @@ def test_table_png_draws_every_test_sets_accuracy_on_one_scale(tmp_path, monkeyp
     # an error bar that passes 1 widens its accuracy panel instead of being cut at 1
     from gfnlm.learner.table_plot import accuracy_xlim
 
-    assert accuracy_xlim([0.97, 0.5, math.nan], [0.042, 0.1, 0.0]) == (0.0, 0.97 + 0.042)
+    assert accuracy_xlim([0.97, 0.5, math.nan], [0.042, 0.1, 0.0]) == (0.0, 0.97 + 0.042 + 0.02)
     assert accuracy_xlim([0.8], [0.05]) == (0.0, 1.0)
 
 
