@@ -27,7 +27,8 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	# PYTHONFAULTHANDLER: a native crash prints every thread's Python stack (CI once saw SIGSEGV at exit)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest
 
 clean-venv:
 	rm -rf $(VENV)
