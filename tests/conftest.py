@@ -178,7 +178,6 @@ def ray_head(tmp_path):
             shutil.rmtree(temp, ignore_errors=True)
 
 
-
 def pytest_sessionfinish(session, exitstatus):
     """Release what in-process engines left behind while the interpreter is whole: a Ray this
     process started and vLLM's process-wide parallel groups (tests build in-process vLLM engines)."""
@@ -191,7 +190,7 @@ def pytest_sessionfinish(session, exitstatus):
     if "vllm.distributed" in sys.modules:
         from vllm.distributed import cleanup_dist_env_and_memory
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # best effort: the session's result is already decided
             cleanup_dist_env_and_memory()
     import gc
 
