@@ -176,8 +176,7 @@ def _continue(run, cache, tokens: torch.Tensor, lengths: list[int] | None) -> to
 
 def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=None, first_banned_ids=(), lengths=None):
     """`sequence_logprobs` through the allowed columns of the head (`allowed_head`)."""
-    body, weight, bias, allowed = head
-    device = tokens.device
+    body = head[0]
     B, T = tokens.shape
     out = body(input_ids=prompt, use_cache=T > 0, past_key_values=full_cache() if T > 0 else None)
     hidden = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
@@ -185,6 +184,15 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
         rest = _continue(lambda ids, cache: body(input_ids=ids, past_key_values=cache, use_cache=False).last_hidden_state,
                          out.past_key_values, tokens, lengths)
         hidden = torch.cat([hidden, rest], dim=1)
+    return _subset_from_hidden(head, hidden, tokens, end_ids, min_len, can_end, first_banned_ids)
+
+
+def _subset_from_hidden(head, hidden, tokens, end_ids, min_len: int = 0, can_end=None, first_banned_ids=()):
+    """(log_pf, log_pterm) from the body's last hidden state [B, T+1, d] at s_0..s_T, through the
+    allowed columns of the head: the softmax runs over them alone."""
+    _, weight, bias, allowed = head
+    device = tokens.device
+    T = tokens.shape[1]
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [B, T+1, A]
     column = torch.full((int(allowed.max()) + 2,), -1, dtype=torch.long)  # ids past it: banned (the last entry)
     column[allowed] = torch.arange(len(allowed))
@@ -199,6 +207,17 @@ def _subset_logprobs(head, prompt, tokens, end_ids, min_len: int = 0, can_end=No
         logp, log_pterm = _end_logprobs(logits, ends, min_len, can_end)
     log_pf = logp[:, :T, :].gather(2, cols.clamp(min=0)[:, :, None]).squeeze(2)
     log_pf = torch.where(cols >= 0, log_pf, torch.full_like(log_pf, -float("inf")))  # a banned token: impossible
+    return log_pf, log_pterm
+
+
+def _from_logits(logits, tokens, end_ids, banned_ids=(), ban_penalty: float = math.inf, min_len: int = 0,
+                 can_end=None, first_banned_ids=()):
+    """(log_pf, log_pterm) from the LM's logits [B, T+1, V] at s_0..s_T: bans, the first-token rule
+    and ⊤ taken out where a state cannot end, as the samplers draw."""
+    T = tokens.shape[1]
+    logits = ban_first(penalize(logits, banned_ids, ban_penalty), first_banned_ids)
+    logp, log_pterm = _end_logprobs(logits, end_ids, min_len, can_end)  # [B, T+1, V]
+    log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
     return log_pf, log_pterm
 
 
@@ -232,10 +251,58 @@ def sequence_logprobs(model, prompt_ids: list[int], tokens: torch.Tensor, end_id
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    logits = ban_first(penalize(logits, banned_ids, ban_penalty), first_banned_ids)
-    logp, log_pterm = _end_logprobs(logits, end_ids, min_len, can_end)  # [B, T+1, V]
-    log_pf = logp[:, :T, :].gather(2, tokens[:, :, None]).squeeze(2)
-    return log_pf, log_pterm
+    return _from_logits(logits, tokens, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
+
+
+def _joined(prompts: list[list[int]], tokens: torch.Tensor, lengths: list[int], pad_id: int):
+    """(input_ids [B, L], index [B, T+1]): each row's prompt followed by its own tokens, right-padded,
+    and where the output at state s_k of row b sits in it (its prompt's last position + k; past the
+    row's end, the last column). Causal attention: padding changes nothing before a row's end."""
+    B, T = tokens.shape
+    sizes = [len(p) for p in prompts]
+    L = max(n + m for n, m in zip(sizes, lengths))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    for b, (p, m) in enumerate(zip(prompts, lengths)):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids[b, len(p): len(p) + m] = tokens[b, :m].cpu()
+    index = (torch.tensor(sizes)[:, None] - 1 + torch.arange(T + 1)[None, :]).clamp(max=L - 1)
+    return ids.to(tokens.device), index.to(tokens.device)
+
+
+def rows_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, end_ids: list[int], banned_ids=(),
+                  ban_penalty: float = math.inf, min_len: int = 0, can_end: torch.Tensor | None = None,
+                  first_banned_ids=(), lengths: list[int] | None = None, pad_id: int = 0):
+    """`sequence_logprobs` for B rows that each have their own prompt (`prompts[b]`), in one pass
+    over the rows joined to their prompts (`_joined`): what runs fastest when few rows share a
+    prompt (SFT's one reference per record), where a pass per prompt would be many small passes.
+    The same values as `sequence_logprobs` row by row, up to float rounding."""
+    B, T = tokens.shape
+    lengths = lengths if lengths is not None else [T] * B
+    ids, index = _joined(prompts, tokens, lengths, pad_id)
+    head = allowed_head(model, banned_ids, ban_penalty)
+    if head is not None:
+        hidden = head[0](input_ids=ids, use_cache=False).last_hidden_state
+        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return _subset_from_hidden(head, hidden, tokens, end_ids, min_len, can_end, first_banned_ids)
+    lo = int(index.min())  # only the positions some row needs go through the LM head
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(lo, ids.shape[1], device=ids.device)).logits
+    logits = logits.gather(1, (index - lo)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+    return _from_logits(logits, tokens, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
+
+
+PASS_OVERHEAD = 48
+"""One more pass through the model, counted in tokens (as `length_buckets` counts it)."""
+
+
+def joined_is_cheaper(prompt_sizes: list[int], group_lengths: list[list[int]], overhead: int = PASS_OVERHEAD) -> bool:
+    """Whether one pass over every row joined to its prompt (`rows_logprobs`) costs fewer tokens than
+    two passes per prompt (the prompt, then its rows over its shared cache): true when many prompts
+    have few rows each, as SFT's batches of one reference per record."""
+    if len(group_lengths) < 2:
+        return False
+    shared = sum(n + sum(ls) + 2 * overhead for n, ls in zip(prompt_sizes, group_lengths))
+    joined = sum(n * len(ls) + sum(ls) for n, ls in zip(prompt_sizes, group_lengths)) + overhead
+    return joined < shared
 
 
 @contextlib.contextmanager
@@ -293,6 +360,9 @@ class Policy:
                                   f"({loaded.unexpected_keys[0]}); it was trained with other lora settings")
         self.lora_cfg = lora_cfg
         self.version = 0
+        self.join_rows: bool | None = None
+        """How `logprobs_groups` runs several prompts' rows: None chooses by cost (`joined_is_cheaper`);
+        True joins every row to its prompt in one pass, False runs a pass per prompt (benchmarks)."""
 
     def starting_policy(self):
         """A context in which the model is the policy training started from, frozen: the adapter lora.init
@@ -333,6 +403,32 @@ class Policy:
         mask = None if can_end is None else can_end_mask(trajectories, can_end, tokens.shape[1] + 1).to(self.device)
         log_pf, log_pterm = sequence_logprobs(self.model, prompt_ids, tokens, end_ids, banned_ids, ban_penalty, min_len, mask,
                                               first_banned_ids, lengths.tolist())
+        return log_pf, log_pterm, lengths, tool
+
+    def logprobs_groups(self, groups: list[tuple[list[int], list[Trajectory]]], end_ids: list[int], banned_ids=(),
+                        ban_penalty: float = math.inf, min_len: int = 0, can_end=None, first_banned_ids=()):
+        """`logprobs` for several (prompt, trajectories) groups at once, their rows in the groups' order
+        and right-padded to the longest: one pass per prompt over its shared cache, or, where many
+        prompts have few rows each (`joined_is_cheaper`), one pass over every row joined to its prompt."""
+        trajectories = [t for _, ts in groups for t in ts]
+        sizes = [len(p) for p, _ in groups]
+        join = self.join_rows
+        if join is None:
+            join = joined_is_cheaper(sizes, [[t.length for t in ts] for _, ts in groups])
+        if not join:
+            parts = [self.logprobs(p, ts, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
+                     for p, ts in groups]
+            T = max(part[0].shape[1] for part in parts)
+
+            def cat(i, width, value):
+                return torch.cat([torch.nn.functional.pad(part[i], (0, width - part[i].shape[1]), value=value) for part in parts])
+
+            return cat(0, T, 0.0), cat(1, T + 1, 0.0), torch.cat([part[2] for part in parts]), cat(3, T, False)
+        tokens, lengths, tool = pad_tokens(trajectories, self.tokenizer.pad_token_id, self.device)
+        mask = None if can_end is None else can_end_mask(trajectories, can_end, tokens.shape[1] + 1).to(self.device)
+        prompts = [p for p, ts in groups for _ in ts]
+        log_pf, log_pterm = rows_logprobs(self.model, prompts, tokens, end_ids, banned_ids, ban_penalty, min_len, mask,
+                                          first_banned_ids, lengths.tolist(), self.tokenizer.pad_token_id)
         return log_pf, log_pterm, lengths, tool
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -84,7 +84,31 @@ def main(args) -> int:
     print(f"learner, prompt repeated per sample: {naive:.3f} s/update -> {len(batch) / naive:.1f} trajectories/s, "
           f"{seq_tokens / naive:.0f} tokens/s (~{achieved_naive / 1e9:.1f} GFLOP/s = {100 * achieved_naive / flops:.0f}%)")
     print(f"prompt sharing speed-up: x{naive / shared:.2f}")
+    many_prompts(c, max(1, args.steps // 2))
     return 0
+
+
+def many_prompts(c, steps: int, records: int = 16) -> None:
+    """SFT's batch: `records` prompts with one reference each. The learner's update with a pass per
+    prompt against every row joined to its prompt in one pass (`Policy.join_rows`), side by side."""
+    from .loop import references
+
+    batch = references(c, c.task.train_ids[:records])
+    if len(batch.trajectories) < 2:
+        print("many prompts, one row each: skipped (the task's records have no references to train on)")
+        return
+    seconds = {}
+    for join in (False, True, False, True):  # alternated, so that a change in the machine's load hits both
+        c.policy.join_rows = join
+        c.learner.update([batch], 1.0)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            c.learner.update([batch], 1.0)
+        seconds.setdefault(join, []).append((time.perf_counter() - t0) / steps)
+    c.policy.join_rows = None
+    per_prompt, joined = min(seconds[False]), min(seconds[True])
+    print(f"many prompts, one row each ({len(batch.trajectories)} references, the {c.cfg.learner.objective.type} update): "
+          f"a pass per prompt {per_prompt:.3f} s/update, joined in one pass {joined:.3f} s/update -> x{per_prompt / joined:.2f}")
 
 
 def orchestration(args) -> int:

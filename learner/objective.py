@@ -270,14 +270,14 @@ class PPO:
         policy.model.eval()
         try:
             with torch.no_grad(), (policy.starting_policy() if self.cfg.reference == "init" else policy.model.disable_adapter()):
-                for rid, ts in per_record.items():
-                    log_pf, log_pterm, lengths, tool = policy.logprobs(req.prompt_ids(rid), ts, req.end_ids,
-                                                                       req.banned_ids, req.ban_penalty, 0, req.can_end,
-                                                                       req.first_banned_ids)
-                    terminated = torch.tensor([t.terminated for t in ts])
-                    ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, terminated)
-                    for t, row in zip(ts, ref.tolist()):
-                        self._rows[id(t)] = (0.0, behaviour_row(t), row[: t.length + 1])
+                groups = list(per_record.items())
+                log_pf, log_pterm, lengths, tool = policy.logprobs_groups(
+                    [(req.prompt_ids(rid), ts) for rid, ts in groups], req.end_ids, req.banned_ids, req.ban_penalty, 0,
+                    req.can_end, req.first_banned_ids)
+                rows = [t for _, ts in groups for t in ts]
+                ref, _ = action_logprobs(log_pf, log_pterm, lengths, tool, torch.tensor([t.terminated for t in rows]))
+                for t, row in zip(rows, ref.tolist()):
+                    self._rows[id(t)] = (0.0, behaviour_row(t), row[: t.length + 1])
         finally:
             policy.model.train(was_training)
         for t, a in zip(batch, adv):

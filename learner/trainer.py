@@ -38,33 +38,29 @@ class Learner:
 
     def terms(self, batch: MicroBatch, reward_temperature: float) -> PolicyTerms:
         """The teacher-forced pass over a micro-batch, under the rules of the request it answers;
-        trajectories are grouped by record so each prompt runs once."""
+        trajectories are grouped by record: each prompt runs once, its cache shared by its rows, or where
+        many prompts have a row or two each, every row runs joined to its prompt in one pass
+        (`Policy.logprobs_groups`)."""
         req = batch.request
         if any(p.end_rule is not None for p in req.prompts) or any(t.end_allowed is not None for t in batch.trajectories):
             restamp(batch.trajectories, {p.record_id: p.end_rule for p in req.prompts}, self.policy.tokenizer.decode)
         groups = by_record(batch.trajectories)
         ends = req.can_end if self.objective.masks_end else None
-        parts = [self.policy.logprobs(req.prompt_ids(rid), ts, req.end_ids, req.banned_ids, req.ban_penalty, 0, ends,
-                                      req.first_banned_ids)
-                 for rid, ts in groups.items()]
         ordered = [t for ts in groups.values() for t in ts]
-        T = max(p[0].shape[1] for p in parts)
-
-        def cat(i, width, value):
-            return torch.cat([torch.nn.functional.pad(p[i], (0, width - p[i].shape[1]), value=value) for p in parts])
-
-        log_pf, log_pterm = cat(0, T, 0.0), cat(1, T + 1, 0.0)
+        log_pf, log_pterm, lengths, tool = self.policy.logprobs_groups(
+            [(req.prompt_ids(rid), ts) for rid, ts in groups.items()], req.end_ids, req.banned_ids, req.ban_penalty, 0,
+            ends, req.first_banned_ids)
+        T = log_pf.shape[1]
         log_r = torch.zeros_like(log_pterm)
         for b, t in enumerate(ordered):
             if t.log_r is not None:
                 log_r[b, : t.length + 1] = torch.tensor(t.log_r, dtype=log_r.dtype)
         terminated = torch.tensor([t.terminated for t in ordered], device=log_pf.device)
-        lengths = torch.cat([p[2] for p in parts])
         can_end = None
         if ends is not None:  # dead ends (cut where they cannot end) end there by force, at their reward
             log_pterm, can_end = forced_cap_ends(log_pterm, can_end_mask(ordered, ends, T + 1).to(log_pf.device),
                                                  lengths, terminated)
-        return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, cat(3, T, False), terminated, ordered,
+        return PolicyTerms(log_pf, log_pterm, log_r / reward_temperature, lengths, tool, terminated, ordered,
                            state_flows(ordered, self.state_flows, reward_temperature, log_r), can_end,
                            lambda rids: self.prompt_features(req, rids))
 
