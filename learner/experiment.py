@@ -18,7 +18,8 @@ gets the same tuning effort.
 
 Running an experiment again into the same --out reuses every run that finished there with the same
 config (its config.yaml) and evaluated the methods asked for (its eval.json): `--seeds 0,1,2` adds
-seeds to a table without training the finished ones again, and an experiment stopped midway resumes
+seeds to a table without training the finished ones again, `--seeds 2` trains seed 2 alone and the
+finished runs of the other seeds there join its table, and an experiment stopped midway resumes
 the run it stopped in from its last checkpoint. A run folder that holds anything else is moved aside
 (`<run>.replaced-<time>`) before the run trains there.
 
@@ -232,7 +233,7 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
 
 def seeds_left_out(out: str, spec: dict) -> list[int]:
     """The seeds, outside this call's, of the finished runs (<run>-seed<k>/eval.json) that `out` holds:
-    a call with fewer seeds rewrites the table without them."""
+    they join the table without training (those whose config is the call's)."""
     names = {r["name"] for r in spec["runs"]}
     found = set()
     for entry in os.listdir(out) if os.path.isdir(out) else []:
@@ -254,14 +255,23 @@ def main(args) -> int:
         except ValueError:
             raise ConfigError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2") from None
     wanted = parse_runs(getattr(args, "runs", None), spec)
+    asked = list(spec["seeds"])
+    joining = seeds_left_out(out, spec)
+    if joining:  # finished runs of other seeds join the table as --runs' others do; only --seeds train
+        spec["seeds"] = sorted({*asked, *joining})
 
-    def trains(run: str, cand: str | None = None) -> bool:
-        return wanted is None or (run, None) in wanted or (cand is not None and (run, cand) in wanted)
+    def trains(run: str, cand: str | None = None, seed: int | None = None) -> bool:
+        named = wanted is None or (run, None) in wanted or (cand is not None and (run, cand) in wanted)
+        return named and (seed is None or seed in asked)
 
     def log(m: str) -> None:
         print(m, file=sys.stderr)
 
     extra = list(args.override)
+    if joining:
+        log(f"gfnlm experiment {name}: {out} holds finished runs of seeds {joining} besides --seeds {','.join(map(str, asked))}: "
+            f"they join the table where their config is this call's (nothing of them trains); another --out makes a table "
+            f"of --seeds alone")
     selecting = selection_plan(spec, out, extra)
     plan = configs_of(spec, out, extra)  # every config checked before the first run trains
     if not plan:
@@ -304,7 +314,7 @@ def main(args) -> int:
     every = configs_of(spec, out, extra, chosen)  # the table's header describes the preset's first run
     plan = [p for p in every if p[0] not in selection or p[0] in chosen]
     chosen_cfgs = {run: cfg for run, cand, cfg in selecting if cand == chosen.get(run)}
-    mine = sum(trains(p[0]) for p in plan)
+    mine = sum(trains(p[0], seed=p[1]) for p in plan)
     log(f"gfnlm experiment {name}: {len(plan)} runs into {out}" + (f" ({mine} of them named by --runs)" if wanted else ""))
     rows: dict[str, list[dict]] = {}
 
@@ -319,7 +329,7 @@ def main(args) -> int:
         key = f"{run}-seed{seed}"
         first = run in chosen_cfgs and seed == spec["select_seed"]  # trained once already: judge it on test
         try:
-            results = train_or_reuse(cfg, methods, key, walls, before, log, trains(run),
+            results = train_or_reuse(cfg, methods, key, walls, before, log, trains(run, seed=seed),
                                      setup=(lambda: reuse_selection(cfg, chosen_cfgs[run], log)) if first else None)
         except TrainingStopped as e:
             log(f"gfnlm experiment {name}: stopped by {e} during {key}; {os.path.join(out, 'table.md')} "
@@ -331,8 +341,4 @@ def main(args) -> int:
     lines = write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
     log(f"gfnlm: table in {os.path.join(out, 'table.md')}")
-    others = seeds_left_out(out, spec)
-    if others:
-        log(f"gfnlm experiment {name}: the table holds seeds {spec['seeds']}; {out} also holds finished runs of seeds "
-            f"{others}: --seeds {','.join(map(str, sorted({*spec['seeds'], *others})))} puts them in it without training")
     return 0

@@ -136,7 +136,8 @@ def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict,
 
     results = finished(cfg, methods)
     if results is None and not mine:
-        log(f"gfnlm experiment: {key} has not finished in its folder (not in --runs): left out of this call")
+        log(f"gfnlm experiment: {key} has not finished in its folder with this config (not this call's to train: "
+            f"not in --runs or --seeds): left out of this call")
         return None
     if results is None:
         with run_lock(cfg.run.output_dir) as held:

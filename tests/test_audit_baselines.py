@@ -360,17 +360,24 @@ def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama
     assert (out / "table.png").stat().st_size > 1000 and not list(out.glob("*.tmp.png"))
 
 
-def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, tmp_path, monkeypatch, capsys):
-    """A call with fewer seeds than --out holds rewrites the table with its own seeds (a latent task's
-    Z spread among its columns) and says which finished runs' seeds it left out, and the --seeds that takes them in; unfinished runs, other
-    folders and other runs' names do not count."""
+def test_finished_runs_of_other_seeds_join_a_call_with_fewer_seeds(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A call with fewer --seeds than --out holds trains only its own seeds; the finished runs of the
+    others join its table (a latent task's Z spread among its columns), with a line saying so. Unfinished runs,
+    other folders and other runs' names do not count, and a finished run of another config is left out."""
     from gfnlm.learner import runner
     from gfnlm.learner.experiment import main, seeds_left_out
 
-    def fake(cfg, run_dir, resume=False, methods=None):
+    trained = []
+
+    def fake(cfg, run_dir, resume=False, methods=None):  # a finished run's folder: its config and eval.json
+        from gfnlm.learner.experiment_runs import saved_form
+
+        trained.append(os.path.basename(run_dir))
         os.makedirs(run_dir, exist_ok=True)
-        pathlib.Path(run_dir, "eval.json").write_text("{}")
-        return {"trained": {"valid": 1.0, "z_distinct": 3, "z_top_share": 0.5, "z_top": " so"}}
+        pathlib.Path(run_dir, "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+        results = {m: {"valid": 1.0, "z_distinct": 3, "z_top_share": 0.5, "z_top": " so"} for m in methods}
+        pathlib.Path(run_dir, "eval.json").write_text(json.dumps(results))
+        return results
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake)
     out = tmp_path / "out"
@@ -379,15 +386,25 @@ def test_experiment_says_which_finished_seeds_its_table_leaves_out(tiny_llama, t
     (out / "gfn-seed7").mkdir()  # started, never finished
     (out / "other-seed5").mkdir()
     (out / "other-seed5" / "eval.json").write_text("{}")
+    (out / "tb-seed1" / "eval.json").unlink()  # tb's seed 1 is unfinished: it does not train, not being asked
     capsys.readouterr()
+    trained.clear()
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="0")) == 0
     err = capsys.readouterr().err
-    assert "also holds finished runs of seeds [1, 2]: --seeds 0,1,2 puts them in it" in err
+    assert trained == []
+    assert "holds finished runs of seeds [1, 2] besides --seeds 0: they join the table" in err
+    assert "tb-seed1 has not finished in its folder with this config" in err
     table = read_table_md(out / "table.md")
-    assert table["gfn"][0] == "1"
+    assert table["gfn"][0] == "3" and table["tb"][0] == "2"
     assert table["|header|"] == ["n", "valid", "z_distinct", "z_top_share"]  # a latent task's Z spread; text left out
+    assert json.loads((out / "table.json").read_text())["seeds"] == [0, 1, 2]
     assert seeds_left_out(str(out), {"seeds": [0, 1, 2], "runs": [{"name": "gfn"}]}) == []
     assert seeds_left_out(str(tmp_path / "absent"), {"seeds": [0], "runs": [{"name": "gfn"}]}) == []
+    # another config (more steps): seed 0 trains again; the finished seeds, of the old config, stay out
+    assert main(argparse.Namespace(name=spec, out=str(out), override=["learner.steps=3"], seeds="0")) == 0
+    assert trained == ["gfn-seed0", "tb-seed0"]
+    table = read_table_md(out / "table.md")
+    assert table["gfn"][0] == "1" and table["tb"][0] == "1"
 
 
 def test_table_png_shows_each_tasks_headline_figures():
@@ -724,7 +741,7 @@ def test_experiment_end_to_end_on_a_tiny_budget(tiny_llama, tmp_path, monkeypatc
     trained.clear()
     assert main(argparse.Namespace(name=spec, out=str(out), override=[], seeds="1,2")) == 0
     assert trained == [("gfn-seed2", 2), ("tb-seed2", 2)]
-    assert json.loads((out / "table.json").read_text())["seeds"] == [1, 2]
+    assert json.loads((out / "table.json").read_text())["seeds"] == [0, 1, 2]  # seed 0 finished: it joins
     assert main(argparse.Namespace(name=spec, out=str(out), override=["learner.steps=3"], seeds="0")) == 0
     assert trained[2:] == [("gfn-seed0", 3), ("tb-seed0", 3)]
     aside = [p.name for p in out.iterdir() if ".replaced-" in p.name]
