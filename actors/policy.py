@@ -58,6 +58,19 @@ def ban_first(logits: torch.Tensor, first_banned_ids) -> torch.Tensor:
     return logits.masked_fill(where, -float("inf"))
 
 
+def body_and_head(model):
+    """(body, LM head) where the logits are a plain linear layer over the body's last hidden state
+    (most causal LMs), so that the head can run on the positions that need it alone; None otherwise
+    (e.g. a model that soft-caps its logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    body = getattr(base, "base_model", None)
+    if (not isinstance(head, torch.nn.Linear) or body is None or body is base
+            or getattr(base.config, "final_logit_softcapping", None)):
+        return None
+    return body, head
+
+
 def allowed_head(model, banned_ids, ban_penalty: float = math.inf):
     """(body, head weight rows, head bias rows or None, allowed ids) when most of the vocabulary is
     banned outright (arithmetic allows ~15 of SmolLM2's 49,152 tokens): the LM head then needs only
@@ -66,12 +79,10 @@ def allowed_head(model, banned_ids, ban_penalty: float = math.inf):
     over its body's last hidden state."""
     if not len(banned_ids) or not math.isinf(ban_penalty):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    body = getattr(base, "base_model", None)
-    if (not isinstance(head, torch.nn.Linear) or body is None or body is base
-            or getattr(base.config, "final_logit_softcapping", None)):
+    split = body_and_head(model)
+    if split is None:
         return None
+    body, head = split
     vocab = head.weight.shape[0]
     if len(banned_ids) < vocab // 2:
         return None
@@ -284,9 +295,14 @@ def rows_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, end_ids
         hidden = head[0](input_ids=ids, use_cache=False).last_hidden_state
         hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return _subset_from_hidden(head, hidden, tokens, end_ids, min_len, can_end, first_banned_ids)
-    lo = int(index.min())  # only the positions some row needs go through the LM head
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(lo, ids.shape[1], device=ids.device)).logits
-    logits = logits.gather(1, (index - lo)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+    split = body_and_head(model)
+    if split is not None:  # the head runs on each row's own states alone: B × (T+1) rows, as a pass per prompt
+        hidden = split[0](input_ids=ids, use_cache=False).last_hidden_state
+        logits = split[1](hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))).float()
+    else:  # the positions some row needs, from the first row's s_0 on
+        lo = int(index.min())
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(lo, ids.shape[1], device=ids.device)).logits
+        logits = logits.gather(1, (index - lo)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
     return _from_logits(logits, tokens, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
 
 

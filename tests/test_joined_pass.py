@@ -44,11 +44,17 @@ def check_same(joined, shared):
         assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["head-on-states", "logits-to-keep"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_joined_rows_equal_a_pass_per_prompt(kind, tiny_llama, tiny_gpt2):
+def test_joined_rows_equal_a_pass_per_prompt(kind, split, tiny_llama, tiny_gpt2, monkeypatch):
     """Prompts of different lengths, rows of different lengths (an empty one too): the same log q of
     every token and every state's ⊤, and the same gradients, under min_len, the first-token rule,
-    a finite ban and a can_end rule."""
+    a finite ban and a can_end rule; with the LM head run on each row's states alone, or (a model
+    whose head is not a plain linear layer) on the positions some row needs."""
+    import gfnlm.actors.policy as module
+
+    if not split:
+        monkeypatch.setattr(module, "body_and_head", lambda model: None)
     policy = make_policy(tiny_llama if kind == "llama" else tiny_gpt2, kind)
     tok = policy.tokenizer
     end = [tok.convert_tokens_to_ids(".")]
