@@ -37,6 +37,20 @@ def test_bench_learner_prints_the_prompt_sharing_speed_up(tiny_llama, tmp_path, 
     shared = figure(out, r"prompt once per batch: .* in [\d.]+ s/update -> ([\d.]+) trajectories/s")
     repeated = figure(out, r"prompt repeated per sample: [\d.]+ s/update -> ([\d.]+) trajectories/s")
     assert figure(out, r"speed-up: x([\d.]+)") == pytest.approx(shared / repeated, rel=0.05)
+    assert "many prompts, one row each: skipped" in out  # random numbers have no references
+
+
+def test_bench_learner_times_sfts_many_prompts_both_ways(tiny_llama, tmp_path, capsys):
+    """SFT's batch of references, one per story: a pass per prompt against the joined pass, and their ratio."""
+    assert main(["bench", "learner", "infilling.yaml", *tiny_bench(tiny_llama, tmp_path), "-o", "runtime.mode=local",
+                 "-o", "learner.objective=sft", "-o", "batch.prompts_per_step=4", "-o", "task.first_token=any", "-o", "task.max_len=12",
+                 "--steps", "2"]) == 0  # the tiny tokenizer spells a space as a token; " One hid." is 9
+    out = capsys.readouterr().out
+    assert "many prompts, one row each (4 references, the sft update)" in out
+    per_prompt = figure(out, r"a pass per prompt ([\d.]+) s/update")
+    joined = figure(out, r"joined in one pass ([\d.]+) s/update")
+    ratio = figure(out, r"joined in one pass [\d.]+ s/update -> x([\d.]+)")  # of the unrounded times
+    assert (per_prompt - 5e-4) / (joined + 5e-4) - 0.01 <= ratio <= (per_prompt + 5e-4) / max(joined - 5e-4, 1e-9) + 0.01
 
 
 def test_bench_training_accounts_for_every_stage_of_a_step(tiny_llama, tmp_path, capsys):
