@@ -178,14 +178,15 @@ def ray_head(tmp_path):
             shutil.rmtree(temp, ignore_errors=True)
 
 
-EXIT_STATUS = pytest.StashKey[int]()
-"""The session's exit status, kept for `pytest_unconfigure` (pytest's documented place for plugin state)."""
+SESSION = pytest.StashKey[pytest.Session]()
+"""The finished session, kept for `pytest_unconfigure`, which reads its exit status as the last
+plugin left it (config.stash: pytest's documented place for plugin state)."""
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Release what in-process engines left behind while the interpreter is whole: a Ray this
     process started and vLLM's process-wide parallel groups (tests build in-process vLLM engines)."""
-    session.config.stash[EXIT_STATUS] = int(session.exitstatus)
+    session.config.stash[SESSION] = session
     if "ray" in sys.modules:
         import ray
 
@@ -208,9 +209,9 @@ def pytest_unconfigure(config):
     (torch, vLLM, Ray's core worker) destroyed their globals, which failed `make test`. The status is
     the session's own, so a failing test still fails the command. GFNLM_TEST_FULL_TEARDOWN=1 keeps
     the full teardown (to look for the crash; PYTHONFAULTHANDLER=1 prints where it happens)."""
-    status = config.stash.get(EXIT_STATUS, None)
-    if status is None or os.environ.get("GFNLM_TEST_FULL_TEARDOWN"):
+    session = config.stash.get(SESSION, None)
+    if session is None or os.environ.get("GFNLM_TEST_FULL_TEARDOWN"):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(int(session.exitstatus))
