@@ -290,20 +290,20 @@ def rows_logprobs(model, prompts: list[list[int]], tokens: torch.Tensor, end_ids
     B, T = tokens.shape
     lengths = lengths if lengths is not None else [T] * B
     ids, index = _joined(prompts, tokens, lengths, pad_id)
-    head = allowed_head(model, banned_ids, ban_penalty)
-    if head is not None:
-        hidden = head[0](input_ids=ids, use_cache=False).last_hidden_state
-        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        return _subset_from_hidden(head, hidden, tokens, end_ids, min_len, can_end, first_banned_ids)
     split = body_and_head(model)
-    if split is not None:  # the head runs on each row's own states alone: B × (T+1) rows, as a pass per prompt
-        hidden = split[0](input_ids=ids, use_cache=False).last_hidden_state
-        logits = split[1](hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))).float()
-    else:  # the positions some row needs, from the first row's s_0 on
+    if split is None:  # the logits at the positions some row needs, from the first row's s_0 on
         lo = int(index.min())
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(lo, ids.shape[1], device=ids.device)).logits
         logits = logits.gather(1, (index - lo)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
-    return _from_logits(logits, tokens, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
+        return _from_logits(logits, tokens, end_ids, banned_ids, ban_penalty, min_len, can_end, first_banned_ids)
+    # the head runs on each row's own states alone: B × (T+1) rows, as a pass per prompt
+    hidden = split[0](input_ids=ids, use_cache=False).last_hidden_state
+    hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    head = allowed_head(model, banned_ids, ban_penalty)  # most of the vocabulary banned: its allowed columns
+    if head is not None:
+        return _subset_from_hidden(head, hidden, tokens, end_ids, min_len, can_end, first_banned_ids)
+    return _from_logits(split[1](hidden).float(), tokens, end_ids, banned_ids, ban_penalty, min_len, can_end,
+                        first_banned_ids)
 
 
 PASS_OVERHEAD = 48
