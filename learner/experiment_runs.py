@@ -22,12 +22,18 @@ WALL_FILE = "wall_seconds.txt"
 
 def same_config(cfg) -> bool:
     """cfg.run.output_dir holds a run of this very config: its config.yaml as training saves it
-    (fitted reward model in place, job named, fields added since then at their defaults)."""
+    (fitted reward model in place, job named, fields added since then at their defaults). The folder
+    it names is not compared: a run folder moved or copied elsewhere (with its name) is the same run."""
     try:
         saved = load_config(os.path.join(cfg.run.output_dir, "config.yaml")).model_dump(mode="json")
     except (OSError, ValueError, ConfigError):
         return False
-    return saved == saved_form(cfg)
+    return without_folder(saved) == without_folder(saved_form(cfg))
+
+
+def without_folder(form: dict) -> dict:
+    """A config's dumped form without run.output_dir, where the run folder happened to be."""
+    return {**form, "run": {k: v for k, v in form["run"].items() if k != "output_dir"}}
 
 
 def finished(cfg, methods: list[str]) -> dict | None:

@@ -407,6 +407,42 @@ def test_finished_runs_of_other_seeds_join_a_call_with_fewer_seeds(tiny_llama, t
     assert table["gfn"][0] == "1" and table["tb"][0] == "1"
 
 
+def test_an_experiment_folder_copied_elsewhere_is_reused_not_trained_again(tiny_llama, tmp_path, monkeypatch):
+    """Each run's config.yaml names the folder it trained in; a copy of the whole --out elsewhere
+    still holds the same finished runs (the folder is not part of the config compared), while a
+    changed setting still trains again."""
+    import shutil
+
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
+
+    trained = []
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        from gfnlm.learner.experiment_runs import saved_form
+
+        trained.append(os.path.basename(run_dir))
+        os.makedirs(run_dir, exist_ok=True)
+        pathlib.Path(run_dir, "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+        results = {m: {"valid": 1.0} for m in methods}
+        pathlib.Path(run_dir, "eval.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    spec = experiment_spec(tmp_path, tiny_llama, seeds=(0,))
+    assert main(argparse.Namespace(name=spec, out=str(tmp_path / "out"), override=[])) == 0
+    assert trained == ["gfn-seed0", "tb-seed0"]
+    shutil.copytree(tmp_path / "out", tmp_path / "moved" / "out")
+    saved = yaml.safe_load((tmp_path / "moved" / "out" / "gfn-seed0" / "config.yaml").read_text())
+    assert saved["run"]["output_dir"] == str(tmp_path / "out" / "gfn-seed0")  # the copy still names the old folder
+    trained.clear()
+    assert main(argparse.Namespace(name=spec, out=str(tmp_path / "moved" / "out"), override=[])) == 0
+    assert trained == []
+    assert read_table_md(tmp_path / "moved" / "out" / "table.md")["gfn"][0] == "1"
+    assert main(argparse.Namespace(name=spec, out=str(tmp_path / "moved" / "out"), override=["learner.lr=3e-4"])) == 0
+    assert trained == ["gfn-seed0", "tb-seed0"]
+
+
 def test_table_png_shows_each_tasks_headline_figures():
     """table.png's panels: accuracy per test set for an answer task, else the first four of the
     task's headline figures present (satisfaction first for constrained generation, BLEU/GLEU for
