@@ -321,6 +321,23 @@ def read_table_md(path) -> dict[str, list[str]]:
     return {"|header|": cells[0][1:], **{c[0]: c[1:] for c in cells[1:]}}
 
 
+def writes_finished_runs(trained: list, figures: dict):
+    """A stand-in for train_and_evaluate that leaves a finished run's folder (its config.yaml as
+    training saves it, and eval.json with `figures` per method) and records the run's name in `trained`."""
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        from gfnlm.learner.experiment_runs import saved_form
+
+        trained.append(os.path.basename(run_dir))
+        os.makedirs(run_dir, exist_ok=True)
+        pathlib.Path(run_dir, "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+        results = {m: dict(figures) for m in methods}
+        pathlib.Path(run_dir, "eval.json").write_text(json.dumps(results))
+        return results
+
+    return fake
+
+
 def test_experiment_labels_rows_counts_runs_and_keeps_a_partial_table(tiny_llama, tmp_path, monkeypatch):
     """main with stand-in training: the base model's row takes its label from spec['labels'], the
     trained policy's its run's name; n counts the runs behind a row; a run stopped by a signal
@@ -368,18 +385,8 @@ def test_finished_runs_of_other_seeds_join_a_call_with_fewer_seeds(tiny_llama, t
     from gfnlm.learner.experiment import main, seeds_left_out
 
     trained = []
-
-    def fake(cfg, run_dir, resume=False, methods=None):  # a finished run's folder: its config and eval.json
-        from gfnlm.learner.experiment_runs import saved_form
-
-        trained.append(os.path.basename(run_dir))
-        os.makedirs(run_dir, exist_ok=True)
-        pathlib.Path(run_dir, "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
-        results = {m: {"valid": 1.0, "z_distinct": 3, "z_top_share": 0.5, "z_top": " so"} for m in methods}
-        pathlib.Path(run_dir, "eval.json").write_text(json.dumps(results))
-        return results
-
-    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    figures = {"valid": 1.0, "z_distinct": 3, "z_top_share": 0.5, "z_top": " so"}
+    monkeypatch.setattr(runner, "train_and_evaluate", writes_finished_runs(trained, figures))
     out = tmp_path / "out"
     spec = experiment_spec(tmp_path, tiny_llama, seeds=(0, 1, 2))
     assert main(argparse.Namespace(name=spec, out=str(out), override=[])) == 0
@@ -417,18 +424,7 @@ def test_an_experiment_folder_copied_elsewhere_is_reused_not_trained_again(tiny_
     from gfnlm.learner.experiment import main
 
     trained = []
-
-    def fake(cfg, run_dir, resume=False, methods=None):
-        from gfnlm.learner.experiment_runs import saved_form
-
-        trained.append(os.path.basename(run_dir))
-        os.makedirs(run_dir, exist_ok=True)
-        pathlib.Path(run_dir, "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
-        results = {m: {"valid": 1.0} for m in methods}
-        pathlib.Path(run_dir, "eval.json").write_text(json.dumps(results))
-        return results
-
-    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    monkeypatch.setattr(runner, "train_and_evaluate", writes_finished_runs(trained, {"valid": 1.0}))
     spec = experiment_spec(tmp_path, tiny_llama, seeds=(0,))
     assert main(argparse.Namespace(name=spec, out=str(tmp_path / "out"), override=[])) == 0
     assert trained == ["gfn-seed0", "tb-seed0"]
