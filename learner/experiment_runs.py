@@ -28,12 +28,25 @@ def same_config(cfg) -> bool:
         saved = load_config(os.path.join(cfg.run.output_dir, "config.yaml")).model_dump(mode="json")
     except (OSError, ValueError, ConfigError):
         return False
-    return without_folder(saved) == without_folder(saved_form(cfg))
+    return without(saved, FOLDER) == without(saved_form(cfg), FOLDER)
 
 
-def without_folder(form: dict) -> dict:
-    """A config's dumped form without run.output_dir, where the run folder happened to be."""
-    return {**form, "run": {k: v for k, v in form["run"].items() if k != "output_dir"}}
+FOLDER = (("run", "output_dir"),)
+"""Where a run's folder sits in its config: where it happened to train, not what it trained."""
+
+
+def without(form: dict, paths) -> dict:
+    """A config's dumped form (a copy) without the fields at `paths` (tuples of keys)."""
+    form = dict(form)
+    for path in paths:
+        node = form
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                break
+            node[key] = node = dict(node[key])
+        else:
+            node.pop(path[-1], None)
+    return form
 
 
 def finished(cfg, methods: list[str]) -> dict | None:

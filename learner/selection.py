@@ -12,7 +12,7 @@ import yaml
 
 from gfnlm.configs import ConfigError, load_config
 
-from .experiment_runs import WALL_FILE, flat, same_config, saved_form
+from .experiment_runs import FOLDER, WALL_FILE, flat, same_config, saved_form, without
 
 
 def check_select(sel, where: str) -> None:
@@ -121,19 +121,13 @@ def bounds_text(e: dict) -> str:
     return f"; only candidates with {' and '.join(parts)} could be chosen" + (f" ({misses})" if misses else "")
 
 
-JUDGED_ONLY = (("eval",), ("run", "output_dir"), ("run", "evaluate_at_end"), ("metrics", "job"))
+JUDGED_ONLY = (("eval",), *FOLDER, ("run", "evaluate_at_end"), ("metrics", "job"))
 """Where a selection run's config may differ from the table run it stands for: how it is judged and its folder."""
 
 
 def training_form(cfg) -> dict:
     """`saved_form` without `JUDGED_ONLY`: what decides the trained adapter."""
-    form = saved_form(cfg)
-    for path in JUDGED_ONLY:
-        node = form
-        for key in path[:-1]:
-            node = node[key]
-        node.pop(path[-1], None)
-    return form
+    return without(saved_form(cfg), JUDGED_ONLY)
 
 
 TRAINED_IN = "trained_in.txt"
