@@ -30,7 +30,8 @@ same config, and are left out of it (with a line saying so) where not. In a run'
 and `{seed}` stand for the experiment's folder and the run's seed, so that one run may start from an
 earlier run's adapter (`lora.init={out}/sft-seed{seed}`; list it after that run). A run whose selection
 candidates have not all finished has no candidate chosen yet, and its table runs are left out until
-a later call. A run trains under a lock (<out>/.locks/<run>-seed<k>.lock), so a call that meets a run
+a later call; table.md lists the candidates that finished, with their scores and eval.md, and those
+it waits for. A run trains under a lock (<out>/.locks/<run>-seed<k>.lock), so a call that meets a run
 another process is training leaves it alone. Only a plain call once every part has finished writes
 the complete table and its total wall time; each run keeps its own wall time in its folder
 (`wall_seconds.txt`) for it.
@@ -216,7 +217,13 @@ def write_table(spec: dict, name: str, out: str, plan, rows: dict, walls: dict, 
     if not table:
         lines[-2:] = ["No run of this table has finished yet."]
     for run, e in (selection or {}).items():
-        if "chosen" not in e:
+        if "chosen" not in e:  # candidates still to finish: what those that did scored, and where
+            seed = spec["select_seed"]
+            done = ", ".join(f"{c} {v:.4g} ({os.path.join('select', run, f'{c}-seed{seed}', 'eval.md')})"
+                             for c, v in e["scores"].items())
+            lines += ["", f"{run}: nothing chosen yet on the validation split (seed {seed}, {e['goal']} "
+                          f"{e['metric']}); " + (f"finished: {done}; " if done else "")
+                      + f"not finished: {', '.join(e.get('missing', []))}"]
             continue
         counts = sorted({str(n) for n in e["records"].values()})
         lines += ["", f"{run}: {e['chosen']} chosen on the validation split (seed {spec['select_seed']}, "

@@ -678,8 +678,11 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
 
     assert call("gfn/fast") == ["select/gfn/fast-seed0"]
     text = (out / "table.md").read_text()
-    assert "gfn: " not in text, "one candidate of two: nothing chosen yet"
-    assert text.rstrip().endswith("No run of this table has finished yet.") and "| method |" not in text
+    assert "chosen on the validation split" not in text, "one candidate of two: nothing chosen yet"
+    assert "No run of this table has finished yet." in text and "| method |" not in text
+    waiting = next(line for line in text.splitlines() if line.startswith("gfn: "))
+    assert "finished: fast -0.01 (select/gfn/fast-seed0/eval.md)" in waiting and waiting.endswith("not finished: slow"), \
+        "a selection half done says what finished, its score and folder, and what it waits for"
     with run_lock(str(out / "tb-seed0")) as held:  # as if another process were training tb-seed0 now
         assert held
         assert call("gfn/slow,tb") == ["select/gfn/slow-seed0", "tb-seed1"], "a run whose lock is held is left alone"
