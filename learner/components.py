@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,24 +62,34 @@ def setup_torch(cfg: Config) -> None:
     torch.manual_seed(cfg.learner.seed)
 
 
-def seed_replay(replay, cfg: Config, task) -> None:
-    """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`)."""
+def seed_replay(replay, cfg: Config, task, log=None) -> None:
+    """Known-good trajectories into the buffer (works on the class or a Ray handle's `add`). Scoring
+    them takes minutes on a CPU where a task has hundreds of records: `log` says so, and how long."""
     if cfg.replay.seed_with_support and cfg.batch.replay > 0:
+        t0, added = time.perf_counter(), 0
+        if log is not None:
+            log(f"gfnlm: replay: scoring the seeds of {len(task.train_ids)} training records (task {task.name})")
         for rid in task.train_ids:
             seeds = [t for t in task.seed_trajectories(rid) if task.reachable(t.tokens)]
             if seeds:
                 replay.add(seeds)
+                added += len(seeds)
+        if log is not None:
+            log(f"gfnlm: replay: {added} seed trajectories in the buffer ({time.perf_counter() - t0:.0f} s)")
 
 
 def new_replay(cfg: Config) -> Replay:
     return Replay(cfg.replay.capacity_per_prompt, cfg.replay.dedup_fraction, cfg.replay.sampling, seed=cfg.learner.seed)
 
 
-def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Components:
+def build(cfg: Config, with_replay: bool = True, engine: bool = True, log=None) -> Components:
     """The learner's pieces; the Ray driver keeps its buffer in an actor instead (with_replay=False).
     With engine=False (the Ray driver, `gfnlm eval`) the sampler is the transformers engine on the
-    learner's own model, whatever `sampler.engine` says: it only serves evaluation."""
+    learner's own model, whatever `sampler.engine` says: it only serves evaluation. `log` (a run's)
+    hears each slow part of the set-up as it starts."""
     setup_torch(cfg)
+    if log is not None:
+        log(f"gfnlm: loading the policy ({cfg.model.path}, {cfg.model.dtype}) and task {cfg.task.type}")
     policy = Policy(cfg.model, cfg.lora)
     task = make_task(cfg, policy.tokenizer)
     check_context(cfg, task, policy.model.config)
@@ -97,7 +108,7 @@ def build(cfg: Config, with_replay: bool = True, engine: bool = True) -> Compone
     if with_replay:
         replay = new_replay(cfg)
         if learner.objective.samples:  # SFT never draws from the buffer: scoring its seeds would be wasted
-            seed_replay(replay, cfg, task)
+            seed_replay(replay, cfg, task, log)
     ids = task.train_ids
     if not learner.objective.samples:  # SFT: the records that have a reference Z the policy can write
         ids = [r for r in ids if (ref := task.reference(r)) is not None and task.reachable(ref.tokens)]

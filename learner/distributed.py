@@ -54,10 +54,10 @@ class RayDriver(ActorSupervision, RequestPipeline):
         self.cfg, self.log = cfg, log
         self.metrics = metrics
         self.generation: dict[str, int] = {}  # actors started per logical name (replacements get name.rN)
-        self.c = build(cfg, with_replay=False, engine=False)  # the learner's policy, task and optimizer; the buffer is an actor
+        self.c = build(cfg, with_replay=False, engine=False, log=log)  # the learner's policy, task and optimizer; the buffer is an actor
         s, r = cfg.samplers, cfg.reward
         self.replay = self._new_replay()
-        seed_replay(_Sync(self.replay), cfg, self.c.task)
+        seed_replay(_Sync(self.replay), cfg, self.c.task, log)
         self.names = [f"sampler-{i}" for i in range(s.num_actors)]
         self.ctx = context_length(cfg, self.c.task.max_prompt_len(), self.c.task.max_len)
         self.worker_cls, self.scorer_cls = worker_cls, scorer_cls

@@ -56,7 +56,7 @@ class LocalDriver:
     """Every piece in this process (implements `driver.Driver`)."""
 
     def __init__(self, cfg: Config, log=print, metrics=None):
-        self.c = build(cfg)
+        self.c = build(cfg, log=log)
         self.counters: dict[str, float] = {}
         self.run_dir: str | None = None
         self.metrics = metrics

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -432,7 +433,7 @@ def test_metrics_on_hand_made_samples():
 
 
 @pytest.mark.parametrize("task", ["continuation", "infilling", "constrained", "sft"])
-def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
+def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories, capsys):
     train, test = stories
     if task in ("infilling", "sft"):
         data, name = f"{train}, test: {test}", "infilling"
@@ -456,6 +457,12 @@ def test_short_training_run_per_task(task, tiny_llama, tmp_path, stories):
     assert "trained" in result["methods"] and result["methods"]["trained"]["records"] >= 1
     if name == "infilling":
         assert "bleu4" in result["methods"]["trained"] and result["records"] == [3]
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "gfnlm: loading the policy" in said, "the set-up says what it is doing before the run folder exists"
+    if task == "infilling":  # the buffer's seeds are scored before the first step: minutes on a CPU, so it says so
+        assert re.search(r"replay: scoring the seeds of \d+ training records", said)
+        assert re.search(r"replay: [1-9]\d* seed trajectories in the buffer", said)
     assert (run / "eval.md").read_text().startswith("**") and (run / "eval.png").stat().st_size > 1000
     held_out = name == "infilling"  # the others have no test split: evaluated on their training records, and say so
     assert result["split"] == ("test" if held_out else "train")
