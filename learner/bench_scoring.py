@@ -5,12 +5,20 @@
 - final: the same scorer with reward.prefixes=final (only the whole Z: what TB needs);
 - naive: one full forward pass over C z_1:i Y per prefix.
 Ratios are measured in one run, on one batch of the given config's task (random Z of the task's
-max length when its records have no reference).
+max length).
+
+With --bf16 the reward LM is also run with bfloat16 weights (what `model.dtype: bfloat16` gives):
+the shared way timed again, and every scored prefix of the first training records' references (real
+text, each record with its own context and suffix) compared with float32: how far the rewards move
+against how far they spread. CPUs with bfloat16 matrix instructions (AVX512-BF16, AMX) run it
+faster; on others it is slower than float32.
 """
 
 from __future__ import annotations
 
+import copy
 import random
+import statistics
 import time
 
 import torch
@@ -62,4 +70,30 @@ def main(args) -> int:
           f"  (timed on {len(naive_trajs)} trajectories, scaled)")
     print(f"{'shared cache, final only':<32}{t_final:>9.2f} s")
     print(f"speed-up of shared over naive: {t_naive / t_shared:.1f}x; largest difference {err:.2e} nats")
+    if args.bf16:
+        low = PrefixScorer(copy.deepcopy(policy.model).to(torch.bfloat16), tok.pad_token_id, policy.device)
+        t_low, _ = best(lambda: low.score(ctx, trajs, suffix_ids=suffix))
+        print(f"{'bfloat16, shared, every prefix':<32}{t_low:>9.2f} s  {prefixes / t_low:>8.1f} prefixes/s  "
+              f"(x{t_shared / t_low:.2f} of float32)")
+        print(dtype_error(task, scorer, low, args.records))
     return 0
+
+
+def dtype_error(task, scorer, low, records: int) -> str:
+    """bfloat16 against float32 on every scored prefix of the first `records` training references."""
+    diffs, finals = [], []
+    for rid in task.train_ids[:records]:
+        ref = task.reference(rid)
+        if ref is None:
+            continue
+        args = (task.context_ids(rid), [ref])
+        hi, lo = scorer.score(*args, suffix_ids=task.suffix_ids(rid))[0], low.score(*args, suffix_ids=task.suffix_ids(rid))[0]
+        diffs += [b - a for a, b in zip(hi, lo) if a == a]  # NaN: a prefix not scored
+        finals.append((hi[-1], lo[-1]))
+    if len(finals) < 2:
+        return "bfloat16 against float32: fewer than two training records have a reference to compare on"
+    whole = [b - a for a, b in finals]
+    return (f"bfloat16 against float32 on {len(finals)} training references ({len(diffs)} scored prefixes): "
+            f"log R moves by {statistics.mean(diffs):+.3f} ± {statistics.pstdev(diffs):.3f} nats (largest "
+            f"{max(map(abs, diffs)):.3f}); the whole Z's by {statistics.pstdev(whole):.3f} (sd), where the "
+            f"references' float32 log R spread by {statistics.pstdev([a for a, _ in finals]):.2f} (sd)")

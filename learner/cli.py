@@ -316,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=1, help="torch threads")
     bs.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
     bs.add_argument("--naive-fraction", type=int, default=4, help="time the naive way on 1/N of the batch, then scale")
+    bs.add_argument("--bf16", action="store_true", help="also time bfloat16 weights and compare their rewards with "
+                    "float32 on the training references")
+    bs.add_argument("--records", type=int, default=32, help="training references --bf16 compares on")
     bs.set_defaults(func=cmd_bench)
     be = bsub.add_parser("engines", help="sampling tokens/s of hf generate, the transformers engine and vLLM, with LoRA")
     add_config(be)

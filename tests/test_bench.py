@@ -74,3 +74,16 @@ def test_bench_scoring_matches_the_naive_reward(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out  # every trajectory also scored the naive way, one pass per prefix
     assert "(timed on 3 trajectories, scaled)" in out
     assert figure(out, r"largest difference ([\d.e+-]+) nats") < 1e-4
+
+
+def test_bench_scoring_compares_bfloat16_with_float32(tiny_llama, tmp_path, capsys):
+    assert main(["bench", "scoring", "infilling.yaml", *tiny_bench(tiny_llama, tmp_path), "--trajectories", "2",
+                 "--length", "4", "--threads", "1", "--repeats", "1", "--bf16", "--records", "3",
+                 "-o", "task.max_len=20"]) == 0  # the references whole
+    out = capsys.readouterr().out
+    assert figure(out, r"bfloat16, shared, every prefix +([\d.]+) s") > 0 and "of float32)" in out
+    moved = re.search(r"on (\d+) training references \((\d+) scored prefixes\): log R moves by ([+-][\d.]+) ± ([\d.]+) "
+                      r"nats \(largest ([\d.]+)\)", out)
+    assert moved, out
+    assert int(moved[1]) >= 2 and int(moved[2]) > int(moved[1])
+    assert 0 < float(moved[5]) < 5, "bfloat16 rounds the rewards: they move, but by a few nats at most on a tiny model"
