@@ -163,3 +163,33 @@ def check_machine(cfg: Config, cores: int | None = None, memory: int | None = No
         raise ConfigError(f"samplers.num_actors: {s.num_actors} samplers{'' if r.colocate else f' and {r.num_actors} reward actors'} "
                           f"need about {total / 2**30:.1f} GiB ({per_sampler / 2**20:.0f} MiB each), but this machine has "
                           f"{memory / 2**30:.1f} GiB available; lower samplers.num_actors, or join a cluster with --address")
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of the bfloat16 matrix instructions that make bfloat16 weights faster than
+float32 on a CPU (×1.7 per reward pass on AVX512-BF16, `gfnlm bench scoring --bf16`)."""
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's flags (Linux /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def dtype_note(cfg: Config, device: str, flags: set[str] | None = None) -> str | None:
+    """A line for a run whose bfloat16 weights run on a CPU without bfloat16 matrix instructions:
+    there they are slower than float32 (emulated), so the run pays the rounding and gains nothing."""
+    if cfg.model.dtype != "bfloat16" or device != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or any(f in flags for f in BF16_FLAGS):
+        return None
+    return (f"model.dtype: bfloat16 on a CPU without bfloat16 matrix instructions ({' or '.join(BF16_FLAGS)} in "
+            f"/proc/cpuinfo): slower than float32 here; model.dtype=float32 runs faster and rounds nothing")
+

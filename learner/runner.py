@@ -12,8 +12,13 @@ class TrainingStopped(Exception):
 
 def train_and_evaluate(cfg, run_dir: str, resume: bool = False, methods=None) -> dict | None:
     """What `gfnlm train` does after the checks: train, then evaluate (run.evaluate_at_end)."""
+    from gfnlm.actors.models import pick_device
     from gfnlm.learner.loop import eval_sampler, train
+    from gfnlm.learner.preflight import dtype_note
 
+    note = dtype_note(cfg, pick_device(cfg.model.device))
+    if note:  # a hint: the run goes on
+        print(f"gfnlm: {note}", file=sys.stderr)
     c = train(cfg, run_dir, resume=resume, keep_trackers=True)
     try:
         if c.stopped:  # preempted: the checkpoint is written; evaluation waits for the resumed run's end

@@ -4,6 +4,7 @@ Each test reproduces one defect found by trying gfnlm as a new user would."""
 
 import json
 import os
+import platform
 import shutil
 import socket
 
@@ -52,6 +53,22 @@ def test_samplers_that_need_more_memory_than_the_machine_are_refused(tiny_llama,
         check_machine(cfg, cores=2, memory=4 * 2**30)
     check_machine(cfg.model_copy(update={"samplers": cfg.samplers.model_copy(update={"num_actors": 2})}), cores=2,
                   memory=4 * 2**30)  # two fit
+
+
+def test_bfloat16_weights_on_a_cpu_without_bfloat16_instructions_get_a_hint(tiny_llama, tmp_path):
+    """bfloat16 weights are emulated on a CPU without AVX512-BF16 or AMX: slower than float32 there,
+    so the run says so (and goes on); where the CPU has them, on CUDA, and in float32 it says nothing."""
+    from gfnlm.learner.preflight import cpu_flags, dtype_note
+
+    cfg = load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path) + ["model.dtype=bfloat16"])
+    note = dtype_note(cfg, "cpu", flags={"avx2", "avx512f"})
+    assert note.startswith("model.dtype: bfloat16 on a CPU without") and "model.dtype=float32" in note
+    assert dtype_note(cfg, "cpu", flags={"avx512f", "avx512_bf16"}) is None
+    assert dtype_note(cfg, "cpu", flags={"amx_bf16"}) is None
+    assert dtype_note(cfg, "cuda", flags=set()) is None
+    assert dtype_note(load_config("random_number.yaml", tiny_overrides(tiny_llama, tmp_path)), "cpu", flags=set()) is None
+    if platform.system() == "Linux" and platform.machine() == "x86_64":  # read from /proc/cpuinfo's flags line
+        assert "fpu" in cpu_flags()
 
 
 def test_a_prompt_longer_than_the_context_stops_before_the_run_folder(tiny_gpt2, tmp_path, capsys):
