@@ -28,7 +28,12 @@ class ModelConfig(Section):
     """Where the policy runs: 'auto' takes CUDA when a GPU is visible, else the CPU."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights' dtype for the frozen base model; LoRA weights and the loss stay in float32."""
+    """Weights' dtype for the frozen base model; LoRA weights and the loss stay in float32. bfloat16
+    halves the weights' memory and, on GPUs and on CPUs with bfloat16 matrix instructions
+    (AVX512-BF16, AMX), runs faster: on an AVX512-BF16 EPYC ×1.7 per reward pass and ×1.4 per
+    infilling step (`gfnlm bench scoring --bf16`). It rounds: the infilling rewards move by about
+    0.2-0.4 nats (sd). On CPUs without those instructions it is emulated and slower (a run says so).
+    A fitted reward (reward.fit) is fitted once per dtype."""
 
     @field_validator("path")
     @classmethod
