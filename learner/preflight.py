@@ -192,4 +192,3 @@ def dtype_note(cfg: Config, device: str, flags: set[str] | None = None) -> str |
         return None
     return (f"model.dtype: bfloat16 on a CPU without bfloat16 matrix instructions ({' or '.join(BF16_FLAGS)} in "
             f"/proc/cpuinfo): slower than float32 here; model.dtype=float32 runs faster and rounds nothing")
-
