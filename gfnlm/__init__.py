@@ -23,7 +23,7 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_
 
 __version__ = "0.1.0"
 
-API = ("load_config", "check", "train", "resume", "evaluate", "sample", "predict", "open_run", "Run", "TrainedRun")
+API = ("load_config", "check", "train", "resume", "evaluate", "sample", "predict", "open_run", "target", "Run", "TrainedRun")
 __all__ = [*API, "ConfigError"]
 
 

@@ -128,6 +128,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_target(args) -> int:
+    """The target's mean length and log R under self-normalised importance sampling, per record."""
+    from .api import target
+
+    result = target(args.config, args.override, args.draws, args.temperature, args.proposal, args.split, args.records,
+                    log=lambda m: print(m, file=sys.stderr))
+    m = result["mean"]
+    print(f"gfnlm target: R^(1/T) at T = {args.temperature:g}, {result['records']} {args.split} records, "
+          f"{args.draws} draws each from the {result['proposal']} proposal")
+    for rid, f in result["per_record"].items():
+        print(f"  record {rid:>5}: target length {f['target_length']:5.1f}  log R {f['target_log_r']:8.2f}  "
+              f"(proposal {f['proposal_length']:5.1f}, {f['proposal_log_r']:8.2f})  ESS {f['ess']:5.1f} of {f['draws']}")
+    if m:
+        print(f"mean over records: target length {m['target_length']:.2f}, log R {m['target_log_r']:.2f}; proposal length "
+              f"{m['proposal_length']:.2f}, log R {m['proposal_log_r']:.2f}; ESS mean {m['ess']:.1f}, median "
+              f"{m['ess_median']:.1f}")
+    if result["records_without_an_ended_draw"]:
+        print(f"records with no draw that ended (left out): {result['records_without_an_ended_draw']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"gfnlm: estimate in {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from gfnlm.learner.curves import cmd_plot as plot
 
@@ -277,6 +302,18 @@ def parser() -> argparse.ArgumentParser:
 
     add_amortized_parsers(sub)
 
+    tg = sub.add_parser("target", help="what R(Z)^(1/T) looks like before training: its mean length and log R per "
+                                       "record, by importance sampling")
+    add_config(tg, required=True)
+    tg.add_argument("--draws", type=int, default=64, help="proposal draws per record")
+    tg.add_argument("--temperature", type=float, default=1.0, help="the reward temperature T of the target")
+    tg.add_argument("--proposal", choices=["auto", "prompt", "context"], default="auto",
+                    help="draws from the starting policy given its prompt, or the reward LM given the context alone "
+                         "(auto: context where the task has one)")
+    tg.add_argument("--split", choices=["validation", "train", "test"], default="validation", help="records estimated on")
+    tg.add_argument("--records", type=int, help="at most this many records (a seeded choice)")
+    tg.add_argument("--out", help="write the per-record estimate as JSON here")
+    tg.set_defaults(func=cmd_target)
     ps = sub.add_parser("presets", help="list the shipped configs and experiments, each with its first comment line")
     ps.set_defaults(func=cmd_presets)
 
