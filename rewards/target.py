@@ -15,6 +15,7 @@ with ESS near 1 one draw stands for the whole target.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 
@@ -49,6 +50,20 @@ def proposal_log_q(t) -> float:
     return sum(t.logprobs) + (t.end_logprob or 0.0)
 
 
+@contextlib.contextmanager
+def final_state_only(task):
+    """The task's LM reward scores each Z's last state alone (reward.prefixes final): the target
+    needs log R of the whole Z, and every prefix would cost several times more."""
+    if getattr(task, "prefixes", None) is None:
+        yield
+        return
+    saved, task.prefixes = task.prefixes, "final"
+    try:
+        yield
+    finally:
+        task.prefixes = saved
+
+
 def estimate(task, model, sampler, record_ids: list[int], draws: int, temperature: float = 1.0,
              proposal: str = "prompt") -> dict:
     """The target's figures per record and their means (records with no ended draw are counted out)."""
@@ -61,7 +76,8 @@ def estimate(task, model, sampler, record_ids: list[int], draws: int, temperatur
         if not ended:
             no_end.append(rid)
             continue
-        task.score(ended)
+        with final_state_only(task):
+            task.score(ended)
         per_record[rid] = record_estimate([t.length for t in ended], [t.final_log_r for t in ended],
                                           [proposal_log_q(t) for t in ended], temperature)
     keys = ("target_length", "target_log_r", "proposal_length", "proposal_log_r", "ess")
