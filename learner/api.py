@@ -136,10 +136,11 @@ def evaluate_located(folder: str | None, adapter: str, overrides: Iterable[str],
     return c.task.evaluate(c.policy, c.sampler, cfg.eval, out, log=log or (lambda m: print(m, file=sys.stderr)))
 
 
-def target(config: str | dict | Config | None, overrides: Iterable[str] = (), draws: int = 64, temperature: float = 1.0,
+def target(config: str | dict | Config | None, overrides: Iterable[str] = (), draws: int = 64, temperature=1.0,
            proposal: str = "auto", split: str = "validation", records: int | None = None, log=None) -> dict:
     """What the target R(Z)^(1/T) looks like before training, as `gfnlm target` estimates it
-    (`rewards.target`): its mean length and log R per record of `split`, and each estimate's ESS.
+    (`rewards.target`): its mean length and log R per record of `split`, and each estimate's ESS, at
+    `temperature` (one T, or several estimated from the same draws).
     `proposal`: 'prompt' (the starting policy given its prompt), 'context' (the reward LM given the
     context alone, for tasks with one), 'auto' (context where the task has one)."""
     from gfnlm.rewards.lm_eval import eval_records
@@ -151,9 +152,10 @@ def target(config: str | dict | Config | None, overrides: Iterable[str] = (), dr
     cfg = load_config(config, ["runtime.mode=local", f"eval.split={split}", *overrides,
                                *([f"eval.max_records={records}"] if records else [])])
     check(cfg, model=False)
-    if draws < 2 or not temperature > 0:
-        raise ConfigError(f"target: --draws {draws} and --temperature {temperature}: expected at least 2 draws and a "
-                          f"temperature above 0")
+    temperatures = [float(t) for t in (temperature if isinstance(temperature, (list, tuple)) else [temperature])]
+    if draws < 2 or not temperatures or not all(t > 0 for t in temperatures):
+        raise ConfigError(f"target: --draws {draws} and --temperature {' '.join(map(str, temperatures))}: expected at "
+                          f"least 2 draws and temperatures above 0")
     cfg = fitted_config(cfg, log or (lambda m: None))
     c = build(cfg, with_replay=False, engine=False)
     has_context = hasattr(c.task, "context_ids")
@@ -161,7 +163,7 @@ def target(config: str | dict | Config | None, overrides: Iterable[str] = (), dr
         raise ConfigError(f"target: --proposal context: task {c.task.name} has no context of its own; use prompt")
     chosen = "context" if proposal == "context" or (proposal == "auto" and has_context) else "prompt"
     return estimate(c.task, c.policy.model, c.sampler, eval_records(c.task, cfg.eval, cfg.learner.seed), draws,
-                    temperature, chosen)
+                    temperatures, chosen)
 
 
 class TrainedRun:

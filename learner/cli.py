@@ -134,16 +134,18 @@ def cmd_target(args) -> int:
 
     result = target(args.config, args.override, args.draws, args.temperature, args.proposal, args.split, args.records,
                     log=lambda m: print(m, file=sys.stderr))
-    m = result["mean"]
-    print(f"gfnlm target: R^(1/T) at T = {args.temperature:g}, {result['records']} {args.split} records, "
-          f"{args.draws} draws each from the {result['proposal']} proposal")
-    for rid, f in result["per_record"].items():
-        print(f"  record {rid:>5}: target length {f['target_length']:5.1f}  log R {f['target_log_r']:8.2f}  "
-              f"(proposal {f['proposal_length']:5.1f}, {f['proposal_log_r']:8.2f})  ESS {f['ess']:5.1f} of {f['draws']}")
-    if m:
-        print(f"mean over records: target length {m['target_length']:.2f}, log R {m['target_log_r']:.2f}; proposal length "
-              f"{m['proposal_length']:.2f}, log R {m['proposal_log_r']:.2f}; ESS mean {m['ess']:.1f}, median "
-              f"{m['ess_median']:.1f}")
+    print(f"gfnlm target: {result['records']} {args.split} records, {args.draws} draws each from the "
+          f"{result['proposal']} proposal; weighted to R^(1/T)")
+    for T, est in result["temperatures"].items():
+        m = est["mean"]
+        print(f"T = {T}")
+        for rid, f in est["per_record"].items():
+            print(f"  record {rid:>5}: target length {f['target_length']:5.1f}  log R {f['target_log_r']:8.2f}  (proposal "
+                  f"{f['proposal_length']:5.1f}, {f['proposal_log_r']:8.2f})  ESS {f['ess']:5.1f} of {f['draws']}")
+        if m:
+            print(f"  mean over records: target length {m['target_length']:.2f}, log R {m['target_log_r']:.2f}; proposal "
+                  f"length {m['proposal_length']:.2f}, log R {m['proposal_log_r']:.2f}; ESS mean {m['ess']:.1f}, "
+                  f"median {m['ess_median']:.1f}")
     if result["records_without_an_ended_draw"]:
         print(f"records with no draw that ended (left out): {result['records_without_an_ended_draw']}")
     if args.out:
@@ -306,7 +308,8 @@ def parser() -> argparse.ArgumentParser:
                                        "record, by importance sampling")
     add_config(tg, required=True)
     tg.add_argument("--draws", type=int, default=64, help="proposal draws per record")
-    tg.add_argument("--temperature", type=float, default=1.0, help="the reward temperature T of the target")
+    tg.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                    help="the reward temperature T of the target (several: each from the same draws)")
     tg.add_argument("--proposal", choices=["auto", "prompt", "context"], default="auto",
                     help="draws from the starting policy given its prompt, or the reward LM given the context alone "
                          "(auto: context where the task has one)")

@@ -64,26 +64,29 @@ def final_state_only(task):
         task.prefixes = saved
 
 
-def estimate(task, model, sampler, record_ids: list[int], draws: int, temperature: float = 1.0,
+def estimate(task, model, sampler, record_ids: list[int], draws: int, temperatures=(1.0,),
              proposal: str = "prompt") -> dict:
-    """The target's figures per record and their means (records with no ended draw are counted out)."""
+    """The target's figures per record and their means at each temperature, all from the same draws
+    (records with no ended draw are counted out)."""
     prompt_of = task.context_ids if proposal == "context" else task.prompt_ids
-    per_record, no_end = {}, []
-    with model.disable_adapter():
-        drawn = task.sample_records(sampler, record_ids, draws, 1.0, prompt_of=prompt_of)
-    for rid in record_ids:
-        ended = [t for t in drawn.get(rid, []) if t.terminated]
-        if not ended:
+    ended, no_end = {}, []
+    for rid in record_ids:  # one record per engine call: draws × the prompt's cache stay small
+        with model.disable_adapter():
+            drawn = task.sample_records(sampler, [rid], draws, 1.0, prompt_of=prompt_of).get(rid, [])
+        kept = [t for t in drawn if t.terminated]
+        if not kept:
             no_end.append(rid)
             continue
         with final_state_only(task):
-            task.score(ended)
-        per_record[rid] = record_estimate([t.length for t in ended], [t.final_log_r for t in ended],
-                                          [proposal_log_q(t) for t in ended], temperature)
-    keys = ("target_length", "target_log_r", "proposal_length", "proposal_log_r", "ess")
-    means = {k: statistics.mean(f[k] for f in per_record.values()) for k in keys} if per_record else {}
-    if per_record:
-        means["ess_median"] = statistics.median(f["ess"] for f in per_record.values())
-    return {"temperature": temperature, "proposal": proposal, "draws_per_record": draws,
-            "records": len(per_record), "records_without_an_ended_draw": no_end, "mean": means,
-            "per_record": per_record}
+            task.score(kept)
+        ended[rid] = ([t.length for t in kept], [t.final_log_r for t in kept], [proposal_log_q(t) for t in kept])
+    by_t = {}
+    for T in temperatures:
+        per_record = {rid: record_estimate(*ended[rid], T) for rid in ended}
+        keys = ("target_length", "target_log_r", "proposal_length", "proposal_log_r", "ess")
+        means = {k: statistics.mean(f[k] for f in per_record.values()) for k in keys} if per_record else {}
+        if per_record:
+            means["ess_median"] = statistics.median(f["ess"] for f in per_record.values())
+        by_t[f"{T:g}"] = {"mean": means, "per_record": per_record}
+    return {"proposal": proposal, "draws_per_record": draws, "records": len(ended),
+            "records_without_an_ended_draw": no_end, "temperatures": by_t}

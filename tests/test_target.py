@@ -51,16 +51,22 @@ def infilling_overrides(model_dir, tmp_path) -> list[str]:
 def test_target_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     out = tmp_path / "target.json"
     args = ["target", "infilling.yaml", *[a for o in infilling_overrides(tiny_llama, tmp_path) for a in ("-o", o)],
-            "--draws", "24", "--records", "2", "--out", str(out)]
+            "--draws", "24", "--records", "2", "--temperature", "1", "0.5", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["proposal"] == "context", "auto: the reward LM's own context where the task has one"
     assert result["records"] >= 1 and result["records"] + len(result["records_without_an_ended_draw"]) == 2
-    for f in result["per_record"].values():
-        assert 1 <= f["ess"] <= f["draws"] + 1e-9 and 1 <= f["draws"] <= 24, "only the draws that ended count"
-        assert 1 <= f["target_length"] <= 20 and math.isfinite(f["target_log_r"])
-    assert "mean over records: target length" in printed and "ESS mean" in printed
+    assert set(result["temperatures"]) == {"1", "0.5"}
+    for est in result["temperatures"].values():
+        for f in est["per_record"].values():
+            assert 1 <= f["ess"] <= f["draws"] + 1e-9 and 1 <= f["draws"] <= 24, "only the draws that ended count"
+            assert 1 <= f["target_length"] <= 20 and math.isfinite(f["target_log_r"])
+    one, half = (result["temperatures"][t]["per_record"] for t in ("1", "0.5"))
+    assert one.keys() == half.keys() and all(one[r]["proposal_length"] == half[r]["proposal_length"] for r in one), \
+        "both temperatures weigh the same draws"
+    assert all(half[r]["target_log_r"] >= one[r]["target_log_r"] - 1e-9 for r in one), "a lower T leans to higher R"
+    assert printed.count("mean over records: target length") == 2 and "ESS mean" in printed
 
 
 def test_a_proposal_the_task_cannot_give_is_one_line(tiny_llama, tmp_path, capsys):
