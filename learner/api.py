@@ -163,7 +163,7 @@ def target(config: str | dict | Config | None, overrides: Iterable[str] = (), dr
         raise ConfigError(f"target: --proposal context: task {c.task.name} has no context of its own; use prompt")
     chosen = "context" if proposal == "context" or (proposal == "auto" and has_context) else "prompt"
     return estimate(c.task, c.policy.model, c.sampler, eval_records(c.task, cfg.eval, cfg.learner.seed), draws,
-                    temperatures, chosen)
+                    temperatures, chosen, log)
 
 
 class TrainedRun:

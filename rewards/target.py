@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import time
 
 
 def snis_weights(log_r: list[float], log_q: list[float], temperature: float = 1.0) -> list[float]:
@@ -65,12 +66,15 @@ def final_state_only(task):
 
 
 def estimate(task, model, sampler, record_ids: list[int], draws: int, temperatures=(1.0,),
-             proposal: str = "prompt") -> dict:
+             proposal: str = "prompt", log=None) -> dict:
     """The target's figures per record and their means at each temperature, all from the same draws
-    (records with no ended draw are counted out)."""
+    (records with no ended draw are counted out); `log` hears the progress every tenth of the records."""
     prompt_of = task.context_ids if proposal == "context" else task.prompt_ids
     ended, no_end = {}, []
-    for rid in record_ids:  # one record per engine call: draws × the prompt's cache stay small
+    t0, every = time.perf_counter(), max(1, len(record_ids) // 10)
+    for i, rid in enumerate(record_ids):  # one record per engine call: draws × the prompt's cache stay small
+        if log is not None and i and i % every == 0:
+            log(f"gfnlm target: {i} of {len(record_ids)} records drawn and scored ({time.perf_counter() - t0:.0f} s)")
         with model.disable_adapter():
             drawn = task.sample_records(sampler, [rid], draws, 1.0, prompt_of=prompt_of).get(rid, [])
         kept = [t for t in drawn if t.terminated]

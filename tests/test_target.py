@@ -53,7 +53,9 @@ def test_target_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     args = ["target", "infilling.yaml", *[a for o in infilling_overrides(tiny_llama, tmp_path) for a in ("-o", o)],
             "--draws", "24", "--records", "2", "--temperature", "1", "0.5", "--out", str(out)]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    said = capsys.readouterr()
+    printed = said.out
+    assert "gfnlm target: 1 of 2 records drawn and scored" in said.err, "a long estimate says how far it is"
     result = json.loads(out.read_text())
     assert result["proposal"] == "context", "auto: the reward LM's own context where the task has one"
     assert result["records"] >= 1 and result["records"] + len(result["records_without_an_ended_draw"]) == 2
