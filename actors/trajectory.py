@@ -52,6 +52,12 @@ class Trajectory:
         return len(self.tokens)
 
     @property
+    def sampled_log_q(self) -> float:
+        """log q(Z ⊤) as the sampler drew it: its chosen tokens' log-probs (a tool's insertions add
+        none) and its ending's (none when it was cut at max_len)."""
+        return sum(self.logprobs) + (self.end_logprob or 0.0)
+
+    @property
     def final_log_r(self) -> float:
         assert self.log_r is not None, "trajectory not scored yet"
         return self.log_r[-1]

@@ -211,7 +211,7 @@ class TrainedRun:
         lines = []
         for t, a in zip(trajs, answers):
             line = {"z": self.policy.tokenizer.decode(t.tokens), "tokens": t.length, "terminated": t.terminated,
-                    "log_q": sum(t.logprobs) + (t.end_logprob or 0.0),
+                    "log_q": t.sampled_log_q,
                     "log_r": t.final_log_r if t.log_r is not None else None}
             if has_answers:
                 line["answer"] = a

@@ -93,6 +93,19 @@ class Task:
         """Where the record's Z may end, judged on its text (`PromptRequest.end_rule`); None: no rule."""
         return None
 
+    @contextlib.contextmanager
+    def final_state_only(self):
+        """While inside, an LM reward scores each Z's last state alone (reward.prefixes final): for
+        log R of whole Z (evaluation, `gfnlm target`), where every prefix would cost several times more."""
+        if getattr(self, "prefixes", None) is None:
+            yield
+            return
+        saved, self.prefixes = self.prefixes, "final"
+        try:
+            yield
+        finally:
+            self.prefixes = saved
+
     def scored_states(self):
         """What an LM reward's scorer takes as `can_end`: this task's `can_end` when reward.prefixes is
         'can_end' (only those states are scored), else None (every prefix the scorer would score)."""

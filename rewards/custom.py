@@ -128,11 +128,8 @@ class CustomTask(LMTask):
     def final_log_r(self, record_id: int, trajectories: list[Trajectory]) -> list[float]:
         """log R of each whole Z (what evaluation reports as log_r_mean / log_r_max)."""
         ts = [Trajectory(record_id, list(t.tokens), terminated=t.terminated) for t in trajectories]
-        saved, self.prefixes = self.prefixes, "final"
-        try:
+        with self.final_state_only():
             self.score(ts)
-        finally:
-            self.prefixes = saved
         return [t.log_r[-1] for t in ts]
 
     def log_likelihood(self, record_id: int, trajectories: list[Trajectory]) -> list[float]:

@@ -15,7 +15,6 @@ with ESS near 1 one draw stands for the whole target.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -46,25 +45,6 @@ def record_estimate(lengths: list[int], log_r: list[float], log_q: list[float], 
             "proposal_length": statistics.mean(lengths), "proposal_log_r": statistics.mean(log_r)}
 
 
-def proposal_log_q(t) -> float:
-    """log q(Z ⊤) of a draw: its tokens' log-probs (tool insertions add none) and its ending."""
-    return sum(t.logprobs) + (t.end_logprob or 0.0)
-
-
-@contextlib.contextmanager
-def final_state_only(task):
-    """The task's LM reward scores each Z's last state alone (reward.prefixes final): the target
-    needs log R of the whole Z, and every prefix would cost several times more."""
-    if getattr(task, "prefixes", None) is None:
-        yield
-        return
-    saved, task.prefixes = task.prefixes, "final"
-    try:
-        yield
-    finally:
-        task.prefixes = saved
-
-
 def estimate(task, model, sampler, record_ids: list[int], draws: int, temperatures=(1.0,),
              proposal: str = "prompt", log=None) -> dict:
     """The target's figures per record and their means at each temperature, all from the same draws
@@ -81,9 +61,9 @@ def estimate(task, model, sampler, record_ids: list[int], draws: int, temperatur
         if not kept:
             no_end.append(rid)
             continue
-        with final_state_only(task):
+        with task.final_state_only():
             task.score(kept)
-        ended[rid] = ([t.length for t in kept], [t.final_log_r for t in kept], [proposal_log_q(t) for t in kept])
+        ended[rid] = ([t.length for t in kept], [t.final_log_r for t in kept], [t.sampled_log_q for t in kept])
     by_t = {}
     for T in temperatures:
         per_record = {rid: record_estimate(*ended[rid], T) for rid in ended}
