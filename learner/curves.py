@@ -42,6 +42,16 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def axis_scale(scale: str, ys: list[float]) -> str:
+    """A panel's y scale: log (or symlog) only where its values span a decade or more; within less,
+    a log axis has no labelled tick at all (an SFT loss from 2.8 to 1.3 showed a bare axis)."""
+    if scale == "log" and not all(y > 0 for y in ys):
+        return "linear"
+    if scale in ("log", "symlog") and ys and min(ys) > 0 and max(ys) < 10 * min(ys):
+        return "linear"
+    return scale
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -77,7 +87,8 @@ def plot(run_dir: str, out: str | None = None) -> str:
         for label, pts in lines:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(xs) < 30 else None)
-        if scale == "log" and all(y > 0 for _, pts in lines for _, y in pts):
+        scale = axis_scale(scale, [y for _, pts in lines for _, y in pts])
+        if scale == "log":
             ax.set_yscale("log")
         elif scale == "symlog":
             ax.set_yscale("symlog", linthresh=1.0)

@@ -345,3 +345,14 @@ def test_subtb_states_can_end_wires_the_mask_and_the_batch_root(tiny_digits, tmp
     assert loss.item() == pytest.approx(want.item()) and math.isfinite(loss.item())
     c = train(cfg, run)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in metrics(run))
+
+
+def test_a_curves_panel_is_logarithmic_only_where_it_spans_a_decade():
+    """Within less than a decade a log axis shows no labelled tick: such panels are drawn linear."""
+    from gfnlm.learner.curves import axis_scale
+
+    assert axis_scale("symlog", [2.8, 2.1, 1.3]) == "linear", "an SFT loss from 2.8 to 1.3"
+    assert axis_scale("symlog", [120.0, 48.0, 9.0]) == "symlog"
+    assert axis_scale("symlog", [3.0, -0.5]) == "symlog", "a loss that crosses zero keeps symlog"
+    assert axis_scale("log", [0.3, 0.9]) == "linear" and axis_scale("log", [0.02, 1.0]) == "log"
+    assert axis_scale("log", [0.0, 1.0]) == "linear" and axis_scale("linear", [1.0, 100.0]) == "linear"
