@@ -34,6 +34,20 @@ class RewardFit(Section):
     seed: int = 0
     """Seed of the fit's draws and initialisation."""
 
+    validation_every: int = Field(25, ge=1)
+    """Every this many steps the fit's NLL per token on the validation records' texts (never trained
+    on) is measured and logged, when the task has a validation split (`task.data.validation_fraction`)."""
+
+    keep_best: bool = False
+    """Early stopping on the validation split: keep the LoRA of the measurement with the lowest
+    validation NLL, and stop after `patience` measurements without a new lowest. With a few hundred
+    texts a fit of `steps` memorises them (their NLL falls far below the held-out texts'), and the
+    reward then scores the training records' own middles as if nothing else could fit. Needs
+    `task.data.validation_fraction` > 0."""
+
+    patience: int = Field(2, ge=1)
+    """With `keep_best`: measurements without a new lowest validation NLL before the fit stops."""
+
     policy_starts_here: bool = True
     """The policy's base model is the fitted one too (the authors start the policy from the SFT
     model); then the reward shares it (adapter off) and no second model is loaded. False: the

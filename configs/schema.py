@@ -125,6 +125,9 @@ class Config(Section):
         if self.task.type in ("random_number", "arithmetic"):
             raise ValueError(f"reward.fit: task {self.task.type} has no record text to fit on; use it with "
                              "continuation, infilling, constrained or subjectivity")
+        if fit.keep_best and not getattr(self.task.data, "validation_fraction", 0):
+            raise ValueError("reward.fit.keep_best: stops the fit on the validation records' NLL, and the task has no "
+                             "validation split; set task.data.validation_fraction (e.g. 0.1) or keep_best: false")
         return self
 
     @model_validator(mode="after")

@@ -25,26 +25,61 @@ from gfnlm.rewards.records import load_records
 from .locks import file_lock
 
 
-def fit_texts(cfg) -> list[str]:
-    """The training records' texts the fit learns (its template over each record's columns)."""
+def fit_texts(cfg, split: str = "train") -> list[str]:
+    """The texts of a split's records (its template over each record's columns): the training
+    records' texts the fit learns, or the validation records' it is measured on."""
     fit = cfg.reward.fit
     records = load_records(cfg.task.data, template_fields(fit.template))
-    return [fit.template.format(**records[r].fields) for r in records.train_ids]
+    ids = records.train_ids if split == "train" else records.validation_ids
+    return [fit.template.format(**records[r].fields) for r in ids]
 
 
 def fit_key(cfg, texts: list[str]) -> str:
-    """What decides the fitted model: the base model's files, the texts and the fit's settings."""
+    """What decides the fitted model: the base model's files, the texts and the fit's settings
+    (with `keep_best`, the validation texts too; without it, the settings of the validation
+    measurement are left out, as they change only the log)."""
     base = resolve_model_path(cfg.model.path, log=lambda *_: None)
     files = sorted((name, os.path.getsize(os.path.join(base, name))) for name in os.listdir(base)
                    if os.path.isfile(os.path.join(base, name)))
-    blob = json.dumps({"base": os.path.realpath(base), "files": files, "texts": texts, "dtype": cfg.model.dtype,
-                       "targets": list(cfg.lora.target_modules), "fit": cfg.reward.fit.model_dump(mode="json", exclude={"policy_starts_here"})},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    fit = cfg.reward.fit
+    settings = fit.model_dump(mode="json", exclude={"policy_starts_here"} |
+                              (set() if fit.keep_best else {"validation_every", "keep_best", "patience"}))
+    content = {"base": os.path.realpath(base), "files": files, "texts": texts, "dtype": cfg.model.dtype,
+               "targets": list(cfg.lora.target_modules), "fit": settings}
+    if fit.keep_best:
+        content["validation"] = fit_texts(cfg, "validation")
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fit(cfg, texts: list[str], folder: str, log=print) -> dict:
-    """LoRA SFT of the base model on `texts` (the mean NLL of their tokens), merged and saved to folder."""
+def padded(encoded: list[list[int]], pad: int, device):
+    """(ids, attention mask, labels with -100 on the padding) of token lists padded to the longest."""
+    width = max(map(len, encoded))
+    ids = torch.tensor([b + [pad] * (width - len(b)) for b in encoded], device=device)
+    mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in encoded], device=device)
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@torch.no_grad()
+def mean_nll(model, encoded: list[list[int]], pad: int, batch_size: int = 16) -> float:
+    """NLL per token of the texts under the model (every token after the first, the end token included)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        ids, mask, labels = padded(encoded[i:i + batch_size], pad, model.device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        taken = logp.gather(2, target.clamp(min=0)[..., None])[..., 0]
+        total -= taken[target != -100].sum().item()
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total / count
+
+
+def fit(cfg, texts: list[str], folder: str, log=print, validation: list[str] | None = None) -> dict:
+    """LoRA SFT of the base model on `texts` (the mean NLL of their tokens), merged and saved to folder.
+    With `validation` texts their NLL is measured every `validation_every` steps; with `keep_best`
+    the LoRA of the lowest is the one merged (and the fit stops `patience` measurements after it)."""
     from peft import LoraConfig, get_peft_model
 
     f = cfg.reward.fit
@@ -55,16 +90,15 @@ def fit(cfg, texts: list[str], folder: str, log=print) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=0.0)
     rng = random.Random(f.seed)
-    encoded = [list(tok(t).input_ids) + [tok.eos_token_id] for t in texts]
+    encode = lambda ts: [list(tok(t).input_ids) + [tok.eos_token_id] for t in ts]  # noqa: E731
+    encoded, held = encode(texts), encode(validation or [])
     pad = tok.pad_token_id
+    curve = [(0, mean_nll(model, held, pad))] if held else []
+    best, since_best = (0, [p.detach().clone() for p in params]), 0
     model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(f.steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(f.batch_size)]
-        width = max(map(len, batch))
-        ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch], device=model.device)
-        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch], device=model.device)
-        labels = ids.masked_fill(mask == 0, -100)
+        ids, mask, labels = padded([encoded[rng.randrange(len(encoded))] for _ in range(f.batch_size)], pad, model.device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -73,13 +107,33 @@ def fit(cfg, texts: list[str], folder: str, log=print) -> dict:
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == f.steps:
             log(f"gfnlm: reward fit step {step + 1}/{f.steps}: NLL per token {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        if held and ((step + 1) % f.validation_every == 0 or step + 1 == f.steps):
+            curve.append((step + 1, mean_nll(model, held, pad)))
+            lowest = min(nll for _, nll in curve[:-1])
+            log(f"gfnlm: reward fit step {step + 1}/{f.steps}: validation NLL per token {curve[-1][1]:.3f} "
+                f"({len(held)} texts; lowest so far {min(lowest, curve[-1][1]):.3f})")
+            if curve[-1][1] < lowest:
+                best, since_best = (step + 1, [p.detach().clone() for p in params]), 0
+            else:
+                since_best += 1
+            if f.keep_best and since_best >= f.patience:
+                log(f"gfnlm: reward fit: stopped at step {step + 1}, {f.patience} measurements past the lowest "
+                    f"validation NLL (step {best[0]})")
+                break
+    if f.keep_best and held:
+        with torch.no_grad():
+            for p, kept in zip(params, best[1]):
+                p.copy_(kept)
     merged = model.merge_and_unload()
     tmp = folder + ".part"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    info = {"texts": len(texts), "steps": f.steps, "first_loss": losses[0], "last_loss": losses[-1],
-            "seconds": time.perf_counter() - t0, "base": cfg.model.path, "fit": f.model_dump(mode="json")}
+    info = {"texts": len(texts), "steps": f.steps, "steps_run": len(losses), "first_loss": losses[0],
+            "last_loss": losses[-1], "seconds": time.perf_counter() - t0, "base": cfg.model.path,
+            "fit": f.model_dump(mode="json"), "validation_texts": len(held),
+            "validation_nll": [[s, round(v, 4)] for s, v in curve],
+            "kept_step": best[0] if f.keep_best and held else len(losses)}
     with open(os.path.join(tmp, "gfnlm_fit.json"), "w") as fh:
         json.dump(info, fh, indent=1)
     os.replace(tmp, folder)
@@ -122,7 +176,8 @@ def fitted_config(cfg, log=print):
         else:
             log(f"gfnlm: reward fit: SFT of the base model on {len(texts)} training texts, {cfg.reward.fit.steps} steps "
                 f"(once; saved in {folder})")
-            info = fit(cfg, texts, folder, log)
+            info = fit(cfg, texts, folder, log, validation=fit_texts(cfg, "validation"))
+            kept = f"; kept step {info['kept_step']}" if cfg.reward.fit.keep_best else ""
             log(f"gfnlm: reward fit: NLL per token {info['first_loss']:.3f} -> {info['last_loss']:.3f} "
-                f"in {info['seconds']:.0f} s")
+                f"in {info['seconds']:.0f} s{kept}")
     return with_fitted(cfg, folder)

@@ -48,6 +48,8 @@ def task_overrides(model_dir, run_dir, kind: str, data: str, **extra):
         "eval.max_records": 2, "eval.samples_per_record": 3, "eval.baselines": "[sample, greedy, beam, diverse_beam]",
         "eval.split": "train",  # four stories: evaluated on the training records, which every table then says
         **extra}
+    if kind == "infilling" and "reward.fit" not in extra:  # the preset stops its fit on a validation split these lack
+        settings["reward.fit.keep_best"] = "false"
     return ov + [f"{k}={v}" for k, v in settings.items()]
 
 
@@ -513,6 +515,49 @@ def test_the_reward_lm_is_fitted_on_the_training_stories_once_per_content(tiny_l
         load_config("infilling.yaml", ov + [f"reward.adapter={tmp_path}"])
 
 
+def test_a_reward_fit_with_keep_best_keeps_the_lora_of_the_lowest_validation_nll(tiny_llama, tmp_path, stories, monkeypatch):
+    """reward.fit.keep_best (early stopping): the validation records' NLL is measured every
+    `validation_every` steps; the fit stops `patience` measurements after the lowest and the merged
+    model is the base plus the LoRA of that lowest measurement, not of the last step. Without a
+    validation split it is a one-line error."""
+    import gfnlm.learner.reward_fit as rf
+    from gfnlm.configs import ConfigError
+
+    monkeypatch.setenv("GFNLM_HOME", str(tmp_path / "home"))
+    train, test = stories
+    fit = "{template: '{beginning} {middle} {ending}', steps: 40, batch_size: 2, lr: 0.02, r: 4, " \
+          "validation_every: 5, keep_best: true, patience: 2}"
+    ov = task_overrides(tiny_llama, tmp_path / "run", "infilling", train, **{
+        "task": "{type: infilling, data: {train: %s, test: %s, validation_fraction: 0.34}, min_len: 1, max_len: 8}"
+                % (train, test), "reward.fit": fit, "eval.split": "test"})
+    cfg = load_config("infilling.yaml", ov)
+    assert len(rf.fit_texts(cfg, "validation")) == 1 and len(rf.fit_texts(cfg)) == 2
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.6, 2.0])  # steps 0, 5, 10 (lowest), 15, 20 (stop); 25 never measured
+    seen = []
+
+    def fake_nll(model, encoded, pad, batch_size=16):
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        seen.append((q.base_layer.weight + q.get_delta_weight("default")).detach().clone())
+        return next(scripted)
+
+    monkeypatch.setattr(rf, "mean_nll", fake_nll)
+    logs = []
+    folder = rf.fitted_config(cfg, log=logs.append).model.path
+    info = json.loads(open(f"{folder}/gfnlm_fit.json").read())
+    assert info["validation_nll"] == [[0, 5.0], [5, 4.0], [10, 3.0], [15, 3.5], [20, 3.6]]
+    assert info["kept_step"] == 10 and info["steps_run"] == 20 and info["validation_texts"] == 1
+    assert any("stopped at step 20" in m and "(step 10)" in m for m in logs)
+    saved, _ = load_model(folder)
+    kept = saved.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(kept, seen[2], atol=1e-5) and not torch.allclose(kept, seen[4], atol=1e-5)
+    plain = load_config("infilling.yaml", ov + ["reward.fit.keep_best=false"])
+    assert rf.fit_key(plain, rf.fit_texts(plain)) == rf.fit_key(
+        load_config("infilling.yaml", ov + ["reward.fit.keep_best=false", "reward.fit.validation_every=7"]),
+        rf.fit_texts(plain))  # without keep_best the measurement changes only the log, not the fitted model
+    with pytest.raises(ConfigError, match="reward.fit.keep_best: .*no validation split; set task.data.validation_fraction"):
+        load_config("infilling.yaml", ov + ["task.data.validation_fraction=0"])
+
+
 def test_two_processes_needing_one_reward_fit_fit_it_once(tiny_llama, tmp_path, stories, monkeypatch):
     """Runs of one experiment split across processes (`--runs`) need the same fit at once: the
     second waits for the first's (a lock beside the folder) and reuses it, never fitting it twice or
@@ -531,7 +576,7 @@ def test_two_processes_needing_one_reward_fit_fit_it_once(tiny_llama, tmp_path, 
     cfg = load_config("infilling.yaml", ov)
     fits, logs = [], []
 
-    def slow_fit(cfg, texts, folder, log=print):
+    def slow_fit(cfg, texts, folder, log=print, validation=None):
         fits.append(folder)
         time.sleep(1.0)  # long enough that the other thread asks while this one fits
         os.makedirs(folder)
