@@ -250,7 +250,9 @@ def seeds_left_out(out: str, spec: dict) -> list[int]:
     return sorted(found - set(spec["seeds"]))
 
 
-def main(args) -> int:
+def main(args, reuse_only: bool = False) -> int:
+    """Train the experiment's runs that are this call's (all, or --runs / --seeds), reuse the finished
+    ones, and write table.md. `reuse_only`: train nothing, only assemble the table from what finished."""
     from .runner import TrainingStopped
 
     spec = read_spec(args.name)
@@ -269,7 +271,9 @@ def main(args) -> int:
 
     def trains(run: str, cand: str | None = None, seed: int | None = None) -> bool:
         named = wanted is None or (run, None) in wanted or (cand is not None and (run, cand) in wanted)
-        return named and (seed is None or seed in asked)
+        return named and (seed is None or seed in asked) and not reuse_only
+
+    left_out, trained_here = [], []  # runs not finished when this call looked at them; runs this call trained
 
     def log(m: str) -> None:
         print(m, file=sys.stderr)
@@ -295,12 +299,13 @@ def main(args) -> int:
                                            "at_least": sel["at_least"], "at_most": sel["at_most"], "bounded": {},
                                            "within": []})
         try:
-            results = train_or_reuse(cfg, ["trained"], key, walls, before, log, trains(run, cand))
+            results = train_or_reuse(cfg, ["trained"], key, walls, before, log, trains(run, cand), trained=trained_here)
         except TrainingStopped as e:
             log(f"gfnlm experiment {name}: stopped by {e} during {key}; no table yet")
             return 0
         if results is None:
             entry.setdefault("missing", []).append(cand)
+            left_out.append(key)
             continue
         entry["scores"][cand] = figure(results, sel["metric"], key)
         entry["bounded"][cand] = {k: figure(results, k, key, f"select.{bound}.{k}")
@@ -337,7 +342,8 @@ def main(args) -> int:
         first = run in chosen_cfgs and seed == spec["select_seed"]  # trained once already: judge it on test
         try:
             results = train_or_reuse(cfg, methods, key, walls, before, log, trains(run, seed=seed),
-                                     setup=(lambda: reuse_selection(cfg, chosen_cfgs[run], log)) if first else None)
+                                     setup=(lambda: reuse_selection(cfg, chosen_cfgs[run], log)) if first else None,
+                                     trained=trained_here)
         except TrainingStopped as e:
             log(f"gfnlm experiment {name}: stopped by {e} during {key}; {os.path.join(out, 'table.md')} "
                 f"holds the runs that finished")
@@ -345,6 +351,11 @@ def main(args) -> int:
         if results is not None:
             add(run, results, cfg)
             write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)  # after every run
+        else:
+            left_out.append(key)
+    if left_out and trained_here and not reuse_only:  # another process sharing --out may have finished them meanwhile
+        log(f"gfnlm experiment {name}: looking again at the runs other processes train ({', '.join(left_out)})")
+        return main(args, reuse_only=True)
     lines = write_table(spec, name, out, every, rows, walls, sum(walls.values()), selection)
     print("\n".join(lines))
     log(f"gfnlm: table in {os.path.join(out, 'table.md')}")

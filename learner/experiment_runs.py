@@ -146,11 +146,13 @@ def run_lock(folder: str):
     return file_lock(os.path.join(os.path.dirname(folder) or ".", ".locks", os.path.basename(folder) + ".lock"), wait=False)
 
 
-def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict, log, mine: bool, setup=None):
+def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict, log, mine: bool, setup=None,
+                   trained: list | None = None):
     """One run's figures: reused where it finished with this config, else trained when it is this
     call's to train (`mine`), under its lock (`setup`: how a fresh folder may start, e.g.
     `reuse_selection`); None, with a line saying why, when it is not this call's or another process is
-    training it. The wall time of a trained run is saved in its folder. Raises TrainingStopped."""
+    training it. The wall time of a trained run is saved in its folder, and its key appended to
+    `trained`. Raises TrainingStopped."""
     from .runner import train_and_evaluate
 
     results = finished(cfg, methods)
@@ -175,6 +177,8 @@ def train_or_reuse(cfg, methods: list[str], key: str, walls: dict, before: dict,
                 results = train_and_evaluate(cfg, cfg.run.output_dir, resume=resume, methods=methods)
                 walls[key] = time.perf_counter() - t0
                 save_wall(cfg.run.output_dir, walls[key])
+                if trained is not None:
+                    trained.append(key)
                 return results
     log(f"gfnlm experiment: {key} finished before with this config; its eval.json is reused")
     wall = stored_wall(cfg.run.output_dir, key, before)

@@ -707,6 +707,42 @@ def test_experiment_runs_split_across_processes_sharing_one_out(tiny_llama, tmp_
             call(bad)
 
 
+def test_a_part_another_process_finishes_meanwhile_joins_the_table_written_last(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Two processes share --out: B looks at A's candidate before A has finished it, then trains its
+    own, and A finishes meanwhile. B writes table.md last, so it looks again once it has trained:
+    the table has both candidates and the choice, not B's stale "not finished"."""
+    from gfnlm.learner import runner
+    from gfnlm.learner.experiment import main
+    from gfnlm.learner.experiment_runs import saved_form
+
+    out, calls = tmp_path / "out", []
+
+    def call(runs):
+        return main(argparse.Namespace(name=str(path), out=str(out), override=[], runs=runs))
+
+    def fake(cfg, run_dir, resume=False, methods=None):
+        if run_dir.endswith("slow-seed0") and not calls:
+            assert call("gfn/fast") == 0  # process A finishes its candidate while B trains
+        calls.append(os.path.relpath(run_dir, out))
+        os.makedirs(run_dir, exist_ok=True)
+        (pathlib.Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+        results = {"trained": {"loglik_max": -cfg.learner.lr, "records": 2}}
+        (pathlib.Path(run_dir) / "eval.json").write_text(json.dumps({"split": cfg.eval.split, "methods": results}))
+        return results
+
+    monkeypatch.setattr(runner, "train_and_evaluate", fake)
+    spec = {"config": "continuation.yaml", "overrides": split_prompts_overrides(tiny_llama, tmp_path), "seeds": [0],
+            "runs": [{"name": "gfn", "select": {"metric": "loglik_max", "goal": "max",
+                                                "candidates": {"fast": ["learner.lr=0.01"], "slow": ["learner.lr=0.001"]}}}]}
+    path = tmp_path / "parts.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert call("gfn/slow") == 0
+    assert calls == ["select/gfn/fast-seed0", "select/gfn/slow-seed0"], "B trained only its own candidate"
+    text = (out / "table.md").read_text()
+    assert "gfn: slow chosen on the validation split" in text and "not finished" not in text, text
+    assert "looking again at the runs other processes train (select/gfn/fast-seed0)" in capsys.readouterr().err
+
+
 def same_figures(table_row: dict, eval_row: dict) -> bool:
     """A table.json row against eval.json's, NaN equal to NaN; infinite figures are kept as they are."""
     if set(table_row) != set(eval_row):

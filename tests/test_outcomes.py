@@ -268,8 +268,7 @@ def test_sft_is_the_references_nll_and_teaches_the_policy_to_write_them(tiny_lla
     cfg = load_config("infilling.yaml", ov + [
         f"task={{type: infilling, data: {{train: {data}}}, min_len: 1, max_len: 24}}", "learner.objective=sft",
         "learner.steps=150", "batch.prompts_per_step=3", "run.evaluate_at_end=false", "run.checkpoint_every=1000",
-        "lora.target_modules=[" + ",".join(LLAMA_TARGETS + ["lm_head"]) + "]", "learner.lr=1e-2",
-        "reward.fit.keep_best=false"])
+        "lora.target_modules=[" + ",".join(LLAMA_TARGETS + ["lm_head"]) + "]", "learner.lr=1e-2"])
     c = build(cfg)
     assert c.replay.size() == 0  # the preset seeds replay with the references, but SFT never draws from it
     refs = references(c, c.task.train_ids)

@@ -48,8 +48,6 @@ def task_overrides(model_dir, run_dir, kind: str, data: str, **extra):
         "eval.max_records": 2, "eval.samples_per_record": 3, "eval.baselines": "[sample, greedy, beam, diverse_beam]",
         "eval.split": "train",  # four stories: evaluated on the training records, which every table then says
         **extra}
-    if kind == "infilling" and "reward.fit" not in extra:  # the preset stops its fit on a validation split these lack
-        settings["reward.fit.keep_best"] = "false"
     return ov + [f"{k}={v}" for k, v in settings.items()]
 
 
