@@ -90,11 +90,16 @@ def fit(cfg, texts: list[str], folder: str, log=print, validation: list[str] | N
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=0.0)
     rng = random.Random(f.seed)
-    encode = lambda ts: [list(tok(t).input_ids) + [tok.eos_token_id] for t in ts]  # noqa: E731
+    def encode(ts: list[str]) -> list[list[int]]:
+        return [list(tok(t).input_ids) + [tok.eos_token_id] for t in ts]
+
+    def kept() -> list | None:  # the LoRA now, when the fit may come back to it
+        return [p.detach().clone() for p in params] if f.keep_best else None
+
     encoded, held = encode(texts), encode(validation or [])
     pad = tok.pad_token_id
     curve = [(0, mean_nll(model, held, pad))] if held else []
-    best, since_best = (0, [p.detach().clone() for p in params]), 0
+    best, since_best = (0, kept()), 0
     model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(f.steps):
@@ -113,7 +118,7 @@ def fit(cfg, texts: list[str], folder: str, log=print, validation: list[str] | N
             log(f"gfnlm: reward fit step {step + 1}/{f.steps}: validation NLL per token {curve[-1][1]:.3f} "
                 f"({len(held)} texts; lowest so far {min(lowest, curve[-1][1]):.3f})")
             if curve[-1][1] < lowest:
-                best, since_best = (step + 1, [p.detach().clone() for p in params]), 0
+                best, since_best = (step + 1, kept()), 0
             else:
                 since_best += 1
             if f.keep_best and since_best >= f.patience:
@@ -122,8 +127,8 @@ def fit(cfg, texts: list[str], folder: str, log=print, validation: list[str] | N
                 break
     if f.keep_best and held:
         with torch.no_grad():
-            for p, kept in zip(params, best[1]):
-                p.copy_(kept)
+            for p, value in zip(params, best[1]):
+                p.copy_(value)
     merged = model.merge_and_unload()
     tmp = folder + ".part"
     shutil.rmtree(tmp, ignore_errors=True)
