@@ -61,17 +61,16 @@ def padded(encoded: list[list[int]], pad: int, device):
 
 @torch.no_grad()
 def mean_nll(model, encoded: list[list[int]], pad: int, batch_size: int = 16) -> float:
-    """NLL per token of the texts under the model (every token after the first, the end token included)."""
+    """NLL per token of the texts under the model (every token after the first, the end token
+    included): the model's own mean loss of each batch, weighted by the batch's tokens."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         ids, mask, labels = padded(encoded[i:i + batch_size], pad, model.device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        target = labels[:, 1:]
-        taken = logp.gather(2, target.clamp(min=0)[..., None])[..., 0]
-        total -= taken[target != -100].sum().item()
-        count += int((target != -100).sum())
+        tokens = int((labels[:, 1:] != -100).sum())
+        total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * tokens
+        count += tokens
     model.train(was_training)
     return total / count
 
